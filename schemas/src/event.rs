@@ -1,0 +1,253 @@
+//! Events as producers publish them, and the records and deliveries built from them.
+//!
+//! An event on the stream is one JSON object:
+//!
+//! ```text
+//! {"id": "evt_1", "tenant": "acme", "type": "charge.succeeded",
+//!  "created_at": "2026-12-04T10:00:00Z", "payload": {...any JSON...}}
+//! ```
+//!
+//! The payload is kept as the exact bytes the producer wrote, because receivers verify
+//! signatures over those bytes and a re-serialization could reorder keys, change number
+//! spelling or escape unicode differently.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::Millis;
+
+/// The default limit on a payload's size in bytes (256 KiB).
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+
+/// The longest `id`, `tenant` or `type` accepted, in bytes.
+const MAX_NAME_BYTES: usize = 255;
+
+/// A validated event.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Event {
+    /// The producer's idempotency key, unique within its tenant.
+    pub id: String,
+    /// The tenant (the producer's customer) the event belongs to.
+    pub tenant: String,
+    /// The event type, such as `charge.succeeded`.
+    pub event_type: String,
+    /// The producer's creation time as written (RFC 3339).
+    pub created_at: String,
+    /// The payload exactly as the producer wrote it: valid JSON, stored as bytes.
+    pub payload: Vec<u8>,
+}
+
+/// One record as read from a source partition, before decoding.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SourceRecord {
+    /// The partition the record was read from.
+    pub partition: u32,
+    /// The record's offset within its partition.
+    pub offset: u64,
+    /// When the record was appended to the source, if the source keeps that (ms since epoch).
+    pub appended_at_ms: Option<Millis>,
+    /// The record's bytes.
+    pub value: Vec<u8>,
+}
+
+/// A decoded event together with where and when the pipeline read it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct IngestedEvent {
+    /// The source partition of the record.
+    pub partition: u32,
+    /// The record's offset within its partition.
+    pub offset: u64,
+    /// When the record was appended to the source, if known (ms since epoch).
+    pub appended_at_ms: Option<Millis>,
+    /// When the pipeline read the record (ms since epoch).
+    pub read_at_ms: Millis,
+    /// The event itself.
+    pub event: Event,
+}
+
+/// One event bound for one endpoint: the unit the deliver operator sends.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Delivery {
+    /// The endpoint the event goes to.
+    pub endpoint_id: String,
+    /// 0 for the original delivery; a replay or resend gets a higher generation.
+    pub generation: u32,
+    /// The attempt about to be made, counting from 1.
+    pub attempt: u32,
+    /// The event and its source position.
+    pub ingested: IngestedEvent,
+}
+
+/// Why a record could not be decoded into an [`Event`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The bytes are not valid UTF-8.
+    #[error("record is not valid UTF-8 (invalid byte at position {position})")]
+    NotUtf8 {
+        /// Byte offset of the first invalid byte.
+        position: usize,
+    },
+    /// The bytes are not a JSON object of the expected shape.
+    #[error("invalid JSON: {0}")]
+    InvalidJson(String),
+    /// A required field is absent.
+    #[error("missing field `{0}`")]
+    MissingField(&'static str),
+    /// A field is present but unusable.
+    #[error("invalid field `{field}`: {reason}")]
+    InvalidField {
+        /// The field's name.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The payload exceeds the configured limit.
+    #[error("payload is {size} bytes, over the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// The payload's size in bytes.
+        size: usize,
+        /// The configured limit in bytes.
+        limit: usize,
+    },
+}
+
+impl DecodeError {
+    /// A short stable name for the error, archived as the attempt row's error kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DecodeError::NotUtf8 { .. } => "not_utf8",
+            DecodeError::InvalidJson(_) => "invalid_json",
+            DecodeError::MissingField(_) => "missing_field",
+            DecodeError::InvalidField { .. } => "invalid_field",
+            DecodeError::PayloadTooLarge { .. } => "payload_too_large",
+        }
+    }
+}
+
+/// The wire shape, borrowed from the input so that the payload's bytes are not re-encoded.
+#[derive(Deserialize)]
+struct WireEvent<'a> {
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    tenant: Option<&'a RawValue>,
+    #[serde(rename = "type", borrow)]
+    event_type: Option<&'a RawValue>,
+    #[serde(borrow)]
+    created_at: Option<&'a RawValue>,
+    #[serde(borrow)]
+    payload: Option<&'a RawValue>,
+}
+
+/// Decodes and validates one record.
+///
+/// Unknown top-level fields are ignored so that producers can add metadata. `id`, `tenant`
+/// and `type` must be non-empty strings of at most 255 bytes without control characters;
+/// `created_at` must be RFC 3339; `payload` may be any JSON value up to `max_payload_bytes`.
+///
+/// # Errors
+///
+/// Returns the first problem found, naming the field.
+pub fn decode_event(bytes: &[u8], max_payload_bytes: usize) -> Result<Event, DecodeError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| DecodeError::NotUtf8 { position: e.valid_up_to() })?;
+
+    let wire: WireEvent<'_> = serde_json::from_str(text.trim_end_matches(['\r', '\n']))
+        .map_err(|e| DecodeError::InvalidJson(e.to_string()))?;
+
+    let id = name_field("id", wire.id)?;
+    let tenant = name_field("tenant", wire.tenant)?;
+    let event_type = name_field("type", wire.event_type)?;
+    let created_at = string_field("created_at", wire.created_at)?;
+    time::OffsetDateTime::parse(&created_at, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| DecodeError::InvalidField {
+            field: "created_at",
+            reason: format!("`{created_at}` is not an RFC 3339 time ({e})"),
+        })?;
+
+    let payload = wire.payload.ok_or(DecodeError::MissingField("payload"))?.get().as_bytes();
+    if payload.len() > max_payload_bytes {
+        return Err(DecodeError::PayloadTooLarge { size: payload.len(), limit: max_payload_bytes });
+    }
+
+    Ok(Event { id, tenant, event_type, created_at, payload: payload.to_vec() })
+}
+
+fn string_field(field: &'static str, raw: Option<&RawValue>) -> Result<String, DecodeError> {
+    let raw = raw.ok_or(DecodeError::MissingField(field))?;
+    serde_json::from_str::<String>(raw.get()).map_err(|_| DecodeError::InvalidField {
+        field,
+        reason: format!("expected a string, found `{}`", truncate(raw.get(), 40)),
+    })
+}
+
+fn name_field(field: &'static str, raw: Option<&RawValue>) -> Result<String, DecodeError> {
+    let value = string_field(field, raw)?;
+    let problem = if value.is_empty() {
+        Some("must not be empty".to_string())
+    } else if value.len() > MAX_NAME_BYTES {
+        Some(format!("is {} bytes, over the limit of {MAX_NAME_BYTES}", value.len()))
+    } else if value.chars().any(char::is_control) {
+        Some("must not contain control characters".to_string())
+    } else {
+        None
+    };
+    match problem {
+        Some(reason) => Err(DecodeError::InvalidField { field, reason }),
+        None => Ok(value),
+    }
+}
+
+fn truncate(text: &str, max_chars: usize) -> String {
+    match text.char_indices().nth(max_chars) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"id":"evt_1","tenant":"acme","type":"charge.succeeded","created_at":"2026-12-04T10:00:00Z","payload":{"b": 1,  "a":"é", "n": 12345678901234567890}}"#;
+
+    #[test]
+    fn decode_keeps_payload_bytes() {
+        let event = decode_event(GOOD.as_bytes(), DEFAULT_MAX_PAYLOAD_BYTES).expect("valid event");
+        assert_eq!(event.id, "evt_1");
+        assert_eq!(event.tenant, "acme");
+        assert_eq!(event.event_type, "charge.succeeded");
+        assert_eq!(event.payload, r#"{"b": 1,  "a":"é", "n": 12345678901234567890}"#.as_bytes());
+    }
+
+    #[test]
+    fn decode_rejects_bad_records() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"\xff\xfe", "not_utf8"),
+            (b"{not json", "invalid_json"),
+            (b"[1,2]", "invalid_json"),
+            (br#"{"tenant":"a","type":"t","created_at":"2026-12-04T10:00:00Z","payload":1}"#, "missing_field"),
+            (br#"{"id":7,"tenant":"a","type":"t","created_at":"2026-12-04T10:00:00Z","payload":1}"#, "invalid_field"),
+            (br#"{"id":"","tenant":"a","type":"t","created_at":"2026-12-04T10:00:00Z","payload":1}"#, "invalid_field"),
+            (br#"{"id":"e","tenant":"a","type":"t","created_at":"yesterday","payload":1}"#, "invalid_field"),
+            (br#"{"id":"e","tenant":"a","type":"t","created_at":"2026-12-04T10:00:00Z"}"#, "missing_field"),
+        ];
+        for (bytes, kind) in cases {
+            let err = decode_event(bytes, DEFAULT_MAX_PAYLOAD_BYTES).expect_err("must be rejected");
+            assert_eq!(err.kind(), *kind, "{}: {err}", String::from_utf8_lossy(bytes));
+        }
+    }
+
+    #[test]
+    fn decode_names_missing_field() {
+        let err = decode_event(br#"{"id":"e","tenant":"a","created_at":"2026-12-04T10:00:00Z","payload":1}"#, 1024)
+            .expect_err("type is missing");
+        assert_eq!(err.to_string(), "missing field `type`");
+    }
+
+    #[test]
+    fn decode_enforces_payload_limit() {
+        let err = decode_event(GOOD.as_bytes(), 10).expect_err("payload over 10 bytes");
+        assert!(matches!(err, DecodeError::PayloadTooLarge { limit: 10, .. }), "{err}");
+    }
+}
