@@ -1,1 +1,16 @@
-//! placeholder
+//! hookflow: webhook delivery as a timely dataflow.
+//!
+//! This crate wires the pieces together: the configuration file ([`config`]), the source
+//! operator over the embedded local log ([`source`]), the dataflow from decode to archive
+//! ([`dataflow`]), the `publish` command ([`publish`]), a loopback webhook receiver used by
+//! the demo and the tests ([`receiver`]), and the demo ([`demo`]). The `hookflow` binary is a
+//! thin command line over these.
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod dataflow;
+pub mod demo;
+pub mod publish;
+pub mod receiver;
+pub mod source;

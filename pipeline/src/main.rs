@@ -1,1 +1,168 @@
-fn main() {}
+//! The `hookflow` command line: `run`, `publish` and `demo`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hookflow::config::Config;
+use hookflow::dataflow::{run, RunOptions};
+use hookflow::demo::{run_demo, DemoOptions};
+use hookflow::publish::{publish_path, PublishOptions};
+use hookflow_operators::clock::{Clock, WallClock};
+use hookflow_schemas::DEFAULT_MAX_PAYLOAD_BYTES;
+
+#[derive(Parser)]
+#[command(name = "hookflow", version, about = "Webhook delivery as a stream-processing dataflow")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Deliver events from the local log to the configured endpoints.
+    Run {
+        /// The configuration file (TOML); see examples/hookflow.toml.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Directory of the local log and, by default, the archive.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Exit once every event in the log is delivered, dead-lettered, unrouted or invalid.
+        #[arg(long)]
+        until_idle: bool,
+        /// Timely worker threads; overrides `pipeline.workers`.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+        workers: Option<u16>,
+    },
+    /// Append NDJSON events to the local log.
+    Publish {
+        /// Directory of the local log (created if missing).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Append lines as they are, without validation, as a raw stream producer would.
+        #[arg(long)]
+        raw: bool,
+        /// Partitions of a new log; an existing log keeps its count.
+        #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=4096))]
+        partitions: u32,
+        /// Largest payload accepted, in bytes.
+        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_PAYLOAD_BYTES)]
+        max_payload_bytes: usize,
+        /// NDJSON file, one event per line; `-` reads standard input.
+        #[arg(value_name = "FILE")]
+        input: PathBuf,
+    },
+    /// Run a self-contained demo against a receiver on 127.0.0.1.
+    Demo {
+        /// Where the demo's config, log and Parquet archive go (emptied first).
+        #[arg(long, value_name = "DIR", default_value = "hookflow-demo")]
+        dir: PathBuf,
+        /// Events to generate.
+        #[arg(long, value_name = "N", default_value_t = 3000)]
+        events: usize,
+        /// Seed of the event generator.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,hookflow=info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let cli = Cli::parse();
+    match execute(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("hookflow: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run { config, data_dir, until_idle, workers } => {
+            let mut loaded = Config::load(&config)?;
+            if let Some(workers) = workers {
+                loaded.pipeline.workers = usize::from(workers);
+            }
+            let stop = Arc::new(AtomicBool::new(false));
+            install_signal_handlers(stop.clone())?;
+            let report = run(RunOptions {
+                config: loaded,
+                data_dir,
+                until_idle,
+                clock: Arc::new(WallClock),
+                stop,
+            })?;
+            tracing::info!(
+                rows = report.rows_archived,
+                files = report.files.len(),
+                duplicates = report.duplicates,
+                archive = %report.archive_dir.display(),
+                "Pipeline stopped."
+            );
+            Ok(())
+        }
+        Command::Publish { data_dir, raw, partitions, max_payload_bytes, input } => {
+            let options = PublishOptions { data_dir, partitions, raw, max_payload_bytes };
+            let report = publish_path(&input, &options, WallClock.now_ms())?;
+            println!("published {} event(s) to {}", report.appended, options.data_dir.display());
+            if report.invalid_appended > 0 {
+                println!("{} of them invalid, appended as they are (--raw)", report.invalid_appended);
+            }
+            Ok(())
+        }
+        Command::Demo { dir, events, seed } => {
+            let summary = run_demo(&DemoOptions { dir, events, seed })?;
+            print!("{summary}");
+            Ok(())
+        }
+    }
+}
+
+/// On SIGINT or SIGTERM, stops the pipeline gracefully; a second signal exits at once.
+fn install_signal_handlers(stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the signal handler")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                use tokio::signal::unix::{signal, SignalKind};
+                let (Ok(mut interrupt), Ok(mut terminate)) =
+                    (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+                else {
+                    tracing::error!("Cannot install signal handlers; stop hookflow with SIGKILL.");
+                    return;
+                };
+                for count in 1.. {
+                    tokio::select! {
+                        _ = interrupt.recv() => {}
+                        _ = terminate.recv() => {}
+                    }
+                    if count == 1 {
+                        tracing::info!("Stopping: draining in-flight deliveries and flushing the archive.");
+                        stop.store(true, Ordering::Relaxed);
+                    } else {
+                        tracing::warn!("Second signal: exiting at once.");
+                        std::process::exit(130);
+                    }
+                }
+            });
+        })
+        .context("cannot start the signal handler thread")?;
+    Ok(())
+}

@@ -149,6 +149,48 @@ pub struct AttemptRow {
     pub location: Option<String>,
 }
 
+impl AttemptRow {
+    /// A row for a record that could not be decoded: dead-lettered with `reason`, no request.
+    pub fn invalid(
+        record: &crate::SourceRecord,
+        error: &crate::DecodeError,
+        due_at_ms: Millis,
+        finished_at_ms: Millis,
+    ) -> Self {
+        AttemptRow {
+            partition: record.partition,
+            offset: record.offset,
+            ingested_at_ms: record.appended_at_ms,
+            due_at_ms,
+            finished_at_ms,
+            outcome: Outcome::Invalid.as_str().to_string(),
+            error_kind: Some(error.kind().to_string()),
+            error_message: Some(error.to_string()),
+            ..AttemptRow::default()
+        }
+    }
+
+    /// A row for an event that no endpoint subscribes to, decided without a request.
+    pub fn unrouted(
+        ingested: &crate::IngestedEvent,
+        due_at_ms: Millis,
+        finished_at_ms: Millis,
+    ) -> Self {
+        AttemptRow {
+            event_id: Some(ingested.event.id.clone()),
+            tenant: Some(ingested.event.tenant.clone()),
+            event_type: Some(ingested.event.event_type.clone()),
+            partition: ingested.partition,
+            offset: ingested.offset,
+            ingested_at_ms: ingested.appended_at_ms,
+            due_at_ms,
+            finished_at_ms,
+            outcome: Outcome::Unrouted.as_str().to_string(),
+            ..AttemptRow::default()
+        }
+    }
+}
+
 /// The Arrow schema of the attempt archive.
 pub fn attempt_schema() -> SchemaRef {
     let ts = || DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));

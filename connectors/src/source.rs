@@ -1,0 +1,52 @@
+//! The [`Source`] trait: a partitioned, append-only log of raw records that the pipeline reads
+//! by (partition, offset).
+//!
+//! A source takes a partition and a start offset and returns the records from there in offset
+//! order, as [`SourceRecord`]s. It keeps no read position: the caller stores the next offset of
+//! each partition (the pipeline keeps it in its checkpoint) and polls for records past it.
+
+use hookflow_schemas::SourceRecord;
+
+use crate::ConnectorError;
+
+/// A partitioned log of raw records, read by offset.
+///
+/// Implemented by [`LocalLog`](crate::LocalLog). Nothing here assumes that the records were
+/// appended by the same process: a reader learns of new records only by reading again.
+///
+/// # Contract
+///
+/// * Partitions are numbered `0..partitions()`, and the count does not change while the source
+///   is open.
+/// * Within a partition, offsets start at 0 and increase by 1 per record. A record never moves
+///   and its value never changes.
+/// * [`read`](Source::read) returns records in offset order, starting at the first record at or
+///   after `from_offset`, and returns an empty vector when there is none yet.
+/// * Every record that `read` returns has an offset below the value that a later call to
+///   [`end_offset`](Source::end_offset) returns.
+pub trait Source: Send {
+    /// Returns the number of partitions.
+    fn partitions(&self) -> u32;
+
+    /// Reads up to `max_records` records of `partition`, starting at `from_offset`, in offset
+    /// order.
+    ///
+    /// # Errors
+    ///
+    /// Fails if `partition` is not below [`partitions`](Source::partitions) or the source cannot
+    /// be read.
+    fn read(
+        &mut self,
+        partition: u32,
+        from_offset: u64,
+        max_records: usize,
+    ) -> Result<Vec<SourceRecord>, ConnectorError>;
+
+    /// Returns the log end of `partition`: the offset the next appended record will get.
+    ///
+    /// # Errors
+    ///
+    /// Fails if `partition` is not below [`partitions`](Source::partitions) or the source cannot
+    /// be read.
+    fn end_offset(&mut self, partition: u32) -> Result<u64, ConnectorError>;
+}

@@ -1,0 +1,61 @@
+//! Delivery: sending each webhook over HTTP and recording the attempt.
+//!
+//! [`DeliveryClient::attempt`] makes one signed POST and returns an [`AttemptResult`];
+//! [`Deliver`] is the timely operator that runs attempts on a tokio runtime without
+//! blocking its worker and turns each into an [`AttemptRow`](hookflow_schemas::AttemptRow).
+//! [`AddressPolicy`] decides which addresses may be contacted, [`sign`] computes a Standard
+//! Webhooks signature, and [`classify`] maps what an attempt observed to its outcome.
+
+use std::net::IpAddr;
+
+mod address;
+mod client;
+mod operator;
+mod result;
+mod signature;
+
+pub use address::{refused_range, AddressPolicy, RefusedRange};
+pub use client::{
+    ClientConfig, DeliveryClient, PolicyResolver, SystemResolver, DEFAULT_MAX_RESPONSE_BYTES,
+    DEFAULT_SNIPPET_BYTES, USER_AGENT,
+};
+pub use operator::{
+    endpoint_hash, Deliver, DeliverContext, DEFAULT_MAX_IN_FLIGHT_TOTAL, ENDPOINT_DISABLED,
+};
+pub use result::{
+    classify, contacted_endpoint, dead_letter_row, AttemptResult, Observation, Verdict,
+};
+pub use signature::{sign, signature_header, SECRET_PREFIX};
+
+/// Errors of the delivery module.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliverError {
+    /// reqwest could not build an HTTP client.
+    #[error("failed to build the HTTP client")]
+    HttpClient(#[source] reqwest::Error),
+    /// A signing secret is malformed. The message never contains the secret.
+    #[error("invalid signing secret: {reason}")]
+    InvalidSecret {
+        /// What is wrong with the secret.
+        reason: String,
+    },
+    /// The endpoint's host has no address the [`AddressPolicy`] permits.
+    #[error(
+        "address {address} of host `{host}` is {range}, which the address policy rejects; \
+         add it to the allowed ranges if the endpoint is trusted"
+    )]
+    AddressRefused {
+        /// The host as written in the endpoint URL.
+        host: String,
+        /// The first address rejected.
+        address: IpAddr,
+        /// Why it was rejected.
+        range: RefusedRange,
+    },
+    /// The endpoint's host name resolved to no address at all.
+    #[error("host `{host}` resolved to no address")]
+    NoAddress {
+        /// The host as written in the endpoint URL.
+        host: String,
+    },
+}

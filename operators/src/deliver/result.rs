@@ -1,0 +1,204 @@
+//! The result of one delivery attempt, its classification, and the attempt row built from it.
+
+use hookflow_schemas::{AttemptRow, Delivery, ErrorKind, Millis, Outcome};
+
+/// What an attempt observed: the response status, or the reason no response arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observation {
+    /// The endpoint answered with this HTTP status.
+    Status(u16),
+    /// No response arrived, or no request was sent.
+    Failure(ErrorKind),
+}
+
+/// The classification of an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    /// What happens to the delivery.
+    pub outcome: Outcome,
+    /// Why the attempt did not deliver; `None` when it delivered.
+    pub error_kind: Option<ErrorKind>,
+}
+
+/// Classifies an attempt by what it observed.
+///
+/// # Contract
+///
+/// A 2xx status delivers. A 3xx status fails with [`ErrorKind::Redirect`], because redirects
+/// are not followed. Every other status fails with [`ErrorKind::HttpStatus`], and a failure
+/// without a response keeps its kind. Every failure dead-letters the delivery for now.
+//
+// TODO: once the retry schedule exists, 429, 5xx, timeouts, connect and I/O errors should
+// return `Outcome::Failed` (retry) and other 4xx should follow the endpoint's configuration.
+pub fn classify(observation: Observation) -> Verdict {
+    let error_kind = match observation {
+        Observation::Status(200..=299) => None,
+        Observation::Status(300..=399) => Some(ErrorKind::Redirect),
+        Observation::Status(_) => Some(ErrorKind::HttpStatus),
+        Observation::Failure(kind) => Some(kind),
+    };
+    let outcome = match error_kind {
+        None => Outcome::Delivered,
+        Some(_) => Outcome::DeadLettered,
+    };
+    Verdict { outcome, error_kind }
+}
+
+/// Returns whether an attempt that failed with `kind` contacted the endpoint at all.
+///
+/// A rejected address, an unusable request and a missing endpoint are decisions made
+/// without a request, which the attempt row records as attempt number 0.
+pub fn contacted_endpoint(kind: Option<ErrorKind>) -> bool {
+    !matches!(
+        kind,
+        Some(ErrorKind::Refused | ErrorKind::Request | ErrorKind::UnknownEndpoint)
+    )
+}
+
+/// Everything one attempt recorded, before it is combined with its delivery into a row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptResult {
+    /// The one clock read that fed both `webhook-timestamp` and the row's `started_at`.
+    pub started_at_ms: Millis,
+    /// When the outcome was known.
+    pub finished_at_ms: Millis,
+    /// The endpoint URL without user name and password; `None` when it does not parse.
+    pub url: Option<String>,
+    /// The classification.
+    pub verdict: Verdict,
+    /// The response status, when a response arrived.
+    pub http_status: Option<u16>,
+    /// Why the attempt did not deliver, for a person to read.
+    pub error_message: Option<String>,
+    /// The first bytes of the response body as lossy UTF-8, when a response arrived.
+    pub response_snippet: Option<String>,
+    /// Whether the body was longer than the snippet or its reading stopped early.
+    pub response_truncated: Option<bool>,
+    /// How many response body bytes were read: at most the configured cap plus the rest of
+    /// the chunk that reached it.
+    pub response_bytes_read: u64,
+    /// Hex SHA-256 of the request body.
+    pub body_sha256: String,
+    /// The response's `Retry-After` header as sent (cut at 1 KiB).
+    pub retry_after: Option<String>,
+    /// The response's `Location` header as sent (cut at 1 KiB).
+    pub location: Option<String>,
+}
+
+impl AttemptResult {
+    /// Time from the start of the request to the outcome, in ms.
+    pub fn latency_ms(&self) -> u64 {
+        self.finished_at_ms.saturating_sub(self.started_at_ms)
+    }
+
+    /// Builds the attempt row for `delivery`, due at dataflow time `due_at_ms`.
+    pub fn to_row(&self, delivery: &Delivery, due_at_ms: Millis) -> AttemptRow {
+        let contacted = contacted_endpoint(self.verdict.error_kind);
+        AttemptRow {
+            attempt: if contacted { delivery.attempt } else { 0 },
+            url: self.url.clone(),
+            started_at_ms: Some(self.started_at_ms),
+            finished_at_ms: self.finished_at_ms,
+            latency_ms: Some(self.latency_ms()),
+            outcome: self.verdict.outcome.as_str().to_string(),
+            http_status: self.http_status,
+            error_kind: self.verdict.error_kind.map(|kind| kind.as_str().to_string()),
+            error_message: self.error_message.clone(),
+            response_snippet: self.response_snippet.clone(),
+            response_truncated: self.response_truncated,
+            body_sha256: Some(self.body_sha256.clone()),
+            retry_after: self.retry_after.clone(),
+            location: self.location.clone(),
+            ..delivery_row(delivery, due_at_ms)
+        }
+    }
+}
+
+/// Builds the dead-letter row for a delivery decided without a request (unknown or disabled
+/// endpoint), finished at `now_ms`. `error_kind` is the `error_kind` column's value.
+pub fn dead_letter_row(
+    delivery: &Delivery,
+    due_at_ms: Millis,
+    now_ms: Millis,
+    error_kind: &str,
+    message: String,
+) -> AttemptRow {
+    AttemptRow {
+        finished_at_ms: now_ms,
+        outcome: Outcome::DeadLettered.as_str().to_string(),
+        error_kind: Some(error_kind.to_string()),
+        error_message: Some(message),
+        ..delivery_row(delivery, due_at_ms)
+    }
+}
+
+/// The columns that come from the delivery itself; attempt number 0, no request columns.
+fn delivery_row(delivery: &Delivery, due_at_ms: Millis) -> AttemptRow {
+    let ingested = &delivery.ingested;
+    AttemptRow {
+        event_id: Some(ingested.event.id.clone()),
+        tenant: Some(ingested.event.tenant.clone()),
+        endpoint_id: Some(delivery.endpoint_id.clone()),
+        event_type: Some(ingested.event.event_type.clone()),
+        generation: delivery.generation,
+        attempt: 0,
+        partition: ingested.partition,
+        offset: ingested.offset,
+        ingested_at_ms: ingested.appended_at_ms,
+        due_at_ms,
+        ..AttemptRow::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_table() {
+        use ErrorKind::*;
+        let cases = [
+            (Observation::Status(200), Outcome::Delivered, None),
+            (Observation::Status(204), Outcome::Delivered, None),
+            (Observation::Status(299), Outcome::Delivered, None),
+            (Observation::Status(301), Outcome::DeadLettered, Some(Redirect)),
+            (Observation::Status(302), Outcome::DeadLettered, Some(Redirect)),
+            (Observation::Status(308), Outcome::DeadLettered, Some(Redirect)),
+            (Observation::Status(100), Outcome::DeadLettered, Some(HttpStatus)),
+            (Observation::Status(400), Outcome::DeadLettered, Some(HttpStatus)),
+            (Observation::Status(410), Outcome::DeadLettered, Some(HttpStatus)),
+            (Observation::Status(429), Outcome::DeadLettered, Some(HttpStatus)),
+            (Observation::Status(500), Outcome::DeadLettered, Some(HttpStatus)),
+            (Observation::Status(503), Outcome::DeadLettered, Some(HttpStatus)),
+            (Observation::Failure(Connect), Outcome::DeadLettered, Some(Connect)),
+            (Observation::Failure(Timeout), Outcome::DeadLettered, Some(Timeout)),
+            (Observation::Failure(Io), Outcome::DeadLettered, Some(Io)),
+            (Observation::Failure(Refused), Outcome::DeadLettered, Some(Refused)),
+            (Observation::Failure(Request), Outcome::DeadLettered, Some(Request)),
+        ];
+        for (observation, outcome, error_kind) in cases {
+            let verdict = classify(observation);
+            assert_eq!(verdict.outcome, outcome, "{observation:?}");
+            assert_eq!(verdict.error_kind, error_kind, "{observation:?}");
+        }
+    }
+
+    #[test]
+    fn contacted_endpoint_table() {
+        use ErrorKind::*;
+        let cases = [
+            (None, true),
+            (Some(HttpStatus), true),
+            (Some(Redirect), true),
+            (Some(Connect), true),
+            (Some(Timeout), true),
+            (Some(Io), true),
+            (Some(Refused), false),
+            (Some(Request), false),
+            (Some(UnknownEndpoint), false),
+        ];
+        for (kind, expected) in cases {
+            assert_eq!(contacted_endpoint(kind), expected, "{kind:?}");
+        }
+    }
+}

@@ -1,0 +1,433 @@
+//! The `hookflow run` configuration file (TOML).
+//!
+//! Every table rejects unknown fields, so a misspelt option fails at start instead of being
+//! ignored. [`Config::load`] parses and then validates; an error names the file, the field
+//! (as a TOML path such as `endpoints[2].secret`) and the problem. `examples/hookflow.toml`
+//! documents every field and is parsed by a test.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use hookflow_schemas::{Endpoint, EventTypePattern, DEFAULT_MAX_PAYLOAD_BYTES};
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Settings of the dataflow.
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    /// The embedded local log.
+    #[serde(default)]
+    pub local_log: LocalLogConfig,
+    /// The Parquet attempt archive.
+    #[serde(default)]
+    pub archive: ArchiveConfig,
+    /// HTTP delivery settings shared by all endpoints.
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    /// The endpoints to deliver to.
+    #[serde(default)]
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+/// `[pipeline]`: settings of the dataflow.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Timely worker threads. Default 1.
+    pub workers: usize,
+    /// How often an idle source looks for new records, in ms. Default 2. This is the floor
+    /// of end-to-end latency on the local log.
+    pub poll_interval_ms: u64,
+    /// Records read but not yet archived, per worker, before the source stops reading.
+    /// Default 10000.
+    pub max_read_ahead: usize,
+    /// Largest accepted payload in bytes; larger events are dead-lettered. Default 262144.
+    pub max_payload_bytes: usize,
+    /// How long a (tenant, id) is remembered for deduplication, in seconds. Default 86400.
+    pub dedup_window_secs: u64,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            workers: 1,
+            poll_interval_ms: 2,
+            max_read_ahead: 10_000,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            dedup_window_secs: 24 * 60 * 60,
+        }
+    }
+}
+
+/// `[local_log]`: the embedded local log under the data directory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalLogConfig {
+    /// Partitions of a new log; an existing log keeps the count it was created with.
+    /// Default 4.
+    pub partitions: u32,
+}
+
+impl Default for LocalLogConfig {
+    fn default() -> Self {
+        LocalLogConfig { partitions: 4 }
+    }
+}
+
+/// `[archive]`: the Parquet attempt archive.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiveConfig {
+    /// Where Parquet files go. Relative paths are under the data directory.
+    /// Default `archive`.
+    pub dir: PathBuf,
+    /// Rows after which a file is completed. Default 200000.
+    pub max_rows_per_file: usize,
+    /// Bytes after which a file is completed. Default 67108864 (64 MiB).
+    pub max_file_bytes: u64,
+    /// Age after which an open file is completed, in seconds. Default 60.
+    pub max_file_age_secs: u64,
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        ArchiveConfig {
+            dir: PathBuf::from("archive"),
+            max_rows_per_file: 200_000,
+            max_file_bytes: 64 * 1024 * 1024,
+            max_file_age_secs: 60,
+        }
+    }
+}
+
+/// `[delivery]`: HTTP settings shared by all endpoints.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Requests in flight at once, per worker. Default 256.
+    pub max_in_flight: usize,
+    /// Most response-body bytes read per attempt. Default 65536.
+    pub max_response_bytes: usize,
+    /// Non-public networks endpoints may nevertheless be in, as CIDRs such as
+    /// `127.0.0.1/32`. Default: none.
+    pub allowed_private_cidrs: Vec<String>,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            max_in_flight: 256,
+            max_response_bytes: 64 * 1024,
+            allowed_private_cidrs: Vec::new(),
+        }
+    }
+}
+
+/// `[[endpoints]]`: one customer endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// Globally unique id.
+    pub id: String,
+    /// The tenant whose events the endpoint receives.
+    pub tenant: String,
+    /// `http` or `https` URL deliveries are POSTed to.
+    pub url: String,
+    /// Event-type patterns: `*`, `charge.*` or an exact type.
+    pub event_types: Vec<String>,
+    /// One signing secret, `whsec_` followed by base64.
+    pub secret: Option<String>,
+    /// Several signing secrets (during a rotation each one signs every request).
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    /// Limit on a whole request, in ms. Default 15000.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Limit on connecting, in ms. Default 5000.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Requests in flight to this endpoint at once. Default 8.
+    #[serde(default = "default_endpoint_in_flight")]
+    pub max_in_flight: usize,
+    /// Whether deliveries are attempted. Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+fn default_timeout_ms() -> u64 {
+    15_000
+}
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_endpoint_in_flight() -> usize {
+    8
+}
+fn default_true() -> bool {
+    true
+}
+
+/// A configuration file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not match the expected shape.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A field has an unusable value.
+    #[error("invalid config file {path}: field `{field}`: {problem}")]
+    Field {
+        /// The file.
+        path: PathBuf,
+        /// The field as a TOML path.
+        field: String,
+        /// What is wrong and how to fix it.
+        problem: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    ///
+    /// # Errors
+    ///
+    /// See [`ConfigError`]; every variant names the file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text; `path` is used in messages only.
+    ///
+    /// # Errors
+    ///
+    /// See [`ConfigError`].
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        config.validate().map_err(|(field, problem)| ConfigError::Field {
+            path: path.to_path_buf(),
+            field,
+            problem,
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let p = &self.pipeline;
+        if p.workers == 0 || p.workers > 256 {
+            return Err(("pipeline.workers".into(), "must be between 1 and 256".into()));
+        }
+        if p.poll_interval_ms == 0 || p.poll_interval_ms > 60_000 {
+            return Err(("pipeline.poll_interval_ms".into(), "must be between 1 and 60000".into()));
+        }
+        if p.max_read_ahead == 0 {
+            return Err(("pipeline.max_read_ahead".into(), "must be at least 1".into()));
+        }
+        if p.max_payload_bytes == 0 {
+            return Err(("pipeline.max_payload_bytes".into(), "must be at least 1".into()));
+        }
+        if self.local_log.partitions == 0 || self.local_log.partitions > 4096 {
+            return Err(("local_log.partitions".into(), "must be between 1 and 4096".into()));
+        }
+        if self.archive.max_rows_per_file == 0 {
+            return Err(("archive.max_rows_per_file".into(), "must be at least 1".into()));
+        }
+        if self.delivery.max_in_flight == 0 {
+            return Err(("delivery.max_in_flight".into(), "must be at least 1".into()));
+        }
+        self.allowed_networks()?;
+
+        let mut ids = HashSet::new();
+        for (index, endpoint) in self.endpoints.iter().enumerate() {
+            let field = |name: &str| format!("endpoints[{index}].{name}");
+            if !ids.insert(endpoint.id.as_str()) {
+                return Err((field("id"), format!("duplicate endpoint id `{}`", endpoint.id)));
+            }
+            endpoint.to_endpoint().map_err(|(name, problem)| (field(&name), problem))?;
+        }
+        Ok(())
+    }
+
+    /// The networks endpoints may be in although not public.
+    ///
+    /// # Errors
+    ///
+    /// Returns the field and problem of the first entry that is not a CIDR.
+    pub fn allowed_networks(&self) -> Result<Vec<IpNet>, (String, String)> {
+        let mut networks = Vec::new();
+        for (index, cidr) in self.delivery.allowed_private_cidrs.iter().enumerate() {
+            let parsed = cidr
+                .parse::<IpNet>()
+                .or_else(|_| cidr.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    (
+                        format!("delivery.allowed_private_cidrs[{index}]"),
+                        format!("`{cidr}` is not a CIDR such as `127.0.0.1/32` or `10.0.0.0/8`"),
+                    )
+                })?;
+            networks.push(parsed);
+        }
+        Ok(networks)
+    }
+
+    /// The configured endpoints, validated.
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.endpoints.iter().filter_map(|e| e.to_endpoint().ok()).collect()
+    }
+}
+
+impl EndpointConfig {
+    /// Converts to the shared endpoint type, or names the field that is wrong.
+    fn to_endpoint(&self) -> Result<Endpoint, (String, String)> {
+        let bad = |name: &str, problem: String| Err((name.to_string(), problem));
+
+        if self.id.trim().is_empty() || self.id.chars().any(char::is_control) {
+            return bad("id", "must be a non-empty name without control characters".into());
+        }
+        if self.tenant.trim().is_empty() {
+            return bad("tenant", "must not be empty".into());
+        }
+        match url::Url::parse(&self.url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+            Ok(url) => {
+                return bad("url", format!("`{url}` must be an http or https URL with a host"));
+            }
+            Err(e) => return bad("url", format!("`{}` is not a URL ({e})", self.url)),
+        }
+        if self.event_types.is_empty() {
+            return bad("event_types", "list at least one pattern, such as \"*\"".into());
+        }
+        let mut event_types = Vec::new();
+        for (index, pattern) in self.event_types.iter().enumerate() {
+            match EventTypePattern::parse(pattern) {
+                Ok(parsed) => event_types.push(parsed),
+                Err(e) => return bad(&format!("event_types[{index}]"), e.to_string()),
+            }
+        }
+
+        let mut secrets: Vec<String> = self.secret.iter().cloned().collect();
+        secrets.extend(self.secrets.iter().cloned());
+        if secrets.is_empty() {
+            return bad("secret", "missing: set `secret = \"whsec_...\"`".into());
+        }
+        for (index, secret) in secrets.iter().enumerate() {
+            let name = if self.secret.is_some() && index == 0 {
+                "secret".to_string()
+            } else {
+                format!("secrets[{}]", index - usize::from(self.secret.is_some()))
+            };
+            if let Err(problem) = check_secret(secret) {
+                return bad(&name, problem);
+            }
+        }
+
+        if self.timeout_ms == 0 || self.connect_timeout_ms == 0 {
+            let name = if self.timeout_ms == 0 { "timeout_ms" } else { "connect_timeout_ms" };
+            return bad(name, "must be at least 1".into());
+        }
+        if self.max_in_flight == 0 {
+            return bad("max_in_flight", "must be at least 1".into());
+        }
+
+        Ok(Endpoint {
+            id: self.id.clone(),
+            tenant: self.tenant.clone(),
+            url: self.url.clone(),
+            event_types,
+            secrets,
+            timeout_ms: self.timeout_ms,
+            connect_timeout_ms: self.connect_timeout_ms,
+            max_in_flight: self.max_in_flight,
+            enabled: self.enabled,
+        })
+    }
+}
+
+/// Checks a Standard Webhooks secret: `whsec_` then base64 of 24 to 64 bytes.
+fn check_secret(secret: &str) -> Result<(), String> {
+    let Some(encoded) = secret.strip_prefix("whsec_") else {
+        return Err("must start with `whsec_` followed by base64".into());
+    };
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|e| format!("the part after `whsec_` is not valid base64 ({e})"))?;
+    if !(24..=64).contains(&key.len()) {
+        return Err(format!("the key is {} bytes; use 24 to 64 random bytes", key.len()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    fn endpoint(extra: &str) -> String {
+        format!(
+            "[[endpoints]]\nid = \"ep1\"\ntenant = \"acme\"\nurl = \"https://example.com/hook\"\n\
+             event_types = [\"charge.*\"]\nsecret = \"{SECRET}\"\n{extra}\n"
+        )
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hookflow.toml");
+        let config = Config::load(&path).expect("examples/hookflow.toml must be valid");
+        assert!(!config.endpoints.is_empty());
+        assert_eq!(config.endpoints().len(), config.endpoints.len());
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let config = parse(&endpoint("")).expect("valid");
+        assert_eq!(config.pipeline.workers, 1);
+        assert_eq!(config.endpoints[0].timeout_ms, 15_000);
+        assert!(config.endpoints[0].enabled);
+    }
+
+    #[test]
+    fn errors_name_file_and_field() {
+        let cases = [
+            (endpoint("colour = \"red\""), "unknown field `colour`"),
+            (endpoint("").replace("whsec_", "sk_"), "field `endpoints[0].secret`"),
+            (endpoint("").replace("https://example.com/hook", "not a url"), "field `endpoints[0].url`"),
+            (endpoint("").replace("charge.*", "char*ge"), "field `endpoints[0].event_types[0]`"),
+            (format!("{}{}", endpoint(""), endpoint("")), "duplicate endpoint id `ep1`"),
+            ("[delivery]\nallowed_private_cidrs = [\"localhost\"]\n".to_string(),
+             "field `delivery.allowed_private_cidrs[0]`"),
+            ("[pipeline]\nworkers = 0\n".to_string(), "field `pipeline.workers`"),
+            ("[pipeline]\nworkers = \"two\"\n".to_string(), "invalid type"),
+        ];
+        for (text, expected) in cases {
+            let message = parse(&text).expect_err("must be rejected").to_string();
+            assert!(message.starts_with("invalid config file test.toml"), "{message}");
+            assert!(message.contains(expected), "expected `{expected}` in: {message}");
+        }
+    }
+}

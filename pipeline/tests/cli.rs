@@ -1,0 +1,410 @@
+//! End-to-end tests of the `hookflow` binary: publish to the local log, run the pipeline as a
+//! child process against a real receiver on 127.0.0.1, and read the Parquet archive back.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use hookflow::receiver::{Behaviour, ReceivedRequest, Receiver};
+use hookflow_connectors::read_attempts;
+use hookflow_schemas::AttemptRow;
+
+const SECRET: &str = "whsec_RTPHghziaKPNKV/Y78ALF6hfDn11pL7egmdm4fV+DaE=";
+const SECOND_SECRET: &str = "whsec_mjOP7/3gtxkwXFj1XjnnpUxQm2lQ9k2B95Uj5ocmvGY=";
+
+/// A data directory, a config file and a receiver for one test.
+struct Fixture {
+    dir: tempfile::TempDir,
+    receiver: Receiver,
+}
+
+impl Fixture {
+    fn new(behaviours: HashMap<String, Behaviour>) -> Fixture {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let receiver = Receiver::start(behaviours).expect("receiver on 127.0.0.1");
+        Fixture { dir, receiver }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn archive_dir(&self) -> PathBuf {
+        self.data_dir().join("archive")
+    }
+
+    /// Writes a config with one endpoint per (id, tenant, path, patterns).
+    fn write_config(&self, endpoints: &[(&str, &str, &str, &str)]) -> PathBuf {
+        let mut text = String::from("[delivery]\nallowed_private_cidrs = [\"127.0.0.1/32\"]\n");
+        for (id, tenant, path, patterns) in endpoints {
+            text.push_str(&format!(
+                "\n[[endpoints]]\nid = \"{id}\"\ntenant = \"{tenant}\"\nurl = \"{}\"\n\
+                 event_types = {patterns}\nsecrets = [\"{SECRET}\", \"{SECOND_SECRET}\"]\n\
+                 timeout_ms = 5000\n",
+                self.receiver.url(path)
+            ));
+        }
+        let path = self.dir.path().join("hookflow.toml");
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    fn publish(&self, lines: &[String], raw: bool) -> Output {
+        let file = self.dir.path().join(format!("events-{}.ndjson", lines.len()));
+        std::fs::write(&file, lines.join("\n")).expect("write events");
+        let mut command = hookflow();
+        command.arg("publish").arg("--data-dir").arg(self.data_dir());
+        if raw {
+            command.arg("--raw");
+        }
+        command.arg(&file).output().expect("run hookflow publish")
+    }
+
+    fn run_until_idle(&self, config: &Path) -> Output {
+        let output = hookflow()
+            .args(["run", "--until-idle", "--config"])
+            .arg(config)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .output()
+            .expect("run hookflow run");
+        assert!(output.status.success(), "hookflow run failed: {}", stderr(&output));
+        output
+    }
+
+    fn rows(&self) -> Vec<AttemptRow> {
+        read_attempts(&self.archive_dir()).expect("archive reads back")
+    }
+}
+
+fn hookflow() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_hookflow"));
+    command.env("RUST_LOG", "warn");
+    command
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn event(tenant: &str, id: &str, event_type: &str, payload: &str) -> String {
+    format!(
+        r#"{{"id":"{id}","tenant":"{tenant}","type":"{event_type}","created_at":"2026-12-04T10:00:00Z","payload":{payload}}}"#
+    )
+}
+
+fn outcomes(rows: &[AttemptRow]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for row in rows {
+        *counts.entry(row.outcome.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+fn ids(requests: &[ReceivedRequest]) -> Vec<String> {
+    let mut ids: Vec<String> =
+        requests.iter().map(|r| r.header("webhook-id").unwrap_or_default().to_string()).collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn dedup_same_tenant_and_id() {
+    let fixture = Fixture::new(HashMap::new());
+    let config = fixture.write_config(&[
+        ("ep_a", "acme", "/a", r#"["*"]"#),
+        ("ep_g", "globex", "/g", r#"["*"]"#),
+    ]);
+    let lines = vec![
+        event("acme", "evt_1", "charge.succeeded", r#"{"n":1}"#),
+        event("acme", "evt_1", "charge.succeeded", r#"{"n":2}"#),
+        event("globex", "evt_1", "charge.succeeded", r#"{"n":3}"#),
+    ];
+    assert!(fixture.publish(&lines, false).status.success());
+    fixture.run_until_idle(&config);
+
+    let to_acme = fixture.receiver.requests_to("/a");
+    assert_eq!(to_acme.len(), 1, "same (tenant, id) is delivered once");
+    assert_eq!(to_acme[0].body, br#"{"n":1}"#, "the first occurrence wins");
+    assert_eq!(fixture.receiver.requests_to("/g").len(), 1, "another tenant's evt_1 is delivered");
+    assert_eq!(outcomes(&fixture.rows()), BTreeMap::from([("delivered".to_string(), 2)]));
+}
+
+#[test]
+fn fan_out_stays_within_tenant() {
+    let fixture = Fixture::new(HashMap::new());
+    let config = fixture.write_config(&[
+        ("ep_billing", "acme", "/billing", r#"["charge.*"]"#),
+        ("ep_audit", "acme", "/audit", r#"["*"]"#),
+        ("ep_other", "globex", "/other", r#"["*"]"#),
+        ("ep_invoices", "acme", "/invoices", r#"["invoice.paid"]"#),
+    ]);
+    let lines = vec![event("acme", "evt_1", "charge.succeeded", "{}")];
+    assert!(fixture.publish(&lines, false).status.success());
+    fixture.run_until_idle(&config);
+
+    assert_eq!(ids(&fixture.receiver.requests_to("/billing")), ["evt_1"]);
+    assert_eq!(ids(&fixture.receiver.requests_to("/audit")), ["evt_1"]);
+    assert!(fixture.receiver.requests_to("/other").is_empty(), "another tenant's endpoint");
+    assert!(fixture.receiver.requests_to("/invoices").is_empty(), "pattern does not match");
+    let mut endpoints: Vec<String> =
+        fixture.rows().into_iter().filter_map(|r| r.endpoint_id).collect();
+    endpoints.sort();
+    assert_eq!(endpoints, ["ep_audit", "ep_billing"]);
+}
+
+#[test]
+fn malformed_line_is_dead_lettered() {
+    let fixture = Fixture::new(HashMap::new());
+    let config = fixture.write_config(&[("ep_a", "acme", "/a", r#"["*"]"#)]);
+    let lines = vec![
+        event("acme", "evt_1", "t.a", "{}"),
+        r#"{"id":"evt_2","tenant":"acme","type":"#.to_string(),
+        event("acme", "evt_3", "t.a", "{}"),
+        r#"{"id":"evt_4","tenant":"acme","created_at":"2026-12-04T10:00:00Z","payload":{}}"#.to_string(),
+        event("acme", "evt_5", "t.a", "{}"),
+    ];
+    let output = fixture.publish(&lines, true);
+    assert!(output.status.success(), "{}", stderr(&output));
+    fixture.run_until_idle(&config);
+
+    assert_eq!(ids(&fixture.receiver.requests_to("/a")), ["evt_1", "evt_3", "evt_5"]);
+    let rows = fixture.rows();
+    let invalid: Vec<&AttemptRow> = rows.iter().filter(|r| r.outcome == "invalid").collect();
+    assert_eq!(invalid.len(), 2);
+    let kinds: Vec<&str> = invalid.iter().filter_map(|r| r.error_kind.as_deref()).collect();
+    assert!(kinds.contains(&"invalid_json"), "{kinds:?}");
+    assert!(kinds.contains(&"missing_field"), "{kinds:?}");
+    let messages: Vec<&str> = invalid.iter().filter_map(|r| r.error_message.as_deref()).collect();
+    assert!(messages.iter().any(|m| m.contains("missing field `type`")), "{messages:?}");
+    assert_eq!(outcomes(&rows).get("delivered"), Some(&3));
+}
+
+#[test]
+fn body_and_signature_are_exact() {
+    let fixture = Fixture::new(HashMap::new());
+    let config = fixture.write_config(&[("ep_a", "acme", "/a", r#"["*"]"#)]);
+    let payload = r#"{ "amount" :  12345678901234567890, "name": "Zoë 🚀 \u00e9",
+ "nested": {"b": 1.50, "a": [ ]} }"#
+        .replace('\n', "");
+    let lines = vec![event("acme", "evt_exact", "charge.succeeded", &payload)];
+    assert!(fixture.publish(&lines, false).status.success());
+    fixture.run_until_idle(&config);
+
+    let requests = fixture.receiver.requests_to("/a");
+    assert_eq!(requests.len(), 1);
+    let request = &requests[0];
+    assert_eq!(request.body, payload.as_bytes(), "body must be the payload byte for byte");
+    assert_eq!(request.header("content-type"), Some("application/json"));
+    assert_eq!(request.header("webhook-id"), Some("evt_exact"));
+
+    let mut headers = axum::http::HeaderMap::new();
+    for (name, value) in &request.headers {
+        let name = axum::http::HeaderName::from_bytes(name.as_bytes()).expect("header name");
+        headers.insert(name, value.parse().expect("header value"));
+    }
+    for secret in [SECRET, SECOND_SECRET] {
+        let verifier = standardwebhooks::Webhook::new(secret).expect("secret");
+        verifier.verify(&request.body, &headers).expect("signature verifies with standardwebhooks");
+    }
+    let other = standardwebhooks::Webhook::new("whsec_dGhpcyBpcyBub3QgdGhlIHJpZ2h0IGtleSBhdCBhbGw=")
+        .expect("secret");
+    assert!(other.verify(&request.body, &headers).is_err(), "a wrong key must not verify");
+}
+
+#[test]
+fn publish_while_running() {
+    let fixture = Fixture::new(HashMap::new());
+    let config = fixture.write_config(&[("ep_a", "acme", "/a", r#"["*"]"#)]);
+    let first: Vec<String> =
+        (0..50).map(|n| event("acme", &format!("evt_{n:03}"), "t.a", "{}")).collect();
+    assert!(fixture.publish(&first, false).status.success());
+
+    let mut child = hookflow()
+        .args(["run", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(fixture.data_dir())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start hookflow run");
+
+    let second: Vec<String> =
+        (50..150).map(|n| event("acme", &format!("evt_{n:03}"), "t.a", "{}")).collect();
+    for chunk in second.chunks(25) {
+        assert!(fixture.publish(chunk, false).status.success());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let delivered = wait_for(Duration::from_secs(30), || fixture.receiver.requests().len() >= 150);
+    terminate(&mut child);
+    assert!(delivered, "only {} of 150 delivered", fixture.receiver.requests().len());
+    let unique: std::collections::BTreeSet<String> = ids(&fixture.receiver.requests()).into_iter().collect();
+    assert_eq!(unique.len(), 150);
+    assert_eq!(fixture.receiver.requests().len(), 150, "nothing delivered twice");
+    assert_eq!(outcomes(&fixture.rows()).get("delivered"), Some(&150), "archive flushed on SIGTERM");
+}
+
+#[test]
+fn archive_rows_are_exact() {
+    let fixture = Fixture::new(HashMap::from([("/broken".to_string(), Behaviour::Status(503))]));
+    let config = fixture.write_config(&[
+        ("ep_ok", "acme", "/ok", r#"["charge.*"]"#),
+        ("ep_broken", "acme", "/broken", r#"["charge.refunded"]"#),
+    ]);
+    let lines = vec![
+        event("acme", "evt_1", "charge.succeeded", "{}"),
+        event("acme", "evt_2", "charge.refunded", "{}"),
+        event("acme", "evt_3", "customer.created", "{}"),
+        "not json".to_string(),
+    ];
+    assert!(fixture.publish(&lines, true).status.success());
+    fixture.run_until_idle(&config);
+
+    let mut rows: Vec<(Option<String>, Option<String>, String, u32, Option<u16>)> = fixture
+        .rows()
+        .into_iter()
+        .map(|r| (r.event_id, r.endpoint_id, r.outcome, r.attempt, r.http_status))
+        .collect();
+    rows.sort();
+    let expected = vec![
+        (None, None, "invalid".to_string(), 0, None),
+        (Some("evt_1".into()), Some("ep_ok".into()), "delivered".to_string(), 1, Some(200)),
+        (Some("evt_2".into()), Some("ep_broken".into()), "dead_lettered".to_string(), 1, Some(503)),
+        (Some("evt_2".into()), Some("ep_ok".into()), "delivered".to_string(), 1, Some(200)),
+        (Some("evt_3".into()), None, "unrouted".to_string(), 0, None),
+    ];
+    assert_eq!(rows, expected);
+
+    let files = parquet_files(&fixture.archive_dir());
+    assert!(!files.is_empty());
+    for file in &files {
+        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        assert!(name.ends_with(".parquet") && !name.starts_with('.'), "{name}");
+        let parent = file.parent().and_then(|p| p.file_name()).and_then(|n| n.to_str());
+        assert!(parent.is_some_and(|p| p.starts_with("date=")), "{}", file.display());
+    }
+    check_with_python_readers(&fixture.archive_dir(), 5);
+}
+
+#[test]
+fn publish_rejects_bad_lines_and_writes_nothing() {
+    let fixture = Fixture::new(HashMap::new());
+    let lines = vec![
+        event("acme", "evt_1", "t.a", "{}"),
+        "{broken".to_string(),
+        event("acme", "evt_3", "t.a", "{}"),
+        r#"{"id":"evt_4","tenant":"acme","type":"t.a","created_at":"noon","payload":{}}"#.to_string(),
+    ];
+    let output = fixture.publish(&lines, false);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(message.contains("line 2: invalid JSON"), "{message}");
+    assert!(message.contains("line 4: invalid field `created_at`"), "{message}");
+    assert!(message.contains("nothing was published"), "{message}");
+
+    let config = fixture.write_config(&[("ep_a", "acme", "/a", r#"["*"]"#)]);
+    fixture.run_until_idle(&config);
+    assert!(fixture.receiver.requests().is_empty(), "the valid lines were not written either");
+}
+
+#[test]
+fn config_error_names_file_and_field() {
+    let fixture = Fixture::new(HashMap::new());
+    let config = fixture.write_config(&[("ep_a", "acme", "/a", r#"["*"]"#)]);
+    let text = std::fs::read_to_string(&config).expect("config").replace(SECRET, "sk_live_123");
+    std::fs::write(&config, text).expect("write config");
+
+    let output = hookflow()
+        .args(["run", "--until-idle", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(fixture.data_dir())
+        .output()
+        .expect("run hookflow");
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(message.contains(&config.display().to_string()), "{message}");
+    assert!(message.contains("endpoints[0].secrets[0]"), "{message}");
+    assert!(message.contains("whsec_"), "{message}");
+}
+
+#[test]
+fn bad_argument_prints_usage() {
+    let output = hookflow().args(["run", "--workers", "zero"]).output().expect("run hookflow");
+    assert_eq!(output.status.code(), Some(2));
+    let message = stderr(&output);
+    assert!(message.contains("Usage:"), "{message}");
+    assert!(message.contains("--workers"), "{message}");
+}
+
+fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    done()
+}
+
+fn terminate(child: &mut Child) {
+    let pid = child.id().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+    assert!(status.success());
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for hookflow") {
+            let mut text = String::new();
+            if let Some(mut pipe) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut pipe, &mut text);
+            }
+            assert!(status.success(), "hookflow run exited with {status} after SIGTERM: {text}");
+            return;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("hookflow run did not stop within 20 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn parquet_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read archive dir") {
+            let path = entry.expect("dir entry").path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files
+}
+
+/// Opens the archive with pyarrow and DuckDB. CI sets HOOKFLOW_REQUIRE_PYTHON_READERS=1 after
+/// installing both; elsewhere the check runs when python3 has them.
+fn check_with_python_readers(archive: &Path, expected_rows: usize) {
+    let required = std::env::var("HOOKFLOW_REQUIRE_PYTHON_READERS").is_ok_and(|v| v == "1");
+    let available = Command::new("python3")
+        .args(["-c", "import pyarrow, duckdb"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !available {
+        assert!(!required, "python3 with pyarrow and duckdb is required (pip install pyarrow duckdb)");
+        eprintln!("skipping the pyarrow/DuckDB check: python3 lacks pyarrow or duckdb");
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/check_archive.py");
+    let output = Command::new("python3").arg(script).arg(archive).output().expect("run python3");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "python readers failed: {}{}", text, stderr(&output));
+    assert!(text.starts_with(&format!("rows={expected_rows} ")), "{text}");
+}
