@@ -36,6 +36,9 @@ mod tests {
     #[test]
     fn wall_clock_reads_after_2024() {
         let clock: &dyn Clock = &WallClock;
-        assert!(clock.now_ms() > 1_704_067_200_000, "the wall clock reads before 2024-01-01");
+        assert!(
+            clock.now_ms() > 1_704_067_200_000,
+            "the wall clock reads before 2024-01-01"
+        );
     }
 }

@@ -45,14 +45,27 @@ mod contract {
         endpoint.secrets = vec![SECRET.to_string(), SECOND_SECRET.to_string()];
         let delivery = delivery("ep_sig", "evt_sig", br#"{"amount":1200,"currency":"EUR"}"#);
 
-        let result = loopback_client().attempt(&endpoint, &delivery, &WallClock).await;
+        let result = loopback_client()
+            .attempt(&endpoint, &delivery, &WallClock)
+            .await;
 
-        assert_eq!(result.verdict.outcome, Outcome::Delivered, "{:?}", result.error_message);
+        assert_eq!(
+            result.verdict.outcome,
+            Outcome::Delivered,
+            "{:?}",
+            result.error_message
+        );
         let requests = recorder.requests();
         assert_eq!(requests.len(), 1);
         let request = &requests[0];
-        let signature = request.headers["webhook-signature"].to_str().expect("ASCII header");
-        assert_eq!(signature.split(' ').count(), 2, "one signature per secret: {signature}");
+        let signature = request.headers["webhook-signature"]
+            .to_str()
+            .expect("ASCII header");
+        assert_eq!(
+            signature.split(' ').count(),
+            2,
+            "one signature per secret: {signature}"
+        );
         for secret in [SECRET, SECOND_SECRET] {
             let webhook = standardwebhooks::Webhook::new(secret).expect("valid secret");
             webhook
@@ -61,7 +74,10 @@ mod contract {
         }
         let other = standardwebhooks::Webhook::new("whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
             .expect("valid secret");
-        assert!(other.verify(&request.body, &request.headers).is_err(), "a wrong key verifies");
+        assert!(
+            other.verify(&request.body, &request.headers).is_err(),
+            "a wrong key verifies"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,10 +87,15 @@ mod contract {
         let delivery = delivery("ep_clock", "evt_clock", b"{}");
         let clock = SteppingClock::new(1_700_000_123_456, 7_000);
 
-        let result = loopback_client().attempt(&endpoint, &delivery, &clock).await;
+        let result = loopback_client()
+            .attempt(&endpoint, &delivery, &clock)
+            .await;
 
         assert_eq!(result.started_at_ms, 1_700_000_123_456);
-        assert_eq!(result.finished_at_ms, 1_700_000_130_456, "exactly two clock reads");
+        assert_eq!(
+            result.finished_at_ms, 1_700_000_130_456,
+            "exactly two clock reads"
+        );
         assert_eq!(result.latency_ms(), 7_000);
         let request = &recorder.requests()[0];
         assert_eq!(request.headers["webhook-timestamp"], "1700000123");
@@ -92,16 +113,29 @@ mod contract {
         let payload = "{\"b\": 1,  \"a\":\"é ✓ \\u00e9\",\n \"n\": 12345678901234567890}";
         let delivery = delivery("ep_body", "evt_body_1", payload.as_bytes());
 
-        let result = loopback_client().attempt(&endpoint, &delivery, &WallClock).await;
+        let result = loopback_client()
+            .attempt(&endpoint, &delivery, &WallClock)
+            .await;
 
-        assert_eq!(result.verdict.outcome, Outcome::Delivered, "{:?}", result.error_message);
+        assert_eq!(
+            result.verdict.outcome,
+            Outcome::Delivered,
+            "{:?}",
+            result.error_message
+        );
         assert_eq!(result.http_status, Some(204));
         let request = &recorder.requests()[0];
-        assert_eq!(request.body, payload.as_bytes(), "body differs from the payload");
+        assert_eq!(
+            request.body,
+            payload.as_bytes(),
+            "body differs from the payload"
+        );
         assert_eq!(request.path, "/in");
         assert_eq!(request.headers["content-type"], "application/json");
         assert_eq!(request.headers["webhook-id"], "evt_body_1");
-        let user_agent = request.headers["user-agent"].to_str().expect("ASCII header");
+        let user_agent = request.headers["user-agent"]
+            .to_str()
+            .expect("ASCII header");
         assert!(user_agent.starts_with("hookflow/"), "{user_agent}");
     }
 
@@ -111,7 +145,9 @@ mod contract {
         let endpoint = endpoint("ep_row", &format!("http://hook:s3cr3t@{address}/row"));
         let delivery = delivery("ep_row", "evt_row", b"[1,2,3]");
 
-        let result = loopback_client().attempt(&endpoint, &delivery, &WallClock).await;
+        let result = loopback_client()
+            .attempt(&endpoint, &delivery, &WallClock)
+            .await;
         let row = result.to_row(&delivery, 1_700_000_000_900);
 
         assert_eq!(row.event_id.as_deref(), Some("evt_row"));
@@ -120,7 +156,11 @@ mod contract {
         assert_eq!(row.event_type.as_deref(), Some("charge.succeeded"));
         assert_eq!((row.generation, row.attempt), (0, 1));
         assert_eq!((row.partition, row.offset), (3, 42));
-        assert_eq!(row.url, Some(format!("http://{address}/row")), "credentials kept");
+        assert_eq!(
+            row.url,
+            Some(format!("http://{address}/row")),
+            "credentials kept"
+        );
         assert_eq!(row.ingested_at_ms, Some(1_700_000_000_000));
         assert_eq!(row.due_at_ms, 1_700_000_000_900);
         assert_eq!(row.started_at_ms, Some(result.started_at_ms));
@@ -145,14 +185,20 @@ mod contract {
         endpoint.secrets = vec![SECRET.to_string(), "AAECAwQF".to_string()];
         let delivery = delivery("ep_secret", "evt_secret", b"{}");
 
-        let result = loopback_client().attempt(&endpoint, &delivery, &WallClock).await;
+        let result = loopback_client()
+            .attempt(&endpoint, &delivery, &WallClock)
+            .await;
 
         assert_eq!(result.verdict.error_kind, Some(ErrorKind::Request));
         assert_eq!(result.verdict.outcome, Outcome::DeadLettered);
         let message = result.error_message.clone().unwrap_or_default();
         assert!(message.contains("secret 2 of 2"), "{message}");
         assert_eq!(recorder.count(), 0);
-        assert_eq!(result.to_row(&delivery, 0).attempt, 0, "no request was made");
+        assert_eq!(
+            result.to_row(&delivery, 0).attempt,
+            0,
+            "no request was made"
+        );
     }
 }
 
@@ -182,7 +228,9 @@ mod responses {
         let endpoint = endpoint("ep_redirect", &format!("http://{address}/start"));
         let delivery = delivery("ep_redirect", "evt_redirect", b"{}");
 
-        let result = loopback_client().attempt(&endpoint, &delivery, &WallClock).await;
+        let result = loopback_client()
+            .attempt(&endpoint, &delivery, &WallClock)
+            .await;
 
         assert_eq!(target.count(), 0, "the redirect was followed");
         assert_eq!(result.http_status, Some(302));
@@ -201,14 +249,20 @@ mod responses {
         let router = Router::new().route(
             "/",
             post(|| async {
-                (StatusCode::INTERNAL_SERVER_ERROR, [("retry-after", "120")], "database down")
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    [("retry-after", "120")],
+                    "database down",
+                )
             }),
         );
         let address = serve(router).await;
         let endpoint = endpoint("ep_500", &format!("http://{address}/"));
         let delivery = delivery("ep_500", "evt_500", b"{}");
 
-        let result = loopback_client().attempt(&endpoint, &delivery, &WallClock).await;
+        let result = loopback_client()
+            .attempt(&endpoint, &delivery, &WallClock)
+            .await;
 
         assert_eq!(result.verdict.outcome, Outcome::DeadLettered);
         assert_eq!(result.verdict.error_kind, Some(ErrorKind::HttpStatus));
@@ -240,7 +294,11 @@ mod responses {
         assert_eq!(result.verdict.outcome, Outcome::Delivered);
         assert_eq!(result.response_truncated, Some(true));
         assert_eq!(result.response_snippet.as_deref().map(str::len), Some(1024));
-        assert!(result.response_bytes_read >= 64 * 1024, "{}", result.response_bytes_read);
+        assert!(
+            result.response_bytes_read >= 64 * 1024,
+            "{}",
+            result.response_bytes_read
+        );
         // hyper hands over at most its read buffer (about 400 KiB) per chunk, so the read
         // stops within one such chunk past the cap.
         assert!(
@@ -256,7 +314,9 @@ mod failures {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn silent_server_times_out() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let address = listener.local_addr().expect("local address");
         // Accept connections and hold them open without reading or answering.
         tokio::spawn(async move {
@@ -270,13 +330,21 @@ mod failures {
         let delivery = delivery("ep_silent", "evt_silent", b"{}");
 
         let started = Instant::now();
-        let result = loopback_client().attempt(&endpoint, &delivery, &WallClock).await;
+        let result = loopback_client()
+            .attempt(&endpoint, &delivery, &WallClock)
+            .await;
         let elapsed = started.elapsed();
 
         assert_eq!(result.verdict.error_kind, Some(ErrorKind::Timeout));
         assert_eq!(result.verdict.outcome, Outcome::DeadLettered);
-        assert!(elapsed >= Duration::from_millis(300), "gave up after {elapsed:?}");
-        assert!(elapsed < Duration::from_millis(1_300), "took {elapsed:?} for a 300 ms timeout");
+        assert!(
+            elapsed >= Duration::from_millis(300),
+            "gave up after {elapsed:?}"
+        );
+        assert!(
+            elapsed < Duration::from_millis(1_300),
+            "took {elapsed:?} for a 300 ms timeout"
+        );
         assert_eq!(result.http_status, None);
     }
 
@@ -288,11 +356,17 @@ mod failures {
         let endpoint = endpoint("ep_closed", &format!("http://{address}/"));
         let delivery = delivery("ep_closed", "evt_closed", b"{}");
 
-        let result = loopback_client().attempt(&endpoint, &delivery, &WallClock).await;
+        let result = loopback_client()
+            .attempt(&endpoint, &delivery, &WallClock)
+            .await;
 
         assert_eq!(result.verdict.error_kind, Some(ErrorKind::Connect));
         assert_eq!(result.verdict.outcome, Outcome::DeadLettered);
-        assert_eq!(result.to_row(&delivery, 0).attempt, 1, "a connect error is an attempt");
+        assert_eq!(
+            result.to_row(&delivery, 0).attempt,
+            1,
+            "a connect error is an attempt"
+        );
         let message = result.error_message.unwrap_or_default();
         assert!(message.to_lowercase().contains("refused"), "{message}");
     }
@@ -325,14 +399,20 @@ mod addresses {
         let endpoint = endpoint("ep_lo", &format!("http://{address}/"));
         let delivery = delivery("ep_lo", "evt_lo", b"{}");
 
-        let result = default_client().attempt(&endpoint, &delivery, &WallClock).await;
+        let result = default_client()
+            .attempt(&endpoint, &delivery, &WallClock)
+            .await;
 
         assert_eq!(result.verdict.error_kind, Some(ErrorKind::Refused));
         assert_eq!(result.verdict.outcome, Outcome::DeadLettered);
         assert_eq!(recorder.count(), 0, "a refused address was contacted");
         let message = result.error_message.clone().unwrap_or_default();
         assert!(message.contains("loopback"), "{message}");
-        assert_eq!(result.to_row(&delivery, 0).attempt, 0, "no request was made");
+        assert_eq!(
+            result.to_row(&delivery, 0).attempt,
+            0,
+            "no request was made"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -341,21 +421,38 @@ mod addresses {
         let endpoint = endpoint("ep_lo_ok", &format!("http://{address}/"));
         let delivery = delivery("ep_lo_ok", "evt_lo_ok", b"{}");
 
-        let result = loopback_client().attempt(&endpoint, &delivery, &WallClock).await;
+        let result = loopback_client()
+            .attempt(&endpoint, &delivery, &WallClock)
+            .await;
 
-        assert_eq!(result.verdict.outcome, Outcome::Delivered, "{:?}", result.error_message);
+        assert_eq!(
+            result.verdict.outcome,
+            Outcome::Delivered,
+            "{:?}",
+            result.error_message
+        );
         assert_eq!(recorder.count(), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn localhost_refused_after_resolving() {
         let (recorder, address) = recording_receiver().await;
-        let endpoint = endpoint("ep_localhost", &format!("http://localhost:{}/", address.port()));
+        let endpoint = endpoint(
+            "ep_localhost",
+            &format!("http://localhost:{}/", address.port()),
+        );
         let delivery = delivery("ep_localhost", "evt_localhost", b"{}");
 
-        let result = default_client().attempt(&endpoint, &delivery, &WallClock).await;
+        let result = default_client()
+            .attempt(&endpoint, &delivery, &WallClock)
+            .await;
 
-        assert_eq!(result.verdict.error_kind, Some(ErrorKind::Refused), "{:?}", result.error_message);
+        assert_eq!(
+            result.verdict.error_kind,
+            Some(ErrorKind::Refused),
+            "{:?}",
+            result.error_message
+        );
         assert_eq!(recorder.count(), 0, "a refused address was contacted");
         let message = result.error_message.unwrap_or_default();
         assert!(message.contains("`localhost`"), "{message}");
@@ -364,14 +461,25 @@ mod addresses {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn resolved_name_is_filtered() {
         let (recorder, address) = recording_receiver().await;
-        let endpoint = endpoint("ep_name", &format!("http://hooks.example.test:{}/", address.port()));
+        let endpoint = endpoint(
+            "ep_name",
+            &format!("http://hooks.example.test:{}/", address.port()),
+        );
         let delivery = delivery("ep_name", "evt_name", b"{}");
         let resolver = Arc::new(FixedResolver::with("hooks.example.test", &["127.0.0.1:0"]));
 
-        let refusing = ClientConfig { resolver: Some(resolver.clone()), ..ClientConfig::default() };
+        let refusing = ClientConfig {
+            resolver: Some(resolver.clone()),
+            ..ClientConfig::default()
+        };
         let refusing = DeliveryClient::new(refusing).expect("client builds");
         let result = refusing.attempt(&endpoint, &delivery, &WallClock).await;
-        assert_eq!(result.verdict.error_kind, Some(ErrorKind::Refused), "{:?}", result.error_message);
+        assert_eq!(
+            result.verdict.error_kind,
+            Some(ErrorKind::Refused),
+            "{:?}",
+            result.error_message
+        );
         assert_eq!(recorder.count(), 0, "a refused address was contacted");
 
         let allowing = ClientConfig {
@@ -381,7 +489,12 @@ mod addresses {
         };
         let allowing = DeliveryClient::new(allowing).expect("client builds");
         let result = allowing.attempt(&endpoint, &delivery, &WallClock).await;
-        assert_eq!(result.verdict.outcome, Outcome::Delivered, "{:?}", result.error_message);
+        assert_eq!(
+            result.verdict.outcome,
+            Outcome::Delivered,
+            "{:?}",
+            result.error_message
+        );
         let requests = recorder.requests();
         assert_eq!(requests.len(), 1);
         let host = format!("hooks.example.test:{}", address.port());
@@ -395,15 +508,22 @@ mod addresses {
 
         let inner = FixedResolver::with(
             "mixed.example.test",
-            &["127.0.0.2:0", "127.0.0.1:0", "[::1]:0", "[::ffff:127.0.0.1]:0"],
+            &[
+                "127.0.0.2:0",
+                "127.0.0.1:0",
+                "[::1]:0",
+                "[::ffff:127.0.0.1]:0",
+            ],
         );
         let resolver = PolicyResolver::new(Arc::new(inner), loopback_policy());
 
         let name = "mixed.example.test".parse().expect("valid name");
         let addresses: Vec<_> = resolver.resolve(name).await.expect("resolves").collect();
 
-        let expected: Vec<std::net::SocketAddr> =
-            vec!["127.0.0.1:0".parse().expect("address"), "[::ffff:127.0.0.1]:0".parse().expect("address")];
+        let expected: Vec<std::net::SocketAddr> = vec![
+            "127.0.0.1:0".parse().expect("address"),
+            "[::ffff:127.0.0.1]:0".parse().expect("address"),
+        ];
         assert_eq!(addresses, expected);
     }
 
@@ -452,7 +572,12 @@ mod addresses {
 
             let result = client.attempt(&endpoint, &delivery, &WallClock).await;
 
-            assert_eq!(result.verdict.outcome, Outcome::Delivered, "{url}: {:?}", result.error_message);
+            assert_eq!(
+                result.verdict.outcome,
+                Outcome::Delivered,
+                "{url}: {:?}",
+                result.error_message
+            );
         }
         assert_eq!(recorder.count(), notations.len());
     }
@@ -581,7 +706,10 @@ mod operator {
             let deadline = Instant::now() + Duration::from_secs(30);
             let mut steps = 0;
             while !probe.done() {
-                assert!(Instant::now() < deadline, "the dataflow did not finish in 30 s");
+                assert!(
+                    Instant::now() < deadline,
+                    "the dataflow did not finish in 30 s"
+                );
                 worker.step_or_park(Some(Duration::from_millis(500)));
                 steps += 1;
             }
@@ -630,11 +758,17 @@ mod operator {
         let mut deliveries = Vec::new();
         for i in 0..9u64 {
             let time = 100 + (i / 3) * 100;
-            deliveries.push((time, delivery("ep_busy", &format!("evt_busy_{time}_{i}"), b"{}")));
+            deliveries.push((
+                time,
+                delivery("ep_busy", &format!("evt_busy_{time}_{i}"), b"{}"),
+            ));
         }
         for i in 0..4u64 {
             let time = 100 + i * 50;
-            deliveries.push((time, delivery("ep_calm", &format!("evt_calm_{time}_{i}"), b"{}")));
+            deliveries.push((
+                time,
+                delivery("ep_calm", &format!("evt_calm_{time}_{i}"), b"{}"),
+            ));
         }
         deliveries.push((250, delivery("ep_gone", "evt_gone_250", b"{}")));
         deliveries.push((300, delivery("ep_off", "evt_off_300", b"{}")));
@@ -645,25 +779,45 @@ mod operator {
         let (rows, steps) = run_dataflow(2, context, deliveries);
 
         let concurrency = concurrency.lock().expect("lock");
-        assert_eq!(concurrency.max.get("ep_busy"), Some(&2), "ep_busy concurrency");
-        assert_eq!(concurrency.max.get("ep_calm"), Some(&2), "ep_calm concurrency");
+        assert_eq!(
+            concurrency.max.get("ep_busy"),
+            Some(&2),
+            "ep_busy concurrency"
+        );
+        assert_eq!(
+            concurrency.max.get("ep_calm"),
+            Some(&2),
+            "ep_calm concurrency"
+        );
         assert_eq!(concurrency.total, 13, "requests received");
-        assert!(!concurrency.max.contains_key("ep_off"), "a disabled endpoint was contacted");
+        assert!(
+            !concurrency.max.contains_key("ep_off"),
+            "a disabled endpoint was contacted"
+        );
 
         assert_eq!(rows.len(), sent, "one row per delivery");
-        let mut event_ids: Vec<_> = rows.iter().filter_map(|(_, row)| row.event_id.clone()).collect();
+        let mut event_ids: Vec<_> = rows
+            .iter()
+            .filter_map(|(_, row)| row.event_id.clone())
+            .collect();
         event_ids.sort();
         event_ids.dedup();
         assert_eq!(event_ids.len(), sent, "every delivery has exactly one row");
         for (time, row) in &rows {
             let event_id = row.event_id.as_deref().unwrap_or_default();
-            let due: u64 = event_id.split('_').nth(2).and_then(|t| t.parse().ok()).expect("time");
+            let due: u64 = event_id
+                .split('_')
+                .nth(2)
+                .and_then(|t| t.parse().ok())
+                .expect("time");
             assert_eq!(*time, due, "{event_id} came out at another time");
             assert_eq!(row.due_at_ms, due, "{event_id}");
         }
 
         let row_of = |id: &str| {
-            rows.iter().map(|(_, row)| row).find(|row| row.event_id.as_deref() == Some(id))
+            rows.iter()
+                .map(|(_, row)| row)
+                .find(|row| row.event_id.as_deref() == Some(id))
         };
         let gone = row_of("evt_gone_250").expect("row for the unknown endpoint");
         assert_eq!(gone.outcome, "dead_lettered");
@@ -671,8 +825,15 @@ mod operator {
         let off = row_of("evt_off_300").expect("row for the disabled endpoint");
         assert_eq!(off.outcome, "dead_lettered");
         assert_eq!(off.error_kind.as_deref(), Some(ENDPOINT_DISABLED));
-        assert!(off.error_message.as_deref().unwrap_or_default().contains("disabled"));
-        let delivered = rows.iter().filter(|(_, row)| row.outcome == "delivered").count();
+        assert!(off
+            .error_message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("disabled"));
+        let delivered = rows
+            .iter()
+            .filter(|(_, row)| row.outcome == "delivered")
+            .count();
         assert_eq!(delivered, 13);
 
         // A spinning operator would take thousands of steps in the ~250 ms the requests take.
@@ -690,7 +851,10 @@ mod operator {
         let deliveries: Vec<(u64, Delivery)> = (0..9u64)
             .map(|i| {
                 let endpoint_id = ["ep_a", "ep_b", "ep_c"][(i % 3) as usize];
-                (10, delivery(endpoint_id, &format!("evt_{endpoint_id}_{i}"), b"{}"))
+                (
+                    10,
+                    delivery(endpoint_id, &format!("evt_{endpoint_id}_{i}"), b"{}"),
+                )
             })
             .collect();
         let mut context = context(&runtime, endpoints);
@@ -701,6 +865,8 @@ mod operator {
         let concurrency = concurrency.lock().expect("lock");
         assert_eq!(concurrency.overall_max, 2, "requests in flight at once");
         assert_eq!(rows.len(), 9);
-        assert!(rows.iter().all(|(time, row)| *time == 10 && row.outcome == "delivered"));
+        assert!(rows
+            .iter()
+            .all(|(time, row)| *time == 10 && row.outcome == "delivered"));
     }
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use hookflow::config::Config;
 use hookflow::dataflow::{run, RunOptions};
 use hookflow::demo::{run_demo, DemoOptions};
@@ -79,7 +79,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => exit_with_usage(error),
+    };
     match execute(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -87,6 +90,27 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints a command-line error with the usage of the command it concerns, and exits 2.
+/// clap prints usage for some errors (a missing argument) but not others (an invalid value).
+fn exit_with_usage(error: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(error.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+        || error.to_string().contains("Usage:")
+    {
+        error.exit();
+    }
+    let mut command = Cli::command();
+    command.build();
+    let subcommand = std::env::args().nth(1).unwrap_or_default();
+    let usage = match command.find_subcommand_mut(&subcommand) {
+        Some(sub) => sub.render_usage(),
+        None => command.render_usage(),
+    };
+    eprint!("{error}");
+    eprintln!("\n{usage}");
+    std::process::exit(2);
 }
 
 fn execute(command: Command) -> anyhow::Result<()> {

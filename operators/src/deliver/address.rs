@@ -192,7 +192,8 @@ mod tests {
     use super::*;
 
     fn ip(text: &str) -> IpAddr {
-        text.parse().unwrap_or_else(|e| panic!("`{text}` is not an IP address: {e}"))
+        text.parse()
+            .unwrap_or_else(|e| panic!("`{text}` is not an IP address: {e}"))
     }
 
     #[test]
@@ -278,7 +279,10 @@ mod tests {
     fn policy_rejects_without_allow_list() {
         let policy = AddressPolicy::default();
         assert_eq!(policy.check(ip("127.0.0.1")), Err(RefusedRange::Loopback));
-        assert_eq!(policy.check(ip("169.254.169.254")), Err(RefusedRange::LinkLocal));
+        assert_eq!(
+            policy.check(ip("169.254.169.254")),
+            Err(RefusedRange::LinkLocal)
+        );
         assert_eq!(policy.check(ip("8.8.8.8")), Ok(()));
     }
 
@@ -286,7 +290,10 @@ mod tests {
     fn policy_permits_allowed_ranges() {
         let allowed = ["127.0.0.1/32", "10.20.0.0/16", "fd00::/8"]
             .iter()
-            .map(|net| net.parse().unwrap_or_else(|e| panic!("`{net}` is not a CIDR: {e}")))
+            .map(|net| {
+                net.parse()
+                    .unwrap_or_else(|e| panic!("`{net}` is not a CIDR: {e}"))
+            })
             .collect();
         let policy = AddressPolicy::new(allowed);
         let cases = [

@@ -107,7 +107,10 @@ pub struct PolicyResolver {
 impl PolicyResolver {
     /// Wraps `inner` so that its answers are filtered by `policy`.
     pub fn new(inner: Arc<dyn Resolve>, policy: AddressPolicy) -> Self {
-        PolicyResolver { inner, policy: Arc::new(policy) }
+        PolicyResolver {
+            inner,
+            policy: Arc::new(policy),
+        }
     }
 }
 
@@ -149,10 +152,14 @@ fn permitted_addresses(
 
     match (permitted.is_empty(), first_refusal) {
         (false, _) => Ok(permitted),
-        (true, Some((address, range))) => {
-            Err(DeliverError::AddressRefused { host: host.to_string(), address, range })
-        }
-        (true, None) => Err(DeliverError::NoAddress { host: host.to_string() }),
+        (true, Some((address, range))) => Err(DeliverError::AddressRefused {
+            host: host.to_string(),
+            address,
+            range,
+        }),
+        (true, None) => Err(DeliverError::NoAddress {
+            host: host.to_string(),
+        }),
     }
 }
 
@@ -206,8 +213,10 @@ impl DeliveryClient {
         install_crypto_provider();
 
         let inner_resolver = config.resolver.unwrap_or_else(|| Arc::new(SystemResolver));
-        let resolver =
-            Arc::new(PolicyResolver::new(inner_resolver, config.address_policy.clone()));
+        let resolver = Arc::new(PolicyResolver::new(
+            inner_resolver,
+            config.address_policy.clone(),
+        ));
         let client = DeliveryClient {
             inner: Arc::new(ClientInner {
                 address_policy: config.address_policy,
@@ -333,8 +342,15 @@ impl DeliveryClient {
         if let Some(address) = literal {
             if let Err(range) = self.inner.address_policy.check(address) {
                 let host = address.to_string();
-                let refusal = DeliverError::AddressRefused { host, address, range };
-                return Err(Failure { kind: ErrorKind::Refused, message: refusal.to_string() });
+                let refusal = DeliverError::AddressRefused {
+                    host,
+                    address,
+                    range,
+                };
+                return Err(Failure {
+                    kind: ErrorKind::Refused,
+                    message: refusal.to_string(),
+                });
             }
         }
 
@@ -344,7 +360,10 @@ impl DeliveryClient {
             Failure::request("event id contains bytes not allowed in a header".to_string())
         })?;
         headers.insert(HeaderName::from_static("webhook-id"), id);
-        headers.insert(HeaderName::from_static("webhook-timestamp"), HeaderValue::from(timestamp));
+        headers.insert(
+            HeaderName::from_static("webhook-timestamp"),
+            HeaderValue::from(timestamp),
+        );
         if !endpoint.secrets.is_empty() {
             let signatures =
                 signature_header(&endpoint.secrets, &event.id, timestamp, &event.payload)
@@ -456,7 +475,11 @@ impl DeliveryClient {
 
     /// Returns the cached reqwest client for `connect_timeout_ms`, building it on first use.
     fn http_client(&self, connect_timeout_ms: u64) -> Result<reqwest::Client, DeliverError> {
-        let mut clients = self.inner.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut clients = self
+            .inner
+            .clients
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(client) = clients.get(&connect_timeout_ms) {
             return Ok(client.clone());
         }
@@ -490,7 +513,10 @@ impl DeliveryClient {
 fn install_crypto_provider() {
     static INSTALL: Once = Once::new();
     INSTALL.call_once(|| {
-        if rustls::crypto::ring::default_provider().install_default().is_err() {
+        if rustls::crypto::ring::default_provider()
+            .install_default()
+            .is_err()
+        {
             tracing::debug!("A rustls crypto provider was installed already; keeping it.");
         }
     });
@@ -505,7 +531,10 @@ struct Failure {
 impl Failure {
     /// A request that could not be built.
     fn request(message: String) -> Self {
-        Failure { kind: ErrorKind::Request, message }
+        Failure {
+            kind: ErrorKind::Request,
+            message,
+        }
     }
 
     /// Classifies a reqwest error. A refusal by [`PolicyResolver`] is found in the error's
@@ -520,7 +549,10 @@ impl Failure {
                     DeliverError::AddressRefused { .. } => ErrorKind::Refused,
                     _ => ErrorKind::Connect,
                 };
-                return Failure { kind, message: own.to_string() };
+                return Failure {
+                    kind,
+                    message: own.to_string(),
+                };
             }
             source = current.source();
         }
@@ -630,13 +662,18 @@ mod tests {
     use super::*;
 
     fn socket(text: &str) -> SocketAddr {
-        text.parse().unwrap_or_else(|e| panic!("`{text}` is not a socket address: {e}"))
+        text.parse()
+            .unwrap_or_else(|e| panic!("`{text}` is not a socket address: {e}"))
     }
 
     #[test]
     fn permitted_addresses_drops_rejected() {
         let policy = AddressPolicy::new(vec!["127.0.0.1/32".parse().expect("CIDR")]);
-        let resolved = vec![socket("127.0.0.2:0"), socket("127.0.0.1:0"), socket("[::1]:0")];
+        let resolved = vec![
+            socket("127.0.0.2:0"),
+            socket("127.0.0.1:0"),
+            socket("[::1]:0"),
+        ];
         let permitted = permitted_addresses(&policy, "hooks.test", resolved).expect("one left");
         assert_eq!(permitted, vec![socket("127.0.0.1:0")]);
     }
@@ -664,7 +701,10 @@ mod tests {
     #[test]
     fn credentials_are_stripped() {
         let url = Url::parse("https://user:pa55@hooks.example.com:8443/in?x=1").expect("URL");
-        assert_eq!(without_credentials(url), "https://hooks.example.com:8443/in?x=1");
+        assert_eq!(
+            without_credentials(url),
+            "https://hooks.example.com:8443/in?x=1"
+        );
     }
 
     #[test]

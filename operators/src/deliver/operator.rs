@@ -164,7 +164,9 @@ pub fn endpoint_hash(endpoint_id: &str) -> u64 {
     endpoint_id
         .as_bytes()
         .iter()
-        .fold(OFFSET_BASIS, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(PRIME))
+        .fold(OFFSET_BASIS, |hash, byte| {
+            (hash ^ u64::from(*byte)).wrapping_mul(PRIME)
+        })
 }
 
 /// The result of one request task: its row, or `None` when the task ended without one.
@@ -261,7 +263,13 @@ impl DeliverState {
                 endpoint.id
             );
             let now_ms = self.context.clock.now_ms();
-            return Some(dead_letter_row(&delivery, due_at_ms, now_ms, ENDPOINT_DISABLED, message));
+            return Some(dead_letter_row(
+                &delivery,
+                due_at_ms,
+                now_ms,
+                ENDPOINT_DISABLED,
+                message,
+            ));
         }
 
         let limit = endpoint.max_in_flight.max(1);
@@ -278,8 +286,15 @@ impl DeliverState {
     fn collect_completions(&mut self) -> Vec<(Capability<u64>, AttemptRow)> {
         let mut completed = Vec::new();
         while let Ok(Completion { ticket, row }) = self.receiver.try_recv() {
-            let Some(InFlight { capability, endpoint_id }) = self.in_flight.remove(&ticket) else {
-                tracing::error!(ticket, "A request finished that the operator did not start.");
+            let Some(InFlight {
+                capability,
+                endpoint_id,
+            }) = self.in_flight.remove(&ticket)
+            else {
+                tracing::error!(
+                    ticket,
+                    "A request finished that the operator did not start."
+                );
                 continue;
             };
             self.release_slot(&endpoint_id);
@@ -348,7 +363,13 @@ impl DeliverState {
         self.next_ticket += 1;
         let due_at_ms = *capability.time();
         let endpoint_id = delivery.endpoint_id.clone();
-        self.in_flight.insert(ticket, InFlight { capability, endpoint_id });
+        self.in_flight.insert(
+            ticket,
+            InFlight {
+                capability,
+                endpoint_id,
+            },
+        );
 
         let completion = CompletionGuard {
             ticket,
@@ -374,8 +395,17 @@ impl DeliverState {
 
 /// The row of a delivery whose endpoint left the directory between queueing and sending.
 fn vanished_endpoint_row(delivery: &Delivery, due_at_ms: Millis, now_ms: Millis) -> AttemptRow {
-    let message = format!("endpoint `{}` is not configured on this pipeline", delivery.endpoint_id);
-    dead_letter_row(delivery, due_at_ms, now_ms, ErrorKind::UnknownEndpoint.as_str(), message)
+    let message = format!(
+        "endpoint `{}` is not configured on this pipeline",
+        delivery.endpoint_id
+    );
+    dead_letter_row(
+        delivery,
+        due_at_ms,
+        now_ms,
+        ErrorKind::UnknownEndpoint.as_str(),
+        message,
+    )
 }
 
 /// Reports a request task's end to the operator when dropped: with its row when the task
@@ -396,11 +426,17 @@ impl CompletionGuard {
 
 impl Drop for CompletionGuard {
     fn drop(&mut self) {
-        let completion = Completion { ticket: self.ticket, row: self.row.take() };
+        let completion = Completion {
+            ticket: self.ticket,
+            row: self.row.take(),
+        };
         // Both fail only when the operator or its worker is gone, and then nobody waits for
         // the result.
         if self.sender.send(completion).is_ok() && self.activator.activate().is_err() {
-            tracing::debug!(ticket = self.ticket, "Worker is gone; dropping a delivery result.");
+            tracing::debug!(
+                ticket = self.ticket,
+                "Worker is gone; dropping a delivery result."
+            );
         }
     }
 }

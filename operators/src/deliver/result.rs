@@ -41,7 +41,10 @@ pub fn classify(observation: Observation) -> Verdict {
         None => Outcome::Delivered,
         Some(_) => Outcome::DeadLettered,
     };
-    Verdict { outcome, error_kind }
+    Verdict {
+        outcome,
+        error_kind,
+    }
 }
 
 /// Returns whether an attempt that failed with `kind` contacted the endpoint at all.
@@ -102,7 +105,10 @@ impl AttemptResult {
             latency_ms: Some(self.latency_ms()),
             outcome: self.verdict.outcome.as_str().to_string(),
             http_status: self.http_status,
-            error_kind: self.verdict.error_kind.map(|kind| kind.as_str().to_string()),
+            error_kind: self
+                .verdict
+                .error_kind
+                .map(|kind| kind.as_str().to_string()),
             error_message: self.error_message.clone(),
             response_snippet: self.response_snippet.clone(),
             response_truncated: self.response_truncated,
@@ -161,20 +167,72 @@ mod tests {
             (Observation::Status(200), Outcome::Delivered, None),
             (Observation::Status(204), Outcome::Delivered, None),
             (Observation::Status(299), Outcome::Delivered, None),
-            (Observation::Status(301), Outcome::DeadLettered, Some(Redirect)),
-            (Observation::Status(302), Outcome::DeadLettered, Some(Redirect)),
-            (Observation::Status(308), Outcome::DeadLettered, Some(Redirect)),
-            (Observation::Status(100), Outcome::DeadLettered, Some(HttpStatus)),
-            (Observation::Status(400), Outcome::DeadLettered, Some(HttpStatus)),
-            (Observation::Status(410), Outcome::DeadLettered, Some(HttpStatus)),
-            (Observation::Status(429), Outcome::DeadLettered, Some(HttpStatus)),
-            (Observation::Status(500), Outcome::DeadLettered, Some(HttpStatus)),
-            (Observation::Status(503), Outcome::DeadLettered, Some(HttpStatus)),
-            (Observation::Failure(Connect), Outcome::DeadLettered, Some(Connect)),
-            (Observation::Failure(Timeout), Outcome::DeadLettered, Some(Timeout)),
+            (
+                Observation::Status(301),
+                Outcome::DeadLettered,
+                Some(Redirect),
+            ),
+            (
+                Observation::Status(302),
+                Outcome::DeadLettered,
+                Some(Redirect),
+            ),
+            (
+                Observation::Status(308),
+                Outcome::DeadLettered,
+                Some(Redirect),
+            ),
+            (
+                Observation::Status(100),
+                Outcome::DeadLettered,
+                Some(HttpStatus),
+            ),
+            (
+                Observation::Status(400),
+                Outcome::DeadLettered,
+                Some(HttpStatus),
+            ),
+            (
+                Observation::Status(410),
+                Outcome::DeadLettered,
+                Some(HttpStatus),
+            ),
+            (
+                Observation::Status(429),
+                Outcome::DeadLettered,
+                Some(HttpStatus),
+            ),
+            (
+                Observation::Status(500),
+                Outcome::DeadLettered,
+                Some(HttpStatus),
+            ),
+            (
+                Observation::Status(503),
+                Outcome::DeadLettered,
+                Some(HttpStatus),
+            ),
+            (
+                Observation::Failure(Connect),
+                Outcome::DeadLettered,
+                Some(Connect),
+            ),
+            (
+                Observation::Failure(Timeout),
+                Outcome::DeadLettered,
+                Some(Timeout),
+            ),
             (Observation::Failure(Io), Outcome::DeadLettered, Some(Io)),
-            (Observation::Failure(Refused), Outcome::DeadLettered, Some(Refused)),
-            (Observation::Failure(Request), Outcome::DeadLettered, Some(Request)),
+            (
+                Observation::Failure(Refused),
+                Outcome::DeadLettered,
+                Some(Refused),
+            ),
+            (
+                Observation::Failure(Request),
+                Outcome::DeadLettered,
+                Some(Request),
+            ),
         ];
         for (observation, outcome, error_kind) in cases {
             let verdict = classify(observation);

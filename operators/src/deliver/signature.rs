@@ -35,7 +35,10 @@ pub fn sign(secret: &str, id: &str, timestamp: u64, body: &[u8]) -> Result<Strin
         .strip_prefix(SECRET_PREFIX)
         .ok_or_else(|| invalid(format!("it does not start with `{SECRET_PREFIX}`")))?;
     let key = SECRET_ENGINE.decode(encoded_key).map_err(|e| {
-        invalid(format!("the part after `{SECRET_PREFIX}` is not base64 ({})", describe(&e)))
+        invalid(format!(
+            "the part after `{SECRET_PREFIX}` is not base64 ({})",
+            describe(&e)
+        ))
     })?;
     if key.is_empty() {
         return Err(invalid(format!("the key after `{SECRET_PREFIX}` is empty")));
@@ -123,7 +126,10 @@ mod tests {
     fn sign_rejects_bad_secrets() {
         for secret in ["AAECAwQF", "whsec_", "whsec_not base64!", "whsec"] {
             let err = sign(secret, "id", 1, b"{}").expect_err("invalid secret");
-            assert!(matches!(err, DeliverError::InvalidSecret { .. }), "{secret}: {err}");
+            assert!(
+                matches!(err, DeliverError::InvalidSecret { .. }),
+                "{secret}: {err}"
+            );
         }
     }
 

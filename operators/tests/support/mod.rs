@@ -66,7 +66,10 @@ pub fn loopback_policy() -> AddressPolicy {
 
 /// A client permitted to reach 127.0.0.1 and nothing else outside public addresses.
 pub fn loopback_client() -> DeliveryClient {
-    let config = ClientConfig { address_policy: loopback_policy(), ..ClientConfig::default() };
+    let config = ClientConfig {
+        address_policy: loopback_policy(),
+        ..ClientConfig::default()
+    };
     DeliveryClient::new(config).expect("client builds")
 }
 
@@ -86,7 +89,11 @@ pub struct Recorder {
 
 impl Recorder {
     pub fn record(&self, path: &str, headers: &HeaderMap, body: &Bytes) {
-        let request = Received { path: path.to_string(), headers: headers.clone(), body: body.to_vec() };
+        let request = Received {
+            path: path.to_string(),
+            headers: headers.clone(),
+            body: body.to_vec(),
+        };
         self.requests.lock().expect("recorder lock").push(request);
     }
 
@@ -102,7 +109,9 @@ impl Recorder {
 /// Serves `router` on an ephemeral port of 127.0.0.1 until the runtime stops, and returns
 /// its address.
 pub async fn serve(router: Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1");
     let address = listener.local_addr().expect("local address");
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router).await {
@@ -124,7 +133,9 @@ impl FixedResolver {
             .iter()
             .map(|address| address.parse().expect("valid socket address"))
             .collect();
-        FixedResolver { table: HashMap::from([(name.to_string(), addresses)]) }
+        FixedResolver {
+            table: HashMap::from([(name.to_string(), addresses)]),
+        }
     }
 }
 
@@ -153,7 +164,10 @@ pub struct SteppingClock {
 
 impl SteppingClock {
     pub fn new(start_ms: Millis, step_ms: u64) -> Self {
-        SteppingClock { next_ms: AtomicU64::new(start_ms), step_ms }
+        SteppingClock {
+            next_ms: AtomicU64::new(start_ms),
+            step_ms,
+        }
     }
 }
 
