@@ -64,14 +64,14 @@ pub struct ArchiveOptions {
     /// Name part that identifies this writer, such as `w0` for timely worker 0. ASCII letters,
     /// digits and `_` only. Writers that share a directory need distinct prefixes.
     pub file_prefix: String,
-    /// Maximum number of rows in one file; at least 1, default 200,000.
+    /// Maximum number of rows in one file, at least 1. Default 200,000.
     pub max_rows_per_file: usize,
     /// Size in bytes at which a file is completed, at least 1, default 64 MiB. The size is the
     /// bytes written plus parquet's estimate of the buffered row group, so a file can end up
     /// larger by up to one append's rows and the footer.
     pub max_file_bytes: u64,
     /// Age in ms at which [`ArchiveWriter::roll_due`] completes a file, counted from the append
-    /// that opened it; default 60,000.
+    /// that opened it. Default 60,000.
     pub max_file_age_ms: u64,
     /// Maximum number of rows in one Parquet row group, at least 1, default 65,536. The writer
     /// keeps the open row group of each file in memory.
@@ -200,11 +200,12 @@ impl ArchiveWriter {
             .iter()
             .map(|(key, value)| KeyValue::new(key.clone(), value.clone()))
             .collect();
-        let zstd_level = ZstdLevel::try_new(ZSTD_LEVEL).map_err(|source| ConnectorError::Parquet {
-            action: "configure zstd compression for archive",
-            path: options.dir.clone(),
-            source,
-        })?;
+        let zstd_level =
+            ZstdLevel::try_new(ZSTD_LEVEL).map_err(|source| ConnectorError::Parquet {
+                action: "configure zstd compression for archive",
+                path: options.dir.clone(),
+                source,
+            })?;
         let properties = WriterProperties::builder()
             .set_compression(Compression::ZSTD(zstd_level))
             .set_max_row_group_row_count(Some(options.max_rows_per_row_group))
@@ -233,7 +234,8 @@ impl ArchiveWriter {
     /// Fails before writing anything if a row has a time the archive cannot store (before
     /// 1970, after year 9999, or above `i64::MAX` ms). Fails if a file cannot be written. The
     /// file that failed is abandoned then, and none of its rows, including those of earlier
-    /// appends, reach the archive. Files completed before the failure stay complete.
+    /// appends, reach the archive. A file that fails to complete is abandoned the same way.
+    /// Files completed before the failure stay complete.
     pub fn append(&mut self, rows: &[AttemptRow], now_ms: Millis) -> Result<(), ConnectorError> {
         let mut dates = Vec::with_capacity(rows.len());
         for row in rows {
@@ -241,7 +243,7 @@ impl ArchiveWriter {
             dates.push(date_partition(row)?);
         }
 
-        // Most appends hold rows of one day, which need no copy.
+        // Most appends contain rows of one day, which need no copy.
         if dates.windows(2).all(|pair| pair[0] == pair[1]) {
             if let Some(date) = dates.first() {
                 self.write_partition(date, rows, now_ms)?;
@@ -263,13 +265,15 @@ impl ArchiveWriter {
     ///
     /// # Errors
     ///
-    /// Fails if a file cannot be completed. Files completed before the failure stay complete
-    /// but are not returned.
+    /// Fails if a file cannot be completed, and that file's rows do not reach the archive.
+    /// Files completed before the failure stay complete but are not returned.
     pub fn roll_due(&mut self, now_ms: Millis) -> Result<Vec<PathBuf>, ConnectorError> {
         let due: Vec<String> = self
             .open_files
             .iter()
-            .filter(|(_, file)| now_ms.saturating_sub(file.opened_at_ms) >= self.options.max_file_age_ms)
+            .filter(|(_, file)| {
+                now_ms.saturating_sub(file.opened_at_ms) >= self.options.max_file_age_ms
+            })
             .map(|(date, _)| date.clone())
             .collect();
         self.complete_all(&due)
@@ -282,14 +286,15 @@ impl ArchiveWriter {
     ///
     /// # Errors
     ///
-    /// Fails if a file cannot be completed. Files completed before the failure stay complete
-    /// but are not returned.
+    /// Fails if a file cannot be completed, and that file's rows do not reach the archive.
+    /// Files completed before the failure stay complete but are not returned.
     pub fn close(&mut self) -> Result<Vec<PathBuf>, ConnectorError> {
         let dates: Vec<String> = self.open_files.keys().cloned().collect();
         self.complete_all(&dates)
     }
 
-    /// Returns the number of rows written to files so far, open or completed.
+    /// Returns the number of rows in files that are open or completed. Rows of a file that
+    /// failed to be written or completed are not counted.
     pub fn rows_written(&self) -> u64 {
         self.rows_written
     }
@@ -318,7 +323,7 @@ impl ArchiveWriter {
             let write_result = write_rows(file, chunk);
             let is_full = file.rows >= max_rows || file.estimated_bytes() >= max_bytes;
             if let Err(err) = write_result {
-                self.abandon(date);
+                self.abandon(date, &err);
                 return Err(err);
             }
             self.rows_written += chunk.len() as u64;
@@ -358,27 +363,52 @@ impl ArchiveWriter {
     }
 
     /// Completes the open file of `date`, if there is one, and returns its final path.
+    ///
+    /// If completing fails, the file is abandoned as in [`abandon`](Self::abandon).
     fn complete(&mut self, date: &str) -> Result<Option<PathBuf>, ConnectorError> {
         let Some(open) = self.open_files.remove(date) else {
             return Ok(None);
         };
-        let path = complete_file(open)?;
-        self.files_completed += 1;
-        Ok(Some(path))
+        let temp_path = open.temp_path.clone();
+        let rows = open.rows;
+
+        match complete_file(open) {
+            Ok(path) => {
+                self.files_completed += 1;
+                Ok(Some(path))
+            }
+            Err(err) => {
+                self.discard(&temp_path, rows, &err);
+                Err(err)
+            }
+        }
     }
 
-    /// Drops the open file of `date` after a failed write and deletes its temporary file.
-    fn abandon(&mut self, date: &str) {
-        let Some(open) = self.open_files.remove(date) else {
-            return;
-        };
+    /// Drops the open file of `date` after a failed write.
+    fn abandon(&mut self, date: &str, err: &ConnectorError) {
+        if let Some(open) = self.open_files.remove(date) {
+            self.discard(&open.temp_path, open.rows, err);
+        }
+    }
+
+    /// Logs the loss of a file's rows, removes them from [`rows_written`](Self::rows_written)
+    /// and deletes the temporary file if it is still there.
+    fn discard(&mut self, temp_path: &Path, rows: usize, err: &ConnectorError) {
+        self.rows_written = self.rows_written.saturating_sub(rows as u64);
         error!(
-            path = %open.temp_path.display(),
-            rows = open.rows,
-            "abandoned archive file after a failed write; its rows are not archived"
+            path = %temp_path.display(),
+            rows,
+            error = %err,
+            "Abandoned an archive file after a failed write. Its rows are not archived."
         );
-        if let Err(err) = fs::remove_file(&open.temp_path) {
-            warn!(path = %open.temp_path.display(), error = %err, "failed to delete abandoned archive file");
+        match fs::remove_file(temp_path) {
+            Ok(()) => {}
+            Err(remove_err) if remove_err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(remove_err) => warn!(
+                path = %temp_path.display(),
+                error = %remove_err,
+                "Failed to delete an abandoned archive file."
+            ),
         }
     }
 }
@@ -389,7 +419,7 @@ impl Drop for ArchiveWriter {
             warn!(
                 path = %open.temp_path.display(),
                 rows = open.rows,
-                "archive writer dropped before close; the open file stays incomplete and hidden"
+                "Archive writer dropped before close, so its open file stays incomplete and hidden."
             );
         }
     }
@@ -431,12 +461,13 @@ fn create_file(
             path: temp_path.clone(),
             source,
         })?;
-    let writer = ArrowWriter::try_new(file, attempt_schema(), Some(properties.clone()))
-        .map_err(|source| ConnectorError::Parquet {
+    let writer = ArrowWriter::try_new(file, attempt_schema(), Some(properties.clone())).map_err(
+        |source| ConnectorError::Parquet {
             action: "start parquet file",
             path: temp_path.clone(),
             source,
-        })?;
+        },
+    )?;
     Ok(OpenFile {
         writer,
         temp_path,
@@ -449,11 +480,14 @@ fn create_file(
 /// Writes the footer of `open`, syncs the file, renames it to its final name, syncs the
 /// directory and returns the final path.
 fn complete_file(open: OpenFile) -> Result<PathBuf, ConnectorError> {
-    let file = open.writer.into_inner().map_err(|source| ConnectorError::Parquet {
-        action: "finish parquet file",
-        path: open.temp_path.clone(),
-        source,
-    })?;
+    let file = open
+        .writer
+        .into_inner()
+        .map_err(|source| ConnectorError::Parquet {
+            action: "finish parquet file",
+            path: open.temp_path.clone(),
+            source,
+        })?;
     file.sync_all().map_err(|source| ConnectorError::Io {
         action: "sync archive file",
         path: open.temp_path.clone(),
@@ -470,7 +504,7 @@ fn complete_file(open: OpenFile) -> Result<PathBuf, ConnectorError> {
         sync_dir(dir)?;
     }
 
-    info!(path = %open.final_path.display(), rows = open.rows, "completed archive file");
+    info!(path = %open.final_path.display(), rows = open.rows, "Completed an archive file.");
     Ok(open.final_path)
 }
 
@@ -595,7 +629,10 @@ fn remove_stale_temp_files(dir: &Path, prefix: &str) -> Result<(), ConnectorErro
     for entry in fs::read_dir(dir).map_err(scan_error(dir))? {
         let entry = entry.map_err(scan_error(dir))?;
         let is_partition = entry.file_name().to_string_lossy().starts_with("date=")
-            && entry.file_type().map_err(scan_error(&entry.path()))?.is_dir();
+            && entry
+                .file_type()
+                .map_err(scan_error(&entry.path()))?
+                .is_dir();
         if !is_partition {
             continue;
         }
@@ -611,7 +648,7 @@ fn remove_stale_temp_files(dir: &Path, prefix: &str) -> Result<(), ConnectorErro
                     path: path.clone(),
                     source,
                 })?;
-                warn!(path = %path.display(), "deleted an incomplete archive file left by an earlier run");
+                warn!(path = %path.display(), "Deleted an incomplete archive file that an earlier run left behind.");
             }
         }
     }
@@ -632,16 +669,31 @@ mod tests {
     #[test]
     fn date_partition_uses_utc_day_of_finished_time() -> Result<(), ConnectorError> {
         assert_eq!(date_partition(&finished_at(0))?, "1970-01-01");
-        assert_eq!(date_partition(&finished_at(1_714_521_599_999))?, "2024-04-30");
-        assert_eq!(date_partition(&finished_at(1_714_521_600_000))?, "2024-05-01");
-        assert_eq!(date_partition(&finished_at(253_402_300_799_999))?, "9999-12-31");
+        assert_eq!(
+            date_partition(&finished_at(1_714_521_599_999))?,
+            "2024-04-30"
+        );
+        assert_eq!(
+            date_partition(&finished_at(1_714_521_600_000))?,
+            "2024-05-01"
+        );
+        assert_eq!(
+            date_partition(&finished_at(253_402_300_799_999))?,
+            "9999-12-31"
+        );
         Ok(())
     }
 
     #[test]
     fn date_partition_rejects_years_after_9999() {
         let result = date_partition(&finished_at(253_402_300_800_000));
-        assert!(matches!(result, Err(ConnectorError::TimeOutOfRange { column: "finished_at", .. })));
+        assert!(matches!(
+            result,
+            Err(ConnectorError::TimeOutOfRange {
+                column: "finished_at",
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -651,7 +703,13 @@ mod tests {
             ..AttemptRow::default()
         };
         let result = check_times(&row);
-        assert!(matches!(result, Err(ConnectorError::TimeOutOfRange { column: "started_at", .. })));
+        assert!(matches!(
+            result,
+            Err(ConnectorError::TimeOutOfRange {
+                column: "started_at",
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -659,7 +717,10 @@ mod tests {
         let options = ArchiveOptions::new("/tmp/archive", "w0/../x");
         assert!(matches!(
             options.validate(),
-            Err(ConnectorError::InvalidOption { option: "file_prefix", .. })
+            Err(ConnectorError::InvalidOption {
+                option: "file_prefix",
+                ..
+            })
         ));
     }
 
@@ -669,7 +730,10 @@ mod tests {
         options.max_rows_per_file = 0;
         assert!(matches!(
             options.validate(),
-            Err(ConnectorError::InvalidOption { option: "max_rows_per_file", .. })
+            Err(ConnectorError::InvalidOption {
+                option: "max_rows_per_file",
+                ..
+            })
         ));
     }
 }

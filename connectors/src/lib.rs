@@ -7,8 +7,8 @@
 //! * [`archive`] writes [`AttemptRow`](hookflow_schemas::AttemptRow)s to zstd-compressed Parquet
 //!   files partitioned by day, and reads them back.
 //!
-//! Nothing here knows about timely: callers pass the current time in (`now_ms`) and decide when
-//! to poll, append, roll and close. Every fallible call returns [`ConnectorError`].
+//! No type here depends on timely. Callers pass the current time in (`now_ms`) and decide when to
+//! poll, append, roll and close. Every fallible call returns [`ConnectorError`].
 
 #![warn(missing_docs)]
 
@@ -87,7 +87,7 @@ pub enum ConnectorError {
     CorruptLog {
         /// The SQLite database file.
         path: PathBuf,
-        /// What was found, with the offending value.
+        /// Description of the inconsistency, with the offending value.
         detail: String,
     },
 
@@ -150,14 +150,14 @@ pub enum ConnectorError {
     },
 
     /// An archive file lacks a column of the attempt schema, stores it with another type, or
-    /// holds a value that does not fit an attempt row.
+    /// contains a value that does not fit an attempt row.
     #[error("archive file {} is not a readable attempt file: column {column} {problem}", path.display())]
     InvalidArchiveColumn {
         /// The Parquet file.
         path: PathBuf,
         /// The column's name.
         column: &'static str,
-        /// What is wrong, with the offending type or row ("is missing").
+        /// Description of the problem, with the offending type or row ("is missing").
         problem: String,
     },
 }

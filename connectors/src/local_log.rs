@@ -121,7 +121,7 @@ impl Default for LocalLogOptions {
 ///
 /// Open one `LocalLog` per thread that reads or appends. Connections in any number of
 /// processes on the same machine may use the log at once. Appends are serialized by SQLite's
-/// write lock, and reads never wait for an append.
+/// write lock. In WAL mode, a read does not wait for an append in progress.
 #[derive(Debug)]
 pub struct LocalLog {
     connection: Connection,
@@ -137,10 +137,12 @@ impl LocalLog {
     ///
     /// # Errors
     ///
-    /// Fails if `options.partitions` is outside 1 to [`MAX_PARTITIONS`], if the directory or
-    /// database cannot be created or opened, if another connection holds the write lock for
-    /// more than 5 s, if the file system does not support WAL mode, or if the log has another
-    /// format version or inconsistent metadata.
+    /// Fails if
+    /// * `options.partitions` is outside 1 to [`MAX_PARTITIONS`],
+    /// * the directory or the database cannot be created or opened,
+    /// * another connection keeps the write lock for more than 5 s,
+    /// * SQLite cannot use WAL mode on the file system,
+    /// * or the log has another format version or inconsistent metadata.
     pub fn open(data_dir: &Path, options: &LocalLogOptions) -> Result<Self, ConnectorError> {
         if options.partitions == 0 || options.partitions > MAX_PARTITIONS {
             return Err(ConnectorError::InvalidOption {
@@ -168,7 +170,7 @@ impl LocalLog {
                 path = %path.display(),
                 stored_partitions = partitions,
                 requested_partitions = options.partitions,
-                "local log keeps the partition count it was created with"
+                "Ignored the requested partition count, because the local log keeps the count it was created with."
             );
         }
         Ok(Self {
@@ -227,8 +229,12 @@ impl LocalLog {
         // The next offset of each partition this batch touches.
         let mut next_offsets: BTreeMap<u32, i64> = BTreeMap::new();
         {
-            let mut select_head = transaction.prepare_cached(SELECT_HEAD).map_err(sqlite_error)?;
-            let mut insert = transaction.prepare_cached(INSERT_RECORD).map_err(sqlite_error)?;
+            let mut select_head = transaction
+                .prepare_cached(SELECT_HEAD)
+                .map_err(sqlite_error)?;
+            let mut insert = transaction
+                .prepare_cached(INSERT_RECORD)
+                .map_err(sqlite_error)?;
             for (key, value) in records {
                 let partition = partition_for_key(key, self.partitions);
                 let next_offset = match next_offsets.entry(partition) {
@@ -240,10 +246,13 @@ impl LocalLog {
                         entry.insert(head)
                     }
                 };
-                let offset = u64::try_from(*next_offset).map_err(|_| ConnectorError::CorruptLog {
-                    path: self.path.clone(),
-                    detail: format!("partition {partition} has negative next offset {next_offset}"),
-                })?;
+                let offset =
+                    u64::try_from(*next_offset).map_err(|_| ConnectorError::CorruptLog {
+                        path: self.path.clone(),
+                        detail: format!(
+                            "partition {partition} has negative next offset {next_offset}"
+                        ),
+                    })?;
                 insert
                     .execute(params![partition, *next_offset, key, value, appended_at_ms])
                     .map_err(sqlite_error)?;
@@ -251,7 +260,9 @@ impl LocalLog {
                 positions.push((partition, offset));
             }
 
-            let mut update_head = transaction.prepare_cached(UPDATE_HEAD).map_err(sqlite_error)?;
+            let mut update_head = transaction
+                .prepare_cached(UPDATE_HEAD)
+                .map_err(sqlite_error)?;
             for (partition, next_offset) in &next_offsets {
                 update_head
                     .execute(params![partition, next_offset])
@@ -260,7 +271,7 @@ impl LocalLog {
         }
         transaction.commit().map_err(sqlite_error)?;
 
-        debug!(path = %self.path.display(), records = records.len(), "appended to local log");
+        debug!(path = %self.path.display(), records = records.len(), "Appended records to the local log.");
         Ok(positions)
     }
 
@@ -374,7 +385,7 @@ pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
     (fnv1a_64(key) % u64::from(partitions)) as u32
 }
 
-/// The 64-bit FNV-1a hash, with the offset basis and prime of the FNV specification.
+/// Computes the 64-bit FNV-1a hash of `bytes`.
 fn fnv1a_64(bytes: &[u8]) -> u64 {
     const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
@@ -449,7 +460,9 @@ fn initialize(
         .map_err(sqlite_error)?;
 
     if !has_meta {
-        transaction.execute_batch(CREATE_TABLES).map_err(sqlite_error)?;
+        transaction
+            .execute_batch(CREATE_TABLES)
+            .map_err(sqlite_error)?;
         transaction
             .execute(
                 "INSERT INTO meta (key, value) VALUES ('format_version', ?1), ('partitions', ?2)",
@@ -467,14 +480,16 @@ fn initialize(
         info!(
             path = %path.display(),
             partitions = requested_partitions,
-            "created local log"
+            "Created the local log."
         );
         return Ok(requested_partitions);
     }
 
     let read_meta = |key: &str| -> Result<Option<i64>, ConnectorError> {
         transaction
-            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |row| row.get(0))
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |row| {
+                row.get(0)
+            })
             .optional()
             .map_err(sqlite_error)
     };
@@ -492,7 +507,11 @@ fn initialize(
     let partitions = u32::try_from(stored)
         .ok()
         .filter(|count| (1..=MAX_PARTITIONS).contains(count))
-        .ok_or_else(|| corrupt(format!("stored partition count {stored} is outside 1 to {MAX_PARTITIONS}")))?;
+        .ok_or_else(|| {
+            corrupt(format!(
+                "stored partition count {stored} is outside 1 to {MAX_PARTITIONS}"
+            ))
+        })?;
     let heads: i64 = transaction
         .query_row("SELECT COUNT(*) FROM partition_heads", [], |row| row.get(0))
         .map_err(sqlite_error)?;
@@ -502,7 +521,7 @@ fn initialize(
         )));
     }
     transaction.commit().map_err(sqlite_error)?;
-    debug!(path = %path.display(), partitions, "opened local log");
+    debug!(path = %path.display(), partitions, "Opened the local log.");
     Ok(partitions)
 }
 
@@ -521,7 +540,13 @@ mod tests {
     #[test]
     fn partition_for_key_is_hash_modulo_count() {
         assert_eq!(partition_for_key(b"foobar", 1), 0);
-        assert_eq!(partition_for_key(b"a", 4), (0xaf63_dc4c_8601_ec8c_u64 % 4) as u32);
-        assert_eq!(partition_for_key(b"a", 7), (0xaf63_dc4c_8601_ec8c_u64 % 7) as u32);
+        assert_eq!(
+            partition_for_key(b"a", 4),
+            (0xaf63_dc4c_8601_ec8c_u64 % 4) as u32
+        );
+        assert_eq!(
+            partition_for_key(b"a", 7),
+            (0xaf63_dc4c_8601_ec8c_u64 % 7) as u32
+        );
     }
 }

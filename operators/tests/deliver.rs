@@ -1,7 +1,7 @@
 //! Delivery tests against real HTTP receivers on 127.0.0.1 ephemeral ports.
 //!
-//! Every receiver is started by the test that uses it, sees a bounded number of requests,
-//! and stops with the test's runtime. Names other than `localhost` are resolved by a fixed
+//! Every receiver is started by the test that uses it, receives a bounded number of
+//! requests, and stops with the test's runtime. Names other than `localhost` are resolved by a fixed
 //! table, never by the system resolver.
 
 mod support;
@@ -20,7 +20,7 @@ use hookflow_schemas::{ErrorKind, Outcome};
 
 use support::*;
 
-/// A receiver that records every request to any path and answers 204.
+/// Starts a receiver that records every request to any path and responds with 204.
 async fn recording_receiver() -> (Recorder, std::net::SocketAddr) {
     let recorder = Recorder::default();
     let handler_recorder = recorder.clone();
@@ -299,8 +299,8 @@ mod responses {
             "{}",
             result.response_bytes_read
         );
-        // hyper hands over at most its read buffer (about 400 KiB) per chunk, so the read
-        // stops within one such chunk past the cap.
+        // hyper 1.x hands over at most its read buffer per chunk (DEFAULT_MAX_BUFFER_SIZE,
+        // 408 KiB), so the read stops within one such chunk past the cap.
         assert!(
             result.response_bytes_read < 64 * 1024 + 512 * 1024,
             "read {} bytes of a {BODY_BYTES}-byte body",
@@ -318,11 +318,11 @@ mod failures {
             .await
             .expect("bind");
         let address = listener.local_addr().expect("local address");
-        // Accept connections and hold them open without reading or answering.
+        // Accept connections and keep them open without reading or responding.
         tokio::spawn(async move {
-            let mut held = Vec::new();
+            let mut open_sockets = Vec::new();
             while let Ok((socket, _)) = listener.accept().await {
-                held.push(socket);
+                open_sockets.push(socket);
             }
         });
         let mut endpoint = endpoint("ep_silent", &format!("http://{address}/"));
@@ -468,12 +468,15 @@ mod addresses {
         let delivery = delivery("ep_name", "evt_name", b"{}");
         let resolver = Arc::new(FixedResolver::with("hooks.example.test", &["127.0.0.1:0"]));
 
-        let refusing = ClientConfig {
+        let default_policy_client = ClientConfig {
             resolver: Some(resolver.clone()),
             ..ClientConfig::default()
         };
-        let refusing = DeliveryClient::new(refusing).expect("client builds");
-        let result = refusing.attempt(&endpoint, &delivery, &WallClock).await;
+        let default_policy_client =
+            DeliveryClient::new(default_policy_client).expect("client builds");
+        let result = default_policy_client
+            .attempt(&endpoint, &delivery, &WallClock)
+            .await;
         assert_eq!(
             result.verdict.error_kind,
             Some(ErrorKind::Refused),
@@ -482,13 +485,16 @@ mod addresses {
         );
         assert_eq!(recorder.count(), 0, "a refused address was contacted");
 
-        let allowing = ClientConfig {
+        let loopback_policy_client = ClientConfig {
             address_policy: loopback_policy(),
             resolver: Some(resolver),
             ..ClientConfig::default()
         };
-        let allowing = DeliveryClient::new(allowing).expect("client builds");
-        let result = allowing.attempt(&endpoint, &delivery, &WallClock).await;
+        let loopback_policy_client =
+            DeliveryClient::new(loopback_policy_client).expect("client builds");
+        let result = loopback_policy_client
+            .attempt(&endpoint, &delivery, &WallClock)
+            .await;
         assert_eq!(
             result.verdict.outcome,
             Outcome::Delivered,
@@ -634,7 +640,7 @@ mod operator {
         total: usize,
     }
 
-    /// A receiver that answers 200 after `delay`, tracking concurrency per path.
+    /// Starts a receiver that responds with 200 after `delay`, tracking concurrency per path.
     async fn slow_receiver(delay: Duration) -> (Arc<Mutex<Concurrency>>, std::net::SocketAddr) {
         let concurrency = Arc::new(Mutex::new(Concurrency::default()));
         let tracked = Arc::clone(&concurrency);
@@ -819,13 +825,13 @@ mod operator {
                 .map(|(_, row)| row)
                 .find(|row| row.event_id.as_deref() == Some(id))
         };
-        let gone = row_of("evt_gone_250").expect("row for the unknown endpoint");
-        assert_eq!(gone.outcome, "dead_lettered");
-        assert_eq!(gone.error_kind.as_deref(), Some("unknown_endpoint"));
-        let off = row_of("evt_off_300").expect("row for the disabled endpoint");
-        assert_eq!(off.outcome, "dead_lettered");
-        assert_eq!(off.error_kind.as_deref(), Some(ENDPOINT_DISABLED));
-        assert!(off
+        let unknown_row = row_of("evt_gone_250").expect("row for the unknown endpoint");
+        assert_eq!(unknown_row.outcome, "dead_lettered");
+        assert_eq!(unknown_row.error_kind.as_deref(), Some("unknown_endpoint"));
+        let disabled_row = row_of("evt_off_300").expect("row for the disabled endpoint");
+        assert_eq!(disabled_row.outcome, "dead_lettered");
+        assert_eq!(disabled_row.error_kind.as_deref(), Some(ENDPOINT_DISABLED));
+        assert!(disabled_row
             .error_message
             .as_deref()
             .unwrap_or_default()

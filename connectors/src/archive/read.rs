@@ -43,8 +43,8 @@ pub fn list_archive_files(dir: &Path) -> Result<Vec<PathBuf>, ConnectorError> {
 /// # Errors
 ///
 /// Fails if `dir` cannot be listed or a file cannot be read. Fails, naming the file and the
-/// column, if a column is missing, has another type, holds a null where the row requires a
-/// value, or holds a time before 1970.
+/// column, if a column is missing, has another type, contains a null where the row requires
+/// a value, or contains a time before 1970.
 pub fn read_attempts(dir: &Path) -> Result<Vec<AttemptRow>, ConnectorError> {
     let schema = attempt_schema();
     let mut rows = Vec::new();
@@ -122,8 +122,7 @@ fn read_file(
     Ok(())
 }
 
-/// One record batch of an archive file, with what its errors need to name the offending file
-/// and row.
+/// One record batch of an archive file, with the file path and row index that its errors name.
 struct BatchColumns<'a> {
     path: &'a Path,
     schema: &'a SchemaRef,
@@ -239,7 +238,10 @@ impl<'a> BatchColumns<'a> {
         value.ok_or_else(|| ConnectorError::InvalidArchiveColumn {
             path: self.path.to_path_buf(),
             column,
-            problem: format!("is null in row {}, but an attempt row requires a value", self.first_row + row),
+            problem: format!(
+                "is null in row {}, but an attempt row requires a value",
+                self.first_row + row
+            ),
         })
     }
 
@@ -259,7 +261,7 @@ impl<'a> BatchColumns<'a> {
                 path: self.path.to_path_buf(),
                 column,
                 problem: format!(
-                    "holds {value} ms in row {}, a time before 1970",
+                    "contains {value} ms in row {}, a time before 1970",
                     self.first_row + row
                 ),
             })

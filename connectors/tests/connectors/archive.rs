@@ -147,7 +147,7 @@ fn round_trip_of_varied_rows_is_exact() -> TestResult {
 }
 
 #[test]
-fn rows_of_two_days_land_in_two_date_directories() -> TestResult {
+fn rows_split_by_finished_day() -> TestResult {
     let dir = tempfile::tempdir()?;
     let day_one = varied_rows(10, DAY_ONE_MS + 86_399_990);
     let day_two = varied_rows(10, DAY_TWO_MS);
@@ -161,7 +161,10 @@ fn rows_of_two_days_land_in_two_date_directories() -> TestResult {
     writer.append(&interleaved, DAY_ONE_MS)?;
     let completed = writer.close()?;
 
-    assert_eq!(entry_names(dir.path())?, vec!["date=2024-05-01", "date=2024-05-02"]);
+    assert_eq!(
+        entry_names(dir.path())?,
+        vec!["date=2024-05-01", "date=2024-05-02"]
+    );
     assert_eq!(completed.len(), 2);
     assert_eq!(read_attempts(&dir.path().join("date=2024-05-01"))?, day_one);
     assert_eq!(read_attempts(&dir.path().join("date=2024-05-02"))?, day_two);
@@ -179,7 +182,11 @@ fn rolling_by_row_count_splits_files() -> TestResult {
     let mut writer = ArchiveWriter::new(options, DAY_ONE_MS)?;
 
     writer.append(&rows, DAY_ONE_MS)?;
-    assert_eq!(writer.files_completed(), 3, "full files are completed by the append");
+    assert_eq!(
+        writer.files_completed(),
+        3,
+        "full files are completed by the append"
+    );
     let completed = writer.close()?;
 
     assert_eq!(completed.len(), 1);
@@ -237,7 +244,10 @@ fn open_file_is_hidden_until_complete() -> TestResult {
     assert!(list_archive_files(dir.path())?.is_empty());
     assert!(read_attempts(dir.path())?.is_empty());
 
-    assert!(writer.roll_due(DAY_ONE_MS + 60_999)?.is_empty(), "the file is not old enough yet");
+    assert!(
+        writer.roll_due(DAY_ONE_MS + 60_999)?.is_empty(),
+        "the file is not old enough yet"
+    );
     let completed = writer.roll_due(DAY_ONE_MS + 61_000)?;
 
     let final_name = format!("attempts-w0-{DAY_ONE_MS}-000001.parquet");
@@ -273,7 +283,11 @@ fn file_metadata_carries_schema_version() -> TestResult {
 
     let metadata = file_metadata(&completed[0])?;
 
-    let key_values = metadata.file_metadata().key_value_metadata().cloned().unwrap_or_default();
+    let key_values = metadata
+        .file_metadata()
+        .key_value_metadata()
+        .cloned()
+        .unwrap_or_default();
     let version = key_values
         .iter()
         .find(|key_value| key_value.key == "hookflow.attempt_schema_version")
@@ -330,7 +344,7 @@ fn restarted_writer_uses_new_file_names() -> TestResult {
 }
 
 #[test]
-fn new_writer_deletes_only_its_own_stale_temp_files() -> TestResult {
+fn new_writer_removes_own_stale_temp_files() -> TestResult {
     let dir = tempfile::tempdir()?;
     let partition = dir.path().join("date=2024-05-01");
     fs::create_dir_all(&partition)?;
@@ -343,10 +357,47 @@ fn new_writer_deletes_only_its_own_stale_temp_files() -> TestResult {
 
     let writer = ArchiveWriter::new(options(dir.path()), DAY_ONE_MS)?;
 
-    assert!(!own.exists(), "the stale temporary file of w0 is still there");
+    assert!(
+        !own.exists(),
+        "the stale temporary file of w0 is still there"
+    );
     assert!(other.exists(), "the temporary file of w1 was deleted");
-    assert!(unrelated.exists(), "a file that is not a temporary archive file was deleted");
+    assert!(
+        unrelated.exists(),
+        "a file that is not a temporary archive file was deleted"
+    );
     drop(writer);
+    Ok(())
+}
+
+#[test]
+fn failed_completion_discards_file() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut writer = ArchiveWriter::new(options(dir.path()), DAY_ONE_MS)?;
+    writer.append(&varied_rows(5, DAY_ONE_MS), DAY_ONE_MS)?;
+    // A directory with the file's final name makes the rename fail.
+    let partition = dir.path().join("date=2024-05-01");
+    let final_path = partition.join(format!("attempts-w0-{DAY_ONE_MS}-000001.parquet"));
+    fs::create_dir(&final_path)?;
+
+    let result = writer.close();
+
+    let Err(ConnectorError::Io { path, .. }) = result else {
+        panic!("closing onto a directory returned {result:?}");
+    };
+    assert_eq!(path, final_path);
+    assert_eq!(writer.rows_written(), 0);
+    assert_eq!(writer.files_completed(), 0);
+    let names = entry_names(&partition)?;
+    assert_eq!(
+        names,
+        vec![format!("attempts-w0-{DAY_ONE_MS}-000001.parquet")]
+    );
+    assert!(
+        final_path.is_dir(),
+        "the temporary file replaced the directory"
+    );
+    assert!(writer.close()?.is_empty());
     Ok(())
 }
 
@@ -377,7 +428,13 @@ fn invalid_file_prefix_rejected() -> TestResult {
     for prefix in ["", "w0/x", "w-0", "../w0"] {
         let result = ArchiveWriter::new(ArchiveOptions::new(dir.path(), prefix), DAY_ONE_MS);
         assert!(
-            matches!(result, Err(ConnectorError::InvalidOption { option: "file_prefix", .. })),
+            matches!(
+                result,
+                Err(ConnectorError::InvalidOption {
+                    option: "file_prefix",
+                    ..
+                })
+            ),
             "prefix {prefix:?} was accepted"
         );
     }
@@ -385,7 +442,11 @@ fn invalid_file_prefix_rejected() -> TestResult {
 }
 
 /// Writes `batch` to `dir/name` with parquet's default settings.
-fn write_foreign_file(dir: &Path, name: &str, batch: &RecordBatch) -> Result<PathBuf, Box<dyn std::error::Error>> {
+fn write_foreign_file(
+    dir: &Path,
+    name: &str,
+    batch: &RecordBatch,
+) -> Result<PathBuf, Box<dyn std::error::Error>> {
     let path = dir.join(name);
     let mut writer = ArrowWriter::try_new(File::create(&path)?, batch.schema(), None)?;
     writer.write(batch)?;
@@ -408,13 +469,21 @@ fn read_names_file_with_missing_column() -> TestResult {
         panic!("a file without the outcome column was read");
     };
 
-    let ConnectorError::InvalidArchiveColumn { path: reported, column, problem } = &err else {
+    let ConnectorError::InvalidArchiveColumn {
+        path: reported,
+        column,
+        problem,
+    } = &err
+    else {
         panic!("unexpected error: {err}");
     };
     assert_eq!(reported, &path);
     assert_eq!(*column, "outcome");
     assert_eq!(problem, "is missing");
-    assert!(err.to_string().contains(&path.display().to_string()), "message: {err}");
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "message: {err}"
+    );
     Ok(())
 }
 
@@ -423,7 +492,11 @@ fn read_names_file_with_wrong_column_type() -> TestResult {
     let dir = tempfile::tempdir()?;
     let full = attempts_to_record_batch(&varied_rows(3, DAY_ONE_MS))?;
     let schema = full.schema();
-    let mut fields: Vec<Field> = schema.fields().iter().map(|field| field.as_ref().clone()).collect();
+    let mut fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|field| field.as_ref().clone())
+        .collect();
     let mut columns: Vec<ArrayRef> = full.columns().to_vec();
     let Some(index) = fields.iter().position(|field| field.name() == "generation") else {
         panic!("the attempt schema has no generation column");
@@ -437,7 +510,12 @@ fn read_names_file_with_wrong_column_type() -> TestResult {
         panic!("a file with an Int64 generation column was read");
     };
 
-    let ConnectorError::InvalidArchiveColumn { path: reported, column, problem } = &err else {
+    let ConnectorError::InvalidArchiveColumn {
+        path: reported,
+        column,
+        problem,
+    } = &err
+    else {
         panic!("unexpected error: {err}");
     };
     assert_eq!(reported, &path);

@@ -67,11 +67,18 @@ fn poll_once(
         let next = &mut next_offsets[partition as usize];
         for record in reader.read(partition, *next, 64)? {
             assert_eq!(record.partition, partition);
-            assert_eq!(record.offset, *next, "partition {partition} skipped or repeated an offset");
+            assert_eq!(
+                record.offset, *next,
+                "partition {partition} skipped or repeated an offset"
+            );
             *next += 1;
             read += 1;
             let previous = seen.insert((partition, record.offset), record.value);
-            assert!(previous.is_none(), "read ({partition}, {}) twice", record.offset);
+            assert!(
+                previous.is_none(),
+                "read ({partition}, {}) twice",
+                record.offset
+            );
         }
     }
     Ok(read)
@@ -123,7 +130,10 @@ fn read_honors_offset_and_limit() -> TestResult {
     let dir = tempfile::tempdir()?;
     let mut log = open(dir.path(), 1)?;
     let values: Vec<Vec<u8>> = (0..10).map(|i| format!("v{i}").into_bytes()).collect();
-    let records: Vec<(&[u8], &[u8])> = values.iter().map(|v| (&b"acme"[..], v.as_slice())).collect();
+    let records: Vec<(&[u8], &[u8])> = values
+        .iter()
+        .map(|v| (&b"acme"[..], v.as_slice()))
+        .collect();
     log.append(&records, NOW_MS)?;
 
     let page = log.read(0, 4, 3)?;
@@ -145,12 +155,18 @@ fn read_rejects_unknown_partition() -> TestResult {
     let read = log.read(4, 0, 1);
     assert!(matches!(
         read,
-        Err(ConnectorError::PartitionOutOfRange { partition: 4, partitions: 4 })
+        Err(ConnectorError::PartitionOutOfRange {
+            partition: 4,
+            partitions: 4
+        })
     ));
     let end = log.end_offset(7);
     assert!(matches!(
         end,
-        Err(ConnectorError::PartitionOutOfRange { partition: 7, partitions: 4 })
+        Err(ConnectorError::PartitionOutOfRange {
+            partition: 7,
+            partitions: 4
+        })
     ));
     Ok(())
 }
@@ -200,7 +216,10 @@ fn partition_for_key_is_stable() -> TestResult {
     assert_eq!(four.partition_for_key(b"globex"), 2);
     assert_eq!(hookflow_connectors::partition_for_key(b"tenant-a", 4), 3);
     for tenant in TENANTS {
-        assert_eq!(four.partition_for_key(tenant.as_bytes()), four.partition_for_key(tenant.as_bytes()));
+        assert_eq!(
+            four.partition_for_key(tenant.as_bytes()),
+            four.partition_for_key(tenant.as_bytes())
+        );
     }
     Ok(())
 }
@@ -245,7 +264,10 @@ fn zero_partitions_rejected() {
     let result = open(dir.path(), 0);
     assert!(matches!(
         result,
-        Err(ConnectorError::InvalidOption { option: "partitions", .. })
+        Err(ConnectorError::InvalidOption {
+            option: "partitions",
+            ..
+        })
     ));
 }
 
@@ -274,8 +296,15 @@ fn concurrent_open_creates_log_once() -> TestResult {
         counts.push(result?);
     }
 
-    assert!(requested.contains(&counts[0]), "count {} was never requested", counts[0]);
-    assert!(counts.iter().all(|count| *count == counts[0]), "counts differ: {counts:?}");
+    assert!(
+        requested.contains(&counts[0]),
+        "count {} was never requested",
+        counts[0]
+    );
+    assert!(
+        counts.iter().all(|count| *count == counts[0]),
+        "counts differ: {counts:?}"
+    );
     Ok(())
 }
 
@@ -284,16 +313,29 @@ fn unknown_format_version_rejected() -> TestResult {
     let dir = tempfile::tempdir()?;
     let path = open(dir.path(), 4)?.path().to_path_buf();
     let raw = rusqlite::Connection::open(&path)?;
-    raw.execute("UPDATE meta SET value = 99 WHERE key = 'format_version'", [])?;
+    raw.execute(
+        "UPDATE meta SET value = 99 WHERE key = 'format_version'",
+        [],
+    )?;
     drop(raw);
 
     let Err(err) = open(dir.path(), 4) else {
         panic!("a log with format version 99 was opened");
     };
 
-    assert!(matches!(err, ConnectorError::UnsupportedLogVersion { found: 99, supported: 1, .. }));
+    assert!(matches!(
+        err,
+        ConnectorError::UnsupportedLogVersion {
+            found: 99,
+            supported: 1,
+            ..
+        }
+    ));
     let message = err.to_string();
-    assert!(message.contains(&path.display().to_string()), "message: {message}");
+    assert!(
+        message.contains(&path.display().to_string()),
+        "message: {message}"
+    );
     assert!(message.contains("99"), "message: {message}");
     Ok(())
 }
@@ -326,10 +368,20 @@ fn append_is_all_or_nothing() -> TestResult {
         NOW_MS,
     );
 
-    assert!(matches!(result, Err(ConnectorError::Sqlite { .. })), "result: {result:?}");
+    assert!(
+        matches!(result, Err(ConnectorError::Sqlite { .. })),
+        "result: {result:?}"
+    );
     for partition in 0..4 {
-        assert_eq!(log.end_offset(partition)?, 0, "end offset of partition {partition}");
-        assert!(log.read(partition, 0, 10)?.is_empty(), "records of partition {partition}");
+        assert_eq!(
+            log.end_offset(partition)?,
+            0,
+            "end offset of partition {partition}"
+        );
+        assert!(
+            log.read(partition, 0, 10)?.is_empty(),
+            "records of partition {partition}"
+        );
     }
 
     raw.execute_batch("DROP TRIGGER reject_poison")?;
@@ -361,13 +413,24 @@ fn reader_never_sees_partial_append() -> TestResult {
         let finished = appender.is_finished();
         let end = reader.end_offset(partition)?;
         observed.push(end);
-        assert_eq!(end % BATCH as u64, 0, "the reader saw {end} records, part of an append");
+        assert_eq!(
+            end % BATCH as u64,
+            0,
+            "the reader saw {end} records, part of an append"
+        );
         let read = read_all(&mut reader, partition)?.len() as u64;
-        assert_eq!(read % BATCH as u64, 0, "the reader read {read} records, part of an append");
+        assert_eq!(
+            read % BATCH as u64,
+            0,
+            "the reader read {read} records, part of an append"
+        );
         if finished {
             break;
         }
-        assert!(started.elapsed() < DEADLINE, "the writer did not finish in time");
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the writer did not finish in time"
+        );
     }
 
     let Ok(result) = appender.join() else {
@@ -390,31 +453,33 @@ fn concurrent_reader_sees_every_record_once() -> TestResult {
     let start = Arc::new(Barrier::new(2));
 
     let writer_start = Arc::clone(&start);
-    let appender = thread::spawn(move || -> Result<BTreeMap<(u32, u64), Vec<u8>>, ConnectorError> {
-        let mut random = Xorshift(42);
-        let mut placed = BTreeMap::new();
-        let mut sequence = 0;
-        writer_start.wait();
-        while sequence < RECORDS {
-            let size = (1 + random.below(40)).min(RECORDS - sequence);
-            let batch: Vec<(String, Vec<u8>)> = (sequence..sequence + size)
-                .map(|seq| {
-                    let tenant = TENANTS[random.below(TENANTS.len())];
-                    (tenant.to_string(), format!("{tenant}:{seq}").into_bytes())
-                })
-                .collect();
-            let records: Vec<(&[u8], &[u8])> = batch
-                .iter()
-                .map(|(key, value)| (key.as_bytes(), value.as_slice()))
-                .collect();
-            let positions = writer.append(&records, NOW_MS + sequence as u64)?;
-            for (position, (_, value)) in positions.into_iter().zip(batch) {
-                placed.insert(position, value);
+    let appender = thread::spawn(
+        move || -> Result<BTreeMap<(u32, u64), Vec<u8>>, ConnectorError> {
+            let mut random = Xorshift(42);
+            let mut placed = BTreeMap::new();
+            let mut sequence = 0;
+            writer_start.wait();
+            while sequence < RECORDS {
+                let size = (1 + random.below(40)).min(RECORDS - sequence);
+                let batch: Vec<(String, Vec<u8>)> = (sequence..sequence + size)
+                    .map(|seq| {
+                        let tenant = TENANTS[random.below(TENANTS.len())];
+                        (tenant.to_string(), format!("{tenant}:{seq}").into_bytes())
+                    })
+                    .collect();
+                let records: Vec<(&[u8], &[u8])> = batch
+                    .iter()
+                    .map(|(key, value)| (key.as_bytes(), value.as_slice()))
+                    .collect();
+                let positions = writer.append(&records, NOW_MS + sequence as u64)?;
+                for (position, (_, value)) in positions.into_iter().zip(batch) {
+                    placed.insert(position, value);
+                }
+                sequence += size;
             }
-            sequence += size;
-        }
-        Ok(placed)
-    });
+            Ok(placed)
+        },
+    );
 
     let mut next_offsets = vec![0; 4];
     let mut seen = BTreeMap::new();
@@ -426,7 +491,10 @@ fn concurrent_reader_sees_every_record_once() -> TestResult {
         if finished && poll_once(&mut reader, &mut next_offsets, &mut seen)? == 0 {
             break;
         }
-        assert!(started.elapsed() < DEADLINE, "the writer did not finish in time");
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the writer did not finish in time"
+        );
     }
     let Ok(placed) = appender.join() else {
         panic!("the writer thread panicked");
@@ -437,7 +505,10 @@ fn concurrent_reader_sees_every_record_once() -> TestResult {
     assert_eq!(seen.len(), RECORDS);
     assert_eq!(seen, placed);
     for partition in 0..4 {
-        assert_eq!(reader.end_offset(partition)?, next_offsets[partition as usize]);
+        assert_eq!(
+            reader.end_offset(partition)?,
+            next_offsets[partition as usize]
+        );
     }
     // Within a partition, the records of each tenant keep the writer's order.
     let mut last_sequence: BTreeMap<String, usize> = BTreeMap::new();
@@ -448,7 +519,10 @@ fn concurrent_reader_sees_every_record_once() -> TestResult {
         };
         let sequence: usize = sequence.parse()?;
         if let Some(previous) = last_sequence.insert(tenant.to_string(), sequence) {
-            assert!(previous < sequence, "{tenant}: {sequence} was read after {previous}");
+            assert!(
+                previous < sequence,
+                "{tenant}: {sequence} was read after {previous}"
+            );
         }
     }
     Ok(())
@@ -486,7 +560,12 @@ fn child_process_appends_are_read() -> TestResult {
     let dir = tempfile::tempdir()?;
     // The child starts before this process opens the log, so both may try to create it.
     let mut child = Command::new(std::env::current_exe()?)
-        .args(["--exact", "local_log::child_writer_process", "--ignored", "--test-threads=1"])
+        .args([
+            "--exact",
+            "local_log::child_writer_process",
+            "--ignored",
+            "--test-threads=1",
+        ])
         .env(CHILD_LOG_DIR, dir.path())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -523,7 +602,9 @@ fn child_process_appends_are_read() -> TestResult {
         };
         assert_eq!(*partition, reader.partition_for_key(tenant.as_bytes()));
         let sequence: usize = sequence.parse()?;
-        let next = expected_next.entry(tenant).or_insert(TENANTS.iter().position(|t| t == tenant).unwrap_or(0));
+        let next = expected_next
+            .entry(tenant)
+            .or_insert(TENANTS.iter().position(|t| t == tenant).unwrap_or(0));
         assert_eq!(sequence, *next, "records of {tenant} out of order");
         *next += 3;
     }
@@ -534,8 +615,12 @@ fn child_process_appends_are_read() -> TestResult {
 fn reopen_keeps_records() -> TestResult {
     let dir = tempfile::tempdir()?;
     let mut log = open(dir.path(), 4)?;
-    let keys: Vec<String> = (0..100).map(|i| TENANTS[i % TENANTS.len()].to_string()).collect();
-    let values: Vec<Vec<u8>> = (0..100).map(|i| format!("value {i}").into_bytes()).collect();
+    let keys: Vec<String> = (0..100)
+        .map(|i| TENANTS[i % TENANTS.len()].to_string())
+        .collect();
+    let values: Vec<Vec<u8>> = (0..100)
+        .map(|i| format!("value {i}").into_bytes())
+        .collect();
     let records: Vec<(&[u8], &[u8])> = keys
         .iter()
         .zip(&values)
@@ -550,8 +635,14 @@ fn reopen_keeps_records() -> TestResult {
     let mut reopened = open(dir.path(), 4)?;
 
     for partition in 0..4 {
-        assert_eq!(read_all(&mut reopened, partition)?, before[partition as usize]);
-        assert_eq!(reopened.end_offset(partition)?, before[partition as usize].len() as u64);
+        assert_eq!(
+            read_all(&mut reopened, partition)?,
+            before[partition as usize]
+        );
+        assert_eq!(
+            reopened.end_offset(partition)?,
+            before[partition as usize].len() as u64
+        );
     }
     let total: usize = before.iter().map(Vec::len).sum();
     assert_eq!(total, 100);

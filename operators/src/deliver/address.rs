@@ -41,7 +41,7 @@ pub enum RefusedRange {
 }
 
 impl RefusedRange {
-    /// A short name for the range, as used in error messages.
+    /// Returns a short name for the range, as used in error messages.
     pub fn as_str(self) -> &'static str {
         match self {
             RefusedRange::Unspecified => "unspecified",

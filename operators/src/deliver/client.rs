@@ -48,10 +48,10 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 /// Settings of a [`DeliveryClient`].
 #[derive(Clone)]
 pub struct ClientConfig {
-    /// Which addresses may be contacted. Rejects every address that is not globally
-    /// reachable by default.
+    /// The policy on addresses that may be contacted. The default rejects every address
+    /// that is not globally reachable.
     pub address_policy: AddressPolicy,
-    /// The most response body bytes read per attempt; the rest is discarded unread.
+    /// Maximum response body bytes read per attempt, because the rest is discarded unread.
     /// Default 64 KiB.
     pub max_response_bytes: usize,
     /// How many leading bytes of the response body the attempt row keeps. Default 1 KiB.
@@ -105,7 +105,7 @@ pub struct PolicyResolver {
 }
 
 impl PolicyResolver {
-    /// Wraps `inner` so that its answers are filtered by `policy`.
+    /// Wraps `inner` so that `policy` filters the addresses it resolves.
     pub fn new(inner: Arc<dyn Resolve>, policy: AddressPolicy) -> Self {
         PolicyResolver {
             inner,
@@ -167,11 +167,12 @@ fn permitted_addresses(
 ///
 /// # Contract
 ///
-/// * The body is the event's payload bytes, unchanged, with `content-type:
-///   application/json`, the `user-agent` [`USER_AGENT`], and the Standard Webhooks headers
-///   `webhook-id` (the event id), `webhook-timestamp` (the send time in seconds) and
-///   `webhook-signature` (one `v1,` signature per secret, separated by spaces; absent when
-///   the endpoint has no secret).
+/// * The body is the event's payload bytes, unchanged, sent with `content-type:
+///   application/json` and the `user-agent` [`USER_AGENT`].
+/// * The Standard Webhooks headers are `webhook-id` (the event id), `webhook-timestamp`
+///   (the send time in seconds) and `webhook-signature`. The signature header holds one
+///   `v1,` signature per secret, separated by spaces, and is absent when the endpoint has
+///   no secret.
 /// * Only addresses the [`AddressPolicy`] permits are contacted. Redirects are not followed,
 ///   proxies are not used.
 /// * `endpoint.timeout_ms` bounds the whole attempt, response body included;
@@ -232,7 +233,7 @@ impl DeliveryClient {
         Ok(client)
     }
 
-    /// The address policy this client enforces.
+    /// Returns the address policy this client enforces.
     pub fn address_policy(&self) -> &AddressPolicy {
         &self.inner.address_policy
     }
@@ -240,8 +241,8 @@ impl DeliveryClient {
     /// Makes one delivery attempt of `delivery` to `endpoint` and records what happened.
     ///
     /// One read of `clock` gives both the `webhook-timestamp` header and `started_at_ms`;
-    /// a second read after the outcome gives `finished_at_ms`. Never fails: every problem
-    /// becomes a classified [`AttemptResult`].
+    /// a second read after the outcome gives `finished_at_ms`. Returns no error, because
+    /// every problem becomes a classified [`AttemptResult`].
     pub async fn attempt(
         &self,
         endpoint: &Endpoint,
@@ -522,14 +523,14 @@ fn install_crypto_provider() {
     });
 }
 
-/// Why an attempt got no response, or why no request was sent.
+/// The reason an attempt got no response or sent no request.
 struct Failure {
     kind: ErrorKind,
     message: String,
 }
 
 impl Failure {
-    /// A request that could not be built.
+    /// Creates the failure of a request that could not be built.
     fn request(message: String) -> Self {
         Failure {
             kind: ErrorKind::Request,
@@ -596,14 +597,14 @@ impl ResponseSummary {
             None => format!("HTTP {}", self.status),
         };
         if !(300..400).contains(&self.status) {
-            return format!("endpoint answered {status}");
+            return format!("endpoint responded with {status}");
         }
         let target = match &self.location {
             Some(location) => format!("a redirect to `{location}`"),
             None => "a redirect without a Location header".to_string(),
         };
         format!(
-            "endpoint answered {status} with {target}; redirects are not followed, so \
+            "endpoint responded with {status} and {target}; redirects are not followed, so \
              configure the endpoint with the final URL"
         )
     }

@@ -36,7 +36,7 @@ pub enum DeliverError {
     /// A signing secret is malformed. The message never contains the secret.
     #[error("invalid signing secret: {reason}")]
     InvalidSecret {
-        /// What is wrong with the secret.
+        /// The problem with the secret.
         reason: String,
     },
     /// The endpoint's host has no address the [`AddressPolicy`] permits.
@@ -49,7 +49,7 @@ pub enum DeliverError {
         host: String,
         /// The first address rejected.
         address: IpAddr,
-        /// Why it was rejected.
+        /// The range that rejects the address.
         range: RefusedRange,
     },
     /// The endpoint's host name resolved to no address at all.

@@ -6,10 +6,10 @@
 //!
 //! State, per worker:
 //! * a FIFO queue per endpoint of deliveries waiting for a send slot, each holding a
-//!   capability at its time; an endpoint's entry is removed once its queue is empty and
-//!   nothing of it is in flight;
+//!   capability at its time. An endpoint's entry is removed once its queue is empty and
+//!   none of its requests is in flight.
 //! * a round-robin list of endpoints that have queued deliveries and a free slot, so the
-//!   worker-wide cap is shared fairly;
+//!   worker-wide cap is shared fairly.
 //! * the in-flight map from ticket to the capability of a request running on the runtime,
 //!   released when the request's row is emitted.
 //!
@@ -55,7 +55,7 @@ pub const DEFAULT_MAX_IN_FLIGHT_TOTAL: usize = 256;
 /// The `error_kind` of a delivery dead-lettered because its endpoint is disabled.
 pub const ENDPOINT_DISABLED: &str = "endpoint_disabled";
 
-/// What the deliver operator needs besides its input.
+/// The runtime, client, endpoint directory and clock the deliver operator works with.
 #[derive(Clone)]
 pub struct DeliverContext {
     /// The process's tokio runtime, shared by all workers; requests run on it.
@@ -66,7 +66,7 @@ pub struct DeliverContext {
     pub endpoints: Arc<HashMap<String, Endpoint>>,
     /// The source of "now" for the attempt rows.
     pub clock: Arc<dyn Clock>,
-    /// The most requests in flight per worker, over all endpoints. Default 256.
+    /// Maximum requests in flight per worker, over all endpoints. Default 256.
     pub max_in_flight_total: usize,
 }
 
@@ -99,6 +99,61 @@ impl fmt::Debug for DeliverContext {
 }
 
 /// Sends deliveries over HTTP.
+///
+/// # Examples
+///
+/// A delivery to an endpoint missing from the directory is dead-lettered without a request:
+///
+/// ```
+/// use std::collections::HashMap;
+/// use std::sync::{Arc, Mutex};
+///
+/// use hookflow_operators::clock::WallClock;
+/// use hookflow_operators::deliver::{ClientConfig, Deliver, DeliverContext, DeliveryClient};
+/// use hookflow_schemas::{Delivery, Event, IngestedEvent};
+/// use timely::dataflow::operators::{Input, Inspect, Probe};
+///
+/// let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+/// let client = DeliveryClient::new(ClientConfig::default()).expect("HTTP client");
+/// let directory = Arc::new(HashMap::new());
+/// let context = DeliverContext::new(runtime.handle().clone(), client, directory, Arc::new(WallClock));
+/// let event = Event {
+///     id: "evt_1".into(),
+///     tenant: "acme".into(),
+///     event_type: "charge.succeeded".into(),
+///     created_at: "2026-12-04T10:00:00Z".into(),
+///     payload: br#"{"amount":1200}"#.to_vec(),
+/// };
+/// let ingested = IngestedEvent { partition: 0, offset: 7, appended_at_ms: None, read_at_ms: 0, event };
+/// let delivery = Delivery { endpoint_id: "ep_missing".into(), generation: 0, attempt: 1, ingested };
+///
+/// let rows = timely::execute_directly(move |worker| {
+///     let rows = Arc::new(Mutex::new(Vec::new()));
+///     let sink = Arc::clone(&rows);
+///     let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
+///         let (input, deliveries) = scope.new_input::<Vec<Delivery>>();
+///         let (probe, _) = deliveries
+///             .deliver(context)
+///             .inspect(move |row| sink.lock().expect("lock").push(row.clone()))
+///             .probe();
+///         (input, probe)
+///     });
+///     input.advance_to(1_000);
+///     input.send(delivery);
+///     drop(input);
+///     while !probe.done() {
+///         worker.step_or_park(None);
+///     }
+///     let rows = rows.lock().expect("lock").clone();
+///     rows
+/// });
+///
+/// assert_eq!(rows.len(), 1);
+/// assert_eq!(rows[0].due_at_ms, 1_000);
+/// assert_eq!(rows[0].outcome, "dead_lettered");
+/// assert_eq!(rows[0].error_kind.as_deref(), Some("unknown_endpoint"));
+/// assert_eq!(rows[0].attempt, 0, "no request was made");
+/// ```
 pub trait Deliver<'scope> {
     /// Makes one attempt per delivery and emits its attempt row at the delivery's time.
     /// See the module documentation for the contract.
@@ -393,7 +448,8 @@ impl DeliverState {
     }
 }
 
-/// The row of a delivery whose endpoint left the directory between queueing and sending.
+/// Builds the row of a delivery whose endpoint left the directory between queueing and
+/// sending.
 fn vanished_endpoint_row(delivery: &Delivery, due_at_ms: Millis, now_ms: Millis) -> AttemptRow {
     let message = format!(
         "endpoint `{}` is not configured on this pipeline",
@@ -430,8 +486,8 @@ impl Drop for CompletionGuard {
             ticket: self.ticket,
             row: self.row.take(),
         };
-        // Both fail only when the operator or its worker is gone, and then nobody waits for
-        // the result.
+        // Both fail only after the operator or its worker has shut down, when no one reads the
+        // result any more.
         if self.sender.send(completion).is_ok() && self.activator.activate().is_err() {
             tracing::debug!(
                 ticket = self.ticket,

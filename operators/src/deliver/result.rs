@@ -2,10 +2,11 @@
 
 use hookflow_schemas::{AttemptRow, Delivery, ErrorKind, Millis, Outcome};
 
-/// What an attempt observed: the response status, or the reason no response arrived.
+/// The observation an attempt is classified by: the response status, or the failure that
+/// kept a response from arriving.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Observation {
-    /// The endpoint answered with this HTTP status.
+    /// The endpoint responded with this HTTP status.
     Status(u16),
     /// No response arrived, or no request was sent.
     Failure(ErrorKind),
@@ -14,9 +15,9 @@ pub enum Observation {
 /// The classification of an attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Verdict {
-    /// What happens to the delivery.
+    /// The outcome of the delivery.
     pub outcome: Outcome,
-    /// Why the attempt did not deliver; `None` when it delivered.
+    /// The reason the attempt did not deliver, or `None` when it delivered.
     pub error_kind: Option<ErrorKind>,
 }
 
@@ -71,7 +72,7 @@ pub struct AttemptResult {
     pub verdict: Verdict,
     /// The response status, when a response arrived.
     pub http_status: Option<u16>,
-    /// Why the attempt did not deliver, for a person to read.
+    /// A description of the failure for a person to read.
     pub error_message: Option<String>,
     /// The first bytes of the response body as lossy UTF-8, when a response arrived.
     pub response_snippet: Option<String>,
@@ -138,7 +139,8 @@ pub fn dead_letter_row(
     }
 }
 
-/// The columns that come from the delivery itself; attempt number 0, no request columns.
+/// Builds the columns that come from the delivery itself, with attempt number 0 and no
+/// request columns.
 fn delivery_row(delivery: &Delivery, due_at_ms: Millis) -> AttemptRow {
     let ingested = &delivery.ingested;
     AttemptRow {
@@ -163,6 +165,7 @@ mod tests {
     #[test]
     fn classify_table() {
         use ErrorKind::*;
+        #[rustfmt::skip]
         let cases = [
             (Observation::Status(200), Outcome::Delivered, None),
             (Observation::Status(204), Outcome::Delivered, None),
@@ -244,6 +247,7 @@ mod tests {
     #[test]
     fn contacted_endpoint_table() {
         use ErrorKind::*;
+        #[rustfmt::skip]
         let cases = [
             (None, true),
             (Some(HttpStatus), true),

@@ -1,5 +1,5 @@
 //! Helpers for the deliver tests: endpoints and deliveries, a recording receiver on
-//! 127.0.0.1, and a fixed resolver so no test asks the system resolver for a made-up name.
+//! 127.0.0.1, and a fixed resolver so that no test sends a made-up name to the system resolver.
 
 #![allow(dead_code)]
 
@@ -22,7 +22,7 @@ pub const SECRET: &str = "whsec_AAECAwQFBgcICQoLDA0ODxAREhMUFRYX";
 /// A second secret, as during a key rotation.
 pub const SECOND_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
-/// An enabled endpoint at `url` with one secret and generous limits.
+/// Creates an enabled endpoint at `url` with one secret and generous limits.
 pub fn endpoint(id: &str, url: &str) -> Endpoint {
     Endpoint {
         id: id.to_string(),
@@ -37,7 +37,7 @@ pub fn endpoint(id: &str, url: &str) -> Endpoint {
     }
 }
 
-/// A first-attempt delivery of event `event_id` with `payload` to `endpoint_id`.
+/// Creates the first-attempt delivery of event `event_id` with `payload` to `endpoint_id`.
 pub fn delivery(endpoint_id: &str, event_id: &str, payload: &[u8]) -> Delivery {
     Delivery {
         endpoint_id: endpoint_id.to_string(),
@@ -59,12 +59,12 @@ pub fn delivery(endpoint_id: &str, event_id: &str, payload: &[u8]) -> Delivery {
     }
 }
 
-/// A policy that permits exactly 127.0.0.1.
+/// Creates a policy that permits 127.0.0.1 besides public addresses.
 pub fn loopback_policy() -> AddressPolicy {
     AddressPolicy::new(vec!["127.0.0.1/32".parse().expect("valid CIDR")])
 }
 
-/// A client permitted to reach 127.0.0.1 and nothing else outside public addresses.
+/// Creates a client that may reach 127.0.0.1 besides public addresses.
 pub fn loopback_client() -> DeliveryClient {
     let config = ClientConfig {
         address_policy: loopback_policy(),
@@ -121,7 +121,7 @@ pub async fn serve(router: Router) -> SocketAddr {
     address
 }
 
-/// A resolver that answers from a fixed table and fails for every other name.
+/// A resolver that looks names up in a fixed table and fails for every other name.
 #[derive(Debug, Clone, Default)]
 pub struct FixedResolver {
     pub table: HashMap<String, Vec<SocketAddr>>,
