@@ -104,7 +104,7 @@ LIMIT ?3"#;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LocalLogOptions {
-    /// Number of partitions of a new log, from 1 to [`MAX_PARTITIONS`]; default 4. An existing
+    /// Number of partitions of a new log, from 1 to [`MAX_PARTITIONS`]. Default 4. An existing
     /// log keeps the count it was created with.
     pub partitions: u32,
 }

@@ -1,7 +1,8 @@
-//! The clock: the only source of "now" for the operators.
+//! The clock: the source of "now" for the operators.
 //!
-//! Production uses [`WallClock`]. Tests and simulations can substitute a virtual clock, so
-//! every time an operator records or compares comes through this trait.
+//! Production uses [`WallClock`], and tests and simulations can substitute a virtual clock.
+//! Every time an operator writes into a row comes from this trait. Request timeouts still
+//! run on tokio's timer.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -51,14 +51,22 @@ pub struct DedupIndex {
 impl DedupIndex {
     /// Creates an empty index that forgets a (tenant, id) `retention_ms` after it was first seen.
     pub fn new(retention_ms: u64) -> Self {
-        DedupIndex { retention_ms, first_seen: HashMap::new(), expiries: VecDeque::new() }
+        DedupIndex {
+            retention_ms,
+            first_seen: HashMap::new(),
+            expiries: VecDeque::new(),
+        }
     }
 
     /// Decides whether `event`, read at `now_ms`, is the first occurrence of its (tenant, id)
     /// within the window, recording it if so.
     pub fn admit(&mut self, event: &IngestedEvent, now_ms: Millis) -> bool {
         let key = (event.event.tenant.clone(), event.event.id.clone());
-        let seen = FirstSeen { at_ms: now_ms, partition: event.partition, offset: event.offset };
+        let seen = FirstSeen {
+            at_ms: now_ms,
+            partition: event.partition,
+            offset: event.offset,
+        };
 
         if let Some(first) = self.first_seen.get(&key) {
             let expired = first.at_ms.saturating_add(self.retention_ms) <= now_ms;
@@ -79,7 +87,9 @@ impl DedupIndex {
             if *expires_at > now_ms {
                 break;
             }
-            let Some((expires_at, key)) = self.expiries.pop_front() else { break };
+            let Some((expires_at, key)) = self.expiries.pop_front() else {
+                break;
+            };
             // The key may have been seen again after it expired; keep that newer entry.
             let stale = self
                 .first_seen
@@ -190,9 +200,18 @@ mod tests {
     fn index_keeps_first_occurrence() {
         let mut index = DedupIndex::new(1_000);
         assert!(index.admit(&event("a", "1", 0, 0), 10));
-        assert!(!index.admit(&event("a", "1", 0, 5), 20), "same tenant and id is a duplicate");
-        assert!(index.admit(&event("b", "1", 1, 0), 20), "another tenant may reuse the id");
-        assert!(index.admit(&event("a", "1", 0, 0), 30), "a re-read of the first record passes");
+        assert!(
+            !index.admit(&event("a", "1", 0, 5), 20),
+            "same tenant and id is a duplicate"
+        );
+        assert!(
+            index.admit(&event("b", "1", 1, 0), 20),
+            "another tenant may reuse the id"
+        );
+        assert!(
+            index.admit(&event("a", "1", 0, 0), 30),
+            "a re-read of the first record passes"
+        );
     }
 
     #[test]
@@ -202,16 +221,26 @@ mod tests {
         assert!(!index.admit(&event("a", "1", 0, 1), 999));
         index.prune(1_000);
         assert!(index.is_empty());
-        assert!(index.admit(&event("a", "1", 0, 2), 1_000), "window closed: a new first occurrence");
+        assert!(
+            index.admit(&event("a", "1", 0, 2), 1_000),
+            "window closed: a new first occurrence"
+        );
     }
 
     #[test]
     fn prune_keeps_entries_seen_again_after_expiry() {
         let mut index = DedupIndex::new(100);
         assert!(index.admit(&event("a", "1", 0, 0), 0));
-        assert!(index.admit(&event("a", "1", 0, 1), 150), "expired entry replaced");
+        assert!(
+            index.admit(&event("a", "1", 0, 1), 150),
+            "expired entry replaced"
+        );
         index.prune(120);
-        assert_eq!(index.len(), 1, "the entry first seen at 150 is still inside its window");
+        assert_eq!(
+            index.len(),
+            1,
+            "the entry first seen at 150 is still inside its window"
+        );
         assert!(!index.admit(&event("a", "1", 0, 2), 200));
     }
 }

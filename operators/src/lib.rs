@@ -9,7 +9,7 @@
 
 #![warn(missing_docs)]
 
-pub mod dedup;
-pub mod route;
 pub mod clock;
+pub mod dedup;
 pub mod deliver;
+pub mod route;

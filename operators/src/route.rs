@@ -46,7 +46,9 @@ pub struct Subscription {
 impl Subscription {
     /// Returns whether the subscription covers `event_type`.
     pub fn matches(&self, event_type: &str) -> bool {
-        self.event_types.iter().any(|pattern| pattern.matches(event_type))
+        self.event_types
+            .iter()
+            .any(|pattern| pattern.matches(event_type))
     }
 }
 
@@ -90,8 +92,7 @@ impl<'scope> Route<'scope> for Stream<'scope, u64, Vec<IngestedEvent>> {
 
                 move |(events, events_frontier), (batches, batches_frontier), output| {
                     events.for_each_stamp(|capability, containers| {
-                        let Some(retained) = capability.retain_least(output.output_index())
-                        else {
+                        let Some(retained) = capability.retain_least(output.output_index()) else {
                             return;
                         };
                         let (_, stashed) = stash

@@ -210,8 +210,10 @@ impl Config {
     ///
     /// See [`ConfigError`]; every variant names the file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Config::parse(&text, path)
     }
 
@@ -225,33 +227,53 @@ impl Config {
             path: path.to_path_buf(),
             message: e.to_string().trim_end().to_string(),
         })?;
-        config.validate().map_err(|(field, problem)| ConfigError::Field {
-            path: path.to_path_buf(),
-            field,
-            problem,
-        })?;
+        config
+            .validate()
+            .map_err(|(field, problem)| ConfigError::Field {
+                path: path.to_path_buf(),
+                field,
+                problem,
+            })?;
         Ok(config)
     }
 
     fn validate(&self) -> Result<(), (String, String)> {
         let p = &self.pipeline;
         if p.workers == 0 || p.workers > 256 {
-            return Err(("pipeline.workers".into(), "must be between 1 and 256".into()));
+            return Err((
+                "pipeline.workers".into(),
+                "must be between 1 and 256".into(),
+            ));
         }
         if p.poll_interval_ms == 0 || p.poll_interval_ms > 60_000 {
-            return Err(("pipeline.poll_interval_ms".into(), "must be between 1 and 60000".into()));
+            return Err((
+                "pipeline.poll_interval_ms".into(),
+                "must be between 1 and 60000".into(),
+            ));
         }
         if p.max_read_ahead == 0 {
-            return Err(("pipeline.max_read_ahead".into(), "must be at least 1".into()));
+            return Err((
+                "pipeline.max_read_ahead".into(),
+                "must be at least 1".into(),
+            ));
         }
         if p.max_payload_bytes == 0 {
-            return Err(("pipeline.max_payload_bytes".into(), "must be at least 1".into()));
+            return Err((
+                "pipeline.max_payload_bytes".into(),
+                "must be at least 1".into(),
+            ));
         }
         if self.local_log.partitions == 0 || self.local_log.partitions > 4096 {
-            return Err(("local_log.partitions".into(), "must be between 1 and 4096".into()));
+            return Err((
+                "local_log.partitions".into(),
+                "must be between 1 and 4096".into(),
+            ));
         }
         if self.archive.max_rows_per_file == 0 {
-            return Err(("archive.max_rows_per_file".into(), "must be at least 1".into()));
+            return Err((
+                "archive.max_rows_per_file".into(),
+                "must be at least 1".into(),
+            ));
         }
         if self.delivery.max_in_flight == 0 {
             return Err(("delivery.max_in_flight".into(), "must be at least 1".into()));
@@ -262,9 +284,14 @@ impl Config {
         for (index, endpoint) in self.endpoints.iter().enumerate() {
             let field = |name: &str| format!("endpoints[{index}].{name}");
             if !ids.insert(endpoint.id.as_str()) {
-                return Err((field("id"), format!("duplicate endpoint id `{}`", endpoint.id)));
+                return Err((
+                    field("id"),
+                    format!("duplicate endpoint id `{}`", endpoint.id),
+                ));
             }
-            endpoint.to_endpoint().map_err(|(name, problem)| (field(&name), problem))?;
+            endpoint
+                .to_endpoint()
+                .map_err(|(name, problem)| (field(&name), problem))?;
         }
         Ok(())
     }
@@ -293,7 +320,10 @@ impl Config {
 
     /// The configured endpoints, validated.
     pub fn endpoints(&self) -> Vec<Endpoint> {
-        self.endpoints.iter().filter_map(|e| e.to_endpoint().ok()).collect()
+        self.endpoints
+            .iter()
+            .filter_map(|e| e.to_endpoint().ok())
+            .collect()
     }
 }
 
@@ -303,7 +333,10 @@ impl EndpointConfig {
         let bad = |name: &str, problem: String| Err((name.to_string(), problem));
 
         if self.id.trim().is_empty() || self.id.chars().any(char::is_control) {
-            return bad("id", "must be a non-empty name without control characters".into());
+            return bad(
+                "id",
+                "must be a non-empty name without control characters".into(),
+            );
         }
         if self.tenant.trim().is_empty() {
             return bad("tenant", "must not be empty".into());
@@ -311,12 +344,18 @@ impl EndpointConfig {
         match url::Url::parse(&self.url) {
             Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
             Ok(url) => {
-                return bad("url", format!("`{url}` must be an http or https URL with a host"));
+                return bad(
+                    "url",
+                    format!("`{url}` must be an http or https URL with a host"),
+                );
             }
             Err(e) => return bad("url", format!("`{}` is not a URL ({e})", self.url)),
         }
         if self.event_types.is_empty() {
-            return bad("event_types", "list at least one pattern, such as \"*\"".into());
+            return bad(
+                "event_types",
+                "list at least one pattern, such as \"*\"".into(),
+            );
         }
         let mut event_types = Vec::new();
         for (index, pattern) in self.event_types.iter().enumerate() {
@@ -343,7 +382,11 @@ impl EndpointConfig {
         }
 
         if self.timeout_ms == 0 || self.connect_timeout_ms == 0 {
-            let name = if self.timeout_ms == 0 { "timeout_ms" } else { "connect_timeout_ms" };
+            let name = if self.timeout_ms == 0 {
+                "timeout_ms"
+            } else {
+                "connect_timeout_ms"
+            };
             return bad(name, "must be at least 1".into());
         }
         if self.max_in_flight == 0 {
@@ -373,7 +416,10 @@ fn check_secret(secret: &str) -> Result<(), String> {
         .decode(encoded)
         .map_err(|e| format!("the part after `whsec_` is not valid base64 ({e})"))?;
     if !(24..=64).contains(&key.len()) {
-        return Err(format!("the key is {} bytes; use 24 to 64 random bytes", key.len()));
+        return Err(format!(
+            "the key is {} bytes; use 24 to 64 random bytes",
+            key.len()
+        ));
     }
     Ok(())
 }
@@ -415,19 +461,45 @@ mod tests {
     fn errors_name_file_and_field() {
         let cases = [
             (endpoint("colour = \"red\""), "unknown field `colour`"),
-            (endpoint("").replace("whsec_", "sk_"), "field `endpoints[0].secret`"),
-            (endpoint("").replace("https://example.com/hook", "not a url"), "field `endpoints[0].url`"),
-            (endpoint("").replace("charge.*", "char*ge"), "field `endpoints[0].event_types[0]`"),
-            (format!("{}{}", endpoint(""), endpoint("")), "duplicate endpoint id `ep1`"),
-            ("[delivery]\nallowed_private_cidrs = [\"localhost\"]\n".to_string(),
-             "field `delivery.allowed_private_cidrs[0]`"),
-            ("[pipeline]\nworkers = 0\n".to_string(), "field `pipeline.workers`"),
-            ("[pipeline]\nworkers = \"two\"\n".to_string(), "invalid type"),
+            (
+                endpoint("").replace("whsec_", "sk_"),
+                "field `endpoints[0].secret`",
+            ),
+            (
+                endpoint("").replace("https://example.com/hook", "not a url"),
+                "field `endpoints[0].url`",
+            ),
+            (
+                endpoint("").replace("charge.*", "char*ge"),
+                "field `endpoints[0].event_types[0]`",
+            ),
+            (
+                format!("{}{}", endpoint(""), endpoint("")),
+                "duplicate endpoint id `ep1`",
+            ),
+            (
+                "[delivery]\nallowed_private_cidrs = [\"localhost\"]\n".to_string(),
+                "field `delivery.allowed_private_cidrs[0]`",
+            ),
+            (
+                "[pipeline]\nworkers = 0\n".to_string(),
+                "field `pipeline.workers`",
+            ),
+            (
+                "[pipeline]\nworkers = \"two\"\n".to_string(),
+                "invalid type",
+            ),
         ];
         for (text, expected) in cases {
             let message = parse(&text).expect_err("must be rejected").to_string();
-            assert!(message.starts_with("invalid config file test.toml"), "{message}");
-            assert!(message.contains(expected), "expected `{expected}` in: {message}");
+            assert!(
+                message.starts_with("invalid config file test.toml"),
+                "{message}"
+            );
+            assert!(
+                message.contains(expected),
+                "expected `{expected}` in: {message}"
+            );
         }
     }
 }

@@ -28,7 +28,9 @@ use differential_dataflow::input::Input as _;
 use hookflow_connectors::{ArchiveOptions, ArchiveWriter, LocalLog, LocalLogOptions};
 use hookflow_operators::clock::Clock;
 use hookflow_operators::dedup::{Dedup, DedupConfig};
-use hookflow_operators::deliver::{AddressPolicy, ClientConfig, Deliver, DeliverContext, DeliveryClient};
+use hookflow_operators::deliver::{
+    AddressPolicy, ClientConfig, Deliver, DeliverContext, DeliveryClient,
+};
 use hookflow_operators::route::{Route, Subscription};
 use hookflow_schemas::{decode_event, AttemptRow, Endpoint, IngestedEvent, SourceRecord};
 use timely::container::CapacityContainerBuilder;
@@ -88,13 +90,24 @@ pub fn archive_dir(config: &Config, data_dir: &Path) -> PathBuf {
 pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
     let config = &options.config;
     let archive_dir = archive_dir(config, &options.data_dir);
-    let endpoints: Arc<HashMap<String, Endpoint>> =
-        Arc::new(config.endpoints().into_iter().map(|e| (e.id.clone(), e)).collect());
+    let endpoints: Arc<HashMap<String, Endpoint>> = Arc::new(
+        config
+            .endpoints()
+            .into_iter()
+            .map(|e| (e.id.clone(), e))
+            .collect(),
+    );
 
     // Open the log once here so that a bad data directory fails before any thread starts.
-    let log_options = LocalLogOptions { partitions: config.local_log.partitions };
-    let log = LocalLog::open(&options.data_dir, &log_options)
-        .with_context(|| format!("cannot open the local log in {}", options.data_dir.display()))?;
+    let log_options = LocalLogOptions {
+        partitions: config.local_log.partitions,
+    };
+    let log = LocalLog::open(&options.data_dir, &log_options).with_context(|| {
+        format!(
+            "cannot open the local log in {}",
+            options.data_dir.display()
+        )
+    })?;
     tracing::info!(partitions = log.partitions(), data_dir = %options.data_dir.display(), "Local log opened.");
     drop(log);
 
@@ -133,7 +146,10 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
     let guards = timely::execute(timely_config, move |worker| run_worker(worker, &shared))
         .map_err(|e| anyhow::anyhow!("cannot start the timely workers: {e}"))?;
 
-    let mut report = RunReport { archive_dir, ..RunReport::default() };
+    let mut report = RunReport {
+        archive_dir,
+        ..RunReport::default()
+    };
     let mut failures = Vec::new();
     for (index, result) in guards.join().into_iter().enumerate() {
         match result {
@@ -183,8 +199,13 @@ fn run_worker(
     let config = &shared.config;
     let clock = shared.clock.clone();
 
-    let log = LocalLog::open(&shared.data_dir, &LocalLogOptions { partitions: config.local_log.partitions })
-        .with_context(|| format!("cannot open the local log in {}", shared.data_dir.display()))?;
+    let log = LocalLog::open(
+        &shared.data_dir,
+        &LocalLogOptions {
+            partitions: config.local_log.partitions,
+        },
+    )
+    .with_context(|| format!("cannot open the local log in {}", shared.data_dir.display()))?;
     let writer = ArchiveWriter::new(
         ArchiveOptions {
             max_rows_per_file: config.archive.max_rows_per_file,
@@ -194,12 +215,20 @@ fn run_worker(
         },
         shared.run_id,
     )
-    .with_context(|| format!("cannot open the archive in {}", shared.archive_dir.display()))?;
+    .with_context(|| {
+        format!(
+            "cannot open the archive in {}",
+            shared.archive_dir.display()
+        )
+    })?;
     let writer = Rc::new(RefCell::new(writer));
     let archive_failed: Rc<RefCell<Option<String>>> = Rc::new(RefCell::new(None));
 
     let probe = ProbeHandle::new();
-    let control = SourceControl { stop: shared.stop.clone(), ..SourceControl::default() };
+    let control = SourceControl {
+        stop: shared.stop.clone(),
+        ..SourceControl::default()
+    };
     let source_options = SourceOptions {
         poll_interval: Duration::from_millis(config.pipeline.poll_interval_ms),
         batch_records: 1024,
@@ -223,7 +252,9 @@ fn run_worker(
             decode(records, config.pipeline.max_payload_bytes, clock.clone()).ok_err(|r| r);
         let events: Stream<'_, u64, Vec<IngestedEvent>> = events;
 
-        let dedup = DedupConfig { retention_ms: config.pipeline.dedup_window_secs.saturating_mul(1000) };
+        let dedup = DedupConfig {
+            retention_ms: config.pipeline.dedup_window_secs.saturating_mul(1000),
+        };
         let (deliveries, unrouted) = events
             .dedup(dedup, shared.duplicates.clone())
             .route(subscriptions)
@@ -239,8 +270,14 @@ fn run_worker(
         });
 
         let rows = attempts.concat(invalid).concat(unrouted);
-        archive_sink(rows, writer.clone(), archive_failed.clone(), shared.stop.clone(), clock.clone())
-            .probe_with(&probe);
+        archive_sink(
+            rows,
+            writer.clone(),
+            archive_failed.clone(),
+            shared.stop.clone(),
+            clock.clone(),
+        )
+        .probe_with(&probe);
 
         input
     });
@@ -249,7 +286,10 @@ fn run_worker(
         for endpoint in shared.endpoints.values() {
             subscriptions.insert((
                 endpoint.tenant.clone(),
-                Subscription { endpoint_id: endpoint.id.clone(), event_types: endpoint.event_types.clone() },
+                Subscription {
+                    endpoint_id: endpoint.id.clone(),
+                    event_types: endpoint.event_types.clone(),
+                },
             ));
         }
     }
@@ -271,10 +311,12 @@ fn run_worker(
         }
     }
 
-    let files = writer
-        .borrow_mut()
-        .close()
-        .with_context(|| format!("cannot complete the archive files in {}", shared.archive_dir.display()))?;
+    let files = writer.borrow_mut().close().with_context(|| {
+        format!(
+            "cannot complete the archive files in {}",
+            shared.archive_dir.display()
+        )
+    })?;
     if let Some(error) = archive_failed.borrow_mut().take() {
         anyhow::bail!("archive write failed: {error}");
     }
@@ -282,7 +324,10 @@ fn run_worker(
         anyhow::bail!("reading the local log failed (see the log above)");
     }
     let rows_archived = writer.borrow().rows_written();
-    Ok(WorkerReport { rows_archived, files })
+    Ok(WorkerReport {
+        rows_archived,
+        files,
+    })
 }
 
 /// Decodes records into events, or into invalid-record rows at the record's time.
@@ -318,7 +363,12 @@ fn decode<'scope>(
                                     "Invalid record dead-lettered."
                                 );
                             }
-                            session.give(Err(AttemptRow::invalid(&record, &error, time, clock.now_ms())));
+                            session.give(Err(AttemptRow::invalid(
+                                &record,
+                                &error,
+                                time,
+                                clock.now_ms(),
+                            )));
                         }
                     }
                 }

@@ -34,8 +34,13 @@ pub struct DemoOptions {
 
 const SECRET: &str = "whsec_RTPHghziaKPNKV/Y78ALF6hfDn11pL7egmdm4fV+DaE=";
 const TENANTS: [&str; 4] = ["acme", "globex", "initech", "umbrella"];
-const TYPES: [&str; 5] =
-    ["charge.succeeded", "charge.refunded", "invoice.paid", "customer.created", "order.shipped"];
+const TYPES: [&str; 5] = [
+    "charge.succeeded",
+    "charge.refunded",
+    "invoice.paid",
+    "customer.created",
+    "order.shipped",
+];
 
 /// Runs the demo and returns the summary text it printed.
 ///
@@ -83,7 +88,13 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<String> {
     })?;
     let elapsed = started.elapsed();
 
-    summarize(&report, published.appended, receiver.requests().len(), elapsed, &config_path)
+    summarize(
+        &report,
+        published.appended,
+        receiver.requests().len(),
+        elapsed,
+        &config_path,
+    )
 }
 
 fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
@@ -102,11 +113,26 @@ fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
 
 fn demo_config(receiver: &Receiver, archive_dir: &Path) -> String {
     let endpoints = [
-        ("ep_acme_billing", "acme", "/acme/billing", r#"["charge.*", "invoice.paid"]"#),
+        (
+            "ep_acme_billing",
+            "acme",
+            "/acme/billing",
+            r#"["charge.*", "invoice.paid"]"#,
+        ),
         ("ep_acme_audit", "acme", "/acme/audit", r#"["*"]"#),
-        ("ep_globex_orders", "globex", "/globex/orders", r#"["order.*", "charge.*"]"#),
+        (
+            "ep_globex_orders",
+            "globex",
+            "/globex/orders",
+            r#"["order.*", "charge.*"]"#,
+        ),
         ("ep_initech_all", "initech", "/initech/all", r#"["*"]"#),
-        ("ep_initech_broken", "initech", "/initech/broken", r#"["invoice.paid"]"#),
+        (
+            "ep_initech_broken",
+            "initech",
+            "/initech/broken",
+            r#"["invoice.paid"]"#,
+        ),
     ];
     let mut text = String::from(
         "# Written by `hookflow demo`; the receiver's port changes every run.\n\
@@ -157,8 +183,12 @@ fn summarize(
     elapsed: std::time::Duration,
     config_path: &Path,
 ) -> anyhow::Result<String> {
-    let rows = read_attempts(&report.archive_dir)
-        .with_context(|| format!("cannot read back the archive in {}", report.archive_dir.display()))?;
+    let rows = read_attempts(&report.archive_dir).with_context(|| {
+        format!(
+            "cannot read back the archive in {}",
+            report.archive_dir.display()
+        )
+    })?;
     let mut outcomes: BTreeMap<&str, usize> = BTreeMap::new();
     for row in &rows {
         *outcomes.entry(row.outcome.as_str()).or_default() += 1;
@@ -179,12 +209,32 @@ fn summarize(
     let count = |outcome: &str| outcomes.get(outcome).copied().unwrap_or(0);
 
     let mut text = String::new();
-    let _ = writeln!(text, "hookflow demo: {published} records published, run took {:.2} s", elapsed.as_secs_f64());
-    let _ = writeln!(text, "  delivered        {:>6}  (receiver got {received} requests)", count("delivered"));
+    let _ = writeln!(
+        text,
+        "hookflow demo: {published} records published, run took {:.2} s",
+        elapsed.as_secs_f64()
+    );
+    let _ = writeln!(
+        text,
+        "  delivered        {:>6}  (receiver got {received} requests)",
+        count("delivered")
+    );
     let _ = writeln!(text, "  deduplicated     {:>6}", report.duplicates);
-    let _ = writeln!(text, "  dead-lettered    {:>6}  (receiver answered 500)", count("dead_lettered"));
-    let _ = writeln!(text, "  invalid          {:>6}  (malformed records, dead-lettered with a reason)", count("invalid"));
-    let _ = writeln!(text, "  unrouted         {:>6}  (no endpoint subscribes)", count("unrouted"));
+    let _ = writeln!(
+        text,
+        "  dead-lettered    {:>6}  (receiver answered 500)",
+        count("dead_lettered")
+    );
+    let _ = writeln!(
+        text,
+        "  invalid          {:>6}  (malformed records, dead-lettered with a reason)",
+        count("invalid")
+    );
+    let _ = writeln!(
+        text,
+        "  unrouted         {:>6}  (no endpoint subscribes)",
+        count("unrouted")
+    );
     let _ = writeln!(
         text,
         "  latency, published -> delivered (all published before the run): p50 {} ms, p99 {} ms, max {} ms",
@@ -193,6 +243,12 @@ fn summarize(
         latencies.last().copied().unwrap_or(0)
     );
     let _ = writeln!(text, "  config:  {}", config_path.display());
-    let _ = writeln!(text, "  archive: {} ({} files, {} rows)", report.archive_dir.display(), report.files.len(), rows.len());
+    let _ = writeln!(
+        text,
+        "  archive: {} ({} files, {} rows)",
+        report.archive_dir.display(),
+        report.files.len(),
+        rows.len()
+    );
     Ok(text)
 }

@@ -15,7 +15,11 @@ use hookflow_operators::clock::{Clock, WallClock};
 use hookflow_schemas::DEFAULT_MAX_PAYLOAD_BYTES;
 
 #[derive(Parser)]
-#[command(name = "hookflow", version, about = "Webhook delivery as a stream-processing dataflow")]
+#[command(
+    name = "hookflow",
+    version,
+    about = "Webhook delivery as a stream-processing dataflow"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -96,8 +100,10 @@ fn main() -> ExitCode {
 /// clap prints usage for some errors (a missing argument) but not others (an invalid value).
 fn exit_with_usage(error: clap::Error) -> ! {
     use clap::error::ErrorKind;
-    if matches!(error.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
-        || error.to_string().contains("Usage:")
+    if matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+    ) || error.to_string().contains("Usage:")
     {
         error.exit();
     }
@@ -115,7 +121,12 @@ fn exit_with_usage(error: clap::Error) -> ! {
 
 fn execute(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run { config, data_dir, until_idle, workers } => {
+        Command::Run {
+            config,
+            data_dir,
+            until_idle,
+            workers,
+        } => {
             let mut loaded = Config::load(&config)?;
             if let Some(workers) = workers {
                 loaded.pipeline.workers = usize::from(workers);
@@ -138,12 +149,30 @@ fn execute(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Publish { data_dir, raw, partitions, max_payload_bytes, input } => {
-            let options = PublishOptions { data_dir, partitions, raw, max_payload_bytes };
+        Command::Publish {
+            data_dir,
+            raw,
+            partitions,
+            max_payload_bytes,
+            input,
+        } => {
+            let options = PublishOptions {
+                data_dir,
+                partitions,
+                raw,
+                max_payload_bytes,
+            };
             let report = publish_path(&input, &options, WallClock.now_ms())?;
-            println!("published {} event(s) to {}", report.appended, options.data_dir.display());
+            println!(
+                "published {} event(s) to {}",
+                report.appended,
+                options.data_dir.display()
+            );
             if report.invalid_appended > 0 {
-                println!("{} of them invalid, appended as they are (--raw)", report.invalid_appended);
+                println!(
+                    "{} of them invalid, appended as they are (--raw)",
+                    report.invalid_appended
+                );
             }
             Ok(())
         }
@@ -166,9 +195,10 @@ fn install_signal_handlers(stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         .spawn(move || {
             runtime.block_on(async move {
                 use tokio::signal::unix::{signal, SignalKind};
-                let (Ok(mut interrupt), Ok(mut terminate)) =
-                    (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
-                else {
+                let (Ok(mut interrupt), Ok(mut terminate)) = (
+                    signal(SignalKind::interrupt()),
+                    signal(SignalKind::terminate()),
+                ) else {
                     tracing::error!("Cannot install signal handlers; stop hookflow with SIGKILL.");
                     return;
                 };
@@ -178,7 +208,9 @@ fn install_signal_handlers(stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                         _ = terminate.recv() => {}
                     }
                     if count == 1 {
-                        tracing::info!("Stopping: draining in-flight deliveries and flushing the archive.");
+                        tracing::info!(
+                            "Stopping: draining in-flight deliveries and flushing the archive."
+                        );
                         stop.store(true, Ordering::Relaxed);
                     } else {
                         tracing::warn!("Second signal: exiting at once.");

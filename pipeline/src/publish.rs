@@ -72,13 +72,19 @@ pub struct PublishReport {
 ///
 /// See [`PublishError`]. Validation errors write nothing; a log error may leave earlier
 /// chunks appended, which the report of the error says.
-pub fn publish_path(input: &Path, options: &PublishOptions, now_ms: Millis) -> Result<PublishReport, PublishError> {
+pub fn publish_path(
+    input: &Path,
+    options: &PublishOptions,
+    now_ms: Millis,
+) -> Result<PublishReport, PublishError> {
     let name = input.display().to_string();
     let reader: Box<dyn Read> = if name == "-" {
         Box::new(std::io::stdin().lock())
     } else {
-        let file = std::fs::File::open(input)
-            .map_err(|source| PublishError::Read { input: name.clone(), source })?;
+        let file = std::fs::File::open(input).map_err(|source| PublishError::Read {
+            input: name.clone(),
+            source,
+        })?;
         Box::new(file)
     };
     publish_reader(reader, &name, options, now_ms)
@@ -104,7 +110,10 @@ pub fn publish_reader(
         let mut line = Vec::new();
         let read = reader
             .read_until(b'\n', &mut line)
-            .map_err(|source| PublishError::Read { input: name.to_string(), source })?;
+            .map_err(|source| PublishError::Read {
+                input: name.to_string(),
+                source,
+            })?;
         if read == 0 {
             break;
         }
@@ -126,18 +135,34 @@ pub fn publish_reader(
         }
     }
     if !errors.is_empty() {
-        return Err(PublishError::Invalid { input: name.to_string(), errors });
+        return Err(PublishError::Invalid {
+            input: name.to_string(),
+            errors,
+        });
     }
 
-    let log_error = |source| PublishError::Log { data_dir: options.data_dir.clone(), source };
-    let mut log = LocalLog::open(&options.data_dir, &LocalLogOptions { partitions: options.partitions })
-        .map_err(log_error)?;
+    let log_error = |source| PublishError::Log {
+        data_dir: options.data_dir.clone(),
+        source,
+    };
+    let mut log = LocalLog::open(
+        &options.data_dir,
+        &LocalLogOptions {
+            partitions: options.partitions,
+        },
+    )
+    .map_err(log_error)?;
     for chunk in lines.chunks(APPEND_CHUNK) {
-        let records: Vec<(&[u8], &[u8])> =
-            chunk.iter().map(|(tenant, line)| (tenant.as_bytes(), line.as_slice())).collect();
+        let records: Vec<(&[u8], &[u8])> = chunk
+            .iter()
+            .map(|(tenant, line)| (tenant.as_bytes(), line.as_slice()))
+            .collect();
         log.append(&records, now_ms).map_err(log_error)?;
     }
-    Ok(PublishReport { appended: lines.len(), invalid_appended })
+    Ok(PublishReport {
+        appended: lines.len(),
+        invalid_appended,
+    })
 }
 
 /// The tenant of a line that failed validation, if it has one, so that it still lands in

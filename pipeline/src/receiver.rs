@@ -46,7 +46,10 @@ pub struct ReceivedRequest {
 impl ReceivedRequest {
     /// The value of header `name` (lowercase), if present.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -78,26 +81,35 @@ impl Receiver {
             requests: Mutex::new(Vec::new()),
             seen: Mutex::new(HashMap::new()),
         });
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
         let address = listener.local_addr()?;
         let (shutdown, shutdown_signal) = tokio::sync::oneshot::channel::<()>();
 
         let app = Router::new().fallback(receive).with_state(state.clone());
-        let thread = std::thread::Builder::new().name("receiver".into()).spawn(move || {
-            let served = runtime.block_on(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = shutdown_signal.await;
-                    })
-                    .await
-            });
-            if let Err(error) = served {
-                tracing::error!(%error, "Receiver stopped with an error.");
-            }
-        })?;
+        let thread = std::thread::Builder::new()
+            .name("receiver".into())
+            .spawn(move || {
+                let served = runtime.block_on(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(async move {
+                            let _ = shutdown_signal.await;
+                        })
+                        .await
+                });
+                if let Err(error) = served {
+                    tracing::error!(%error, "Receiver stopped with an error.");
+                }
+            })?;
 
-        Ok(Receiver { address, state, shutdown: Some(shutdown), thread: Some(thread) })
+        Ok(Receiver {
+            address,
+            state,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        })
     }
 
     /// The receiver's address.
@@ -112,12 +124,19 @@ impl Receiver {
 
     /// Every request received so far, in arrival order.
     pub fn requests(&self) -> Vec<ReceivedRequest> {
-        self.state.requests.lock().map(|r| r.clone()).unwrap_or_default()
+        self.state
+            .requests
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
     }
 
     /// The requests received on `path` so far.
     pub fn requests_to(&self, path: &str) -> Vec<ReceivedRequest> {
-        self.requests().into_iter().filter(|r| r.path == path).collect()
+        self.requests()
+            .into_iter()
+            .filter(|r| r.path == path)
+            .collect()
     }
 }
 
@@ -156,7 +175,11 @@ async fn receive(
             let mut seen = state.seen.lock().unwrap_or_else(|e| e.into_inner());
             let count = seen.entry((path.clone(), webhook_id)).or_insert(0);
             *count += 1;
-            if *count <= *failures { *status } else { 200 }
+            if *count <= *failures {
+                *status
+            } else {
+                200
+            }
         }
     };
 
@@ -164,12 +187,21 @@ async fn receive(
         path,
         headers: headers
             .iter()
-            .map(|(n, v)| (n.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
             .collect(),
         body: body.to_vec(),
         received_at_ms,
         status,
     };
-    state.requests.lock().unwrap_or_else(|e| e.into_inner()).push(request);
+    state
+        .requests
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(request);
     StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }

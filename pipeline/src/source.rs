@@ -58,8 +58,9 @@ pub fn read_source<'scope>(
     control: SourceControl,
 ) -> Stream<'scope, u64, Vec<SourceRecord>> {
     let (index, peers) = (scope.index(), scope.peers());
-    let owned: Vec<u32> =
-        (0..log.partitions()).filter(|p| *p as usize % peers == index).collect();
+    let owned: Vec<u32> = (0..log.partitions())
+        .filter(|p| *p as usize % peers == index)
+        .collect();
 
     source(scope, "Source", move |capability, info| {
         let activator = scope.activator_for(info.address);
@@ -71,7 +72,9 @@ pub fn read_source<'scope>(
         let mut outstanding = 0usize;
 
         move |output| {
-            let Some(cap) = capability.as_mut() else { return };
+            let Some(cap) = capability.as_mut() else {
+                return;
+            };
             if control.stop.load(Ordering::Relaxed) {
                 tracing::info!(worker = index, "Source stopped.");
                 capability = None;

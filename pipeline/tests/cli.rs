@@ -51,10 +51,16 @@ impl Fixture {
     }
 
     fn publish(&self, lines: &[String], raw: bool) -> Output {
-        let file = self.dir.path().join(format!("events-{}.ndjson", lines.len()));
+        let file = self
+            .dir
+            .path()
+            .join(format!("events-{}.ndjson", lines.len()));
         std::fs::write(&file, lines.join("\n")).expect("write events");
         let mut command = hookflow();
-        command.arg("publish").arg("--data-dir").arg(self.data_dir());
+        command
+            .arg("publish")
+            .arg("--data-dir")
+            .arg(self.data_dir());
         if raw {
             command.arg("--raw");
         }
@@ -69,7 +75,11 @@ impl Fixture {
             .arg(self.data_dir())
             .output()
             .expect("run hookflow run");
-        assert!(output.status.success(), "hookflow run failed: {}", stderr(&output));
+        assert!(
+            output.status.success(),
+            "hookflow run failed: {}",
+            stderr(&output)
+        );
         output
     }
 
@@ -103,8 +113,10 @@ fn outcomes(rows: &[AttemptRow]) -> BTreeMap<String, usize> {
 }
 
 fn ids(requests: &[ReceivedRequest]) -> Vec<String> {
-    let mut ids: Vec<String> =
-        requests.iter().map(|r| r.header("webhook-id").unwrap_or_default().to_string()).collect();
+    let mut ids: Vec<String> = requests
+        .iter()
+        .map(|r| r.header("webhook-id").unwrap_or_default().to_string())
+        .collect();
     ids.sort();
     ids
 }
@@ -127,8 +139,15 @@ fn dedup_same_tenant_and_id() {
     let to_acme = fixture.receiver.requests_to("/a");
     assert_eq!(to_acme.len(), 1, "same (tenant, id) is delivered once");
     assert_eq!(to_acme[0].body, br#"{"n":1}"#, "the first occurrence wins");
-    assert_eq!(fixture.receiver.requests_to("/g").len(), 1, "another tenant's evt_1 is delivered");
-    assert_eq!(outcomes(&fixture.rows()), BTreeMap::from([("delivered".to_string(), 2)]));
+    assert_eq!(
+        fixture.receiver.requests_to("/g").len(),
+        1,
+        "another tenant's evt_1 is delivered"
+    );
+    assert_eq!(
+        outcomes(&fixture.rows()),
+        BTreeMap::from([("delivered".to_string(), 2)])
+    );
 }
 
 #[test]
@@ -146,10 +165,19 @@ fn fan_out_stays_within_tenant() {
 
     assert_eq!(ids(&fixture.receiver.requests_to("/billing")), ["evt_1"]);
     assert_eq!(ids(&fixture.receiver.requests_to("/audit")), ["evt_1"]);
-    assert!(fixture.receiver.requests_to("/other").is_empty(), "another tenant's endpoint");
-    assert!(fixture.receiver.requests_to("/invoices").is_empty(), "pattern does not match");
-    let mut endpoints: Vec<String> =
-        fixture.rows().into_iter().filter_map(|r| r.endpoint_id).collect();
+    assert!(
+        fixture.receiver.requests_to("/other").is_empty(),
+        "another tenant's endpoint"
+    );
+    assert!(
+        fixture.receiver.requests_to("/invoices").is_empty(),
+        "pattern does not match"
+    );
+    let mut endpoints: Vec<String> = fixture
+        .rows()
+        .into_iter()
+        .filter_map(|r| r.endpoint_id)
+        .collect();
     endpoints.sort();
     assert_eq!(endpoints, ["ep_audit", "ep_billing"]);
 }
@@ -162,22 +190,35 @@ fn malformed_line_is_dead_lettered() {
         event("acme", "evt_1", "t.a", "{}"),
         r#"{"id":"evt_2","tenant":"acme","type":"#.to_string(),
         event("acme", "evt_3", "t.a", "{}"),
-        r#"{"id":"evt_4","tenant":"acme","created_at":"2026-12-04T10:00:00Z","payload":{}}"#.to_string(),
+        r#"{"id":"evt_4","tenant":"acme","created_at":"2026-12-04T10:00:00Z","payload":{}}"#
+            .to_string(),
         event("acme", "evt_5", "t.a", "{}"),
     ];
     let output = fixture.publish(&lines, true);
     assert!(output.status.success(), "{}", stderr(&output));
     fixture.run_until_idle(&config);
 
-    assert_eq!(ids(&fixture.receiver.requests_to("/a")), ["evt_1", "evt_3", "evt_5"]);
+    assert_eq!(
+        ids(&fixture.receiver.requests_to("/a")),
+        ["evt_1", "evt_3", "evt_5"]
+    );
     let rows = fixture.rows();
     let invalid: Vec<&AttemptRow> = rows.iter().filter(|r| r.outcome == "invalid").collect();
     assert_eq!(invalid.len(), 2);
-    let kinds: Vec<&str> = invalid.iter().filter_map(|r| r.error_kind.as_deref()).collect();
+    let kinds: Vec<&str> = invalid
+        .iter()
+        .filter_map(|r| r.error_kind.as_deref())
+        .collect();
     assert!(kinds.contains(&"invalid_json"), "{kinds:?}");
     assert!(kinds.contains(&"missing_field"), "{kinds:?}");
-    let messages: Vec<&str> = invalid.iter().filter_map(|r| r.error_message.as_deref()).collect();
-    assert!(messages.iter().any(|m| m.contains("missing field `type`")), "{messages:?}");
+    let messages: Vec<&str> = invalid
+        .iter()
+        .filter_map(|r| r.error_message.as_deref())
+        .collect();
+    assert!(
+        messages.iter().any(|m| m.contains("missing field `type`")),
+        "{messages:?}"
+    );
     assert_eq!(outcomes(&rows).get("delivered"), Some(&3));
 }
 
@@ -195,7 +236,11 @@ fn body_and_signature_are_exact() {
     let requests = fixture.receiver.requests_to("/a");
     assert_eq!(requests.len(), 1);
     let request = &requests[0];
-    assert_eq!(request.body, payload.as_bytes(), "body must be the payload byte for byte");
+    assert_eq!(
+        request.body,
+        payload.as_bytes(),
+        "body must be the payload byte for byte"
+    );
     assert_eq!(request.header("content-type"), Some("application/json"));
     assert_eq!(request.header("webhook-id"), Some("evt_exact"));
 
@@ -206,19 +251,26 @@ fn body_and_signature_are_exact() {
     }
     for secret in [SECRET, SECOND_SECRET] {
         let verifier = standardwebhooks::Webhook::new(secret).expect("secret");
-        verifier.verify(&request.body, &headers).expect("signature verifies with standardwebhooks");
+        verifier
+            .verify(&request.body, &headers)
+            .expect("signature verifies with standardwebhooks");
     }
-    let other = standardwebhooks::Webhook::new("whsec_dGhpcyBpcyBub3QgdGhlIHJpZ2h0IGtleSBhdCBhbGw=")
-        .expect("secret");
-    assert!(other.verify(&request.body, &headers).is_err(), "a wrong key must not verify");
+    let other =
+        standardwebhooks::Webhook::new("whsec_dGhpcyBpcyBub3QgdGhlIHJpZ2h0IGtleSBhdCBhbGw=")
+            .expect("secret");
+    assert!(
+        other.verify(&request.body, &headers).is_err(),
+        "a wrong key must not verify"
+    );
 }
 
 #[test]
 fn publish_while_running() {
     let fixture = Fixture::new(HashMap::new());
     let config = fixture.write_config(&[("ep_a", "acme", "/a", r#"["*"]"#)]);
-    let first: Vec<String> =
-        (0..50).map(|n| event("acme", &format!("evt_{n:03}"), "t.a", "{}")).collect();
+    let first: Vec<String> = (0..50)
+        .map(|n| event("acme", &format!("evt_{n:03}"), "t.a", "{}"))
+        .collect();
     assert!(fixture.publish(&first, false).status.success());
 
     let mut child = hookflow()
@@ -230,25 +282,44 @@ fn publish_while_running() {
         .spawn()
         .expect("start hookflow run");
 
-    let second: Vec<String> =
-        (50..150).map(|n| event("acme", &format!("evt_{n:03}"), "t.a", "{}")).collect();
+    let second: Vec<String> = (50..150)
+        .map(|n| event("acme", &format!("evt_{n:03}"), "t.a", "{}"))
+        .collect();
     for chunk in second.chunks(25) {
         assert!(fixture.publish(chunk, false).status.success());
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    let delivered = wait_for(Duration::from_secs(30), || fixture.receiver.requests().len() >= 150);
+    let delivered = wait_for(Duration::from_secs(30), || {
+        fixture.receiver.requests().len() >= 150
+    });
     terminate(&mut child);
-    assert!(delivered, "only {} of 150 delivered", fixture.receiver.requests().len());
-    let unique: std::collections::BTreeSet<String> = ids(&fixture.receiver.requests()).into_iter().collect();
+    assert!(
+        delivered,
+        "only {} of 150 delivered",
+        fixture.receiver.requests().len()
+    );
+    let unique: std::collections::BTreeSet<String> =
+        ids(&fixture.receiver.requests()).into_iter().collect();
     assert_eq!(unique.len(), 150);
-    assert_eq!(fixture.receiver.requests().len(), 150, "nothing delivered twice");
-    assert_eq!(outcomes(&fixture.rows()).get("delivered"), Some(&150), "archive flushed on SIGTERM");
+    assert_eq!(
+        fixture.receiver.requests().len(),
+        150,
+        "nothing delivered twice"
+    );
+    assert_eq!(
+        outcomes(&fixture.rows()).get("delivered"),
+        Some(&150),
+        "archive flushed on SIGTERM"
+    );
 }
 
 #[test]
 fn archive_rows_are_exact() {
-    let fixture = Fixture::new(HashMap::from([("/broken".to_string(), Behaviour::Status(503))]));
+    let fixture = Fixture::new(HashMap::from([(
+        "/broken".to_string(),
+        Behaviour::Status(503),
+    )]));
     let config = fixture.write_config(&[
         ("ep_ok", "acme", "/ok", r#"["charge.*"]"#),
         ("ep_broken", "acme", "/broken", r#"["charge.refunded"]"#),
@@ -265,14 +336,40 @@ fn archive_rows_are_exact() {
     let mut rows: Vec<(Option<String>, Option<String>, String, u32, Option<u16>)> = fixture
         .rows()
         .into_iter()
-        .map(|r| (r.event_id, r.endpoint_id, r.outcome, r.attempt, r.http_status))
+        .map(|r| {
+            (
+                r.event_id,
+                r.endpoint_id,
+                r.outcome,
+                r.attempt,
+                r.http_status,
+            )
+        })
         .collect();
     rows.sort();
     let expected = vec![
         (None, None, "invalid".to_string(), 0, None),
-        (Some("evt_1".into()), Some("ep_ok".into()), "delivered".to_string(), 1, Some(200)),
-        (Some("evt_2".into()), Some("ep_broken".into()), "dead_lettered".to_string(), 1, Some(503)),
-        (Some("evt_2".into()), Some("ep_ok".into()), "delivered".to_string(), 1, Some(200)),
+        (
+            Some("evt_1".into()),
+            Some("ep_ok".into()),
+            "delivered".to_string(),
+            1,
+            Some(200),
+        ),
+        (
+            Some("evt_2".into()),
+            Some("ep_broken".into()),
+            "dead_lettered".to_string(),
+            1,
+            Some(503),
+        ),
+        (
+            Some("evt_2".into()),
+            Some("ep_ok".into()),
+            "delivered".to_string(),
+            1,
+            Some(200),
+        ),
         (Some("evt_3".into()), None, "unrouted".to_string(), 0, None),
     ];
     assert_eq!(rows, expected);
@@ -280,10 +377,23 @@ fn archive_rows_are_exact() {
     let files = parquet_files(&fixture.archive_dir());
     assert!(!files.is_empty());
     for file in &files {
-        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        assert!(name.ends_with(".parquet") && !name.starts_with('.'), "{name}");
-        let parent = file.parent().and_then(|p| p.file_name()).and_then(|n| n.to_str());
-        assert!(parent.is_some_and(|p| p.starts_with("date=")), "{}", file.display());
+        let name = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        assert!(
+            name.ends_with(".parquet") && !name.starts_with('.'),
+            "{name}"
+        );
+        let parent = file
+            .parent()
+            .and_then(|p| p.file_name())
+            .and_then(|n| n.to_str());
+        assert!(
+            parent.is_some_and(|p| p.starts_with("date=")),
+            "{}",
+            file.display()
+        );
     }
     check_with_python_readers(&fixture.archive_dir(), 5);
 }
@@ -295,25 +405,34 @@ fn publish_rejects_bad_lines_and_writes_nothing() {
         event("acme", "evt_1", "t.a", "{}"),
         "{broken".to_string(),
         event("acme", "evt_3", "t.a", "{}"),
-        r#"{"id":"evt_4","tenant":"acme","type":"t.a","created_at":"noon","payload":{}}"#.to_string(),
+        r#"{"id":"evt_4","tenant":"acme","type":"t.a","created_at":"noon","payload":{}}"#
+            .to_string(),
     ];
     let output = fixture.publish(&lines, false);
     assert!(!output.status.success());
     let message = stderr(&output);
     assert!(message.contains("line 2: invalid JSON"), "{message}");
-    assert!(message.contains("line 4: invalid field `created_at`"), "{message}");
+    assert!(
+        message.contains("line 4: invalid field `created_at`"),
+        "{message}"
+    );
     assert!(message.contains("nothing was published"), "{message}");
 
     let config = fixture.write_config(&[("ep_a", "acme", "/a", r#"["*"]"#)]);
     fixture.run_until_idle(&config);
-    assert!(fixture.receiver.requests().is_empty(), "the valid lines were not written either");
+    assert!(
+        fixture.receiver.requests().is_empty(),
+        "the valid lines were not written either"
+    );
 }
 
 #[test]
 fn config_error_names_file_and_field() {
     let fixture = Fixture::new(HashMap::new());
     let config = fixture.write_config(&[("ep_a", "acme", "/a", r#"["*"]"#)]);
-    let text = std::fs::read_to_string(&config).expect("config").replace(SECRET, "sk_live_123");
+    let text = std::fs::read_to_string(&config)
+        .expect("config")
+        .replace(SECRET, "sk_live_123");
     std::fs::write(&config, text).expect("write config");
 
     let output = hookflow()
@@ -332,7 +451,10 @@ fn config_error_names_file_and_field() {
 
 #[test]
 fn bad_argument_prints_usage() {
-    let output = hookflow().args(["run", "--workers", "zero"]).output().expect("run hookflow");
+    let output = hookflow()
+        .args(["run", "--workers", "zero"])
+        .output()
+        .expect("run hookflow");
     assert_eq!(output.status.code(), Some(2));
     let message = stderr(&output);
     assert!(message.contains("Usage:"), "{message}");
@@ -352,7 +474,10 @@ fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
 
 fn terminate(child: &mut Child) {
     let pid = child.id().to_string();
-    let status = Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill -TERM");
     assert!(status.success());
     let start = Instant::now();
     loop {
@@ -361,7 +486,10 @@ fn terminate(child: &mut Child) {
             if let Some(mut pipe) = child.stderr.take() {
                 let _ = std::io::Read::read_to_string(&mut pipe, &mut text);
             }
-            assert!(status.success(), "hookflow run exited with {status} after SIGTERM: {text}");
+            assert!(
+                status.success(),
+                "hookflow run exited with {status} after SIGTERM: {text}"
+            );
             return;
         }
         if start.elapsed() > Duration::from_secs(20) {
@@ -398,13 +526,28 @@ fn check_with_python_readers(archive: &Path, expected_rows: usize) {
         .status()
         .is_ok_and(|s| s.success());
     if !available {
-        assert!(!required, "python3 with pyarrow and duckdb is required (pip install pyarrow duckdb)");
+        assert!(
+            !required,
+            "python3 with pyarrow and duckdb is required (pip install pyarrow duckdb)"
+        );
         eprintln!("skipping the pyarrow/DuckDB check: python3 lacks pyarrow or duckdb");
         return;
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/check_archive.py");
-    let output = Command::new("python3").arg(script).arg(archive).output().expect("run python3");
+    let output = Command::new("python3")
+        .arg(script)
+        .arg(archive)
+        .output()
+        .expect("run python3");
     let text = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "python readers failed: {}{}", text, stderr(&output));
-    assert!(text.starts_with(&format!("rows={expected_rows} ")), "{text}");
+    assert!(
+        output.status.success(),
+        "python readers failed: {}{}",
+        text,
+        stderr(&output)
+    );
+    assert!(
+        text.starts_with(&format!("rows={expected_rows} ")),
+        "{text}"
+    );
 }

@@ -226,7 +226,11 @@ pub fn attempt_schema() -> SchemaRef {
             Field::new("retry_after", DataType::Utf8, true),
             Field::new("location", DataType::Utf8, true),
         ])
-        .with_metadata(metadata.into_iter().collect::<std::collections::HashMap<_, _>>()),
+        .with_metadata(
+            metadata
+                .into_iter()
+                .collect::<std::collections::HashMap<_, _>>(),
+        ),
     )
 }
 
@@ -235,7 +239,9 @@ pub fn attempt_schema() -> SchemaRef {
 /// # Errors
 ///
 /// Fails only if the arrays disagree with the schema, which would be a bug here.
-pub fn attempts_to_record_batch(rows: &[AttemptRow]) -> Result<RecordBatch, arrow::error::ArrowError> {
+pub fn attempts_to_record_batch(
+    rows: &[AttemptRow],
+) -> Result<RecordBatch, arrow::error::ArrowError> {
     let strings = |get: &dyn Fn(&AttemptRow) -> Option<&str>| -> ArrayRef {
         let mut builder = StringBuilder::new();
         for row in rows {

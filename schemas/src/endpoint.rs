@@ -56,7 +56,12 @@ impl EventTypePattern {
     /// Rejects empty patterns, and `*` anywhere but as the whole pattern or the last segment
     /// after a dot.
     pub fn parse(pattern: &str) -> Result<Self, PatternError> {
-        let reject = |reason| Err(PatternError { pattern: pattern.to_string(), reason });
+        let reject = |reason| {
+            Err(PatternError {
+                pattern: pattern.to_string(),
+                reason,
+            })
+        };
         if pattern.is_empty() {
             return reject("must not be empty");
         }
@@ -124,14 +129,21 @@ mod tests {
         ];
         for (pattern, event_type, expected) in cases {
             let parsed = EventTypePattern::parse(pattern).expect("valid pattern");
-            assert_eq!(parsed.matches(event_type), expected, "{pattern} vs {event_type}");
+            assert_eq!(
+                parsed.matches(event_type),
+                expected,
+                "{pattern} vs {event_type}"
+            );
         }
     }
 
     #[test]
     fn pattern_rejects_misplaced_star() {
         for bad in ["", "char*", "*.succeeded", "a.*.b", "a..b", "a b", "**"] {
-            assert!(EventTypePattern::parse(bad).is_err(), "`{bad}` must be rejected");
+            assert!(
+                EventTypePattern::parse(bad).is_err(),
+                "`{bad}` must be rejected"
+            );
         }
     }
 }

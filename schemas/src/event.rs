@@ -149,8 +149,9 @@ struct WireEvent<'a> {
 ///
 /// Returns the first problem found, naming the field.
 pub fn decode_event(bytes: &[u8], max_payload_bytes: usize) -> Result<Event, DecodeError> {
-    let text = std::str::from_utf8(bytes)
-        .map_err(|e| DecodeError::NotUtf8 { position: e.valid_up_to() })?;
+    let text = std::str::from_utf8(bytes).map_err(|e| DecodeError::NotUtf8 {
+        position: e.valid_up_to(),
+    })?;
 
     let wire: WireEvent<'_> = serde_json::from_str(text.trim_end_matches(['\r', '\n']))
         .map_err(|e| DecodeError::InvalidJson(e.to_string()))?;
@@ -165,12 +166,25 @@ pub fn decode_event(bytes: &[u8], max_payload_bytes: usize) -> Result<Event, Dec
             reason: format!("`{created_at}` is not an RFC 3339 time ({e})"),
         })?;
 
-    let payload = wire.payload.ok_or(DecodeError::MissingField("payload"))?.get().as_bytes();
+    let payload = wire
+        .payload
+        .ok_or(DecodeError::MissingField("payload"))?
+        .get()
+        .as_bytes();
     if payload.len() > max_payload_bytes {
-        return Err(DecodeError::PayloadTooLarge { size: payload.len(), limit: max_payload_bytes });
+        return Err(DecodeError::PayloadTooLarge {
+            size: payload.len(),
+            limit: max_payload_bytes,
+        });
     }
 
-    Ok(Event { id, tenant, event_type, created_at, payload: payload.to_vec() })
+    Ok(Event {
+        id,
+        tenant,
+        event_type,
+        created_at,
+        payload: payload.to_vec(),
+    })
 }
 
 fn string_field(field: &'static str, raw: Option<&RawValue>) -> Result<String, DecodeError> {
@@ -186,7 +200,10 @@ fn name_field(field: &'static str, raw: Option<&RawValue>) -> Result<String, Dec
     let problem = if value.is_empty() {
         Some("must not be empty".to_string())
     } else if value.len() > MAX_NAME_BYTES {
-        Some(format!("is {} bytes, over the limit of {MAX_NAME_BYTES}", value.len()))
+        Some(format!(
+            "is {} bytes, over the limit of {MAX_NAME_BYTES}",
+            value.len()
+        ))
     } else if value.chars().any(char::is_control) {
         Some("must not contain control characters".to_string())
     } else {
@@ -217,7 +234,10 @@ mod tests {
         assert_eq!(event.id, "evt_1");
         assert_eq!(event.tenant, "acme");
         assert_eq!(event.event_type, "charge.succeeded");
-        assert_eq!(event.payload, r#"{"b": 1,  "a":"é", "n": 12345678901234567890}"#.as_bytes());
+        assert_eq!(
+            event.payload,
+            r#"{"b": 1,  "a":"é", "n": 12345678901234567890}"#.as_bytes()
+        );
     }
 
     #[test]
@@ -234,20 +254,31 @@ mod tests {
         ];
         for (bytes, kind) in cases {
             let err = decode_event(bytes, DEFAULT_MAX_PAYLOAD_BYTES).expect_err("must be rejected");
-            assert_eq!(err.kind(), *kind, "{}: {err}", String::from_utf8_lossy(bytes));
+            assert_eq!(
+                err.kind(),
+                *kind,
+                "{}: {err}",
+                String::from_utf8_lossy(bytes)
+            );
         }
     }
 
     #[test]
     fn decode_names_missing_field() {
-        let err = decode_event(br#"{"id":"e","tenant":"a","created_at":"2026-12-04T10:00:00Z","payload":1}"#, 1024)
-            .expect_err("type is missing");
+        let err = decode_event(
+            br#"{"id":"e","tenant":"a","created_at":"2026-12-04T10:00:00Z","payload":1}"#,
+            1024,
+        )
+        .expect_err("type is missing");
         assert_eq!(err.to_string(), "missing field `type`");
     }
 
     #[test]
     fn decode_enforces_payload_limit() {
         let err = decode_event(GOOD.as_bytes(), 10).expect_err("payload over 10 bytes");
-        assert!(matches!(err, DecodeError::PayloadTooLarge { limit: 10, .. }), "{err}");
+        assert!(
+            matches!(err, DecodeError::PayloadTooLarge { limit: 10, .. }),
+            "{err}"
+        );
     }
 }

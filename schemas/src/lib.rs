@@ -12,11 +12,15 @@ mod attempt;
 mod endpoint;
 mod event;
 
-pub use attempt::{attempt_schema, attempts_to_record_batch, AttemptRow, ErrorKind, Outcome,
-    ATTEMPT_SCHEMA_VERSION};
+pub use attempt::{
+    attempt_schema, attempts_to_record_batch, AttemptRow, ErrorKind, Outcome,
+    ATTEMPT_SCHEMA_VERSION,
+};
 pub use endpoint::{Endpoint, EventTypePattern, PatternError};
-pub use event::{decode_event, DecodeError, Delivery, Event, IngestedEvent, SourceRecord,
-    DEFAULT_MAX_PAYLOAD_BYTES};
+pub use event::{
+    decode_event, DecodeError, Delivery, Event, IngestedEvent, SourceRecord,
+    DEFAULT_MAX_PAYLOAD_BYTES,
+};
 
 /// Milliseconds since the Unix epoch, UTC. Dataflow timestamps use the same unit.
 pub type Millis = u64;
@@ -26,6 +30,9 @@ pub fn format_millis(ms: Millis) -> String {
     let nanos = i128::from(ms) * 1_000_000;
     time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| format!("{ms} ms"))
 }

@@ -25,7 +25,12 @@ fn project(dir: &std::path::Path) -> Projection {
 /// Random events over 6 tenants with repeats, malformed lines and unsubscribed types.
 fn random_events(seed: u64, count: usize) -> Vec<String> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let types = ["charge.succeeded", "charge.refunded", "invoice.paid", "user.created"];
+    let types = [
+        "charge.succeeded",
+        "charge.refunded",
+        "invoice.paid",
+        "user.created",
+    ];
     let mut lines = Vec::new();
     for n in 0..count {
         let tenant = format!("t{}", rng.random_range(0..6));
@@ -34,7 +39,12 @@ fn random_events(seed: u64, count: usize) -> Vec<String> {
         if rng.random_bool(0.02) {
             lines.push(format!(r#"{{"id":"{id}","tenant":"{tenant}""#));
         } else {
-            lines.push(event_line(&tenant, &id, event_type, &format!(r#"{{"n":{n}}}"#)));
+            lines.push(event_line(
+                &tenant,
+                &id,
+                event_type,
+                &format!(r#"{{"n":{n}}}"#),
+            ));
         }
     }
     lines
@@ -42,12 +52,20 @@ fn random_events(seed: u64, count: usize) -> Vec<String> {
 
 #[test]
 fn worker_counts_agree() {
-    let receiver = Receiver::start(HashMap::from([("/t2/fail".to_string(), Behaviour::Status(500))]))
-        .expect("receiver");
+    let receiver = Receiver::start(HashMap::from([(
+        "/t2/fail".to_string(),
+        Behaviour::Status(500),
+    )]))
+    .expect("receiver");
     let endpoints = [
         ("e0", "t0", receiver.url("/t0/all"), r#"["*"]"#),
         ("e1", "t1", receiver.url("/t1/charges"), r#"["charge.*"]"#),
-        ("e2", "t1", receiver.url("/t1/invoices"), r#"["invoice.paid"]"#),
+        (
+            "e2",
+            "t1",
+            receiver.url("/t1/invoices"),
+            r#"["invoice.paid"]"#,
+        ),
         ("e3", "t2", receiver.url("/t2/fail"), r#"["*"]"#),
         ("e4", "t3", receiver.url("/t3/all"), r#"["*"]"#),
         ("e5", "t4", receiver.url("/t4/users"), r#"["user.*"]"#),
@@ -65,8 +83,15 @@ fn worker_counts_agree() {
 
     let (single, single_duplicates) = &projections[&1];
     let (multi, multi_duplicates) = &projections[&3];
-    assert!(single.len() > 300, "the input must exercise the pipeline: {} rows", single.len());
-    assert_eq!(single_duplicates, multi_duplicates, "dedup decisions differ");
+    assert!(
+        single.len() > 300,
+        "the input must exercise the pipeline: {} rows",
+        single.len()
+    );
+    assert_eq!(
+        single_duplicates, multi_duplicates,
+        "dedup decisions differ"
+    );
     assert_eq!(single, multi, "archives differ between 1 and 3 workers");
 }
 
@@ -90,16 +115,27 @@ fn every_record_is_accounted_for() {
         *per_record.entry((row.partition, row.offset)).or_default() += 1;
     }
     let accounted = per_record.len() as u64 + report.duplicates;
-    assert_eq!(accounted, published as u64, "records lost or double-counted");
+    assert_eq!(
+        accounted, published as u64,
+        "records lost or double-counted"
+    );
     let delivered = rows.iter().filter(|r| r.outcome == "delivered").count();
-    assert_eq!(delivered, receiver.requests().len(), "archive and receiver disagree");
+    assert_eq!(
+        delivered,
+        receiver.requests().len(),
+        "archive and receiver disagree"
+    );
 }
 
 #[test]
 fn demo_leaves_archive() {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let summary = run_demo(&DemoOptions { dir: dir.path().join("demo"), events: 300, seed: 3 })
-        .expect("demo runs");
+    let summary = run_demo(&DemoOptions {
+        dir: dir.path().join("demo"),
+        events: 300,
+        seed: 3,
+    })
+    .expect("demo runs");
     assert!(summary.contains("delivered"), "{summary}");
     let rows = read_attempts(&dir.path().join("demo/archive")).expect("demo archive");
     assert!(rows.iter().any(|r| r.outcome == "delivered"));

@@ -1,9 +1,9 @@
 //! The HTTP client that sends one webhook: [`DeliveryClient::attempt`].
 //!
 //! An attempt runs in three phases. `prepare` parses the URL, checks an IP-literal host
-//! against the address policy, signs the body and builds the request. `send` POSTs it and
-//! waits for the response head. `read_response` reads at most `max_response_bytes` of the
-//! body. Host names are resolved by [`PolicyResolver`], which drops every address the
+//! against the address policy, signs the body and builds the request. `exchange` POSTs it
+//! and waits for the response head. `read_response` reads at most `max_response_bytes` of
+//! the body. Host names are resolved by [`PolicyResolver`], which drops every address the
 //! policy rejects before reqwest connects, so a name cannot smuggle in a private address.
 //! Redirects are never followed and proxies never come from the environment.
 
@@ -39,7 +39,7 @@ pub const DEFAULT_SNIPPET_BYTES: usize = 1024;
 /// The longest `Location` or `Retry-After` value kept, in bytes.
 const MAX_HEADER_VALUE_BYTES: usize = 1024;
 
-/// The most HTTP clients kept, one per distinct connect timeout.
+/// Maximum number of HTTP clients kept, one per distinct connect timeout.
 const MAX_CACHED_CLIENTS: usize = 32;
 
 /// The boxed error type of [`reqwest::dns::Resolving`].
@@ -51,10 +51,11 @@ pub struct ClientConfig {
     /// The policy on addresses that may be contacted. The default rejects every address
     /// that is not globally reachable.
     pub address_policy: AddressPolicy,
-    /// Maximum response body bytes read per attempt, because the rest is discarded unread.
+    /// Maximum response body bytes read per attempt. The rest is discarded unread.
     /// Default 64 KiB.
     pub max_response_bytes: usize,
-    /// How many leading bytes of the response body the attempt row keeps. Default 1 KiB.
+    /// How many leading bytes of the response body the attempt row keeps, at most
+    /// `max_response_bytes`. Default 1 KiB.
     pub snippet_bytes: usize,
     /// Resolves host names before the address policy filters them. `None` uses
     /// [`SystemResolver`]; tests inject a fixed table here.
@@ -170,7 +171,7 @@ fn permitted_addresses(
 /// * The body is the event's payload bytes, unchanged, sent with `content-type:
 ///   application/json` and the `user-agent` [`USER_AGENT`].
 /// * The Standard Webhooks headers are `webhook-id` (the event id), `webhook-timestamp`
-///   (the send time in seconds) and `webhook-signature`. The signature header holds one
+///   (the send time in seconds) and `webhook-signature`. The signature header contains one
 ///   `v1,` signature per secret, separated by spaces, and is absent when the endpoint has
 ///   no secret.
 /// * Only addresses the [`AddressPolicy`] permits are contacted. Redirects are not followed,

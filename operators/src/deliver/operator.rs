@@ -173,7 +173,11 @@ impl<'scope> Deliver<'scope> for Stream<'scope, u64, Vec<Delivery>> {
             move |input, output| {
                 input.for_each_stamp(|capability, containers| {
                     let Some(retained) = capability.retain_least(output.output_index()) else {
-                        tracing::error!("Deliver received deliveries without a time; dropped.");
+                        let dropped: usize = containers.map(|container| container.len()).sum();
+                        tracing::error!(
+                            deliveries = dropped,
+                            "Deliver received deliveries without a timestamp; dropping them."
+                        );
                         return;
                     };
                     let mut decided = Vec::new();

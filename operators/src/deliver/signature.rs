@@ -73,7 +73,7 @@ fn describe(error: &base64::DecodeError) -> String {
 ///
 /// # Errors
 ///
-/// The first [`DeliverError::InvalidSecret`] among the secrets; with several secrets its
+/// The first [`DeliverError::InvalidSecret`] among the secrets. With several secrets, its
 /// reason names the secret's position in the list, counting from 1.
 pub fn signature_header(
     secrets: &[String],
