@@ -191,6 +191,9 @@ struct WorkerReport {
     files: Vec<PathBuf>,
 }
 
+// `ok_err` splits streams by `Result`; the `Err` side is data, not an error, so its size
+// does not matter.
+#[allow(clippy::result_large_err)]
 fn run_worker(
     worker: &mut timely::worker::Worker,
     shared: &WorkerShared,
@@ -354,7 +357,7 @@ fn decode<'scope>(
                         })),
                         Err(error) => {
                             invalid_seen += 1;
-                            if invalid_seen <= 5 || invalid_seen % 1000 == 0 {
+                            if invalid_seen <= 5 || invalid_seen.is_multiple_of(1000) {
                                 tracing::warn!(
                                     partition = record.partition,
                                     offset = record.offset,

@@ -53,7 +53,7 @@ pub enum PublishError {
         /// The data directory.
         data_dir: PathBuf,
         /// The log's error.
-        source: hookflow_connectors::ConnectorError,
+        source: Box<hookflow_connectors::ConnectorError>,
     },
 }
 
@@ -141,9 +141,9 @@ pub fn publish_reader(
         });
     }
 
-    let log_error = |source| PublishError::Log {
+    let log_error = |source: hookflow_connectors::ConnectorError| PublishError::Log {
         data_dir: options.data_dir.clone(),
-        source,
+        source: Box::new(source),
     };
     let mut log = LocalLog::open(
         &options.data_dir,

@@ -104,6 +104,9 @@ fn event(tenant: &str, id: &str, event_type: &str, payload: &str) -> String {
     )
 }
 
+/// (event id, endpoint id, outcome, attempt, HTTP status) of one attempt row.
+type RowSummary = (Option<String>, Option<String>, String, u32, Option<u16>);
+
 fn outcomes(rows: &[AttemptRow]) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for row in rows {
@@ -333,7 +336,7 @@ fn archive_rows_are_exact() {
     assert!(fixture.publish(&lines, true).status.success());
     fixture.run_until_idle(&config);
 
-    let mut rows: Vec<(Option<String>, Option<String>, String, u32, Option<u16>)> = fixture
+    let mut rows: Vec<RowSummary> = fixture
         .rows()
         .into_iter()
         .map(|r| {

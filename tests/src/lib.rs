@@ -63,13 +63,13 @@ pub fn publish_lines(data_dir: &Path, lines: &[String], raw: bool) -> anyhow::Re
 pub fn run_until_idle(data_dir: &Path, text: &str, workers: usize) -> anyhow::Result<RunReport> {
     let mut config = Config::parse(text, Path::new("test.toml"))?;
     config.pipeline.workers = workers;
-    Ok(run(RunOptions {
+    run(RunOptions {
         config,
         data_dir: data_dir.to_path_buf(),
         until_idle: true,
         clock: Arc::new(WallClock),
         stop: Arc::new(AtomicBool::new(false)),
-    })?)
+    })
 }
 
 /// Receiver behaviours keyed by path, for [`hookflow::receiver::Receiver::start`].
