@@ -12,4 +12,6 @@
 pub mod clock;
 pub mod dedup;
 pub mod deliver;
+pub mod rate_limit;
+pub mod retry;
 pub mod route;

@@ -9,7 +9,8 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
-use hookflow_schemas::{Endpoint, EventTypePattern, DEFAULT_MAX_PAYLOAD_BYTES};
+use hookflow_operators::retry::RetryPolicy;
+use hookflow_schemas::{Endpoint, EventTypePattern, RateLimit, DEFAULT_MAX_PAYLOAD_BYTES};
 use ipnet::IpNet;
 use serde::Deserialize;
 
@@ -29,6 +30,9 @@ pub struct Config {
     /// HTTP delivery settings shared by all endpoints.
     #[serde(default)]
     pub delivery: DeliveryConfig,
+    /// When failed deliveries are attempted again.
+    #[serde(default)]
+    pub retry: RetryConfig,
     /// The endpoints to deliver to.
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
@@ -128,6 +132,58 @@ impl Default for DeliveryConfig {
     }
 }
 
+/// `[retry]`: when failed deliveries are attempted again.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Delays between attempts in ms, one per retry; after the last one the delivery is
+    /// dead-lettered. Default: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h.
+    pub schedule_ms: Vec<u64>,
+    /// Each delay moves by up to this percentage either way, seeded per delivery and attempt.
+    /// Default 10, at most 100.
+    pub jitter_percent: u8,
+    /// Events first read longer ago than this are dead-lettered as `expired` instead of
+    /// attempted, in seconds. Default 345600 (4 days).
+    pub max_event_age_secs: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        let policy = RetryPolicy::default();
+        RetryConfig {
+            schedule_ms: policy.schedule_ms,
+            jitter_percent: policy.jitter_percent,
+            max_event_age_secs: policy.max_event_age_ms / 1000,
+        }
+    }
+}
+
+impl RetryConfig {
+    /// The retry policy this section describes.
+    pub fn policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            schedule_ms: self.schedule_ms.clone(),
+            jitter_percent: self.jitter_percent,
+            max_event_age_ms: self.max_event_age_secs.saturating_mul(1000),
+        }
+    }
+}
+
+/// `rate_limit = { max_requests = 10, window_ms = 1000 }` of an endpoint.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Requests that may start per window; at least 1.
+    pub max_requests: u32,
+    /// The window in ms, aligned to multiples of itself since the Unix epoch. Default 1000.
+    #[serde(default = "default_window_ms")]
+    pub window_ms: u64,
+}
+
+fn default_window_ms() -> u64 {
+    1_000
+}
+
 /// `[[endpoints]]`: one customer endpoint.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -157,6 +213,8 @@ pub struct EndpointConfig {
     /// Whether deliveries are attempted. Default true.
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// At most this many requests start per window. Default: unlimited.
+    pub rate_limit: Option<RateLimitConfig>,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -275,6 +333,15 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        if self.retry.jitter_percent > 100 {
+            return Err(("retry.jitter_percent".into(), "must be between 0 and 100".into()));
+        }
+        if self.retry.schedule_ms.len() > 100 {
+            return Err(("retry.schedule_ms".into(), "at most 100 retries".into()));
+        }
+        if self.retry.max_event_age_secs == 0 {
+            return Err(("retry.max_event_age_secs".into(), "must be at least 1".into()));
+        }
         if self.delivery.max_in_flight == 0 {
             return Err(("delivery.max_in_flight".into(), "must be at least 1".into()));
         }
@@ -392,6 +459,14 @@ impl EndpointConfig {
         if self.max_in_flight == 0 {
             return bad("max_in_flight", "must be at least 1".into());
         }
+        if let Some(limit) = self.rate_limit {
+            if limit.max_requests == 0 {
+                return bad("rate_limit.max_requests", "must be at least 1".into());
+            }
+            if limit.window_ms == 0 {
+                return bad("rate_limit.window_ms", "must be at least 1".into());
+            }
+        }
 
         Ok(Endpoint {
             id: self.id.clone(),
@@ -403,6 +478,10 @@ impl EndpointConfig {
             connect_timeout_ms: self.connect_timeout_ms,
             max_in_flight: self.max_in_flight,
             enabled: self.enabled,
+            rate_limit: self.rate_limit.map(|limit| RateLimit {
+                max_requests: limit.max_requests,
+                window_ms: limit.window_ms,
+            }),
         })
     }
 }
@@ -488,6 +567,18 @@ mod tests {
             (
                 "[pipeline]\nworkers = \"two\"\n".to_string(),
                 "invalid type",
+            ),
+            (
+                "[retry]\njitter_percent = 150\n".to_string(),
+                "field `retry.jitter_percent`",
+            ),
+            (
+                endpoint("rate_limit = { max_requests = 0 }"),
+                "field `endpoints[0].rate_limit.max_requests`",
+            ),
+            (
+                endpoint("rate_limit = { max_request = 5 }"),
+                "unknown field `max_request`",
             ),
         ];
         for (text, expected) in cases {

@@ -29,15 +29,16 @@ use hookflow_connectors::{ArchiveOptions, ArchiveWriter, LocalLog, LocalLogOptio
 use hookflow_operators::clock::Clock;
 use hookflow_operators::dedup::{Dedup, DedupConfig};
 use hookflow_operators::deliver::{
-    AddressPolicy, ClientConfig, Deliver, DeliverContext, DeliveryClient,
+    AddressPolicy, Attempted, ClientConfig, Deliver, DeliverContext, DeliveryClient, PayloadSource,
 };
 use hookflow_operators::route::{Route, Subscription};
-use hookflow_schemas::{decode_event, AttemptRow, Endpoint, IngestedEvent, SourceRecord};
+use hookflow_connectors::Source;
+use hookflow_schemas::{decode_event, AttemptRow, Delivery, Endpoint, IngestedEvent, SourceRecord};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
-use timely::dataflow::operators::{Concat, OkErr, Probe};
+use timely::dataflow::operators::{Concat, ConnectLoop, Feedback, OkErr, Probe};
 use timely::dataflow::Stream;
 
 use crate::config::Config;
@@ -139,6 +140,7 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
         runtime: runtime.handle().clone(),
         client,
         duplicates: duplicates.clone(),
+        requests_in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         run_id: options.clock.now_ms(),
     });
 
@@ -182,6 +184,7 @@ struct WorkerShared {
     runtime: tokio::runtime::Handle,
     client: DeliveryClient,
     duplicates: Arc<AtomicU64>,
+    requests_in_flight: Arc<std::sync::atomic::AtomicUsize>,
     run_id: u64,
 }
 
@@ -202,13 +205,15 @@ fn run_worker(
     let config = &shared.config;
     let clock = shared.clock.clone();
 
-    let log = LocalLog::open(
-        &shared.data_dir,
-        &LocalLogOptions {
-            partitions: config.local_log.partitions,
-        },
-    )
-    .with_context(|| format!("cannot open the local log in {}", shared.data_dir.display()))?;
+    let log_options = LocalLogOptions {
+        partitions: config.local_log.partitions,
+    };
+    let open_log = || {
+        LocalLog::open(&shared.data_dir, &log_options)
+            .with_context(|| format!("cannot open the local log in {}", shared.data_dir.display()))
+    };
+    let log = open_log()?;
+    let retry_log = open_log()?;
     let writer = ArchiveWriter::new(
         ArchiveOptions {
             max_rows_per_file: config.archive.max_rows_per_file,
@@ -264,13 +269,27 @@ fn run_worker(
             .ok_err(|routed| routed);
         let unrouted = unrouted_rows(unrouted, clock.clone());
 
-        let attempts = deliveries.deliver(DeliverContext {
+        // Retries come round a feedback edge, stamped with their next attempt time, and
+        // re-enter before the deliver operator's rate limit, never through dedup or route.
+        let (retry_handle, retries) = scope.feedback::<Vec<Delivery>>(1);
+        let payloads = LogPayloads { log: retry_log, max_payload_bytes: config.pipeline.max_payload_bytes };
+        let context = DeliverContext {
             runtime: shared.runtime.clone(),
             client: shared.client.clone(),
             endpoints: shared.endpoints.clone(),
             clock: clock.clone(),
             max_in_flight_total: config.delivery.max_in_flight,
-        });
+            retry: config.retry.policy(),
+            requests_in_flight: shared.requests_in_flight.clone(),
+        };
+        let (attempts, retries) = deliveries
+            .concat(retries)
+            .deliver(context, Box::new(payloads))
+            .ok_err(|attempted| match attempted {
+                Attempted::Row(row) => Ok(row),
+                Attempted::Retry(delivery) => Err(delivery),
+            });
+        retries.connect_loop(retry_handle);
 
         let rows = attempts.concat(invalid).concat(unrouted);
         archive_sink(
@@ -442,4 +461,28 @@ fn archive_sink<'scope>(
             }
         },
     )
+}
+
+/// Reads retries' payloads back from the local log.
+struct LogPayloads {
+    log: LocalLog,
+    max_payload_bytes: usize,
+}
+
+impl PayloadSource for LogPayloads {
+    fn fetch(&mut self, positions: &[(u32, u64)]) -> Vec<Result<Vec<u8>, String>> {
+        positions
+            .iter()
+            .map(|&(partition, offset)| {
+                let records = self.log.read(partition, offset, 1).map_err(|e| format!("{e:#}"))?;
+                let record = records
+                    .into_iter()
+                    .find(|record| record.offset == offset)
+                    .ok_or_else(|| format!("partition {partition} has no record at offset {offset}"))?;
+                decode_event(&record.value, self.max_payload_bytes)
+                    .map(|event| event.payload)
+                    .map_err(|e| format!("the record at partition {partition} offset {offset} no longer decodes: {e}"))
+            })
+            .collect()
+    }
 }

@@ -34,14 +34,26 @@ impl Fixture {
         self.data_dir().join("archive")
     }
 
-    /// Writes a config with one endpoint per (id, tenant, path, patterns).
+    /// Writes a config with one endpoint per (id, tenant, path, patterns), and no retries.
     fn write_config(&self, endpoints: &[(&str, &str, &str, &str)]) -> PathBuf {
+        self.write_config_with(endpoints, "[retry]\nschedule_ms = []\n", "")
+    }
+
+    /// Writes a config with one endpoint per (id, tenant, path, patterns); `tables` is added
+    /// after `[delivery]` and `endpoint_extra` to every endpoint.
+    fn write_config_with(
+        &self,
+        endpoints: &[(&str, &str, &str, &str)],
+        tables: &str,
+        endpoint_extra: &str,
+    ) -> PathBuf {
         let mut text = String::from("[delivery]\nallowed_private_cidrs = [\"127.0.0.1/32\"]\n");
+        text.push_str(tables);
         for (id, tenant, path, patterns) in endpoints {
             text.push_str(&format!(
                 "\n[[endpoints]]\nid = \"{id}\"\ntenant = \"{tenant}\"\nurl = \"{}\"\n\
                  event_types = {patterns}\nsecrets = [\"{SECRET}\", \"{SECOND_SECRET}\"]\n\
-                 timeout_ms = 5000\n",
+                 timeout_ms = 5000\n{endpoint_extra}\n",
                 self.receiver.url(path)
             ));
         }

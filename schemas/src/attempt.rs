@@ -60,6 +60,8 @@ pub enum Outcome {
     Unrouted,
     /// The record could not be decoded into an event.
     Invalid,
+    /// The event outlived the maximum event age before it could be delivered.
+    Expired,
 }
 
 impl Outcome {
@@ -71,6 +73,7 @@ impl Outcome {
             Outcome::DeadLettered => "dead_lettered",
             Outcome::Unrouted => "unrouted",
             Outcome::Invalid => "invalid",
+            Outcome::Expired => "expired",
         }
     }
 
@@ -99,6 +102,12 @@ pub enum ErrorKind {
     UnknownEndpoint,
     /// The request could not be built (invalid URL, header or secret).
     Request,
+    /// The endpoint is disabled.
+    EndpointDisabled,
+    /// The event is older than the maximum event age.
+    Expired,
+    /// The payload could not be read back from the source for a retry.
+    PayloadUnavailable,
 }
 
 impl ErrorKind {
@@ -113,6 +122,9 @@ impl ErrorKind {
             ErrorKind::Refused => "refused",
             ErrorKind::UnknownEndpoint => "unknown_endpoint",
             ErrorKind::Request => "request",
+            ErrorKind::EndpointDisabled => "endpoint_disabled",
+            ErrorKind::Expired => "expired",
+            ErrorKind::PayloadUnavailable => "payload_unavailable",
         }
     }
 }

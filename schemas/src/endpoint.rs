@@ -23,6 +23,18 @@ pub struct Endpoint {
     pub max_in_flight: usize,
     /// Whether deliveries are attempted.
     pub enabled: bool,
+    /// Requests allowed per fixed window, if the endpoint is rate limited.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A fixed-window rate limit: at most `max_requests` requests start in each window of
+/// `window_ms`, windows aligned to multiples of `window_ms` since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RateLimit {
+    /// Requests allowed to start per window; at least 1.
+    pub max_requests: u32,
+    /// The window length in ms; at least 1.
+    pub window_ms: u64,
 }
 
 impl Endpoint {

@@ -74,8 +74,17 @@ pub struct Delivery {
     pub generation: u32,
     /// The attempt about to be made, counting from 1.
     pub attempt: u32,
-    /// The event and its source position.
+    /// The event and its source position. On the retry loop the payload is left empty (a
+    /// valid event's payload never is) and the deliver operator reads it back from the
+    /// source when the retry is due, so that pending retries hold no payload in memory.
     pub ingested: IngestedEvent,
+}
+
+impl Delivery {
+    /// Returns whether the payload is present, as opposed to left behind on the retry loop.
+    pub fn has_payload(&self) -> bool {
+        !self.ingested.event.payload.is_empty()
+    }
 }
 
 /// Why a record could not be decoded into an [`Event`].

@@ -16,7 +16,7 @@ pub use attempt::{
     attempt_schema, attempts_to_record_batch, AttemptRow, ErrorKind, Outcome,
     ATTEMPT_SCHEMA_VERSION,
 };
-pub use endpoint::{Endpoint, EventTypePattern, PatternError};
+pub use endpoint::{Endpoint, EventTypePattern, PatternError, RateLimit};
 pub use event::{
     decode_event, DecodeError, Delivery, Event, IngestedEvent, SourceRecord,
     DEFAULT_MAX_PAYLOAD_BYTES,

@@ -26,11 +26,13 @@ pub struct Verdict {
 /// # Contract
 ///
 /// A 2xx status delivers. A 3xx status fails with [`ErrorKind::Redirect`], because redirects
-/// are not followed. Every other status fails with [`ErrorKind::HttpStatus`], and a failure
-/// without a response keeps its kind. Every failure dead-letters the delivery for now.
+/// are not followed, and every other status fails with [`ErrorKind::HttpStatus`]; both are
+/// retried ([`Outcome::Failed`]), as are connect errors, timeouts and broken connections.
+/// A failure no retry can fix (a rejected address, a request that cannot be built, an
+/// unknown or disabled endpoint) dead-letters the delivery at once.
 //
-// TODO: once the retry schedule exists, 429, 5xx, timeouts, connect and I/O errors should
-// return `Outcome::Failed` (retry) and other 4xx should follow the endpoint's configuration.
+// TODO: 410 Gone should stop retrying and disable the endpoint, and other 4xx should be
+// retried only a configurable number of times.
 pub fn classify(observation: Observation) -> Verdict {
     let error_kind = match observation {
         Observation::Status(200..=299) => None,
@@ -40,12 +42,22 @@ pub fn classify(observation: Observation) -> Verdict {
     };
     let outcome = match error_kind {
         None => Outcome::Delivered,
+        Some(kind) if is_retryable(kind) => Outcome::Failed,
         Some(_) => Outcome::DeadLettered,
     };
-    Verdict {
-        outcome,
-        error_kind,
-    }
+    Verdict { outcome, error_kind }
+}
+
+/// Returns whether a later attempt may succeed where one that failed with `kind` did not.
+pub fn is_retryable(kind: ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::HttpStatus
+            | ErrorKind::Redirect
+            | ErrorKind::Connect
+            | ErrorKind::Timeout
+            | ErrorKind::Io
+    )
 }
 
 /// Returns whether an attempt that failed with `kind` contacted the endpoint at all.
@@ -172,60 +184,60 @@ mod tests {
             (Observation::Status(299), Outcome::Delivered, None),
             (
                 Observation::Status(301),
-                Outcome::DeadLettered,
+                Outcome::Failed,
                 Some(Redirect),
             ),
             (
                 Observation::Status(302),
-                Outcome::DeadLettered,
+                Outcome::Failed,
                 Some(Redirect),
             ),
             (
                 Observation::Status(308),
-                Outcome::DeadLettered,
+                Outcome::Failed,
                 Some(Redirect),
             ),
             (
                 Observation::Status(100),
-                Outcome::DeadLettered,
+                Outcome::Failed,
                 Some(HttpStatus),
             ),
             (
                 Observation::Status(400),
-                Outcome::DeadLettered,
+                Outcome::Failed,
                 Some(HttpStatus),
             ),
             (
                 Observation::Status(410),
-                Outcome::DeadLettered,
+                Outcome::Failed,
                 Some(HttpStatus),
             ),
             (
                 Observation::Status(429),
-                Outcome::DeadLettered,
+                Outcome::Failed,
                 Some(HttpStatus),
             ),
             (
                 Observation::Status(500),
-                Outcome::DeadLettered,
+                Outcome::Failed,
                 Some(HttpStatus),
             ),
             (
                 Observation::Status(503),
-                Outcome::DeadLettered,
+                Outcome::Failed,
                 Some(HttpStatus),
             ),
             (
                 Observation::Failure(Connect),
-                Outcome::DeadLettered,
+                Outcome::Failed,
                 Some(Connect),
             ),
             (
                 Observation::Failure(Timeout),
-                Outcome::DeadLettered,
+                Outcome::Failed,
                 Some(Timeout),
             ),
-            (Observation::Failure(Io), Outcome::DeadLettered, Some(Io)),
+            (Observation::Failure(Io), Outcome::Failed, Some(Io)),
             (
                 Observation::Failure(Refused),
                 Outcome::DeadLettered,
