@@ -49,10 +49,16 @@ const TYPES: [&str; 5] = [
 /// Fails if the directory cannot be prepared, the receiver cannot start, or the pipeline fails.
 pub fn run_demo(options: &DemoOptions) -> anyhow::Result<String> {
     prepare_dir(&options.dir)?;
-    let receiver = Receiver::start(HashMap::from([(
-        "/initech/broken".to_string(),
-        Behaviour::Status(500),
-    )]))
+    let receiver = Receiver::start(HashMap::from([
+        ("/initech/broken".to_string(), Behaviour::Status(500)),
+        (
+            "/globex/orders".to_string(),
+            Behaviour::FailFirst {
+                failures: 2,
+                status: 503,
+            },
+        ),
+    ]))
     .context("cannot start the demo receiver on 127.0.0.1")?;
 
     let dir = std::fs::canonicalize(&options.dir)
@@ -112,39 +118,34 @@ fn prepare_dir(dir: &Path) -> anyhow::Result<()> {
 }
 
 fn demo_config(receiver: &Receiver, archive_dir: &Path) -> String {
+    // (id, tenant, path, patterns, extra settings). The receiver answers ep_globex_orders
+    // 503 twice per event before accepting it, and ep_initech_broken always 500.
     let endpoints = [
+        ("ep_acme_billing", "acme", "/acme/billing", r#"["charge.*", "invoice.paid"]"#, ""),
         (
-            "ep_acme_billing",
+            "ep_acme_audit",
             "acme",
-            "/acme/billing",
-            r#"["charge.*", "invoice.paid"]"#,
+            "/acme/audit",
+            r#"["*"]"#,
+            "rate_limit = { max_requests = 50, window_ms = 100 }\n",
         ),
-        ("ep_acme_audit", "acme", "/acme/audit", r#"["*"]"#),
-        (
-            "ep_globex_orders",
-            "globex",
-            "/globex/orders",
-            r#"["order.*", "charge.*"]"#,
-        ),
-        ("ep_initech_all", "initech", "/initech/all", r#"["*"]"#),
-        (
-            "ep_initech_broken",
-            "initech",
-            "/initech/broken",
-            r#"["invoice.paid"]"#,
-        ),
+        ("ep_globex_orders", "globex", "/globex/orders", r#"["order.*", "charge.*"]"#, ""),
+        ("ep_initech_all", "initech", "/initech/all", r#"["*"]"#, ""),
+        ("ep_initech_broken", "initech", "/initech/broken", r#"["invoice.paid"]"#, ""),
     ];
     let mut text = String::from(
         "# Written by `hookflow demo`; the receiver's port changes every run.\n\
          [delivery]\nallowed_private_cidrs = [\"127.0.0.1/32\"]\n\n\
+         # A short schedule so that the demo ends in seconds: three attempts in all.\n\
+         [retry]\nschedule_ms = [200, 400]\njitter_percent = 10\n\n\
          [archive]\n",
     );
     let _ = writeln!(text, "dir = {:?}", archive_dir.display().to_string());
-    for (id, tenant, path, types) in endpoints {
+    for (id, tenant, path, types, extra) in endpoints {
         let _ = write!(
             text,
             "\n[[endpoints]]\nid = \"{id}\"\ntenant = \"{tenant}\"\nurl = \"{}\"\n\
-             event_types = {types}\nsecret = \"{SECRET}\"\ntimeout_ms = 5000\n",
+             event_types = {types}\nsecret = \"{SECRET}\"\ntimeout_ms = 5000\n{extra}",
             receiver.url(path)
         );
     }
@@ -207,6 +208,17 @@ fn summarize(
         latencies[rank.min(latencies.len() - 1)]
     };
     let count = |outcome: &str| outcomes.get(outcome).copied().unwrap_or(0);
+    let recovered = rows
+        .iter()
+        .filter(|r| r.outcome == "delivered" && r.attempt > 1)
+        .count();
+    let mut audit_windows: BTreeMap<u64, usize> = BTreeMap::new();
+    for row in rows.iter().filter(|r| r.endpoint_id.as_deref() == Some("ep_acme_audit")) {
+        if let Some(started) = row.started_at_ms {
+            *audit_windows.entry(started / 100).or_default() += 1;
+        }
+    }
+    let audit_busiest = audit_windows.values().max().copied().unwrap_or(0);
 
     let mut text = String::new();
     let _ = writeln!(
@@ -222,7 +234,12 @@ fn summarize(
     let _ = writeln!(text, "  deduplicated     {:>6}", report.duplicates);
     let _ = writeln!(
         text,
-        "  dead-lettered    {:>6}  (receiver answered 500)",
+        "  retried          {:>6}  failed attempts retried; {recovered} deliveries succeeded on a later attempt",
+        count("failed")
+    );
+    let _ = writeln!(
+        text,
+        "  dead-lettered    {:>6}  (receiver answered 500 to all 3 attempts)",
         count("dead_lettered")
     );
     let _ = writeln!(
@@ -241,6 +258,11 @@ fn summarize(
         percentile(50.0),
         percentile(99.0),
         latencies.last().copied().unwrap_or(0)
+    );
+    let _ = writeln!(
+        text,
+        "  rate limit: ep_acme_audit started at most {audit_busiest} requests in any 100 ms window (limit 50), over {} windows",
+        audit_windows.len()
     );
     let _ = writeln!(text, "  config:  {}", config_path.display());
     let _ = writeln!(

@@ -75,18 +75,23 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,hookflow=info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => exit_with_usage(error),
     };
+
+    // The demo feeds malformed records on purpose; its summary reports them instead of logs.
+    let default_filter = match cli.command {
+        Command::Demo { .. } => "error",
+        _ => "warn,hookflow=info",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match execute(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -414,6 +414,68 @@ fn archive_rows_are_exact() {
 }
 
 #[test]
+fn retry_until_delivered() {
+    let fixture = Fixture::new(HashMap::from([(
+        "/flaky".to_string(),
+        Behaviour::FailFirst { failures: 2, status: 500 },
+    )]));
+    // Steps over a second apart, so that each attempt has its own `webhook-timestamp` second.
+    let config = fixture.write_config_with(
+        &[("ep_flaky", "acme", "/flaky", r#"["*"]"#)],
+        "[retry]\nschedule_ms = [1100, 1100, 1100]\njitter_percent = 0\n",
+        "",
+    );
+    let lines = vec![event("acme", "evt_retry", "charge.failed", r#"{"n":1}"#)];
+    assert!(fixture.publish(&lines, false).status.success());
+    fixture.run_until_idle(&config);
+
+    let requests = fixture.receiver.requests_to("/flaky");
+    assert_eq!(requests.len(), 3, "two failures, then the delivery");
+    let statuses: Vec<u16> = requests.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [500, 500, 200]);
+    for request in &requests {
+        assert_eq!(request.header("webhook-id"), Some("evt_retry"));
+        assert_eq!(request.body, br#"{"n":1}"#, "a retry sends the same bytes");
+    }
+    let timestamps: std::collections::BTreeSet<&str> =
+        requests.iter().filter_map(|r| r.header("webhook-timestamp")).collect();
+    assert_eq!(timestamps.len(), 3, "each attempt is signed at its own time");
+
+    let mut rows = fixture.rows();
+    rows.sort_by_key(|r| r.attempt);
+    let summary: Vec<(u32, &str)> = rows.iter().map(|r| (r.attempt, r.outcome.as_str())).collect();
+    assert_eq!(summary, [(1, "failed"), (2, "failed"), (3, "delivered")]);
+    for pair in rows.windows(2) {
+        let next = pair[0].next_attempt_at_ms.expect("a failed row names its next attempt");
+        assert_eq!(pair[1].due_at_ms, next, "the retry is due when the row said");
+        let started = pair[1].started_at_ms.expect("started");
+        assert!(started >= next, "attempt {} started before it was due", pair[1].attempt);
+    }
+    assert_eq!(rows[2].next_attempt_at_ms, None);
+}
+
+#[test]
+fn retries_exhausted_dead_letter() {
+    let fixture = Fixture::new(HashMap::from([("/down".to_string(), Behaviour::Status(503))]));
+    let config = fixture.write_config_with(
+        &[("ep_down", "acme", "/down", r#"["*"]"#)],
+        "[retry]\nschedule_ms = [50, 50]\njitter_percent = 0\n",
+        "",
+    );
+    let lines = vec![event("acme", "evt_down", "charge.failed", "{}")];
+    assert!(fixture.publish(&lines, false).status.success());
+    fixture.run_until_idle(&config);
+
+    assert_eq!(fixture.receiver.requests_to("/down").len(), 3);
+    let mut rows = fixture.rows();
+    rows.sort_by_key(|r| r.attempt);
+    let summary: Vec<(u32, &str)> = rows.iter().map(|r| (r.attempt, r.outcome.as_str())).collect();
+    assert_eq!(summary, [(1, "failed"), (2, "failed"), (3, "dead_lettered")]);
+    let message = rows[2].error_message.as_deref().unwrap_or_default();
+    assert!(message.contains("gave up after 3 attempts"), "{message}");
+}
+
+#[test]
 fn publish_rejects_bad_lines_and_writes_nothing() {
     let fixture = Fixture::new(HashMap::new());
     let lines = vec![

@@ -70,7 +70,7 @@ fn worker_counts_agree() {
         ("e4", "t3", receiver.url("/t3/all"), r#"["*"]"#),
         ("e5", "t4", receiver.url("/t4/users"), r#"["user.*"]"#),
     ];
-    let config = config_text(&endpoints, "");
+    let config = config_text(&endpoints, "[retry]\nschedule_ms = [30, 60]\njitter_percent = 20\n");
     let lines = random_events(11, 600);
 
     let mut projections = BTreeMap::new();
@@ -142,4 +142,54 @@ fn demo_leaves_archive() {
     assert!(rows.iter().any(|r| r.outcome == "dead_lettered"));
     assert!(rows.iter().any(|r| r.outcome == "unrouted"));
     assert!(dir.path().join("demo/hookflow.toml").is_file());
+}
+
+#[test]
+fn rate_limit_holds_and_spares_others() {
+    const LIMIT: usize = 5;
+    const WINDOW_MS: u64 = 200;
+    let receiver = Receiver::start(HashMap::new()).expect("receiver");
+    let endpoints = [
+        ("limited", "t0", receiver.url("/limited"), r#"["*"]"#),
+        ("free", "t1", receiver.url("/free"), r#"["*"]"#),
+    ];
+    let mut config = config_text(&endpoints, "");
+    config = config.replace(
+        "id = \"limited\"",
+        &format!("id = \"limited\"\nrate_limit = {{ max_requests = {LIMIT}, window_ms = {WINDOW_MS} }}"),
+    );
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let mut lines = Vec::new();
+    for n in 0..40 {
+        lines.push(event_line("t0", &format!("evt_{n}"), "a.b", "{}"));
+        lines.push(event_line("t1", &format!("evt_{n}"), "a.b", "{}"));
+    }
+    publish_lines(dir.path(), &lines, false).expect("publish");
+    run_until_idle(dir.path(), &config, 1).expect("pipeline run");
+
+    let limited: Vec<u64> =
+        receiver.requests_to("/limited").iter().map(|r| r.received_at_ms).collect();
+    let free: Vec<u64> = receiver.requests_to("/free").iter().map(|r| r.received_at_ms).collect();
+    assert_eq!(limited.len(), 40, "every limited delivery arrives");
+    assert_eq!(free.len(), 40, "every unlimited delivery arrives");
+
+    // The limiter counts when a request starts; the receiver sees it a few ms later, so a
+    // request started at the end of a window can land in the next one at the receiver. The
+    // margin is one request per window, and any two adjacent windows hold at most 2 * LIMIT.
+    let mut per_window: BTreeMap<u64, usize> = BTreeMap::new();
+    for at in &limited {
+        *per_window.entry(at / WINDOW_MS).or_default() += 1;
+    }
+    assert!(per_window.values().all(|n| *n <= LIMIT + 1), "{per_window:?}");
+    let counts: Vec<usize> = per_window.values().copied().collect();
+    assert!(counts.windows(2).all(|pair| pair[0] + pair[1] <= 2 * LIMIT + 1), "{per_window:?}");
+    let spread = limited.iter().max().unwrap_or(&0) - limited.iter().min().unwrap_or(&0);
+    assert!(spread >= (40 / LIMIT as u64 - 2) * WINDOW_MS, "the limit was not applied: {spread} ms");
+
+    let free_done = free.iter().max().copied().unwrap_or(0);
+    let limited_start = limited.iter().min().copied().unwrap_or(0);
+    assert!(
+        free_done < limited_start + 2 * WINDOW_MS,
+        "the unlimited endpoint waited behind the limited one"
+    );
 }
