@@ -88,7 +88,10 @@ pub struct VirtualClock {
 impl VirtualClock {
     /// Creates a clock reading `start_ms`.
     pub fn new(start_ms: Millis) -> Self {
-        VirtualClock { now_ms: AtomicU64::new(start_ms), waiting: Mutex::new(HashMap::new()) }
+        VirtualClock {
+            now_ms: AtomicU64::new(start_ms),
+            waiting: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Moves time forward to `to_ms` (never back) and wakes every operator whose requested
@@ -133,7 +136,9 @@ impl Clock for VirtualClock {
             return;
         }
         let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = waiting.entry(wakeup.id).or_insert((at_ms, Arc::clone(&wakeup.remote)));
+        let entry = waiting
+            .entry(wakeup.id)
+            .or_insert((at_ms, Arc::clone(&wakeup.remote)));
         entry.0 = entry.0.min(at_ms);
     }
 }
@@ -145,7 +150,10 @@ mod tests {
     #[test]
     fn wall_clock_reads_after_2024() {
         let clock: &dyn Clock = &WallClock;
-        assert!(clock.now_ms() > 1_704_067_200_000, "the wall clock reads before 2024-01-01");
+        assert!(
+            clock.now_ms() > 1_704_067_200_000,
+            "the wall clock reads before 2024-01-01"
+        );
     }
 
     #[test]

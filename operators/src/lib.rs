@@ -15,3 +15,4 @@ pub mod deliver;
 pub mod rate_limit;
 pub mod retry;
 pub mod route;
+pub mod stop;

@@ -35,8 +35,15 @@ pub enum StartDecision {
 impl WindowLimiter {
     /// Creates a limiter with no reservations. A zero limit or window counts as 1.
     pub fn new(limit: RateLimit) -> Self {
-        let limit = RateLimit { max_requests: limit.max_requests.max(1), window_ms: limit.window_ms.max(1) };
-        WindowLimiter { limit, reserved: BTreeMap::new(), first_open: 0 }
+        let limit = RateLimit {
+            max_requests: limit.max_requests.max(1),
+            window_ms: limit.window_ms.max(1),
+        };
+        WindowLimiter {
+            limit,
+            reserved: BTreeMap::new(),
+            first_open: 0,
+        }
     }
 
     /// The limit enforced.
@@ -104,7 +111,10 @@ mod tests {
     use super::*;
 
     fn limiter(max_requests: u32, window_ms: u64) -> WindowLimiter {
-        WindowLimiter::new(RateLimit { max_requests, window_ms })
+        WindowLimiter::new(RateLimit {
+            max_requests,
+            window_ms,
+        })
     }
 
     #[test]
@@ -118,7 +128,11 @@ mod tests {
     fn reserve_never_goes_before_due_time() {
         let mut limiter = limiter(1, 1_000);
         assert_eq!(limiter.reserve(500), 500);
-        assert_eq!(limiter.reserve(5_700), 5_700, "a later due time is not pulled earlier");
+        assert_eq!(
+            limiter.reserve(5_700),
+            5_700,
+            "a later due time is not pulled earlier"
+        );
         assert_eq!(limiter.reserve(100), 1_000, "window 0 is full");
     }
 
@@ -149,7 +163,9 @@ mod tests {
         let mut starts: BTreeMap<Millis, u32> = BTreeMap::new();
         let mut state = 7u64;
         let mut next = || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             state >> 33
         };
         for _ in 0..2_000 {

@@ -49,7 +49,12 @@ impl RetryPolicy {
     /// failed at `now_ms`, or `None` when the schedule is exhausted.
     ///
     /// The result is always at least `now_ms + 1`.
-    pub fn next_attempt_at(&self, failed_attempt: u32, now_ms: Millis, seed: u64) -> Option<Millis> {
+    pub fn next_attempt_at(
+        &self,
+        failed_attempt: u32,
+        now_ms: Millis,
+        seed: u64,
+    ) -> Option<Millis> {
         let index = usize::try_from(failed_attempt.checked_sub(1)?).ok()?;
         let delay = *self.schedule_ms.get(index)?;
         let jittered = jitter(delay, self.jitter_percent.min(100), seed);
@@ -58,7 +63,9 @@ impl RetryPolicy {
 
     /// The most attempts a delivery gets.
     pub fn max_attempts(&self) -> u32 {
-        u32::try_from(self.schedule_ms.len()).unwrap_or(u32::MAX).saturating_add(1)
+        u32::try_from(self.schedule_ms.len())
+            .unwrap_or(u32::MAX)
+            .saturating_add(1)
     }
 }
 
@@ -77,7 +84,11 @@ fn jitter(delay: u64, percent: u8, seed: u64) -> u64 {
 pub fn jitter_seed(delivery: &Delivery, attempt: u32) -> u64 {
     let event = &delivery.ingested.event;
     let mut hash = FNV_OFFSET;
-    for part in [event.tenant.as_bytes(), event.id.as_bytes(), delivery.endpoint_id.as_bytes()] {
+    for part in [
+        event.tenant.as_bytes(),
+        event.id.as_bytes(),
+        delivery.endpoint_id.as_bytes(),
+    ] {
         hash = fnv1a(hash, part);
         // A separator byte that UTF-8 text never contains keeps ("ab","c") apart from ("a","bc").
         hash = fnv1a(hash, &[0xff]);
@@ -109,7 +120,10 @@ mod tests {
 
     #[test]
     fn schedule_table_without_jitter() {
-        let policy = RetryPolicy { jitter_percent: 0, ..RetryPolicy::default() };
+        let policy = RetryPolicy {
+            jitter_percent: 0,
+            ..RetryPolicy::default()
+        };
         let cases = [
             (1, Some(5_000)),
             (2, Some(300_000)),
@@ -120,7 +134,11 @@ mod tests {
         ];
         for (failed_attempt, delay) in cases {
             let next = policy.next_attempt_at(failed_attempt, 1_000, 42);
-            assert_eq!(next, delay.map(|d| 1_000 + d), "after attempt {failed_attempt}");
+            assert_eq!(
+                next,
+                delay.map(|d| 1_000 + d),
+                "after attempt {failed_attempt}"
+            );
         }
         assert_eq!(policy.max_attempts(), 10);
     }
@@ -134,18 +152,29 @@ mod tests {
             assert!((4_500..=5_500).contains(&next), "{next} outside 5 s ± 10%");
             seen.insert(next);
         }
-        assert!(seen.len() > 100, "jitter should spread retries: {} values", seen.len());
+        assert!(
+            seen.len() > 100,
+            "jitter should spread retries: {} values",
+            seen.len()
+        );
     }
 
     #[test]
     fn jitter_is_deterministic() {
         let policy = RetryPolicy::default();
-        assert_eq!(policy.next_attempt_at(3, 7, 99), policy.next_attempt_at(3, 7, 99));
+        assert_eq!(
+            policy.next_attempt_at(3, 7, 99),
+            policy.next_attempt_at(3, 7, 99)
+        );
     }
 
     #[test]
     fn tiny_delays_still_move_forward() {
-        let policy = RetryPolicy { schedule_ms: vec![0, 1], jitter_percent: 100, max_event_age_ms: 10 };
+        let policy = RetryPolicy {
+            schedule_ms: vec![0, 1],
+            jitter_percent: 100,
+            max_event_age_ms: 10,
+        };
         for seed in 0..100 {
             assert!(policy.next_attempt_at(1, 50, seed).expect("retry") >= 51);
             assert!(policy.next_attempt_at(2, 50, seed).expect("retry") >= 51);

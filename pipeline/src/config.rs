@@ -334,13 +334,19 @@ impl Config {
             ));
         }
         if self.retry.jitter_percent > 100 {
-            return Err(("retry.jitter_percent".into(), "must be between 0 and 100".into()));
+            return Err((
+                "retry.jitter_percent".into(),
+                "must be between 0 and 100".into(),
+            ));
         }
         if self.retry.schedule_ms.len() > 100 {
             return Err(("retry.schedule_ms".into(), "at most 100 retries".into()));
         }
         if self.retry.max_event_age_secs == 0 {
-            return Err(("retry.max_event_age_secs".into(), "must be at least 1".into()));
+            return Err((
+                "retry.max_event_age_secs".into(),
+                "must be at least 1".into(),
+            ));
         }
         if self.delivery.max_in_flight == 0 {
             return Err(("delivery.max_in_flight".into(), "must be at least 1".into()));

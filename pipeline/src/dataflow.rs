@@ -15,16 +15,18 @@
 //! subscriptions input advances with the clock on every worker at every step, so events are
 //! routed as soon as their time passes.
 
+use hookflow_operators::stop::StopSignal;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use differential_dataflow::input::Input as _;
+use hookflow_connectors::Source;
 use hookflow_connectors::{ArchiveOptions, ArchiveWriter, LocalLog, LocalLogOptions};
 use hookflow_operators::clock::Clock;
 use hookflow_operators::dedup::{Dedup, DedupConfig};
@@ -32,7 +34,6 @@ use hookflow_operators::deliver::{
     AddressPolicy, Attempted, ClientConfig, Deliver, DeliverContext, DeliveryClient, PayloadSource,
 };
 use hookflow_operators::route::{Route, Subscription};
-use hookflow_connectors::Source;
 use hookflow_schemas::{decode_event, AttemptRow, Delivery, Endpoint, IngestedEvent, SourceRecord};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
@@ -56,7 +57,7 @@ pub struct RunOptions {
     /// The only source of "now".
     pub clock: Arc<dyn Clock>,
     /// Set to stop the pipeline gracefully (signal handlers set it).
-    pub stop: Arc<AtomicBool>,
+    pub stop: Arc<StopSignal>,
 }
 
 /// What a finished run reports.
@@ -179,7 +180,7 @@ struct WorkerShared {
     archive_dir: PathBuf,
     until_idle: bool,
     clock: Arc<dyn Clock>,
-    stop: Arc<AtomicBool>,
+    stop: Arc<StopSignal>,
     endpoints: Arc<HashMap<String, Endpoint>>,
     runtime: tokio::runtime::Handle,
     client: DeliveryClient,
@@ -272,7 +273,10 @@ fn run_worker(
         // Retries come round a feedback edge, stamped with their next attempt time, and
         // re-enter before the deliver operator's rate limit, never through dedup or route.
         let (retry_handle, retries) = scope.feedback::<Vec<Delivery>>(1);
-        let payloads = LogPayloads { log: retry_log, max_payload_bytes: config.pipeline.max_payload_bytes };
+        let payloads = LogPayloads {
+            log: retry_log,
+            max_payload_bytes: config.pipeline.max_payload_bytes,
+        };
         let context = DeliverContext {
             runtime: shared.runtime.clone(),
             client: shared.client.clone(),
@@ -281,6 +285,7 @@ fn run_worker(
             max_in_flight_total: config.delivery.max_in_flight,
             retry: config.retry.policy(),
             requests_in_flight: shared.requests_in_flight.clone(),
+            stop: shared.stop.clone(),
         };
         let (attempts, retries) = deliveries
             .concat(retries)
@@ -423,7 +428,7 @@ fn archive_sink<'scope>(
     rows: Stream<'scope, u64, Vec<AttemptRow>>,
     writer: Rc<RefCell<ArchiveWriter>>,
     failed: Rc<RefCell<Option<String>>>,
-    stop: Arc<AtomicBool>,
+    stop: Arc<StopSignal>,
     clock: Arc<dyn Clock>,
 ) -> Stream<'scope, u64, Vec<()>> {
     let scope = rows.scope();
@@ -440,7 +445,7 @@ fn archive_sink<'scope>(
                         if let Err(error) = writer.append(rows, now) {
                             tracing::error!(%error, rows = rows.len(), "Archive write failed; stopping.");
                             failed.borrow_mut().get_or_insert(error.to_string());
-                            stop.store(true, Ordering::Relaxed);
+                            stop.stop();
                         }
                     }
                 });
@@ -453,7 +458,7 @@ fn archive_sink<'scope>(
                     Err(error) => {
                         tracing::error!(%error, "Completing an archive file failed; stopping.");
                         failed.borrow_mut().get_or_insert(error.to_string());
-                        stop.store(true, Ordering::Relaxed);
+                        stop.stop();
                     }
                 }
                 // Wake up now and then so that an idle pipeline still completes aged files.

@@ -4,10 +4,10 @@
 //! publishes a few thousand generated events with some duplicates and some malformed lines,
 //! runs the pipeline until idle, and summarises the archive it leaves in place.
 
+use hookflow_operators::stop::StopSignal;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -90,7 +90,7 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<String> {
         data_dir,
         until_idle: true,
         clock,
-        stop: Arc::new(AtomicBool::new(false)),
+        stop: Arc::new(StopSignal::new()),
     })?;
     let elapsed = started.elapsed();
 
@@ -121,7 +121,13 @@ fn demo_config(receiver: &Receiver, archive_dir: &Path) -> String {
     // (id, tenant, path, patterns, extra settings). The receiver answers ep_globex_orders
     // 503 twice per event before accepting it, and ep_initech_broken always 500.
     let endpoints = [
-        ("ep_acme_billing", "acme", "/acme/billing", r#"["charge.*", "invoice.paid"]"#, ""),
+        (
+            "ep_acme_billing",
+            "acme",
+            "/acme/billing",
+            r#"["charge.*", "invoice.paid"]"#,
+            "",
+        ),
         (
             "ep_acme_audit",
             "acme",
@@ -129,9 +135,21 @@ fn demo_config(receiver: &Receiver, archive_dir: &Path) -> String {
             r#"["*"]"#,
             "rate_limit = { max_requests = 50, window_ms = 100 }\n",
         ),
-        ("ep_globex_orders", "globex", "/globex/orders", r#"["order.*", "charge.*"]"#, ""),
+        (
+            "ep_globex_orders",
+            "globex",
+            "/globex/orders",
+            r#"["order.*", "charge.*"]"#,
+            "",
+        ),
         ("ep_initech_all", "initech", "/initech/all", r#"["*"]"#, ""),
-        ("ep_initech_broken", "initech", "/initech/broken", r#"["invoice.paid"]"#, ""),
+        (
+            "ep_initech_broken",
+            "initech",
+            "/initech/broken",
+            r#"["invoice.paid"]"#,
+            "",
+        ),
     ];
     let mut text = String::from(
         "# Written by `hookflow demo`; the receiver's port changes every run.\n\
@@ -213,7 +231,10 @@ fn summarize(
         .filter(|r| r.outcome == "delivered" && r.attempt > 1)
         .count();
     let mut audit_windows: BTreeMap<u64, usize> = BTreeMap::new();
-    for row in rows.iter().filter(|r| r.endpoint_id.as_deref() == Some("ep_acme_audit")) {
+    for row in rows
+        .iter()
+        .filter(|r| r.endpoint_id.as_deref() == Some("ep_acme_audit"))
+    {
         if let Some(started) = row.started_at_ms {
             *audit_windows.entry(started / 100).or_default() += 1;
         }

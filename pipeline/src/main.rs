@@ -1,8 +1,8 @@
 //! The `hookflow` command line: `run`, `publish` and `demo`.
 
+use hookflow_operators::stop::StopSignal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -136,7 +136,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             if let Some(workers) = workers {
                 loaded.pipeline.workers = usize::from(workers);
             }
-            let stop = Arc::new(AtomicBool::new(false));
+            let stop = Arc::new(StopSignal::new());
             install_signal_handlers(stop.clone())?;
             let report = run(RunOptions {
                 config: loaded,
@@ -190,7 +190,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
 }
 
 /// On SIGINT or SIGTERM, stops the pipeline gracefully; a second signal exits at once.
-fn install_signal_handlers(stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+fn install_signal_handlers(stop: Arc<StopSignal>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -216,7 +216,7 @@ fn install_signal_handlers(stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                         tracing::info!(
                             "Stopping: draining in-flight deliveries and flushing the archive."
                         );
-                        stop.store(true, Ordering::Relaxed);
+                        stop.stop();
                     } else {
                         tracing::warn!("Second signal: exiting at once.");
                         std::process::exit(130);

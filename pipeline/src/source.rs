@@ -10,10 +10,10 @@
 //! memory. The capability is dropped when the pipeline stops, or, with `until_idle`, once a
 //! poll finds every owned partition at its end.
 
+use hookflow_operators::stop::StopSignal;
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,7 +41,7 @@ pub struct SourceOptions {
 #[derive(Debug, Clone, Default)]
 pub struct SourceControl {
     /// Set by a signal handler: stop reading and drain.
-    pub stop: Arc<AtomicBool>,
+    pub stop: Arc<StopSignal>,
     /// Set by the operator once it has dropped its capability.
     pub finished: Rc<Cell<bool>>,
     /// Set when reading failed; the pipeline stops and reports it.
@@ -75,7 +75,7 @@ pub fn read_source<'scope>(
             let Some(cap) = capability.as_mut() else {
                 return;
             };
-            if control.stop.load(Ordering::Relaxed) {
+            if control.stop.is_stopped() {
                 tracing::info!(worker = index, "Source stopped.");
                 capability = None;
                 control.finished.set(true);
@@ -106,7 +106,7 @@ pub fn read_source<'scope>(
                     Err(error) => {
                         tracing::error!(%error, partition = *partition, "Reading the source failed; stopping.");
                         control.failed.set(true);
-                        control.stop.store(true, Ordering::Relaxed);
+                        control.stop.stop();
                         break;
                     }
                 };

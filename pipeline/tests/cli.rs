@@ -308,7 +308,7 @@ fn publish_while_running() {
     let delivered = wait_for(Duration::from_secs(30), || {
         fixture.receiver.requests().len() >= 150
     });
-    terminate(&mut child);
+    let _ = terminate(&mut child);
     assert!(
         delivered,
         "only {} of 150 delivered",
@@ -417,7 +417,10 @@ fn archive_rows_are_exact() {
 fn retry_until_delivered() {
     let fixture = Fixture::new(HashMap::from([(
         "/flaky".to_string(),
-        Behaviour::FailFirst { failures: 2, status: 500 },
+        Behaviour::FailFirst {
+            failures: 2,
+            status: 500,
+        },
     )]));
     // Steps over a second apart, so that each attempt has its own `webhook-timestamp` second.
     let config = fixture.write_config_with(
@@ -437,26 +440,47 @@ fn retry_until_delivered() {
         assert_eq!(request.header("webhook-id"), Some("evt_retry"));
         assert_eq!(request.body, br#"{"n":1}"#, "a retry sends the same bytes");
     }
-    let timestamps: std::collections::BTreeSet<&str> =
-        requests.iter().filter_map(|r| r.header("webhook-timestamp")).collect();
-    assert_eq!(timestamps.len(), 3, "each attempt is signed at its own time");
+    let timestamps: std::collections::BTreeSet<&str> = requests
+        .iter()
+        .filter_map(|r| r.header("webhook-timestamp"))
+        .collect();
+    assert_eq!(
+        timestamps.len(),
+        3,
+        "each attempt is signed at its own time"
+    );
 
     let mut rows = fixture.rows();
     rows.sort_by_key(|r| r.attempt);
-    let summary: Vec<(u32, &str)> = rows.iter().map(|r| (r.attempt, r.outcome.as_str())).collect();
+    let summary: Vec<(u32, &str)> = rows
+        .iter()
+        .map(|r| (r.attempt, r.outcome.as_str()))
+        .collect();
     assert_eq!(summary, [(1, "failed"), (2, "failed"), (3, "delivered")]);
     for pair in rows.windows(2) {
-        let next = pair[0].next_attempt_at_ms.expect("a failed row names its next attempt");
-        assert_eq!(pair[1].due_at_ms, next, "the retry is due when the row said");
+        let next = pair[0]
+            .next_attempt_at_ms
+            .expect("a failed row names its next attempt");
+        assert_eq!(
+            pair[1].due_at_ms, next,
+            "the retry is due when the row said"
+        );
         let started = pair[1].started_at_ms.expect("started");
-        assert!(started >= next, "attempt {} started before it was due", pair[1].attempt);
+        assert!(
+            started >= next,
+            "attempt {} started before it was due",
+            pair[1].attempt
+        );
     }
     assert_eq!(rows[2].next_attempt_at_ms, None);
 }
 
 #[test]
 fn retries_exhausted_dead_letter() {
-    let fixture = Fixture::new(HashMap::from([("/down".to_string(), Behaviour::Status(503))]));
+    let fixture = Fixture::new(HashMap::from([(
+        "/down".to_string(),
+        Behaviour::Status(503),
+    )]));
     let config = fixture.write_config_with(
         &[("ep_down", "acme", "/down", r#"["*"]"#)],
         "[retry]\nschedule_ms = [50, 50]\njitter_percent = 0\n",
@@ -469,10 +493,88 @@ fn retries_exhausted_dead_letter() {
     assert_eq!(fixture.receiver.requests_to("/down").len(), 3);
     let mut rows = fixture.rows();
     rows.sort_by_key(|r| r.attempt);
-    let summary: Vec<(u32, &str)> = rows.iter().map(|r| (r.attempt, r.outcome.as_str())).collect();
-    assert_eq!(summary, [(1, "failed"), (2, "failed"), (3, "dead_lettered")]);
+    let summary: Vec<(u32, &str)> = rows
+        .iter()
+        .map(|r| (r.attempt, r.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        [(1, "failed"), (2, "failed"), (3, "dead_lettered")]
+    );
     let message = rows[2].error_message.as_deref().unwrap_or_default();
     assert!(message.contains("gave up after 3 attempts"), "{message}");
+}
+
+#[test]
+fn stop_does_not_wait_for_retries() {
+    let fixture = Fixture::new(HashMap::from([(
+        "/down".to_string(),
+        Behaviour::Status(500),
+    )]));
+    let config = fixture.write_config_with(
+        &[("ep_down", "acme", "/down", r#"["*"]"#)],
+        "[retry]\nschedule_ms = [600000]\n",
+        "",
+    );
+    let lines = vec![event("acme", "evt_pending", "charge.failed", "{}")];
+    assert!(fixture.publish(&lines, false).status.success());
+
+    let mut child = hookflow()
+        .args(["run", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(fixture.data_dir())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start hookflow run");
+    let attempted = wait_for(Duration::from_secs(20), || {
+        !fixture.receiver.requests().is_empty()
+    });
+    // The row of the first attempt reaches the archive sink right after the response.
+    std::thread::sleep(Duration::from_millis(200));
+    let stopped_at = Instant::now();
+    let log = terminate(&mut child);
+    assert!(attempted, "the first attempt never arrived");
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(10),
+        "the stop waited for the retry"
+    );
+    assert!(
+        log.contains("not persisted"),
+        "the dropped retry must be reported: {log}"
+    );
+
+    let rows = fixture.rows();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].outcome, "failed");
+    assert!(rows[0].next_attempt_at_ms.is_some());
+}
+
+#[test]
+fn expired_event_is_not_attempted() {
+    let fixture = Fixture::new(HashMap::from([(
+        "/down".to_string(),
+        Behaviour::Status(500),
+    )]));
+    let config = fixture.write_config_with(
+        &[("ep_down", "acme", "/down", r#"["*"]"#)],
+        "[retry]\nschedule_ms = [1500]\njitter_percent = 0\nmax_event_age_secs = 1\n",
+        "",
+    );
+    let lines = vec![event("acme", "evt_old", "charge.failed", "{}")];
+    assert!(fixture.publish(&lines, false).status.success());
+    fixture.run_until_idle(&config);
+
+    assert_eq!(
+        fixture.receiver.requests_to("/down").len(),
+        1,
+        "the retry is never sent"
+    );
+    let mut rows = fixture.rows();
+    rows.sort_by_key(|r| r.finished_at_ms);
+    let outcomes: Vec<&str> = rows.iter().map(|r| r.outcome.as_str()).collect();
+    assert_eq!(outcomes, ["failed", "expired"]);
+    assert_eq!(rows[1].error_kind.as_deref(), Some("expired"));
 }
 
 #[test]
@@ -549,7 +651,8 @@ fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     done()
 }
 
-fn terminate(child: &mut Child) {
+/// Sends SIGTERM, waits for a successful exit, and returns what the child wrote to stderr.
+fn terminate(child: &mut Child) -> String {
     let pid = child.id().to_string();
     let status = Command::new("kill")
         .args(["-TERM", &pid])
@@ -567,7 +670,7 @@ fn terminate(child: &mut Child) {
                 status.success(),
                 "hookflow run exited with {status} after SIGTERM: {text}"
             );
-            return;
+            return text;
         }
         if start.elapsed() > Duration::from_secs(20) {
             let _ = child.kill();

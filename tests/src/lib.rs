@@ -5,9 +5,9 @@
 
 #![warn(missing_docs)]
 
+use hookflow_operators::stop::StopSignal;
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use hookflow::config::Config;
@@ -68,7 +68,7 @@ pub fn run_until_idle(data_dir: &Path, text: &str, workers: usize) -> anyhow::Re
         data_dir: data_dir.to_path_buf(),
         until_idle: true,
         clock: Arc::new(WallClock),
-        stop: Arc::new(AtomicBool::new(false)),
+        stop: Arc::new(StopSignal::new()),
     })
 }
 

@@ -70,7 +70,10 @@ fn worker_counts_agree() {
         ("e4", "t3", receiver.url("/t3/all"), r#"["*"]"#),
         ("e5", "t4", receiver.url("/t4/users"), r#"["user.*"]"#),
     ];
-    let config = config_text(&endpoints, "[retry]\nschedule_ms = [30, 60]\njitter_percent = 20\n");
+    let config = config_text(
+        &endpoints,
+        "[retry]\nschedule_ms = [30, 60]\njitter_percent = 20\n",
+    );
     let lines = random_events(11, 600);
 
     let mut projections = BTreeMap::new();
@@ -156,7 +159,9 @@ fn rate_limit_holds_and_spares_others() {
     let mut config = config_text(&endpoints, "");
     config = config.replace(
         "id = \"limited\"",
-        &format!("id = \"limited\"\nrate_limit = {{ max_requests = {LIMIT}, window_ms = {WINDOW_MS} }}"),
+        &format!(
+            "id = \"limited\"\nrate_limit = {{ max_requests = {LIMIT}, window_ms = {WINDOW_MS} }}"
+        ),
     );
     let dir = tempfile::tempdir().expect("temporary directory");
     let mut lines = Vec::new();
@@ -167,9 +172,16 @@ fn rate_limit_holds_and_spares_others() {
     publish_lines(dir.path(), &lines, false).expect("publish");
     run_until_idle(dir.path(), &config, 1).expect("pipeline run");
 
-    let limited: Vec<u64> =
-        receiver.requests_to("/limited").iter().map(|r| r.received_at_ms).collect();
-    let free: Vec<u64> = receiver.requests_to("/free").iter().map(|r| r.received_at_ms).collect();
+    let limited: Vec<u64> = receiver
+        .requests_to("/limited")
+        .iter()
+        .map(|r| r.received_at_ms)
+        .collect();
+    let free: Vec<u64> = receiver
+        .requests_to("/free")
+        .iter()
+        .map(|r| r.received_at_ms)
+        .collect();
     assert_eq!(limited.len(), 40, "every limited delivery arrives");
     assert_eq!(free.len(), 40, "every unlimited delivery arrives");
 
@@ -180,11 +192,22 @@ fn rate_limit_holds_and_spares_others() {
     for at in &limited {
         *per_window.entry(at / WINDOW_MS).or_default() += 1;
     }
-    assert!(per_window.values().all(|n| *n <= LIMIT + 1), "{per_window:?}");
+    assert!(
+        per_window.values().all(|n| *n <= LIMIT + 1),
+        "{per_window:?}"
+    );
     let counts: Vec<usize> = per_window.values().copied().collect();
-    assert!(counts.windows(2).all(|pair| pair[0] + pair[1] <= 2 * LIMIT + 1), "{per_window:?}");
+    assert!(
+        counts
+            .windows(2)
+            .all(|pair| pair[0] + pair[1] <= 2 * LIMIT + 1),
+        "{per_window:?}"
+    );
     let spread = limited.iter().max().unwrap_or(&0) - limited.iter().min().unwrap_or(&0);
-    assert!(spread >= (40 / LIMIT as u64 - 2) * WINDOW_MS, "the limit was not applied: {spread} ms");
+    assert!(
+        spread >= (40 / LIMIT as u64 - 2) * WINDOW_MS,
+        "the limit was not applied: {spread} ms"
+    );
 
     let free_done = free.iter().max().copied().unwrap_or(0);
     let limited_start = limited.iter().min().copied().unwrap_or(0);

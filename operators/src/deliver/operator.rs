@@ -60,6 +60,7 @@ use super::result::dead_letter_row;
 use crate::clock::{Clock, Wakeup};
 use crate::rate_limit::{StartDecision, WindowLimiter};
 use crate::retry::{jitter_seed, RetryPolicy};
+use crate::stop::StopSignal;
 
 /// The default limit on requests in flight per worker.
 pub const DEFAULT_MAX_IN_FLIGHT_TOTAL: usize = 256;
@@ -104,6 +105,9 @@ pub struct DeliverContext {
     pub retry: RetryPolicy,
     /// Requests started and not yet turned into rows, over all workers sharing it.
     pub requests_in_flight: Arc<AtomicUsize>,
+    /// Set when the pipeline stops: requests in flight finish, and deliveries waiting for a
+    /// later time (a retry, a rate-limit window) are dropped with a warning.
+    pub stop: Arc<StopSignal>,
 }
 
 impl DeliverContext {
@@ -122,6 +126,7 @@ impl DeliverContext {
             max_in_flight_total: DEFAULT_MAX_IN_FLIGHT_TOTAL,
             retry: RetryPolicy::default(),
             requests_in_flight: Arc::new(AtomicUsize::new(0)),
+            stop: Arc::new(StopSignal::new()),
         }
     }
 }
@@ -159,6 +164,7 @@ impl<'scope> Deliver<'scope> for Stream<'scope, u64, Vec<Delivery>> {
 
         self.unary(exchange, "Deliver", move |_capability, info| {
             let wakeup = Wakeup::new(scope.worker(), info.address);
+            context.stop.watch(wakeup.sync_activator());
             let (sender, receiver) = mpsc::channel();
             let mut state = DeliverState::new(context, payloads, sender, receiver, wakeup);
 
@@ -168,7 +174,9 @@ impl<'scope> Deliver<'scope> for Stream<'scope, u64, Vec<Delivery>> {
                 let mut emitted: Vec<(Capability<u64>, Attempted)> = Vec::new();
 
                 input.for_each_stamp(|capability, containers| {
-                    let Some(time) = capability.least().copied() else { return };
+                    let Some(time) = capability.least().copied() else {
+                        return;
+                    };
                     // Everything emitted or held for this input is at `time` or later.
                     let held = capability.delayed(&time, port);
                     for container in containers {
@@ -210,9 +218,12 @@ impl<'scope> Deliver<'scope> for Stream<'scope, u64, Vec<Delivery>> {
 pub fn endpoint_hash(endpoint_id: &str) -> u64 {
     const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
-    endpoint_id.as_bytes().iter().fold(OFFSET_BASIS, |hash, byte| {
-        (hash ^ u64::from(*byte)).wrapping_mul(PRIME)
-    })
+    endpoint_id
+        .as_bytes()
+        .iter()
+        .fold(OFFSET_BASIS, |hash, byte| {
+            (hash ^ u64::from(*byte)).wrapping_mul(PRIME)
+        })
 }
 
 /// A delivery with the time of its reserved rate-limit slot (its due time when unlimited).
@@ -266,6 +277,8 @@ struct DeliverState {
     next_ticket: u64,
     /// Endpoint ids already logged as unknown, so each is logged once per worker.
     reported_unknown: HashSet<String>,
+    /// Deliveries waiting for a later time that a stop dropped, not yet logged.
+    dropped_on_stop: usize,
     sender: Sender<Completion>,
     receiver: Receiver<Completion>,
     wakeup: Wakeup,
@@ -291,6 +304,7 @@ impl DeliverState {
             in_flight: HashMap::new(),
             next_ticket: 0,
             reported_unknown: HashSet::new(),
+            dropped_on_stop: 0,
             sender,
             receiver,
             wakeup,
@@ -301,15 +315,29 @@ impl DeliverState {
     /// Reserves `delivery`'s rate-limit slot and queues or schedules it, or returns its
     /// dead-letter row when its endpoint is unknown or disabled. `held` is a capability at
     /// the delivery's due time.
-    fn accept(&mut self, held: &Capability<u64>, delivery: Delivery, now: Millis) -> Option<AttemptRow> {
+    fn accept(
+        &mut self,
+        held: &Capability<u64>,
+        delivery: Delivery,
+        now: Millis,
+    ) -> Option<AttemptRow> {
         let due_at_ms = *held.time();
         let endpoint = match self.context.endpoints.get(&delivery.endpoint_id) {
             Some(endpoint) if endpoint.enabled => endpoint,
             Some(endpoint) => {
                 // TODO: park the delivery (stored without a due time, resumed on re-enable)
                 // once the state store exists, instead of dead-lettering it.
-                let message = format!("endpoint `{}` is disabled; the delivery was not attempted", endpoint.id);
-                return Some(dead_letter_row(&delivery, due_at_ms, now, ENDPOINT_DISABLED, message));
+                let message = format!(
+                    "endpoint `{}` is disabled; the delivery was not attempted",
+                    endpoint.id
+                );
+                return Some(dead_letter_row(
+                    &delivery,
+                    due_at_ms,
+                    now,
+                    ENDPOINT_DISABLED,
+                    message,
+                ));
             }
             None => {
                 if self.reported_unknown.insert(delivery.endpoint_id.clone()) {
@@ -318,17 +346,26 @@ impl DeliverState {
                         "Deliveries name an endpoint missing from the directory; dead-lettering them."
                     );
                 }
-                let message = format!("endpoint `{}` is not configured on this pipeline", delivery.endpoint_id);
+                let message = format!(
+                    "endpoint `{}` is not configured on this pipeline",
+                    delivery.endpoint_id
+                );
                 let kind = ErrorKind::UnknownEndpoint.as_str();
                 return Some(dead_letter_row(&delivery, due_at_ms, now, kind, message));
             }
         };
 
         let rate_limit = endpoint.rate_limit;
-        let state = self.endpoints.entry(delivery.endpoint_id.clone()).or_default();
+        let state = self
+            .endpoints
+            .entry(delivery.endpoint_id.clone())
+            .or_default();
         let slot_ms = match (rate_limit, state.limiter.as_mut()) {
             (Some(_), Some(limiter)) => limiter.reserve(due_at_ms),
-            (Some(limit), None) => state.limiter.insert(WindowLimiter::new(limit)).reserve(due_at_ms),
+            (Some(limit), None) => state
+                .limiter
+                .insert(WindowLimiter::new(limit))
+                .reserve(due_at_ms),
             (None, _) => due_at_ms,
         };
         let slotted = Slotted { slot_ms, delivery };
@@ -367,7 +404,10 @@ impl DeliverState {
     }
 
     fn in_flight_limit(&self, endpoint_id: &str) -> usize {
-        self.context.endpoints.get(endpoint_id).map_or(1, |endpoint| endpoint.max_in_flight.max(1))
+        self.context
+            .endpoints
+            .get(endpoint_id)
+            .map_or(1, |endpoint| endpoint.max_in_flight.max(1))
     }
 
     /// Moves every scheduled delivery whose slot has come into its endpoint's queue.
@@ -385,11 +425,24 @@ impl DeliverState {
     }
 
     /// Turns finished requests into rows and retries.
-    fn collect_completions(&mut self, now: Millis, emitted: &mut Vec<(Capability<u64>, Attempted)>) {
+    fn collect_completions(
+        &mut self,
+        now: Millis,
+        emitted: &mut Vec<(Capability<u64>, Attempted)>,
+    ) {
         while let Ok(Completion { ticket, row }) = self.receiver.try_recv() {
-            self.context.requests_in_flight.fetch_sub(1, Ordering::SeqCst);
-            let Some(InFlight { endpoint_id, delivery }) = self.in_flight.remove(&ticket) else {
-                tracing::error!(ticket, "A request finished that the operator did not start.");
+            self.context
+                .requests_in_flight
+                .fetch_sub(1, Ordering::SeqCst);
+            let Some(InFlight {
+                endpoint_id,
+                delivery,
+            }) = self.in_flight.remove(&ticket)
+            else {
+                tracing::error!(
+                    ticket,
+                    "A request finished that the operator did not start."
+                );
                 continue;
             };
             self.release_place(&endpoint_id);
@@ -408,13 +461,24 @@ impl DeliverState {
 
             if row.outcome == Outcome::Failed.as_str() {
                 let seed = jitter_seed(&delivery, delivery.attempt);
-                match self.context.retry.next_attempt_at(delivery.attempt, now, seed) {
+                match self
+                    .context
+                    .retry
+                    .next_attempt_at(delivery.attempt, now, seed)
+                {
                     Some(next_ms) => {
                         row.next_attempt_at_ms = Some(next_ms);
-                        let retry = Delivery { attempt: delivery.attempt + 1, ..delivery };
-                        // The feedback edge adds 1 ms, so the retry arrives at `next_ms`.
-                        let stamp = (next_ms - 1).max(*current.time());
-                        emitted.push((current.delayed(&stamp), Attempted::Retry(retry)));
+                        let retry = Delivery {
+                            attempt: delivery.attempt + 1,
+                            ..delivery
+                        };
+                        if self.context.stop.is_stopped() {
+                            self.dropped_on_stop += 1;
+                        } else {
+                            // The feedback edge adds 1 ms, so the retry arrives at `next_ms`.
+                            let stamp = (next_ms - 1).max(*current.time());
+                            emitted.push((current.delayed(&stamp), Attempted::Retry(retry)));
+                        }
                     }
                     None => {
                         row.outcome = Outcome::DeadLettered.as_str().to_string();
@@ -433,7 +497,9 @@ impl DeliverState {
     /// Frees one of `endpoint_id`'s places, giving the endpoint a turn if it has waiting
     /// deliveries, or forgetting it when it has nothing left.
     fn release_place(&mut self, endpoint_id: &str) {
-        let Some(state) = self.endpoints.get_mut(endpoint_id) else { return };
+        let Some(state) = self.endpoints.get_mut(endpoint_id) else {
+            return;
+        };
         state.in_flight = state.in_flight.saturating_sub(1);
         if !state.waiting.is_empty() && !state.ready {
             state.ready = true;
@@ -448,9 +514,13 @@ impl DeliverState {
         let mut starting: Vec<Delivery> = Vec::new();
 
         while self.in_flight.len() + starting.len() < total_limit {
-            let Some(endpoint_id) = self.ready.pop_front() else { break };
+            let Some(endpoint_id) = self.ready.pop_front() else {
+                break;
+            };
             let limit = self.in_flight_limit(&endpoint_id);
-            let Some(state) = self.endpoints.get_mut(&endpoint_id) else { continue };
+            let Some(state) = self.endpoints.get_mut(&endpoint_id) else {
+                continue;
+            };
             let Some(slotted) = state.waiting.pop_front() else {
                 state.ready = false;
                 continue;
@@ -468,7 +538,13 @@ impl DeliverState {
                 } else {
                     self.ready.push_back(endpoint_id);
                 }
-                self.schedule_from_current(slot_ms, vec![Slotted { slot_ms, delivery: slotted.delivery }]);
+                self.schedule_from_current(
+                    slot_ms,
+                    vec![Slotted {
+                        slot_ms,
+                        delivery: slotted.delivery,
+                    }],
+                );
                 continue;
             }
 
@@ -504,7 +580,10 @@ impl DeliverState {
             return;
         };
         let held = current.delayed(&slot_ms.max(*current.time()));
-        let (_, pending) = self.scheduled.entry(*held.time()).or_insert_with(|| (held, Vec::new()));
+        let (_, pending) = self
+            .scheduled
+            .entry(*held.time())
+            .or_insert_with(|| (held, Vec::new()));
         pending.extend(moved);
     }
 
@@ -526,7 +605,12 @@ impl DeliverState {
 
     /// Reads back the payloads of retries about to start, in one batch; a delivery whose
     /// payload cannot be read is dead-lettered instead of started.
-    fn load_payloads(&mut self, starting: &mut Vec<Delivery>, now: Millis, emitted: &mut Vec<(Capability<u64>, Attempted)>) {
+    fn load_payloads(
+        &mut self,
+        starting: &mut Vec<Delivery>,
+        now: Millis,
+        emitted: &mut Vec<(Capability<u64>, Attempted)>,
+    ) {
         let positions: Vec<(u32, u64)> = starting
             .iter()
             .filter(|delivery| !delivery.has_payload())
@@ -563,7 +647,10 @@ impl DeliverState {
                     let message = format!("cannot read the payload back from the source: {reason}");
                     let kind = ErrorKind::PayloadUnavailable.as_str();
                     if let Some(current) = self.current.clone() {
-                        emitted.push((current, Attempted::Row(dead_letter_row(&delivery, now, now, kind, message))));
+                        emitted.push((
+                            current,
+                            Attempted::Row(dead_letter_row(&delivery, now, now, kind, message)),
+                        ));
                     }
                     self.release_place(&delivery.endpoint_id.clone());
                 }
@@ -579,8 +666,16 @@ impl DeliverState {
         let due_at_ms = self.current.as_ref().map_or(0, |current| *current.time());
         let mut stripped = delivery.clone();
         stripped.ingested.event.payload = Vec::new();
-        self.in_flight.insert(ticket, InFlight { endpoint_id: delivery.endpoint_id.clone(), delivery: stripped });
-        self.context.requests_in_flight.fetch_add(1, Ordering::SeqCst);
+        self.in_flight.insert(
+            ticket,
+            InFlight {
+                endpoint_id: delivery.endpoint_id.clone(),
+                delivery: stripped,
+            },
+        );
+        self.context
+            .requests_in_flight
+            .fetch_add(1, Ordering::SeqCst);
 
         let completion = CompletionGuard {
             ticket,
@@ -606,14 +701,38 @@ impl DeliverState {
     /// Moves `current` up to `now`, drops it when nothing needs it, forgets idle endpoints,
     /// and asks the clock to wake the operator when it next has something to do.
     fn refresh_hold(&mut self, now: Millis) {
-        let waiting = self.endpoints.values().any(|state| !state.waiting.is_empty());
+        if self.context.stop.is_stopped() {
+            self.dropped_on_stop += self
+                .scheduled
+                .values()
+                .map(|(_, pending)| pending.len())
+                .sum::<usize>();
+            self.scheduled.clear();
+            if self.dropped_on_stop > 0 {
+                // TODO: persist these as pending deliveries in the state store, so that a
+                // restart resumes them instead of re-reading the log from the start.
+                tracing::warn!(
+                    deliveries = self.dropped_on_stop,
+                    "Stopping with deliveries waiting for a retry or a rate-limit window; \
+                     they are not persisted, and a restart delivers them again from the log."
+                );
+                self.dropped_on_stop = 0;
+            }
+        }
+
+        let waiting = self
+            .endpoints
+            .values()
+            .any(|state| !state.waiting.is_empty());
         if waiting || !self.in_flight.is_empty() {
             if let Some(current) = self.current.as_mut() {
                 if *current.time() < now {
                     current.downgrade(&now);
                 }
             }
-            self.context.clock.wake_at(now + HOLD_REFRESH_MS, &self.wakeup);
+            self.context
+                .clock
+                .wake_at(now + HOLD_REFRESH_MS, &self.wakeup);
         } else {
             self.current = None;
         }
@@ -624,7 +743,10 @@ impl DeliverState {
             }
             !state.waiting.is_empty()
                 || state.in_flight > 0
-                || state.limiter.as_ref().is_some_and(|limiter| !limiter.is_idle())
+                || state
+                    .limiter
+                    .as_ref()
+                    .is_some_and(|limiter| !limiter.is_idle())
         });
         if let Some(next) = self.scheduled.keys().next() {
             self.context.clock.wake_at(*next, &self.wakeup);
@@ -635,8 +757,17 @@ impl DeliverState {
 /// Builds the row of a delivery whose endpoint left the directory between queueing and
 /// sending.
 fn vanished_endpoint_row(delivery: &Delivery, due_at_ms: Millis, now_ms: Millis) -> AttemptRow {
-    let message = format!("endpoint `{}` is not configured on this pipeline", delivery.endpoint_id);
-    dead_letter_row(delivery, due_at_ms, now_ms, ErrorKind::UnknownEndpoint.as_str(), message)
+    let message = format!(
+        "endpoint `{}` is not configured on this pipeline",
+        delivery.endpoint_id
+    );
+    dead_letter_row(
+        delivery,
+        due_at_ms,
+        now_ms,
+        ErrorKind::UnknownEndpoint.as_str(),
+        message,
+    )
 }
 
 /// Reports a request task's end to the operator when dropped: with its row when the task
@@ -657,11 +788,17 @@ impl CompletionGuard {
 
 impl Drop for CompletionGuard {
     fn drop(&mut self) {
-        let completion = Completion { ticket: self.ticket, row: self.row.take() };
+        let completion = Completion {
+            ticket: self.ticket,
+            row: self.row.take(),
+        };
         // Both fail only after the operator or its worker has shut down, when no one reads the
         // result any more.
         if self.sender.send(completion).is_ok() && self.activator.activate().is_err() {
-            tracing::debug!(ticket = self.ticket, "Worker is gone; dropping a delivery result.");
+            tracing::debug!(
+                ticket = self.ticket,
+                "Worker is gone; dropping a delivery result."
+            );
         }
     }
 }
