@@ -53,6 +53,7 @@ mod read;
 
 pub use read::{list_archive_files, read_attempts};
 
+
 /// The zstd level of archive files. Level 3 is zstd's own default.
 const ZSTD_LEVEL: i32 = 3;
 
@@ -304,6 +305,56 @@ impl ArchiveWriter {
         self.files_completed
     }
 
+    /// Writes staged rows with sequence numbers `first_seq` to `last_seq` as complete files,
+    /// one per `date=` partition, named after the range
+    /// (`attempts-<prefix>-s<first>-<last>.parquet`), and returns their paths.
+    ///
+    /// Writing the same range again replaces those files, so redoing a write that a crash
+    /// interrupted before the rows left staging never doubles them.
+    ///
+    /// # Errors
+    ///
+    /// Fails if a row has a time the archive cannot store or a file cannot be written; files
+    /// of the range completed before the failure are left in place and replaced by the redo.
+    pub fn write_staged(
+        &mut self,
+        first_seq: u64,
+        last_seq: u64,
+        rows: &[AttemptRow],
+        now_ms: Millis,
+    ) -> Result<Vec<PathBuf>, ConnectorError> {
+        let mut by_date: BTreeMap<String, Vec<AttemptRow>> = BTreeMap::new();
+        for row in rows {
+            check_times(row)?;
+            by_date.entry(date_partition(row)?).or_default().push(row.clone());
+        }
+
+        let mut completed = Vec::with_capacity(by_date.len());
+        for (date, rows) in by_date {
+            let dir = self.options.dir.join(format!("date={date}"));
+            let name = staged_file_name(&self.options.file_prefix, first_seq, last_seq);
+            let stale_temp = dir.join(format!(".{name}.tmp"));
+            if stale_temp.exists() {
+                fs::remove_file(&stale_temp).map_err(|source| ConnectorError::Io {
+                    action: "remove stale temporary archive file",
+                    path: stale_temp.clone(),
+                    source,
+                })?;
+            }
+            let mut file = create_file(&dir, &name, &self.properties, now_ms)?;
+            for chunk in rows.chunks(self.options.max_rows_per_row_group.max(1)) {
+                if let Err(err) = write_rows(&mut file, chunk) {
+                    self.discard(&file.temp_path.clone(), file.rows, &err);
+                    return Err(err);
+                }
+            }
+            self.rows_written += rows.len() as u64;
+            completed.push(complete_file(file)?);
+            self.files_completed += 1;
+        }
+        Ok(completed)
+    }
+
     /// Writes rows of one `date=` partition, splitting them over files at the row limit.
     fn write_partition(
         &mut self,
@@ -437,6 +488,34 @@ impl std::fmt::Debug for ArchiveWriter {
             .field("files_completed", &self.files_completed)
             .finish()
     }
+}
+
+/// The file name of staged rows `first_seq` to `last_seq` written by `prefix`.
+fn staged_file_name(prefix: &str, first_seq: u64, last_seq: u64) -> String {
+    format!("attempts-{prefix}-s{first_seq:012}-{last_seq:012}.parquet")
+}
+
+/// The staged-row ranges of the completed files `prefix` wrote under `dir`, from their names.
+///
+/// # Errors
+///
+/// Fails if the directory cannot be listed.
+pub fn staged_ranges(dir: &Path, prefix: &str) -> Result<Vec<(u64, u64)>, ConnectorError> {
+    let start = format!("attempts-{prefix}-s");
+    let mut ranges = Vec::new();
+    for file in read::list_archive_files(dir)? {
+        let Some(name) = file.file_name().and_then(|n| n.to_str()) else { continue };
+        let Some(range) = name.strip_prefix(&start).and_then(|r| r.strip_suffix(".parquet")) else {
+            continue;
+        };
+        let mut bounds = range.split('-').map(str::parse::<u64>);
+        if let (Some(Ok(first)), Some(Ok(last)), None) = (bounds.next(), bounds.next(), bounds.next()) {
+            ranges.push((first, last));
+        }
+    }
+    ranges.sort_unstable();
+    ranges.dedup();
+    Ok(ranges)
 }
 
 /// Creates the hidden temporary file `.<name>.tmp` in `dir` and starts a Parquet file in it.

@@ -17,10 +17,12 @@ use std::path::PathBuf;
 pub mod archive;
 pub mod local_log;
 pub mod source;
+pub mod state;
 
-pub use archive::{list_archive_files, read_attempts, ArchiveOptions, ArchiveWriter};
+pub use archive::{list_archive_files, read_attempts, staged_ranges, ArchiveOptions, ArchiveWriter};
 pub use local_log::{partition_for_key, LocalLog, LocalLogOptions};
 pub use source::Source;
+pub use state::{FirstSeen, StateStore, DurableBatch, STATE_FORMAT_VERSION};
 
 /// The error type of every fallible operation in this crate.
 ///
@@ -80,6 +82,32 @@ pub enum ConnectorError {
         path: PathBuf,
         /// The journal mode SQLite reported instead of `wal`.
         mode: String,
+    },
+
+    /// The state store was written by a hookflow build with another on-disk format.
+    #[error(
+        "state store {} has format version {found}, but this build reads only version {supported}; \
+         run a hookflow build that matches it or choose another data directory",
+        path.display()
+    )]
+    UnsupportedStateVersion {
+        /// The SQLite database file.
+        path: PathBuf,
+        /// The version stored.
+        found: i64,
+        /// The version this build reads and writes.
+        supported: i64,
+    },
+
+    /// A state-store value could not be encoded or decoded.
+    #[error("state store {} holds an unreadable {what}: {detail}", path.display())]
+    CorruptState {
+        /// The SQLite database file.
+        path: PathBuf,
+        /// What was being read.
+        what: &'static str,
+        /// The decoder's message.
+        detail: String,
     },
 
     /// The local log's tables hold values that its invariants rule out.

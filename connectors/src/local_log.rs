@@ -395,7 +395,7 @@ fn fnv1a_64(bytes: &[u8]) -> u64 {
 }
 
 /// Opens a connection in WAL mode with a busy timeout and `synchronous=FULL`.
-fn open_connection(path: &Path) -> Result<Connection, ConnectorError> {
+pub(crate) fn open_connection(path: &Path) -> Result<Connection, ConnectorError> {
     let sqlite_error = |action| {
         move |source| ConnectorError::Sqlite {
             action,

@@ -234,7 +234,7 @@ mod responses {
 
         assert_eq!(target.count(), 0, "the redirect was followed");
         assert_eq!(result.http_status, Some(302));
-        assert_eq!(result.verdict.outcome, Outcome::DeadLettered);
+        assert_eq!(result.verdict.outcome, Outcome::Failed, "a redirect is retried");
         assert_eq!(result.verdict.error_kind, Some(ErrorKind::Redirect));
         assert_eq!(result.location.as_deref(), Some("/target"));
         let message = result.error_message.clone().unwrap_or_default();
@@ -245,7 +245,7 @@ mod responses {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn server_error_dead_letters_with_snippet() {
+    async fn server_error_fails_with_snippet() {
         let router = Router::new().route(
             "/",
             post(|| async {
@@ -264,7 +264,7 @@ mod responses {
             .attempt(&endpoint, &delivery, &WallClock)
             .await;
 
-        assert_eq!(result.verdict.outcome, Outcome::DeadLettered);
+        assert_eq!(result.verdict.outcome, Outcome::Failed, "a 500 is retried");
         assert_eq!(result.verdict.error_kind, Some(ErrorKind::HttpStatus));
         assert_eq!(result.http_status, Some(500));
         assert_eq!(result.response_snippet.as_deref(), Some("database down"));
@@ -336,7 +336,7 @@ mod failures {
         let elapsed = started.elapsed();
 
         assert_eq!(result.verdict.error_kind, Some(ErrorKind::Timeout));
-        assert_eq!(result.verdict.outcome, Outcome::DeadLettered);
+        assert_eq!(result.verdict.outcome, Outcome::Failed, "a timeout is retried");
         assert!(
             elapsed >= Duration::from_millis(300),
             "gave up after {elapsed:?}"
@@ -361,7 +361,7 @@ mod failures {
             .await;
 
         assert_eq!(result.verdict.error_kind, Some(ErrorKind::Connect));
-        assert_eq!(result.verdict.outcome, Outcome::DeadLettered);
+        assert_eq!(result.verdict.outcome, Outcome::Failed, "a connect error is retried");
         assert_eq!(
             result.to_row(&delivery, 0).attempt,
             1,
@@ -624,9 +624,8 @@ mod operator {
     use std::collections::HashMap;
     use std::sync::Mutex;
 
-    use hookflow_operators::deliver::{Deliver, DeliverContext, ENDPOINT_DISABLED};
-    use hookflow_schemas::{AttemptRow, Delivery, Endpoint};
-    use timely::dataflow::operators::{Input, Inspect, Probe};
+    use hookflow_operators::deliver::{DeliverContext, ENDPOINT_DISABLED};
+    use hookflow_schemas::{Delivery, Endpoint};
 
     use super::*;
 
@@ -671,83 +670,34 @@ mod operator {
         (concurrency, serve(router).await)
     }
 
-    /// Runs the deliver operator on `workers` timely workers. Worker 0 sends each delivery
-    /// at its time. Returns the rows with the time they came out at, and the number of
-    /// worker steps taken.
+    fn context(runtime: &tokio::runtime::Runtime, endpoints: Vec<Endpoint>) -> DeliverContext {
+        deliver_context(runtime, endpoints, Arc::new(WallClock) as Arc<dyn Clock>)
+    }
+
+    /// Runs the deliver operator on `workers` workers with the wall clock, with a source log
+    /// that holds every delivery's payload.
     fn run_dataflow(
         workers: usize,
         context: DeliverContext,
         deliveries: Vec<(u64, Delivery)>,
-    ) -> (Vec<(u64, AttemptRow)>, usize) {
-        let rows = Arc::new(Mutex::new(Vec::new()));
-        let collected = Arc::clone(&rows);
-        let deliveries = Arc::new(deliveries);
-
-        let guards = timely::execute(timely::Config::process(workers), move |worker| {
-            let context = context.clone();
-            let collected = Arc::clone(&collected);
-            let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
-                let (input, stream) = scope.new_input::<Vec<Delivery>>();
-                let (probe, _) = stream
-                    .deliver(context)
-                    .inspect_core(move |event| {
-                        if let Ok((stamp, rows)) = event {
-                            let time = *stamp.expect_singleton();
-                            let mut collected = collected.lock().expect("lock");
-                            collected.extend(rows.iter().map(|row| (time, row.clone())));
-                        }
-                    })
-                    .probe();
-                (input, probe)
-            });
-
-            if worker.index() == 0 {
-                for (time, delivery) in deliveries.iter() {
-                    input.advance_to(*time);
-                    input.send(delivery.clone());
-                }
-            }
-            drop(input);
-
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let mut steps = 0;
-            while !probe.done() {
-                assert!(
-                    Instant::now() < deadline,
-                    "the dataflow did not finish in 30 s"
-                );
-                worker.step_or_park(Some(Duration::from_millis(500)));
-                steps += 1;
-            }
-            steps
-        })
-        .expect("timely starts");
-
-        let steps = guards
-            .join()
-            .into_iter()
-            .map(|steps| steps.expect("worker finished"))
-            .sum();
-        let rows = rows.lock().expect("lock").clone();
-        (rows, steps)
+    ) -> dataflow::Run {
+        let log = dataflow::MemoryLog::of(deliveries.iter().map(|(_, delivery)| delivery));
+        dataflow::run_on_wall_clock(workers, context, deliveries, log)
     }
 
-    fn context(runtime: &tokio::runtime::Runtime, endpoints: Vec<Endpoint>) -> DeliverContext {
-        let directory = endpoints.into_iter().map(|e| (e.id.clone(), e)).collect();
-        DeliverContext::new(
-            runtime.handle().clone(),
-            loopback_client(),
-            Arc::new(directory),
-            Arc::new(WallClock) as Arc<dyn Clock>,
-        )
-    }
-
-    fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
+    /// Creates a delivery due `due_in_ms` after `read_at_ms`, the wall-clock time its event
+    /// was read; the event id ends in `_{due_in_ms}_{offset}`.
+    fn due_delivery(
+        endpoint_id: &str,
+        name: &str,
+        read_at_ms: u64,
+        due_in_ms: u64,
+        offset: u64,
+    ) -> (u64, Delivery) {
+        let event_id = format!("evt_{name}_{due_in_ms}_{offset}");
+        let mut delivery = delivery_with_offset(endpoint_id, &event_id, b"{}", offset);
+        delivery.ingested.read_at_ms = read_at_ms;
+        (read_at_ms + due_in_ms, delivery)
     }
 
     #[test]
@@ -761,28 +711,22 @@ mod operator {
         let mut off = endpoint("ep_off", &format!("http://{address}/ep_off"));
         off.enabled = false;
 
+        let base = WallClock.now_ms();
         let mut deliveries = Vec::new();
         for i in 0..9u64 {
-            let time = 100 + (i / 3) * 100;
-            deliveries.push((
-                time,
-                delivery("ep_busy", &format!("evt_busy_{time}_{i}"), b"{}"),
-            ));
+            deliveries.push(due_delivery("ep_busy", "busy", base, 100 + (i / 3) * 100, i));
         }
         for i in 0..4u64 {
-            let time = 100 + i * 50;
-            deliveries.push((
-                time,
-                delivery("ep_calm", &format!("evt_calm_{time}_{i}"), b"{}"),
-            ));
+            deliveries.push(due_delivery("ep_calm", "calm", base, 100 + (i / 2) * 100, 10 + i));
         }
-        deliveries.push((250, delivery("ep_gone", "evt_gone_250", b"{}")));
-        deliveries.push((300, delivery("ep_off", "evt_off_300", b"{}")));
+        deliveries.push(due_delivery("ep_gone", "gone", base, 250, 20));
+        deliveries.push(due_delivery("ep_off", "off", base, 300, 21));
         deliveries.sort_by_key(|(time, _)| *time);
         let sent = deliveries.len();
 
         let context = context(&runtime, vec![busy, calm, off]);
-        let (rows, steps) = run_dataflow(2, context, deliveries);
+        let run = run_dataflow(2, context, deliveries);
+        let rows = run.rows;
 
         let concurrency = concurrency.lock().expect("lock");
         assert_eq!(
@@ -802,6 +746,7 @@ mod operator {
         );
 
         assert_eq!(rows.len(), sent, "one row per delivery");
+        assert!(run.retries.is_empty(), "retries: {:?}", run.retries);
         let mut event_ids: Vec<_> = rows
             .iter()
             .filter_map(|(_, row)| row.event_id.clone())
@@ -811,13 +756,19 @@ mod operator {
         assert_eq!(event_ids.len(), sent, "every delivery has exactly one row");
         for (time, row) in &rows {
             let event_id = row.event_id.as_deref().unwrap_or_default();
-            let due: u64 = event_id
+            let due_in_ms: u64 = event_id
                 .split('_')
                 .nth(2)
                 .and_then(|t| t.parse().ok())
-                .expect("time");
-            assert_eq!(*time, due, "{event_id} came out at another time");
-            assert_eq!(row.due_at_ms, due, "{event_id}");
+                .expect("due offset in the event id");
+            let due = base + due_in_ms;
+            // The operator moves its shared capability up to the clock, so a row may come out
+            // later than its delivery was due, but never earlier.
+            assert!(*time >= due, "{event_id} came out at {time}, before its due time {due}");
+            if let Some(started_at_ms) = row.started_at_ms {
+                assert!(started_at_ms >= due, "{event_id} started before its due time");
+            }
+            assert_eq!(row.due_at_ms, due, "{event_id}: due_at_ms is not the due time");
         }
 
         let row_of = |id: &str| {
@@ -825,10 +776,10 @@ mod operator {
                 .map(|(_, row)| row)
                 .find(|row| row.event_id.as_deref() == Some(id))
         };
-        let unknown_row = row_of("evt_gone_250").expect("row for the unknown endpoint");
+        let unknown_row = row_of("evt_gone_250_20").expect("row for the unknown endpoint");
         assert_eq!(unknown_row.outcome, "dead_lettered");
         assert_eq!(unknown_row.error_kind.as_deref(), Some("unknown_endpoint"));
-        let disabled_row = row_of("evt_off_300").expect("row for the disabled endpoint");
+        let disabled_row = row_of("evt_off_300_21").expect("row for the disabled endpoint");
         assert_eq!(disabled_row.outcome, "dead_lettered");
         assert_eq!(disabled_row.error_kind.as_deref(), Some(ENDPOINT_DISABLED));
         assert!(disabled_row
@@ -842,37 +793,39 @@ mod operator {
             .count();
         assert_eq!(delivered, 13);
 
-        // A spinning operator would take thousands of steps in the ~250 ms the requests take.
-        assert!(steps < 300, "workers took {steps} steps");
+        // A spinning operator would take thousands of steps in the ~400 ms the run takes.
+        assert!(run.steps < 300, "workers took {} steps", run.steps);
     }
 
     #[test]
     fn operator_caps_in_flight_per_worker() {
         let runtime = runtime();
         let (concurrency, address) = runtime.block_on(slow_receiver(Duration::from_millis(20)));
-        let endpoints: Vec<Endpoint> = ["ep_a", "ep_b", "ep_c"]
+        let endpoint_ids = ["ep_a", "ep_b", "ep_c"];
+        let endpoints: Vec<Endpoint> = endpoint_ids
             .iter()
             .map(|id| endpoint(id, &format!("http://{address}/{id}")))
             .collect();
+        let base = WallClock.now_ms();
         let deliveries: Vec<(u64, Delivery)> = (0..9u64)
             .map(|i| {
-                let endpoint_id = ["ep_a", "ep_b", "ep_c"][(i % 3) as usize];
-                (
-                    10,
-                    delivery(endpoint_id, &format!("evt_{endpoint_id}_{i}"), b"{}"),
-                )
+                let endpoint_id = endpoint_ids[(i % 3) as usize];
+                due_delivery(endpoint_id, endpoint_id, base, 10, i)
             })
             .collect();
         let mut context = context(&runtime, endpoints);
         context.max_in_flight_total = 2;
 
-        let (rows, _steps) = run_dataflow(1, context, deliveries);
+        let rows = run_dataflow(1, context, deliveries).rows;
 
         let concurrency = concurrency.lock().expect("lock");
         assert_eq!(concurrency.overall_max, 2, "requests in flight at once");
         assert_eq!(rows.len(), 9);
-        assert!(rows
-            .iter()
-            .all(|(time, row)| *time == 10 && row.outcome == "delivered"));
+        for (time, row) in &rows {
+            let event_id = row.event_id.as_deref().unwrap_or_default();
+            assert_eq!(row.outcome, "delivered", "{event_id}");
+            assert!(*time >= base + 10, "{event_id} came out before its due time");
+            assert_eq!(row.due_at_ms, base + 10, "{event_id}: due_at_ms is not the due time");
+        }
     }
 }

@@ -87,6 +87,80 @@ impl Delivery {
     }
 }
 
+/// A delivery stamped to a later time, as the state store keeps it: without its payload,
+/// keyed by (partition, offset, endpoint id, generation). The payload is read back from the
+/// source when the delivery comes due.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PendingDelivery {
+    /// The source partition of the event's record.
+    pub partition: u32,
+    /// The record's offset within its partition.
+    pub offset: u64,
+    /// The endpoint the event goes to.
+    pub endpoint_id: String,
+    /// 0 for the original delivery; a replay or resend gets a higher generation.
+    pub generation: u32,
+    /// The attempt to make when the delivery comes due, counting from 1.
+    pub attempt: u32,
+    /// When the delivery is due (ms since epoch).
+    pub due_ms: Millis,
+    /// The event's tenant.
+    pub tenant: String,
+    /// The event's id.
+    pub event_id: String,
+    /// The event's type.
+    pub event_type: String,
+    /// The event's creation time as the producer wrote it.
+    pub created_at: String,
+    /// When the pipeline first read the event (ms since epoch); the maximum age counts from it.
+    pub read_at_ms: Millis,
+    /// When the record was appended to the source, if known.
+    pub appended_at_ms: Option<Millis>,
+}
+
+impl PendingDelivery {
+    /// The pending form of `delivery`, due at `due_ms`.
+    pub fn from_delivery(delivery: &Delivery, due_ms: Millis) -> Self {
+        let ingested = &delivery.ingested;
+        PendingDelivery {
+            partition: ingested.partition,
+            offset: ingested.offset,
+            endpoint_id: delivery.endpoint_id.clone(),
+            generation: delivery.generation,
+            attempt: delivery.attempt,
+            due_ms,
+            tenant: ingested.event.tenant.clone(),
+            event_id: ingested.event.id.clone(),
+            event_type: ingested.event.event_type.clone(),
+            created_at: ingested.event.created_at.clone(),
+            read_at_ms: ingested.read_at_ms,
+            appended_at_ms: ingested.appended_at_ms,
+        }
+    }
+
+    /// The delivery this entry restores, without its payload.
+    pub fn to_delivery(&self) -> Delivery {
+        Delivery {
+            endpoint_id: self.endpoint_id.clone(),
+            generation: self.generation,
+            attempt: self.attempt,
+            ingested: IngestedEvent {
+                partition: self.partition,
+                offset: self.offset,
+                appended_at_ms: self.appended_at_ms,
+                read_at_ms: self.read_at_ms,
+                event: Event {
+                    id: self.event_id.clone(),
+                    tenant: self.tenant.clone(),
+                    event_type: self.event_type.clone(),
+                    created_at: self.created_at.clone(),
+                    payload: Vec::new(),
+                },
+            },
+        }
+    }
+}
+
 /// Why a record could not be decoded into an [`Event`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {

@@ -1,7 +1,10 @@
-//! Helpers for the deliver tests: endpoints and deliveries, a recording receiver on
-//! 127.0.0.1, and a fixed resolver so that no test sends a made-up name to the system resolver.
+//! Helpers for the deliver and retry tests: endpoints and deliveries, recording receivers on
+//! 127.0.0.1, a fixed resolver so that no test sends a made-up name to the system resolver,
+//! and ([`dataflow`]) a harness that runs the deliver operator with its retry loop.
 
 #![allow(dead_code)]
+
+pub mod dataflow;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use axum::body::Bytes;
 use axum::http::HeaderMap;
 use axum::Router;
-use hookflow_operators::clock::Clock;
+use hookflow_operators::clock::{Clock, Wakeup};
 use hookflow_operators::deliver::{AddressPolicy, ClientConfig, DeliveryClient};
 use hookflow_schemas::{Delivery, Endpoint, Event, EventTypePattern, IngestedEvent, Millis};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
@@ -34,6 +37,7 @@ pub fn endpoint(id: &str, url: &str) -> Endpoint {
         connect_timeout_ms: 1_000,
         max_in_flight: 4,
         enabled: true,
+        rate_limit: None,
     }
 }
 
@@ -57,6 +61,19 @@ pub fn delivery(endpoint_id: &str, event_id: &str, payload: &[u8]) -> Delivery {
             },
         },
     }
+}
+
+/// Creates the first-attempt delivery like [`delivery`], with its event at `offset` of
+/// partition 3, so that deliveries of different events have different source positions.
+pub fn delivery_with_offset(
+    endpoint_id: &str,
+    event_id: &str,
+    payload: &[u8],
+    offset: u64,
+) -> Delivery {
+    let mut delivery = delivery(endpoint_id, event_id, payload);
+    delivery.ingested.offset = offset;
+    delivery
 }
 
 /// Creates a policy that permits 127.0.0.1 besides public addresses.
@@ -175,4 +192,134 @@ impl Clock for SteppingClock {
     fn now_ms(&self) -> Millis {
         self.next_ms.fetch_add(self.step_ms, Ordering::SeqCst)
     }
+
+    /// Wakes the operator at once: this clock's time moves on every read, not on a schedule.
+    fn wake_at(&self, _at_ms: Millis, wakeup: &Wakeup) {
+        wakeup.activate();
+    }
+}
+
+/// One request as a [`ScriptedReceiver`] saw it.
+#[derive(Debug, Clone)]
+pub struct Arrival {
+    /// The first path segment, which the tests set to the endpoint id.
+    pub endpoint_id: String,
+    /// The `webhook-id` header.
+    pub webhook_id: String,
+    /// The `webhook-timestamp` header, in seconds.
+    pub webhook_timestamp: u64,
+    /// The shared clock's time when the request arrived, in ms.
+    pub clock_ms: Millis,
+    /// Which request this is for its (endpoint, `webhook-id`), counting from 1.
+    pub attempt: u32,
+    /// The status the receiver responded with.
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// Decides the status of a request from its endpoint id, `webhook-id` and attempt number.
+pub type Script = dyn Fn(&str, &str, u32) -> u16 + Send + Sync;
+
+/// A receiver on 127.0.0.1 that serves `POST /{endpoint_id}`, responds with the status its
+/// script picks, and records every request with the time of a clock shared with the test.
+#[derive(Clone)]
+pub struct ScriptedReceiver {
+    arrivals: Arc<Mutex<Vec<Arrival>>>,
+    pub address: SocketAddr,
+}
+
+impl ScriptedReceiver {
+    /// Starts the receiver on `runtime`.
+    pub fn start(
+        runtime: &tokio::runtime::Runtime,
+        clock: Arc<dyn Clock>,
+        script: Arc<Script>,
+    ) -> Self {
+        let arrivals: Arc<Mutex<Vec<Arrival>>> = Arc::default();
+        let recorded = Arc::clone(&arrivals);
+        let router = Router::new().route(
+            "/{endpoint_id}",
+            axum::routing::post(
+                move |axum::extract::Path(endpoint_id): axum::extract::Path<String>,
+                      headers: HeaderMap,
+                      body: Bytes| {
+                    let clock_ms = clock.now_ms();
+                    let recorded = Arc::clone(&recorded);
+                    let script = Arc::clone(&script);
+                    async move {
+                        let header = |name: &str| {
+                            headers
+                                .get(name)
+                                .and_then(|value| value.to_str().ok())
+                                .unwrap_or_default()
+                                .to_string()
+                        };
+                        let webhook_id = header("webhook-id");
+                        let webhook_timestamp = header("webhook-timestamp").parse().unwrap_or(0);
+                        let mut arrivals = recorded.lock().expect("arrivals lock");
+                        let earlier = arrivals
+                            .iter()
+                            .filter(|a| a.endpoint_id == endpoint_id && a.webhook_id == webhook_id)
+                            .count();
+                        let attempt = u32::try_from(earlier).expect("few requests") + 1;
+                        let status = script(&endpoint_id, &webhook_id, attempt);
+                        arrivals.push(Arrival {
+                            endpoint_id,
+                            webhook_id,
+                            webhook_timestamp,
+                            clock_ms,
+                            attempt,
+                            status,
+                            body: body.to_vec(),
+                        });
+                        axum::http::StatusCode::from_u16(status).expect("valid status")
+                    }
+                },
+            ),
+        );
+        let address = runtime.block_on(serve(router));
+        ScriptedReceiver { arrivals, address }
+    }
+
+    /// The URL of endpoint `endpoint_id` on this receiver.
+    pub fn url(&self, endpoint_id: &str) -> String {
+        format!("http://{}/{endpoint_id}", self.address)
+    }
+
+    /// Every request so far, in arrival order.
+    pub fn arrivals(&self) -> Vec<Arrival> {
+        self.arrivals.lock().expect("arrivals lock").clone()
+    }
+
+    /// The requests of event `webhook_id` to `endpoint_id`, in arrival order.
+    pub fn arrivals_of(&self, endpoint_id: &str, webhook_id: &str) -> Vec<Arrival> {
+        self.arrivals()
+            .into_iter()
+            .filter(|a| a.endpoint_id == endpoint_id && a.webhook_id == webhook_id)
+            .collect()
+    }
+}
+
+/// Creates a multi-threaded tokio runtime for receivers and request tasks.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Creates a deliver context for `endpoints` that reaches 127.0.0.1 and reads `clock`.
+pub fn deliver_context(
+    runtime: &tokio::runtime::Runtime,
+    endpoints: Vec<Endpoint>,
+    clock: Arc<dyn Clock>,
+) -> hookflow_operators::deliver::DeliverContext {
+    let directory = endpoints.into_iter().map(|e| (e.id.clone(), e)).collect();
+    hookflow_operators::deliver::DeliverContext::new(
+        runtime.handle().clone(),
+        loopback_client(),
+        Arc::new(directory),
+        clock,
+    )
 }

@@ -1,0 +1,561 @@
+//! The state store: what hookflow must remember across restarts, in one SQLite file beside
+//! the local log (`<data_dir>/state/state.sqlite`, WAL, `synchronous=FULL`).
+//!
+//! Invariants, kept by the pipeline that writes here:
+//!
+//! * the checkpoint of a partition only moves forward, and every record below it is settled:
+//!   each of its deliveries is in the journal (terminal) or in `pending`;
+//! * a delivery is in `pending` or in the journal, never both: the batch that journals a
+//!   delivery deletes its pending entry in the same transaction;
+//! * a staged attempt row leaves staging only after the Parquet file holding it is complete;
+//! * `first_seen` holds the first occurrence of each (tenant, event id) inside the dedup window.
+//!
+//! ```text
+//! meta        (key TEXT PK, value TEXT)                format_version = 1
+//! checkpoint  (partition PK, next_offset)              next offset to read; all below settled
+//! journal     (tenant, event_id, endpoint_id, generation PK, outcome, settled_at_ms)
+//! pending     (partition, offset, endpoint_id, generation PK, attempt, due_ms, entry JSON)
+//! first_seen  (tenant, event_id PK, partition, offset, first_seen_ms)
+//! staged_rows (seq INTEGER PK AUTOINCREMENT, writer TEXT, row JSON)
+//! ```
+//!
+//! Every connection may write; SQLite serialises the writers, and each [`StateStore::commit`]
+//! is one transaction.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use hookflow_schemas::{AttemptRow, Millis, Outcome, PendingDelivery};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use crate::local_log::open_connection;
+use crate::ConnectorError;
+
+/// The on-disk format version of the state store.
+pub const STATE_FORMAT_VERSION: i64 = 1;
+
+/// The first occurrence of a (tenant, event id), as dedup remembers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirstSeen {
+    /// The event's tenant.
+    pub tenant: String,
+    /// The event's id.
+    pub event_id: String,
+    /// The partition of the first record.
+    pub partition: u32,
+    /// The offset of the first record.
+    pub offset: u64,
+    /// When the pipeline first read it (ms since epoch).
+    pub first_seen_ms: Millis,
+}
+
+/// Everything one dataflow step must make durable at once.
+#[derive(Debug, Clone, Default)]
+pub struct DurableBatch {
+    /// Attempt rows to stage for the archive. Rows with a final outcome and an endpoint also
+    /// journal their delivery and delete its pending entry.
+    pub rows: Vec<AttemptRow>,
+    /// Deliveries stamped to a later time, inserted or updated.
+    pub pending: Vec<PendingDelivery>,
+    /// First occurrences admitted by dedup.
+    pub first_seen: Vec<FirstSeen>,
+}
+
+impl DurableBatch {
+    /// Returns whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.pending.is_empty() && self.first_seen.is_empty()
+    }
+}
+
+/// A connection to the state store.
+pub struct StateStore {
+    connection: Connection,
+    path: PathBuf,
+}
+
+impl StateStore {
+    /// Opens (creating if needed) the state store under `data_dir`.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the file cannot be created or opened, or holds another format version.
+    pub fn open(data_dir: &Path) -> Result<Self, ConnectorError> {
+        let dir = data_dir.join("state");
+        std::fs::create_dir_all(&dir).map_err(|source| ConnectorError::Io {
+            action: "create directory",
+            path: dir.clone(),
+            source,
+        })?;
+        let path = dir.join("state.sqlite");
+        let mut connection = open_connection(&path)?;
+        initialize(&mut connection, &path)?;
+        Ok(StateStore { connection, path })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn error(&self, action: &'static str) -> impl Fn(rusqlite::Error) -> ConnectorError + '_ {
+        move |source| ConnectorError::Sqlite { action, path: self.path.clone(), source }
+    }
+
+    /// The next offset to read of every partition with a checkpoint.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read.
+    pub fn checkpoint(&self) -> Result<HashMap<u32, u64>, ConnectorError> {
+        let mut statement = self
+            .connection
+            .prepare_cached("SELECT partition, next_offset FROM checkpoint")
+            .map_err(self.error("read the checkpoint"))?;
+        let rows = statement
+            .query_map([], |row| Ok((row.get::<_, u32>(0)?, row.get::<_, u64>(1)?)))
+            .map_err(self.error("read the checkpoint"))?;
+        rows.collect::<Result<_, _>>().map_err(self.error("read the checkpoint"))
+    }
+
+    /// Moves the checkpoint of each (partition, next offset) forward; an offset below the
+    /// stored one is ignored.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be written; nothing is written then.
+    pub fn advance_checkpoint(&mut self, offsets: &[(u32, u64)]) -> Result<(), ConnectorError> {
+        let path = self.path.clone();
+        let error = move |source| ConnectorError::Sqlite { action: "advance the checkpoint", path: path.clone(), source };
+        let transaction = self
+            .connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&error)?;
+        {
+            let mut statement = transaction
+                .prepare_cached(
+                    "INSERT INTO checkpoint (partition, next_offset) VALUES (?1, ?2) \
+                     ON CONFLICT (partition) DO UPDATE SET next_offset = max(next_offset, excluded.next_offset)",
+                )
+                .map_err(&error)?;
+            for (partition, offset) in offsets {
+                statement.execute(params![partition, offset]).map_err(&error)?;
+            }
+        }
+        transaction.commit().map_err(&error)
+    }
+
+    /// Writes `batch` in one transaction: stages its rows, journals the final ones and
+    /// deletes their pending entries, upserts its pending deliveries and records its first
+    /// occurrences.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be written; nothing is written then.
+    pub fn commit(&mut self, writer: &str, batch: &DurableBatch, now_ms: Millis) -> Result<(), ConnectorError> {
+        let path = self.path.clone();
+        let error = move |source| ConnectorError::Sqlite { action: "write a batch", path: path.clone(), source };
+        let transaction = self
+            .connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&error)?;
+        {
+            let mut stage = transaction
+                .prepare_cached("INSERT INTO staged_rows (writer, row) VALUES (?1, ?2)")
+                .map_err(&error)?;
+            let mut journal = transaction
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO journal (tenant, event_id, endpoint_id, generation, outcome, settled_at_ms) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(&error)?;
+            let mut unpend = transaction
+                .prepare_cached(
+                    "DELETE FROM pending WHERE partition = ?1 AND offset = ?2 AND endpoint_id = ?3 AND generation = ?4",
+                )
+                .map_err(&error)?;
+            for row in &batch.rows {
+                let encoded = serde_json::to_string(row).map_err(|e| ConnectorError::CorruptState {
+                    path: self.path.clone(),
+                    what: "attempt row",
+                    detail: e.to_string(),
+                })?;
+                stage.execute(params![writer, encoded]).map_err(&error)?;
+
+                let terminal = row.outcome != Outcome::Failed.as_str();
+                if let (true, Some(tenant), Some(event_id), Some(endpoint_id)) =
+                    (terminal, &row.tenant, &row.event_id, &row.endpoint_id)
+                {
+                    journal
+                        .execute(params![tenant, event_id, endpoint_id, row.generation, row.outcome, now_ms])
+                        .map_err(&error)?;
+                    unpend
+                        .execute(params![row.partition, row.offset, endpoint_id, row.generation])
+                        .map_err(&error)?;
+                }
+            }
+
+            let mut pend = transaction
+                .prepare_cached(
+                    "INSERT INTO pending (partition, offset, endpoint_id, generation, attempt, due_ms, entry) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+                     ON CONFLICT (partition, offset, endpoint_id, generation) DO UPDATE SET \
+                     attempt = excluded.attempt, due_ms = excluded.due_ms, entry = excluded.entry",
+                )
+                .map_err(&error)?;
+            for pending in &batch.pending {
+                let encoded = serde_json::to_string(pending).map_err(|e| ConnectorError::CorruptState {
+                    path: self.path.clone(),
+                    what: "pending delivery",
+                    detail: e.to_string(),
+                })?;
+                pend.execute(params![
+                    pending.partition,
+                    pending.offset,
+                    pending.endpoint_id,
+                    pending.generation,
+                    pending.attempt,
+                    pending.due_ms,
+                    encoded
+                ])
+                .map_err(&error)?;
+            }
+
+            let mut seen = transaction
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO first_seen (tenant, event_id, partition, offset, first_seen_ms) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(&error)?;
+            for first in &batch.first_seen {
+                seen.execute(params![first.tenant, first.event_id, first.partition, first.offset, first.first_seen_ms])
+                    .map_err(&error)?;
+            }
+        }
+        transaction.commit().map_err(&error)
+    }
+
+    /// Returns whether the journal holds the delivery of (tenant, event id) to the endpoint.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read.
+    pub fn is_journaled(&self, tenant: &str, event_id: &str, endpoint_id: &str, generation: u32) -> Result<bool, ConnectorError> {
+        self.connection
+            .prepare_cached(
+                "SELECT 1 FROM journal WHERE tenant = ?1 AND event_id = ?2 AND endpoint_id = ?3 AND generation = ?4",
+            )
+            .and_then(|mut statement| {
+                statement.query_row(params![tenant, event_id, endpoint_id, generation], |_| Ok(())).optional()
+            })
+            .map(|found| found.is_some())
+            .map_err(self.error("read the journal"))
+    }
+
+    /// Returns whether a delivery of the record at (partition, offset) to the endpoint is
+    /// pending.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read.
+    pub fn is_pending(&self, partition: u32, offset: u64, endpoint_id: &str, generation: u32) -> Result<bool, ConnectorError> {
+        self.connection
+            .prepare_cached(
+                "SELECT 1 FROM pending WHERE partition = ?1 AND offset = ?2 AND endpoint_id = ?3 AND generation = ?4",
+            )
+            .and_then(|mut statement| {
+                statement.query_row(params![partition, offset, endpoint_id, generation], |_| Ok(())).optional()
+            })
+            .map(|found| found.is_some())
+            .map_err(self.error("read pending deliveries"))
+    }
+
+    /// Every pending delivery.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read or an entry does not decode.
+    pub fn pending(&self) -> Result<Vec<PendingDelivery>, ConnectorError> {
+        let mut statement = self
+            .connection
+            .prepare_cached("SELECT entry FROM pending ORDER BY due_ms")
+            .map_err(self.error("read pending deliveries"))?;
+        let entries = statement
+            .query_map([], |row| row.get::<_, String>(0))
+            .map_err(self.error("read pending deliveries"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.error("read pending deliveries"))?;
+        entries
+            .iter()
+            .map(|entry| {
+                serde_json::from_str(entry).map_err(|e| ConnectorError::CorruptState {
+                    path: self.path.clone(),
+                    what: "pending delivery",
+                    detail: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// The first occurrences seen at or after `since_ms`.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read.
+    pub fn first_seen_since(&self, since_ms: Millis) -> Result<Vec<FirstSeen>, ConnectorError> {
+        let mut statement = self
+            .connection
+            .prepare_cached(
+                "SELECT tenant, event_id, partition, offset, first_seen_ms FROM first_seen \
+                 WHERE first_seen_ms >= ?1 ORDER BY first_seen_ms",
+            )
+            .map_err(self.error("read first occurrences"))?;
+        let rows = statement
+            .query_map(params![since_ms], |row| {
+                Ok(FirstSeen {
+                    tenant: row.get(0)?,
+                    event_id: row.get(1)?,
+                    partition: row.get(2)?,
+                    offset: row.get(3)?,
+                    first_seen_ms: row.get(4)?,
+                })
+            })
+            .map_err(self.error("read first occurrences"))?;
+        rows.collect::<Result<_, _>>().map_err(self.error("read first occurrences"))
+    }
+
+    /// Up to `limit` staged rows of `writer`, oldest first, with their sequence numbers.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read or a row does not decode.
+    pub fn staged_rows(&self, writer: &str, limit: usize) -> Result<Vec<(u64, AttemptRow)>, ConnectorError> {
+        let mut statement = self
+            .connection
+            .prepare_cached("SELECT seq, row FROM staged_rows WHERE writer = ?1 ORDER BY seq LIMIT ?2")
+            .map_err(self.error("read staged rows"))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = statement
+            .query_map(params![writer, limit], |row| Ok((row.get::<_, u64>(0)?, row.get::<_, String>(1)?)))
+            .map_err(self.error("read staged rows"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.error("read staged rows"))?;
+        rows.into_iter()
+            .map(|(seq, row)| {
+                serde_json::from_str(&row).map(|row| (seq, row)).map_err(|e| ConnectorError::CorruptState {
+                    path: self.path.clone(),
+                    what: "staged attempt row",
+                    detail: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// The number of staged rows of `writer`.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read.
+    pub fn staged_count(&self, writer: &str) -> Result<u64, ConnectorError> {
+        self.connection
+            .query_row("SELECT count(*) FROM staged_rows WHERE writer = ?1", params![writer], |row| row.get(0))
+            .map_err(self.error("count staged rows"))
+    }
+
+    /// Removes `writer`'s staged rows with sequence numbers from `first` to `last`, once the
+    /// archive file holding them is complete.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be written.
+    pub fn unstage(&mut self, writer: &str, first: u64, last: u64) -> Result<(), ConnectorError> {
+        self.connection
+            .execute("DELETE FROM staged_rows WHERE writer = ?1 AND seq BETWEEN ?2 AND ?3", params![writer, first, last])
+            .map(|_| ())
+            .map_err(self.error("remove archived rows from staging"))
+    }
+
+    /// Forgets journal entries settled before `journal_before_ms` and first occurrences seen
+    /// before `first_seen_before_ms`.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be written.
+    pub fn prune(&mut self, journal_before_ms: Millis, first_seen_before_ms: Millis) -> Result<(), ConnectorError> {
+        self.connection
+            .execute("DELETE FROM journal WHERE settled_at_ms < ?1", params![journal_before_ms])
+            .and_then(|_| {
+                self.connection
+                    .execute("DELETE FROM first_seen WHERE first_seen_ms < ?1", params![first_seen_before_ms])
+            })
+            .map(|_| ())
+            .map_err(self.error("prune the journal and first occurrences"))
+    }
+}
+
+fn initialize(connection: &mut Connection, path: &Path) -> Result<(), ConnectorError> {
+    let error = |action| move |source| ConnectorError::Sqlite { action, path: path.to_path_buf(), source };
+    let transaction = connection
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(error("create the state tables"))?;
+    transaction
+        .execute_batch(
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS checkpoint (partition INTEGER PRIMARY KEY, next_offset INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS journal (
+                 tenant TEXT NOT NULL, event_id TEXT NOT NULL, endpoint_id TEXT NOT NULL,
+                 generation INTEGER NOT NULL, outcome TEXT NOT NULL, settled_at_ms INTEGER NOT NULL,
+                 PRIMARY KEY (tenant, event_id, endpoint_id, generation));
+             CREATE INDEX IF NOT EXISTS journal_settled ON journal (settled_at_ms);
+             CREATE TABLE IF NOT EXISTS pending (
+                 partition INTEGER NOT NULL, offset INTEGER NOT NULL, endpoint_id TEXT NOT NULL,
+                 generation INTEGER NOT NULL, attempt INTEGER NOT NULL, due_ms INTEGER NOT NULL,
+                 entry TEXT NOT NULL,
+                 PRIMARY KEY (partition, offset, endpoint_id, generation));
+             CREATE TABLE IF NOT EXISTS first_seen (
+                 tenant TEXT NOT NULL, event_id TEXT NOT NULL, partition INTEGER NOT NULL,
+                 offset INTEGER NOT NULL, first_seen_ms INTEGER NOT NULL,
+                 PRIMARY KEY (tenant, event_id));
+             CREATE INDEX IF NOT EXISTS first_seen_time ON first_seen (first_seen_ms);
+             CREATE TABLE IF NOT EXISTS staged_rows (
+                 seq INTEGER PRIMARY KEY AUTOINCREMENT, writer TEXT NOT NULL, row TEXT NOT NULL);",
+        )
+        .map_err(error("create the state tables"))?;
+    let version: Option<String> = transaction
+        .query_row("SELECT value FROM meta WHERE key = 'format_version'", [], |row| row.get(0))
+        .optional()
+        .map_err(error("read the format version"))?;
+    match version {
+        None => {
+            transaction
+                .execute(
+                    "INSERT INTO meta (key, value) VALUES ('format_version', ?1)",
+                    params![STATE_FORMAT_VERSION.to_string()],
+                )
+                .map_err(error("write the format version"))?;
+        }
+        Some(found) => {
+            let found: i64 = found.parse().unwrap_or(-1);
+            if found != STATE_FORMAT_VERSION {
+                return Err(ConnectorError::UnsupportedStateVersion {
+                    path: path.to_path_buf(),
+                    found,
+                    supported: STATE_FORMAT_VERSION,
+                });
+            }
+        }
+    }
+    transaction.commit().map_err(error("create the state tables"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(event_id: &str, endpoint_id: &str, outcome: Outcome, offset: u64) -> AttemptRow {
+        AttemptRow {
+            event_id: Some(event_id.into()),
+            tenant: Some("acme".into()),
+            endpoint_id: Some(endpoint_id.into()),
+            offset,
+            attempt: 1,
+            outcome: outcome.as_str().into(),
+            ..AttemptRow::default()
+        }
+    }
+
+    fn pending(offset: u64, endpoint_id: &str, due_ms: Millis) -> PendingDelivery {
+        PendingDelivery {
+            partition: 0,
+            offset,
+            endpoint_id: endpoint_id.into(),
+            generation: 0,
+            attempt: 2,
+            due_ms,
+            tenant: "acme".into(),
+            event_id: format!("evt_{offset}"),
+            event_type: "t".into(),
+            created_at: "2026-12-04T10:00:00Z".into(),
+            read_at_ms: 5,
+            appended_at_ms: Some(4),
+        }
+    }
+
+    #[test]
+    fn journal_replaces_pending() -> Result<(), ConnectorError> {
+        let dir = tempfile::tempdir().map_err(|source| ConnectorError::Io { action: "create", path: PathBuf::new(), source })?;
+        let mut store = StateStore::open(dir.path())?;
+        let batch = DurableBatch { pending: vec![pending(7, "ep", 100)], ..DurableBatch::default() };
+        store.commit("w0", &batch, 1)?;
+        assert!(store.is_pending(0, 7, "ep", 0)?);
+        assert_eq!(store.pending()?, vec![pending(7, "ep", 100)]);
+
+        let batch = DurableBatch { rows: vec![row("evt_7", "ep", Outcome::Delivered, 7)], ..DurableBatch::default() };
+        store.commit("w0", &batch, 2)?;
+        assert!(!store.is_pending(0, 7, "ep", 0)?, "a journaled delivery is no longer pending");
+        assert!(store.is_journaled("acme", "evt_7", "ep", 0)?);
+        assert_eq!(store.staged_count("w0")?, 1);
+        Ok(())
+    }
+
+    #[test]
+    fn failed_rows_are_not_journaled() -> Result<(), ConnectorError> {
+        let dir = tempfile::tempdir().map_err(|source| ConnectorError::Io { action: "create", path: PathBuf::new(), source })?;
+        let mut store = StateStore::open(dir.path())?;
+        let batch = DurableBatch {
+            rows: vec![row("evt_1", "ep", Outcome::Failed, 1)],
+            pending: vec![pending(1, "ep", 500)],
+            ..DurableBatch::default()
+        };
+        store.commit("w0", &batch, 1)?;
+        assert!(!store.is_journaled("acme", "evt_1", "ep", 0)?);
+        assert!(store.is_pending(0, 1, "ep", 0)?);
+        Ok(())
+    }
+
+    #[test]
+    fn checkpoint_only_moves_forward() -> Result<(), ConnectorError> {
+        let dir = tempfile::tempdir().map_err(|source| ConnectorError::Io { action: "create", path: PathBuf::new(), source })?;
+        let mut store = StateStore::open(dir.path())?;
+        store.advance_checkpoint(&[(0, 10), (1, 3)])?;
+        store.advance_checkpoint(&[(0, 4)])?;
+        let checkpoint = store.checkpoint()?;
+        assert_eq!(checkpoint.get(&0), Some(&10));
+        assert_eq!(checkpoint.get(&1), Some(&3));
+        drop(store);
+        assert_eq!(StateStore::open(dir.path())?.checkpoint()?.get(&0), Some(&10), "survives reopening");
+        Ok(())
+    }
+
+    #[test]
+    fn staging_round_trip() -> Result<(), ConnectorError> {
+        let dir = tempfile::tempdir().map_err(|source| ConnectorError::Io { action: "create", path: PathBuf::new(), source })?;
+        let mut store = StateStore::open(dir.path())?;
+        let rows: Vec<AttemptRow> = (0..5).map(|n| row(&format!("e{n}"), "ep", Outcome::Delivered, n)).collect();
+        store.commit("w0", &DurableBatch { rows: rows.clone(), ..DurableBatch::default() }, 1)?;
+        store.commit("w1", &DurableBatch { rows: rows[..1].to_vec(), ..DurableBatch::default() }, 1)?;
+        let staged = store.staged_rows("w0", 100)?;
+        assert_eq!(staged.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(), rows);
+        let (first, last) = (staged[0].0, staged[2].0);
+        store.unstage("w0", first, last)?;
+        assert_eq!(store.staged_count("w0")?, 2);
+        assert_eq!(store.staged_count("w1")?, 1, "another writer's rows stay");
+        Ok(())
+    }
+
+    #[test]
+    fn newer_format_is_refused() -> Result<(), ConnectorError> {
+        let dir = tempfile::tempdir().map_err(|source| ConnectorError::Io { action: "create", path: PathBuf::new(), source })?;
+        let store = StateStore::open(dir.path())?;
+        store
+            .connection
+            .execute("UPDATE meta SET value = '2' WHERE key = 'format_version'", [])
+            .map_err(store.error("test update"))?;
+        drop(store);
+        let Err(error) = StateStore::open(dir.path()) else {
+            panic!("a newer format must be refused");
+        };
+        assert!(error.to_string().contains("format version 2"), "{error}");
+        Ok(())
+    }
+}
