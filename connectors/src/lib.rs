@@ -22,7 +22,7 @@ pub mod state;
 pub use archive::{list_archive_files, read_attempts, staged_ranges, ArchiveOptions, ArchiveWriter};
 pub use local_log::{partition_for_key, LocalLog, LocalLogOptions};
 pub use source::Source;
-pub use state::{FirstSeen, StateStore, DurableBatch, STATE_FORMAT_VERSION};
+pub use state::{DurableBatch, StateStore, STATE_FORMAT_VERSION};
 
 /// The error type of every fallible operation in this crate.
 ///

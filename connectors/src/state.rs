@@ -16,6 +16,7 @@
 //! journal     (tenant, event_id, endpoint_id, generation PK, outcome, settled_at_ms)
 //! pending     (partition, offset, endpoint_id, generation PK, attempt, due_ms, entry JSON)
 //! first_seen  (tenant, event_id PK, partition, offset, first_seen_ms)
+//! decided     (partition, offset PK, outcome, settled_at_ms)   invalid and unrouted records
 //! staged_rows (seq INTEGER PK AUTOINCREMENT, writer TEXT, row JSON)
 //! ```
 //!
@@ -25,7 +26,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use hookflow_schemas::{AttemptRow, Millis, Outcome, PendingDelivery};
+use hookflow_schemas::{AttemptRow, FirstSeen, Millis, Outcome, PendingDelivery};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::local_log::open_connection;
@@ -33,21 +34,6 @@ use crate::ConnectorError;
 
 /// The on-disk format version of the state store.
 pub const STATE_FORMAT_VERSION: i64 = 1;
-
-/// The first occurrence of a (tenant, event id), as dedup remembers it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FirstSeen {
-    /// The event's tenant.
-    pub tenant: String,
-    /// The event's id.
-    pub event_id: String,
-    /// The partition of the first record.
-    pub partition: u32,
-    /// The offset of the first record.
-    pub offset: u64,
-    /// When the pipeline first read it (ms since epoch).
-    pub first_seen_ms: Millis,
-}
 
 /// Everything one dataflow step must make durable at once.
 #[derive(Debug, Clone, Default)]
@@ -174,7 +160,15 @@ impl StateStore {
                     "DELETE FROM pending WHERE partition = ?1 AND offset = ?2 AND endpoint_id = ?3 AND generation = ?4",
                 )
                 .map_err(&error)?;
+            let mut decide = transaction
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO decided (partition, offset, outcome, settled_at_ms) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(&error)?;
             for row in &batch.rows {
+                if row.endpoint_id.is_none() {
+                    decide.execute(params![row.partition, row.offset, row.outcome, now_ms]).map_err(&error)?;
+                }
                 let encoded = serde_json::to_string(row).map_err(|e| ConnectorError::CorruptState {
                     path: self.path.clone(),
                     what: "attempt row",
@@ -268,6 +262,47 @@ impl StateStore {
             })
             .map(|found| found.is_some())
             .map_err(self.error("read pending deliveries"))
+    }
+
+    /// Returns whether the record at (partition, offset) was decided without a delivery
+    /// (invalid or unrouted).
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read.
+    pub fn is_decided(&self, partition: u32, offset: u64) -> Result<bool, ConnectorError> {
+        self.connection
+            .prepare_cached("SELECT 1 FROM decided WHERE partition = ?1 AND offset = ?2")
+            .and_then(|mut statement| statement.query_row(params![partition, offset], |_| Ok(())).optional())
+            .map(|found| found.is_some())
+            .map_err(self.error("read decided records"))
+    }
+
+    /// Records the worker count the first time, and refuses another count later: each
+    /// worker's staged rows and state belong to the worker index that wrote them.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be used, or was written with another worker count.
+    pub fn ensure_workers(&mut self, workers: usize) -> Result<(), ConnectorError> {
+        let stored: Option<String> = self
+            .connection
+            .query_row("SELECT value FROM meta WHERE key = 'workers'", [], |row| row.get(0))
+            .optional()
+            .map_err(self.error("read the worker count"))?;
+        match stored {
+            None => self
+                .connection
+                .execute("INSERT INTO meta (key, value) VALUES ('workers', ?1)", params![workers.to_string()])
+                .map(|_| ())
+                .map_err(self.error("record the worker count")),
+            Some(value) if value == workers.to_string() => Ok(()),
+            Some(value) => Err(ConnectorError::InvalidOption {
+                option: "workers",
+                value: format!("{workers} (the data directory was written by {value} workers)"),
+                expected: "the worker count the data directory was created with",
+            }),
+        }
     }
 
     /// Every pending delivery.
@@ -385,6 +420,9 @@ impl StateStore {
         self.connection
             .execute("DELETE FROM journal WHERE settled_at_ms < ?1", params![journal_before_ms])
             .and_then(|_| {
+                self.connection.execute("DELETE FROM decided WHERE settled_at_ms < ?1", params![journal_before_ms])
+            })
+            .and_then(|_| {
                 self.connection
                     .execute("DELETE FROM first_seen WHERE first_seen_ms < ?1", params![first_seen_before_ms])
             })
@@ -417,6 +455,9 @@ fn initialize(connection: &mut Connection, path: &Path) -> Result<(), ConnectorE
                  offset INTEGER NOT NULL, first_seen_ms INTEGER NOT NULL,
                  PRIMARY KEY (tenant, event_id));
              CREATE INDEX IF NOT EXISTS first_seen_time ON first_seen (first_seen_ms);
+             CREATE TABLE IF NOT EXISTS decided (
+                 partition INTEGER NOT NULL, offset INTEGER NOT NULL, outcome TEXT NOT NULL,
+                 settled_at_ms INTEGER NOT NULL, PRIMARY KEY (partition, offset));
              CREATE TABLE IF NOT EXISTS staged_rows (
                  seq INTEGER PRIMARY KEY AUTOINCREMENT, writer TEXT NOT NULL, row TEXT NOT NULL);",
         )

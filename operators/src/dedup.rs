@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use differential_dataflow::Hashable;
-use hookflow_schemas::{IngestedEvent, Millis};
+use hookflow_schemas::{FirstSeen, IngestedEvent, Millis};
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
@@ -32,7 +32,7 @@ use timely::dataflow::Stream;
 
 /// Where and when a (tenant, id) was first seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FirstSeen {
+struct Seen {
     at_ms: Millis,
     partition: u32,
     offset: u64,
@@ -42,7 +42,7 @@ struct FirstSeen {
 #[derive(Debug)]
 pub struct DedupIndex {
     retention_ms: u64,
-    first_seen: HashMap<(String, String), FirstSeen>,
+    first_seen: HashMap<(String, String), Seen>,
     /// (expiry time, key) in first-seen order; times are non-decreasing because events are
     /// admitted in time order.
     expiries: VecDeque<(Millis, (String, String))>,
@@ -62,7 +62,7 @@ impl DedupIndex {
     /// within the window, recording it if so.
     pub fn admit(&mut self, event: &IngestedEvent, now_ms: Millis) -> bool {
         let key = (event.event.tenant.clone(), event.event.id.clone());
-        let seen = FirstSeen {
+        let seen = Seen {
             at_ms: now_ms,
             partition: event.partition,
             offset: event.offset,
@@ -79,6 +79,17 @@ impl DedupIndex {
         self.expiries.push_back((expires_at, key.clone()));
         self.first_seen.insert(key, seen);
         true
+    }
+
+    /// Remembers an occurrence from an earlier run.
+    pub fn restore(&mut self, first: &FirstSeen) {
+        let key = (first.tenant.clone(), first.event_id.clone());
+        let expires_at = first.first_seen_ms.saturating_add(self.retention_ms);
+        self.expiries.push_back((expires_at, key.clone()));
+        self.first_seen.insert(
+            key,
+            Seen { at_ms: first.first_seen_ms, partition: first.partition, offset: first.offset },
+        );
     }
 
     /// Forgets every entry whose window closed at or before `now_ms`.
@@ -117,6 +128,9 @@ impl DedupIndex {
 pub struct DedupConfig {
     /// How long after its first occurrence a (tenant, id) is still recognised, in ms.
     pub retention_ms: u64,
+    /// First occurrences remembered from earlier runs. Each worker keeps those of the
+    /// tenants it owns and ignores the rest, so every worker may be given all of them.
+    pub restored: Vec<FirstSeen>,
 }
 
 /// Removes repeated (tenant, id) events from a stream.
@@ -130,8 +144,17 @@ impl<'scope> Dedup<'scope> for Stream<'scope, u64, Vec<IngestedEvent>> {
     fn dedup(self, config: DedupConfig, duplicates: Arc<AtomicU64>) -> Self {
         let exchange = Exchange::new(|event: &IngestedEvent| event.event.tenant.hashed());
 
+        let scope = self.scope();
+        let (index, peers) = (scope.index(), scope.peers() as u64);
         self.unary_frontier(exchange, "Dedup", move |_capability, _info| {
-            let mut index = DedupIndex::new(config.retention_ms);
+            let mut dedup = DedupIndex::new(config.retention_ms);
+            // Restored in first-seen order, as `expiries` requires.
+            let mut restored = config.restored;
+            restored.sort_by_key(|first| first.first_seen_ms);
+            for first in restored.iter().filter(|first| first.tenant.hashed() % peers == index as u64) {
+                dedup.restore(first);
+            }
+            let mut index = dedup;
             // Events waiting for the input frontier to pass their time, keyed by that time.
             let mut stash: BTreeMap<u64, (Capability<u64>, Vec<IngestedEvent>)> = BTreeMap::new();
 

@@ -234,7 +234,11 @@ mod responses {
 
         assert_eq!(target.count(), 0, "the redirect was followed");
         assert_eq!(result.http_status, Some(302));
-        assert_eq!(result.verdict.outcome, Outcome::Failed, "a redirect is retried");
+        assert_eq!(
+            result.verdict.outcome,
+            Outcome::Failed,
+            "a redirect is retried"
+        );
         assert_eq!(result.verdict.error_kind, Some(ErrorKind::Redirect));
         assert_eq!(result.location.as_deref(), Some("/target"));
         let message = result.error_message.clone().unwrap_or_default();
@@ -336,7 +340,11 @@ mod failures {
         let elapsed = started.elapsed();
 
         assert_eq!(result.verdict.error_kind, Some(ErrorKind::Timeout));
-        assert_eq!(result.verdict.outcome, Outcome::Failed, "a timeout is retried");
+        assert_eq!(
+            result.verdict.outcome,
+            Outcome::Failed,
+            "a timeout is retried"
+        );
         assert!(
             elapsed >= Duration::from_millis(300),
             "gave up after {elapsed:?}"
@@ -361,7 +369,11 @@ mod failures {
             .await;
 
         assert_eq!(result.verdict.error_kind, Some(ErrorKind::Connect));
-        assert_eq!(result.verdict.outcome, Outcome::Failed, "a connect error is retried");
+        assert_eq!(
+            result.verdict.outcome,
+            Outcome::Failed,
+            "a connect error is retried"
+        );
         assert_eq!(
             result.to_row(&delivery, 0).attempt,
             1,
@@ -675,7 +687,7 @@ mod operator {
     }
 
     /// Runs the deliver operator on `workers` workers with the wall clock, with a source log
-    /// that holds every delivery's payload.
+    /// that contains every delivery's payload.
     fn run_dataflow(
         workers: usize,
         context: DeliverContext,
@@ -714,10 +726,22 @@ mod operator {
         let base = WallClock.now_ms();
         let mut deliveries = Vec::new();
         for i in 0..9u64 {
-            deliveries.push(due_delivery("ep_busy", "busy", base, 100 + (i / 3) * 100, i));
+            deliveries.push(due_delivery(
+                "ep_busy",
+                "busy",
+                base,
+                100 + (i / 3) * 100,
+                i,
+            ));
         }
         for i in 0..4u64 {
-            deliveries.push(due_delivery("ep_calm", "calm", base, 100 + (i / 2) * 100, 10 + i));
+            deliveries.push(due_delivery(
+                "ep_calm",
+                "calm",
+                base,
+                100 + (i / 2) * 100,
+                10 + i,
+            ));
         }
         deliveries.push(due_delivery("ep_gone", "gone", base, 250, 20));
         deliveries.push(due_delivery("ep_off", "off", base, 300, 21));
@@ -762,13 +786,22 @@ mod operator {
                 .and_then(|t| t.parse().ok())
                 .expect("due offset in the event id");
             let due = base + due_in_ms;
-            // The operator moves its shared capability up to the clock, so a row may come out
-            // later than its delivery was due, but never earlier.
-            assert!(*time >= due, "{event_id} came out at {time}, before its due time {due}");
+            // A row may come out later than its delivery was due, because the operator moves
+            // the capability of waiting deliveries up to the clock, but never earlier.
+            assert!(
+                *time >= due,
+                "{event_id} came out at {time}, before its due time {due}"
+            );
             if let Some(started_at_ms) = row.started_at_ms {
-                assert!(started_at_ms >= due, "{event_id} started before its due time");
+                assert!(
+                    started_at_ms >= due,
+                    "{event_id} started before its due time"
+                );
             }
-            assert_eq!(row.due_at_ms, due, "{event_id}: due_at_ms is not the due time");
+            assert_eq!(
+                row.due_at_ms, due,
+                "{event_id}: due_at_ms is not the due time"
+            );
         }
 
         let row_of = |id: &str| {
@@ -824,8 +857,51 @@ mod operator {
         for (time, row) in &rows {
             let event_id = row.event_id.as_deref().unwrap_or_default();
             assert_eq!(row.outcome, "delivered", "{event_id}");
-            assert!(*time >= base + 10, "{event_id} came out before its due time");
-            assert_eq!(row.due_at_ms, base + 10, "{event_id}: due_at_ms is not the due time");
+            assert!(
+                *time >= base + 10,
+                "{event_id} came out before its due time"
+            );
+            assert_eq!(
+                row.due_at_ms,
+                base + 10,
+                "{event_id}: due_at_ms is not the due time"
+            );
+        }
+    }
+
+    #[test]
+    fn rows_record_due_time() {
+        let runtime = runtime();
+        let (_concurrency, address) = runtime.block_on(slow_receiver(Duration::from_millis(30)));
+        let mut single = endpoint("ep_single", &format!("http://{address}/ep_single"));
+        single.max_in_flight = 1;
+        let late = endpoint("ep_late", &format!("http://{address}/ep_late"));
+
+        let base = WallClock.now_ms();
+        let mut deliveries: Vec<(u64, Delivery)> = (0..3u64)
+            .map(|i| due_delivery("ep_single", "queued", base, 50, i))
+            .collect();
+        // Due before the dataflow even starts, as after a slow read from the source.
+        let mut overdue = delivery_with_offset("ep_late", "evt_overdue", b"{}", 10);
+        overdue.ingested.read_at_ms = base;
+        deliveries.insert(0, (base - 500, overdue));
+
+        let context = context(&runtime, vec![single, late]);
+        let rows = run_dataflow(1, context, deliveries.clone()).rows;
+
+        assert_eq!(rows.len(), deliveries.len(), "one row per delivery");
+        for (due, delivery) in &deliveries {
+            let event_id = delivery.ingested.event.id.as_str();
+            let row = rows
+                .iter()
+                .map(|(_, row)| row)
+                .find(|row| row.event_id.as_deref() == Some(event_id))
+                .expect("a row for every delivery");
+            assert_eq!(row.outcome, "delivered", "{event_id}");
+            assert_eq!(
+                row.due_at_ms, *due,
+                "{event_id}: due_at_ms is not the due time"
+            );
         }
     }
 }

@@ -54,6 +54,14 @@ pub struct PipelineConfig {
     pub max_payload_bytes: usize,
     /// How long a (tenant, id) is remembered for deduplication, in seconds. Default 86400.
     pub dedup_window_secs: u64,
+    /// How often, at most, the settled-offset checkpoint is written, in ms. Default 100.
+    pub checkpoint_interval_ms: u64,
+    /// No request starts while more attempt results than this wait for their durable write.
+    /// It bounds what a crash can make hookflow send twice. Default 64.
+    pub max_unsynced_results: usize,
+    /// On SIGINT or SIGTERM, how long requests in flight may take to finish before they are
+    /// abandoned (and delivered again by the next run), in seconds. Default 30.
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for PipelineConfig {
@@ -64,6 +72,9 @@ impl Default for PipelineConfig {
             max_read_ahead: 10_000,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             dedup_window_secs: 24 * 60 * 60,
+            checkpoint_interval_ms: 100,
+            max_unsynced_results: 64,
+            shutdown_grace_secs: 30,
         }
     }
 }

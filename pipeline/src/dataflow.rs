@@ -27,15 +27,17 @@ use std::time::Duration;
 use anyhow::Context;
 use differential_dataflow::input::Input as _;
 use hookflow_connectors::Source;
-use hookflow_connectors::{ArchiveOptions, ArchiveWriter, LocalLog, LocalLogOptions};
+use hookflow_connectors::{ArchiveOptions, ArchiveWriter, LocalLog, LocalLogOptions, StateStore};
 use hookflow_operators::clock::Clock;
 use hookflow_operators::dedup::{Dedup, DedupConfig};
 use hookflow_operators::deliver::{
     AddressPolicy, Attempted, ClientConfig, Deliver, DeliverContext, DeliveryClient, PayloadSource,
 };
 use hookflow_operators::route::{Route, Subscription};
-use hookflow_schemas::{decode_event, AttemptRow, Delivery, Endpoint, IngestedEvent, SourceRecord};
-use timely::container::CapacityContainerBuilder;
+use hookflow_schemas::{
+    decode_event, AttemptRow, Delivery, Endpoint, FirstSeen, IngestedEvent, SourceRecord,
+};
+use timely::dataflow::operators::vec::Map;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
@@ -43,6 +45,10 @@ use timely::dataflow::operators::{Concat, ConnectLoop, Feedback, OkErr, Probe};
 use timely::dataflow::Stream;
 
 use crate::config::Config;
+use crate::durable::{
+    persist, restore_pending, skip_decided_rows, skip_settled_deliveries, ArchivePolicy, Archiver, Durable,
+    ResumeBounds,
+};
 use crate::source::{read_source, SourceControl, SourceOptions};
 
 /// What `run` needs besides the configuration.
@@ -203,8 +209,10 @@ fn run_worker(
     shared: &WorkerShared,
 ) -> anyhow::Result<WorkerReport> {
     let index = worker.index();
+    let peers = worker.peers();
     let config = &shared.config;
     let clock = shared.clock.clone();
+    let started_ms = clock.now_ms();
 
     let log_options = LocalLogOptions {
         partitions: config.local_log.partitions,
@@ -213,25 +221,47 @@ fn run_worker(
         LocalLog::open(&shared.data_dir, &log_options)
             .with_context(|| format!("cannot open the local log in {}", shared.data_dir.display()))
     };
-    let log = open_log()?;
+    let mut log = open_log()?;
     let retry_log = open_log()?;
+
+    // What earlier runs left: the checkpoint to resume reading from, the log end below which
+    // re-read records must be checked against the journal, pending deliveries and first
+    // occurrences.
+    let mut store = StateStore::open(&shared.data_dir)
+        .with_context(|| format!("cannot open the state store in {}", shared.data_dir.display()))?;
+    store.ensure_workers(peers)?;
+    let checkpoint = store.checkpoint()?;
+    let mut resume_bounds = ResumeBounds::new();
+    for partition in (0..log.partitions()).filter(|p| *p as usize % peers == index) {
+        let end = log.end_offset(partition)?;
+        if end > checkpoint.get(&partition).copied().unwrap_or(0) {
+            resume_bounds.insert(partition, end);
+        }
+    }
+    let dedup_window_ms = config.pipeline.dedup_window_secs.saturating_mul(1000);
+    let restored_first_seen = store.first_seen_since(started_ms.saturating_sub(dedup_window_ms))?;
+    let restored_pending = if index == 0 { store.pending()? } else { Vec::new() };
+    let store = Rc::new(RefCell::new(store));
+
+    let prefix = format!("w{index}");
     let writer = ArchiveWriter::new(
         ArchiveOptions {
             max_rows_per_file: config.archive.max_rows_per_file,
             max_file_bytes: config.archive.max_file_bytes,
             max_file_age_ms: config.archive.max_file_age_secs.saturating_mul(1000),
-            ..ArchiveOptions::new(shared.archive_dir.clone(), format!("w{index}"))
+            ..ArchiveOptions::new(shared.archive_dir.clone(), prefix.clone())
         },
         shared.run_id,
     )
-    .with_context(|| {
-        format!(
-            "cannot open the archive in {}",
-            shared.archive_dir.display()
-        )
-    })?;
-    let writer = Rc::new(RefCell::new(writer));
-    let archive_failed: Rc<RefCell<Option<String>>> = Rc::new(RefCell::new(None));
+    .with_context(|| format!("cannot open the archive in {}", shared.archive_dir.display()))?;
+    let policy = ArchivePolicy {
+        prefix,
+        max_rows_per_file: config.archive.max_rows_per_file,
+        max_file_age_ms: config.archive.max_file_age_secs.saturating_mul(1000),
+    };
+    let archiver = Archiver::new(store.clone(), writer, &shared.archive_dir, policy, started_ms)
+        .with_context(|| format!("cannot recover the archive in {}", shared.archive_dir.display()))?;
+    let archiver = Rc::new(RefCell::new(archiver));
 
     let probe = ProbeHandle::new();
     let control = SourceControl {
@@ -243,7 +273,9 @@ fn run_worker(
         batch_records: 1024,
         max_read_ahead: config.pipeline.max_read_ahead,
         until_idle: shared.until_idle,
+        checkpoint_interval: Duration::from_millis(config.pipeline.checkpoint_interval_ms),
     };
+    let unsynced_results = Arc::new(std::sync::atomic::AtomicUsize::new(0));
 
     let mut subscriptions = worker.dataflow::<u64, _, _>(|scope| {
         let (input, subscriptions) = scope.new_collection::<(String, Subscription), isize>();
@@ -252,6 +284,8 @@ fn run_worker(
         let records = read_source(
             scope,
             Box::new(log),
+            checkpoint.clone(),
+            store.clone(),
             clock.clone(),
             source_options,
             probe.clone(),
@@ -262,17 +296,28 @@ fn run_worker(
         let events: Stream<'_, u64, Vec<IngestedEvent>> = events;
 
         let dedup = DedupConfig {
-            retention_ms: config.pipeline.dedup_window_secs.saturating_mul(1000),
+            retention_ms: dedup_window_ms,
+            restored: restored_first_seen,
         };
-        let (deliveries, unrouted) = events
-            .dedup(dedup, shared.duplicates.clone())
-            .route(subscriptions)
-            .ok_err(|routed| routed);
+        let events = events.dedup(dedup, shared.duplicates.clone());
+        let first_seen = events.clone().map(|event| {
+            Durable::FirstSeen(FirstSeen {
+                tenant: event.event.tenant,
+                event_id: event.event.id,
+                partition: event.partition,
+                offset: event.offset,
+                first_seen_ms: event.read_at_ms,
+            })
+        });
+        let (deliveries, unrouted) = events.route(subscriptions).ok_err(|routed| routed);
+        let deliveries = skip_settled_deliveries(deliveries, store.clone(), resume_bounds.clone());
         let unrouted = unrouted_rows(unrouted, clock.clone());
+        let decided = skip_decided_rows(invalid.concat(unrouted), store.clone(), resume_bounds);
 
         // Retries come round a feedback edge, stamped with their next attempt time, and
         // re-enter before the deliver operator's rate limit, never through dedup or route.
         let (retry_handle, retries) = scope.feedback::<Vec<Delivery>>(1);
+        let restored = restore_pending(scope, restored_pending, started_ms);
         let payloads = LogPayloads {
             log: retry_log,
             max_payload_bytes: config.pipeline.max_payload_bytes,
@@ -286,25 +331,22 @@ fn run_worker(
             retry: config.retry.policy(),
             requests_in_flight: shared.requests_in_flight.clone(),
             stop: shared.stop.clone(),
+            unsynced_results: unsynced_results.clone(),
+            max_unsynced_results: config.pipeline.max_unsynced_results,
         };
-        let (attempts, retries) = deliveries
+        let (durable, retries) = deliveries
+            .concat(restored)
             .concat(retries)
             .deliver(context, Box::new(payloads))
             .ok_err(|attempted| match attempted {
-                Attempted::Row(row) => Ok(row),
+                Attempted::Row(row) => Ok(Durable::Row(row)),
+                Attempted::Pending(pending) => Ok(Durable::Pending(pending)),
                 Attempted::Retry(delivery) => Err(delivery),
             });
         retries.connect_loop(retry_handle);
 
-        let rows = attempts.concat(invalid).concat(unrouted);
-        archive_sink(
-            rows,
-            writer.clone(),
-            archive_failed.clone(),
-            shared.stop.clone(),
-            clock.clone(),
-        )
-        .probe_with(&probe);
+        let durable = durable.concat(decided.map(Durable::Row)).concat(first_seen);
+        persist(durable, archiver.clone(), clock.clone(), unsynced_results.clone()).probe_with(&probe);
 
         input
     });
@@ -323,6 +365,9 @@ fn run_worker(
 
     let mut subscriptions = Some(subscriptions);
     let park = Duration::from_millis(config.pipeline.poll_interval_ms);
+    let grace_ms = config.pipeline.shutdown_grace_secs.saturating_mul(1000);
+    let mut stopped_at: Option<u64> = None;
+    let mut abandoned = false;
     loop {
         if let Some(input) = subscriptions.as_mut() {
             // One ms ahead of now, so that events read at `now` can be routed at once.
@@ -333,28 +378,32 @@ fn run_worker(
                 subscriptions = None;
             }
         }
+        if shared.stop.is_stopped() {
+            let since = *stopped_at.get_or_insert_with(|| clock.now_ms());
+            if clock.now_ms().saturating_sub(since) > grace_ms {
+                // Requests still in flight are abandoned: their records stay below the
+                // checkpoint and are delivered again by the next run.
+                tracing::warn!(grace_secs = config.pipeline.shutdown_grace_secs, "Shutdown grace period over; abandoning requests in flight.");
+                abandoned = true;
+                break;
+            }
+        }
         if !worker.step_or_park(Some(park)) {
             break;
         }
     }
 
-    let files = writer.borrow_mut().close().with_context(|| {
-        format!(
-            "cannot complete the archive files in {}",
-            shared.archive_dir.display()
-        )
-    })?;
-    if let Some(error) = archive_failed.borrow_mut().take() {
-        anyhow::bail!("archive write failed: {error}");
+    if let Err(error) = control.progress.borrow_mut().write_checkpoint(&mut store.borrow_mut(), &probe, !abandoned) {
+        tracing::error!(error = %format!("{error:#}"), "Writing the final checkpoint failed; the next run re-reads from the last one.");
     }
+    let mut archiver = archiver.borrow_mut();
+    archiver
+        .flush(clock.now_ms(), true)
+        .with_context(|| format!("cannot complete the archive files in {}", shared.archive_dir.display()))?;
     if control.failed.get() {
         anyhow::bail!("reading the local log failed (see the log above)");
     }
-    let rows_archived = writer.borrow().rows_written();
-    Ok(WorkerReport {
-        rows_archived,
-        files,
-    })
+    Ok(WorkerReport { rows_archived: archiver.writer.rows_written(), files: std::mem::take(&mut archiver.files) })
 }
 
 /// Decodes records into events, or into invalid-record rows at the record's time.
@@ -420,52 +469,6 @@ fn unrouted_rows<'scope>(
             });
         }
     })
-}
-
-/// Appends rows to this worker's archive writer and completes files as they age. Its output
-/// carries no data: a probe on it tells which times are archived.
-fn archive_sink<'scope>(
-    rows: Stream<'scope, u64, Vec<AttemptRow>>,
-    writer: Rc<RefCell<ArchiveWriter>>,
-    failed: Rc<RefCell<Option<String>>>,
-    stop: Arc<StopSignal>,
-    clock: Arc<dyn Clock>,
-) -> Stream<'scope, u64, Vec<()>> {
-    let scope = rows.scope();
-    rows.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(
-        Pipeline,
-        "Archive",
-        move |_capability, info| {
-            let activator = scope.activator_for(info.address);
-            move |(input, _frontier), _output| {
-                let now = clock.now_ms();
-                let mut writer = writer.borrow_mut();
-                input.for_each_stamp(|_capability, containers| {
-                    for rows in containers {
-                        if let Err(error) = writer.append(rows, now) {
-                            tracing::error!(%error, rows = rows.len(), "Archive write failed; stopping.");
-                            failed.borrow_mut().get_or_insert(error.to_string());
-                            stop.stop();
-                        }
-                    }
-                });
-                match writer.roll_due(now) {
-                    Ok(files) => {
-                        for file in files {
-                            tracing::debug!(file = %file.display(), "Archive file completed.");
-                        }
-                    }
-                    Err(error) => {
-                        tracing::error!(%error, "Completing an archive file failed; stopping.");
-                        failed.borrow_mut().get_or_insert(error.to_string());
-                        stop.stop();
-                    }
-                }
-                // Wake up now and then so that an idle pipeline still completes aged files.
-                activator.activate_after(Duration::from_secs(1));
-            }
-        },
-    )
 }
 
 /// Reads retries' payloads back from the local log.

@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod dataflow;
+pub mod durable;
 pub mod demo;
 pub mod publish;
 pub mod receiver;

@@ -26,6 +26,25 @@ pub enum Behaviour {
         /// The failure status.
         status: u16,
     },
+    /// Answer `status` to the first n requests of each `webhook-id`, then 200, where n is a
+    /// pure function of (seed, path, webhook-id) between 0 and `max_failures`.
+    Seeded {
+        /// Seed of the failure counts.
+        seed: u64,
+        /// The most failures of one webhook id.
+        max_failures: u32,
+        /// The failure status.
+        status: u16,
+    },
+}
+
+/// The number of failures [`Behaviour::Seeded`] answers to `webhook_id` on `path`.
+pub fn seeded_failures(seed: u64, max_failures: u32, path: &str, webhook_id: &str) -> u32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
+    for byte in path.bytes().chain([0xff]).chain(webhook_id.bytes()) {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    u32::try_from(hash % (u64::from(max_failures) + 1)).unwrap_or(0)
 }
 
 /// One request as the receiver saw it.
@@ -151,6 +170,15 @@ impl Drop for Receiver {
     }
 }
 
+/// Counts a request to (path, webhook id) and returns how many there have been, this one
+/// included.
+fn count_request(state: &ReceiverState, path: &str, webhook_id: &str) -> u32 {
+    let mut seen = state.seen.lock().unwrap_or_else(|e| e.into_inner());
+    let count = seen.entry((path.to_string(), webhook_id.to_string())).or_insert(0);
+    *count += 1;
+    *count
+}
+
 async fn receive(
     State(state): State<Arc<ReceiverState>>,
     uri: Uri,
@@ -172,10 +200,16 @@ async fn receive(
         None => 200,
         Some(Behaviour::Status(status)) => *status,
         Some(Behaviour::FailFirst { failures, status }) => {
-            let mut seen = state.seen.lock().unwrap_or_else(|e| e.into_inner());
-            let count = seen.entry((path.clone(), webhook_id)).or_insert(0);
-            *count += 1;
-            if *count <= *failures {
+            let count = count_request(&state, &path, &webhook_id);
+            if count <= *failures {
+                *status
+            } else {
+                200
+            }
+        }
+        Some(Behaviour::Seeded { seed, max_failures, status }) => {
+            let count = count_request(&state, &path, &webhook_id);
+            if count <= seeded_failures(*seed, *max_failures, &path, &webhook_id) {
                 *status
             } else {
                 200

@@ -1,24 +1,27 @@
-//! The source operator: reads this worker's partitions of a [`Source`] into the dataflow.
+//! The source operator: reads this worker's partitions of a [`Source`] into the dataflow and
+//! advances the settled-offset checkpoint.
 //!
 //! Out: raw records, each at the time the source read it (ms). Partition `p` belongs to
 //! worker `p % peers`; a worker that owns none still advances its capability, so the frontier
-//! moves on every worker.
+//! moves on every worker. Reading starts at the checkpoint of each partition.
 //!
-//! State: the next offset of each owned partition, and the (time, count) of batches sent but
-//! not yet past the end-of-dataflow probe. Reading pauses while more than `max_read_ahead`
-//! records are in the dataflow, so a slow endpoint cannot make the source buffer the log in
-//! memory. The capability is dropped when the pipeline stops, or, with `until_idle`, once a
-//! poll finds every owned partition at its end.
+//! State: the next offset of each owned partition, and the batches sent but not yet past the
+//! probe placed after the durable writes, each with its time and the offsets it reached. A
+//! batch whose time the probe has passed is settled: every delivery of its records is
+//! journaled or durably pending, so the checkpoint moves past it. Reading pauses while more
+//! than `max_read_ahead` records are in the dataflow, so a slow endpoint cannot make the
+//! source buffer the log in memory. The capability is dropped when the pipeline stops, or,
+//! with `until_idle`, once a poll finds every owned partition at its end.
 
-use hookflow_operators::stop::StopSignal;
-use std::cell::Cell;
-use std::collections::VecDeque;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use hookflow_connectors::Source;
+use hookflow_connectors::{ConnectorError, Source, StateStore};
 use hookflow_operators::clock::Clock;
+use hookflow_operators::stop::StopSignal;
 use hookflow_schemas::SourceRecord;
 use timely::dataflow::operators::generic::operator::source;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
@@ -35,46 +38,122 @@ pub struct SourceOptions {
     pub max_read_ahead: usize,
     /// Stop once every owned partition is read to its end.
     pub until_idle: bool,
+    /// How often, at most, the checkpoint is written.
+    pub checkpoint_interval: Duration,
 }
 
-/// Shared flags between the source operator and the worker loop.
+/// Batches read and not yet settled, and the offsets settled but not yet checkpointed.
+#[derive(Debug, Default)]
+pub struct SourceProgress {
+    /// (time, partition, next offset after the batch), in time order.
+    in_dataflow: VecDeque<(u64, u32, u64)>,
+    /// Records in `in_dataflow`.
+    outstanding: usize,
+    /// The settled next offset of each partition, not yet written.
+    settled: HashMap<u32, u64>,
+}
+
+impl SourceProgress {
+    /// Moves the batches the probe has passed into `settled`.
+    fn settle(&mut self, probe: &ProbeHandle<u64>, batch_sizes: &mut VecDeque<usize>) {
+        while let Some((time, partition, next)) = self.in_dataflow.front().copied() {
+            if probe.less_equal(&time) {
+                break;
+            }
+            self.in_dataflow.pop_front();
+            if let Some(size) = batch_sizes.pop_front() {
+                self.outstanding = self.outstanding.saturating_sub(size);
+            }
+            let entry = self.settled.entry(partition).or_insert(next);
+            *entry = (*entry).max(next);
+        }
+    }
+
+    /// Writes the settled offsets to the checkpoint. With `all_done`, every batch read counts
+    /// as settled (the dataflow has completed).
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be written; the offsets stay to be written next time.
+    pub fn write_checkpoint(
+        &mut self,
+        store: &mut StateStore,
+        probe: &ProbeHandle<u64>,
+        all_done: bool,
+    ) -> Result<(), ConnectorError> {
+        if all_done {
+            for (_, partition, next) in self.in_dataflow.drain(..) {
+                let entry = self.settled.entry(partition).or_insert(next);
+                *entry = (*entry).max(next);
+            }
+            self.outstanding = 0;
+        } else {
+            let mut sizes = VecDeque::new();
+            self.settle(probe, &mut sizes);
+        }
+        if self.settled.is_empty() {
+            return Ok(());
+        }
+        let offsets: Vec<(u32, u64)> = self.settled.iter().map(|(p, o)| (*p, *o)).collect();
+        store.advance_checkpoint(&offsets)?;
+        self.settled.clear();
+        Ok(())
+    }
+}
+
+/// Shared state between the source operator and the worker loop.
 #[derive(Debug, Clone, Default)]
 pub struct SourceControl {
-    /// Set by a signal handler: stop reading and drain.
+    /// Set by a signal handler or a failure: stop reading and drain.
     pub stop: Arc<StopSignal>,
     /// Set by the operator once it has dropped its capability.
     pub finished: Rc<Cell<bool>>,
     /// Set when reading failed; the pipeline stops and reports it.
     pub failed: Rc<Cell<bool>>,
+    /// Read progress, for the checkpoint.
+    pub progress: Rc<RefCell<SourceProgress>>,
 }
 
-/// Builds the source operator for this worker.
+/// Builds the source operator for this worker, reading each owned partition from its
+/// offset in `start` (0 when absent).
+#[allow(clippy::too_many_arguments)]
 pub fn read_source<'scope>(
     scope: Scope<'scope, u64>,
     mut log: Box<dyn Source>,
+    start: HashMap<u32, u64>,
+    store: Rc<RefCell<StateStore>>,
     clock: Arc<dyn Clock>,
     options: SourceOptions,
     probe: ProbeHandle<u64>,
     control: SourceControl,
 ) -> Stream<'scope, u64, Vec<SourceRecord>> {
     let (index, peers) = (scope.index(), scope.peers());
-    let owned: Vec<u32> = (0..log.partitions())
-        .filter(|p| *p as usize % peers == index)
-        .collect();
+    let owned: Vec<u32> = (0..log.partitions()).filter(|p| *p as usize % peers == index).collect();
 
     source(scope, "Source", move |capability, info| {
         let activator = scope.activator_for(info.address);
         let mut capability = Some(capability);
         // Next offset to read, per owned partition.
-        let mut next: Vec<(u32, u64)> = owned.iter().map(|p| (*p, 0)).collect();
-        // Batches sent and not yet past the probe: (time, records).
-        let mut in_dataflow: VecDeque<(u64, usize)> = VecDeque::new();
-        let mut outstanding = 0usize;
+        let mut next: Vec<(u32, u64)> =
+            owned.iter().map(|p| (*p, start.get(p).copied().unwrap_or(0))).collect();
+        // Records per entry of `progress.in_dataflow`, in the same order.
+        let mut batch_sizes: VecDeque<usize> = VecDeque::new();
+        let mut last_checkpoint = Instant::now();
 
         move |output| {
-            let Some(cap) = capability.as_mut() else {
-                return;
-            };
+            let Some(cap) = capability.as_mut() else { return };
+            let mut progress = control.progress.borrow_mut();
+            progress.settle(&probe, &mut batch_sizes);
+            if last_checkpoint.elapsed() >= options.checkpoint_interval && !progress.settled.is_empty() {
+                match progress.write_checkpoint(&mut store.borrow_mut(), &probe, false) {
+                    Ok(()) => last_checkpoint = Instant::now(),
+                    Err(error) => tracing::error!(
+                        error = %format!("{error:#}"),
+                        "Writing the checkpoint failed; retrying, and a restart re-reads from the last one."
+                    ),
+                }
+            }
+
             if control.stop.is_stopped() {
                 tracing::info!(worker = index, "Source stopped.");
                 capability = None;
@@ -85,14 +164,7 @@ pub fn read_source<'scope>(
             let now = clock.now_ms().max(*cap.time());
             cap.downgrade(&now);
 
-            while let Some((time, count)) = in_dataflow.front().copied() {
-                if probe.less_equal(&time) {
-                    break;
-                }
-                in_dataflow.pop_front();
-                outstanding -= count;
-            }
-            if outstanding >= options.max_read_ahead {
+            if progress.outstanding >= options.max_read_ahead {
                 // The probe advances as the dataflow drains, which reschedules the worker.
                 activator.activate_after(options.poll_interval);
                 return;
@@ -104,30 +176,30 @@ pub fn read_source<'scope>(
                 let records = match log.read(*partition, *offset, options.batch_records) {
                     Ok(records) => records,
                     Err(error) => {
-                        tracing::error!(%error, partition = *partition, "Reading the source failed; stopping.");
+                        tracing::error!(error = %format!("{error:#}"), partition = *partition, "Reading the source failed; stopping.");
                         control.failed.set(true);
                         control.stop.stop();
                         break;
                     }
                 };
-                if let Some(last) = records.last() {
-                    *offset = last.offset + 1;
-                }
+                let Some(last) = records.last() else { continue };
+                *offset = last.offset + 1;
                 read += records.len();
+                progress.in_dataflow.push_back((now, *partition, *offset));
+                batch_sizes.push_back(records.len());
                 session.give_iterator(records.into_iter());
             }
             drop(session);
+            progress.outstanding += read;
 
             if read > 0 {
-                in_dataflow.push_back((now, read));
-                outstanding += read;
                 activator.activate();
             } else if options.until_idle {
                 tracing::info!(worker = index, "Source read every partition to its end.");
                 capability = None;
                 control.finished.set(true);
             } else {
-                activator.activate_after(options.poll_interval);
+                activator.activate_after(options.poll_interval.min(options.checkpoint_interval));
             }
         }
     })

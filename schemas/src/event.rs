@@ -161,6 +161,21 @@ impl PendingDelivery {
     }
 }
 
+/// The first occurrence of a (tenant, event id), as dedup remembers it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct FirstSeen {
+    /// The event's tenant.
+    pub tenant: String,
+    /// The event's id.
+    pub event_id: String,
+    /// The partition of the first record.
+    pub partition: u32,
+    /// The offset of the first record.
+    pub offset: u64,
+    /// When the pipeline first read it (ms since epoch).
+    pub first_seen_ms: Millis,
+}
+
 /// Why a record could not be decoded into an [`Event`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {

@@ -18,7 +18,7 @@ pub use attempt::{
 };
 pub use endpoint::{Endpoint, EventTypePattern, PatternError, RateLimit};
 pub use event::{
-    decode_event, DecodeError, Delivery, Event, IngestedEvent, PendingDelivery, SourceRecord,
+    decode_event, DecodeError, Delivery, Event, FirstSeen, IngestedEvent, PendingDelivery, SourceRecord,
     DEFAULT_MAX_PAYLOAD_BYTES,
 };
 

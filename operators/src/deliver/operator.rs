@@ -13,15 +13,23 @@
 //! one state, so that a delivery is counted once and given its slot once:
 //!
 //! * a delivery arriving at time `t` reserves the first rate-limit slot at or after `t`
-//!   ([`WindowLimiter`]). A slot in the future re-stamps the delivery: it waits in
-//!   `scheduled` under a capability at the slot time, which does not hold back the frontier
-//!   for anything earlier.
+//!   ([`WindowLimiter`]). A slot in the future re-stamps the delivery: it is emitted as
+//!   [`Attempted::Pending`] at `t`, for the durable sink, and waits in `scheduled` under a
+//!   capability at the slot time, which does not hold back the frontier for anything earlier.
 //! * a due delivery joins its endpoint's FIFO queue and starts when the endpoint and the
-//!   worker have a free in-flight place, taking turns with other endpoints.
-//! * due deliveries and requests in flight share one capability, `current`, which the
+//!   worker have a free in-flight place, taking turns with other endpoints. A request in
+//!   flight holds a capability at its delivery's time: only these, bounded in number, keep the
+//!   frontier at past times.
+//! * a delivery still waiting for a place when the operator finishes a run is emitted as
+//!   pending at its own time, and from then on shares one capability, `current`, which the
 //!   operator moves up to the clock's "now" every time it runs (at least every
-//!   [`HOLD_REFRESH_MS`] while anything is queued or in flight). A slow or hung endpoint
-//!   therefore never holds the global frontier more than that far behind the clock.
+//!   [`HOLD_REFRESH_MS`] while anything waits). A slow or hung endpoint therefore never holds
+//!   back the frontier for the others.
+//! * a failed attempt with a retry left emits, at the attempt's time, its row, the retry's
+//!   pending entry and the retry itself.
+//!
+//! No request starts while more than `max_unsynced_results` attempt results wait for their
+//! durable write: that bounds what a crash can make hookflow send twice.
 //!
 //! Each request is a tokio task that sends its result over a channel and wakes the operator
 //! through a `SyncActivator`; the operator never blocks its worker and never polls. Times the
@@ -47,7 +55,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 
-use hookflow_schemas::{AttemptRow, Delivery, Endpoint, ErrorKind, Millis, Outcome};
+use hookflow_schemas::{AttemptRow, Delivery, Endpoint, ErrorKind, Millis, Outcome, PendingDelivery};
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
@@ -69,6 +77,9 @@ pub const DEFAULT_MAX_IN_FLIGHT_TOTAL: usize = 256;
 /// deliveries up to "now", in ms: the most a slow endpoint can hold back the frontier.
 pub const HOLD_REFRESH_MS: u64 = 100;
 
+/// The default bound on attempt results not yet durably written.
+pub const DEFAULT_MAX_UNSYNCED_RESULTS: usize = 64;
+
 /// The `error_kind` of a delivery dead-lettered because its endpoint is disabled.
 pub const ENDPOINT_DISABLED: &str = "endpoint_disabled";
 
@@ -79,6 +90,10 @@ pub enum Attempted {
     Row(AttemptRow),
     /// A delivery to attempt again, stamped one ms before its next attempt time.
     Retry(Delivery),
+    /// A delivery that now waits for a later time, to record durably as pending. It is
+    /// emitted at a time no later than the delivery's own, so the record it came from counts
+    /// as settled only once this is written.
+    Pending(PendingDelivery),
 }
 
 /// Reads payloads back from the source for retries, which travel without them.
@@ -106,8 +121,14 @@ pub struct DeliverContext {
     /// Requests started and not yet turned into rows, over all workers sharing it.
     pub requests_in_flight: Arc<AtomicUsize>,
     /// Set when the pipeline stops: requests in flight finish, and deliveries waiting for a
-    /// later time (a retry, a rate-limit window) are dropped with a warning.
+    /// later time (a retry, a rate-limit window), durably pending, are left for the next run.
     pub stop: Arc<StopSignal>,
+    /// Attempt results emitted and not yet durably written; the pipeline's durable sink
+    /// subtracts what it writes (rows with a `started_at`).
+    pub unsynced_results: Arc<AtomicUsize>,
+    /// No request starts while `unsynced_results` is above this: it bounds what a crash can
+    /// make hookflow send twice.
+    pub max_unsynced_results: usize,
 }
 
 impl DeliverContext {
@@ -127,6 +148,8 @@ impl DeliverContext {
             retry: RetryPolicy::default(),
             requests_in_flight: Arc::new(AtomicUsize::new(0)),
             stop: Arc::new(StopSignal::new()),
+            unsynced_results: Arc::new(AtomicUsize::new(0)),
+            max_unsynced_results: DEFAULT_MAX_UNSYNCED_RESULTS,
         }
     }
 }
@@ -171,27 +194,23 @@ impl<'scope> Deliver<'scope> for Stream<'scope, u64, Vec<Delivery>> {
             move |input, output| {
                 let now = state.context.clock.now_ms();
                 let port = output.output_index();
-                let mut emitted: Vec<(Capability<u64>, Attempted)> = Vec::new();
 
                 input.for_each_stamp(|capability, containers| {
-                    let Some(time) = capability.least().copied() else {
-                        return;
-                    };
-                    // Everything emitted or held for this input is at `time` or later.
+                    let Some(time) = capability.least().copied() else { return };
                     let held = capability.delayed(&time, port);
                     for container in containers {
                         for delivery in container.drain(..) {
-                            if let Some(row) = state.accept(&held, delivery, now) {
-                                emitted.push((held.clone(), Attempted::Row(row)));
-                            }
+                            state.accept(&held, delivery, now);
                         }
                     }
                 });
 
                 state.release_scheduled(now);
-                state.collect_completions(now, &mut emitted);
-                state.start_requests(now, &mut emitted);
+                state.collect_completions(now);
+                state.start_requests(now);
+                state.park_waiting(now);
 
+                let mut emitted = std::mem::take(&mut state.emitted);
                 emitted.sort_by_key(|(capability, _)| *capability.time());
                 let mut emitted = emitted.into_iter().peekable();
                 while let Some((capability, record)) = emitted.next() {
@@ -226,10 +245,14 @@ pub fn endpoint_hash(endpoint_id: &str) -> u64 {
         })
 }
 
-/// A delivery with the time of its reserved rate-limit slot (its due time when unlimited).
-struct Slotted {
+/// A due delivery waiting for an in-flight place.
+struct Waiting {
+    /// The time of its reserved rate-limit slot (its due time when unlimited).
     slot_ms: Millis,
     delivery: Delivery,
+    /// The capability at the delivery's own time, until it is recorded as pending; `None`
+    /// once it is pending and covered by `DeliverState::current`.
+    held: Option<Capability<u64>>,
 }
 
 /// The result of one request task: its row, or `None` when the task ended without one.
@@ -242,7 +265,7 @@ struct Completion {
 #[derive(Default)]
 struct EndpointState {
     /// Due deliveries waiting for an in-flight place, oldest first.
-    waiting: VecDeque<Slotted>,
+    waiting: VecDeque<Waiting>,
     /// Requests of this endpoint running on the runtime.
     in_flight: usize,
     /// Whether the endpoint is in `DeliverState::ready`.
@@ -256,17 +279,20 @@ struct InFlight {
     endpoint_id: String,
     /// The delivery without its payload, to retry it if the attempt fails.
     delivery: Delivery,
+    /// Held until the request's row is emitted: at the delivery's own time when it started
+    /// on arrival, otherwise at its start time.
+    capability: Capability<u64>,
 }
 
 /// The per-worker state of the deliver operator.
 struct DeliverState {
     context: DeliverContext,
     payloads: Box<dyn PayloadSource>,
-    /// Deliveries stamped to a later time (a rate-limit slot not yet open), by that time,
-    /// each time with the capability held for it.
-    scheduled: BTreeMap<Millis, (Capability<u64>, Vec<Slotted>)>,
-    /// One capability for every due delivery that waits for a place and every request in
-    /// flight, moved up to "now" each time the operator runs; `None` when there are none.
+    /// Deliveries stamped to a later time (a rate-limit slot not yet open), durably pending,
+    /// by that time, each time with the capability held for it.
+    scheduled: BTreeMap<Millis, (Capability<u64>, Vec<(Millis, Delivery)>)>,
+    /// One capability for the waiting deliveries that are durably pending, moved up to "now"
+    /// each time the operator runs; `None` when there are none.
     current: Option<Capability<u64>>,
     /// Endpoints with waiting deliveries or requests in flight, by endpoint id.
     endpoints: HashMap<String, EndpointState>,
@@ -275,10 +301,10 @@ struct DeliverState {
     /// Requests on the runtime, by ticket.
     in_flight: HashMap<u64, InFlight>,
     next_ticket: u64,
+    /// Records to emit at the end of this activation, each with its capability.
+    emitted: Vec<(Capability<u64>, Attempted)>,
     /// Endpoint ids already logged as unknown, so each is logged once per worker.
     reported_unknown: HashSet<String>,
-    /// Deliveries waiting for a later time that a stop dropped, not yet logged.
-    dropped_on_stop: usize,
     sender: Sender<Completion>,
     receiver: Receiver<Completion>,
     wakeup: Wakeup,
@@ -303,8 +329,8 @@ impl DeliverState {
             ready: VecDeque::new(),
             in_flight: HashMap::new(),
             next_ticket: 0,
+            emitted: Vec::new(),
             reported_unknown: HashSet::new(),
-            dropped_on_stop: 0,
             sender,
             receiver,
             wakeup,
@@ -312,32 +338,20 @@ impl DeliverState {
         }
     }
 
-    /// Reserves `delivery`'s rate-limit slot and queues or schedules it, or returns its
+    /// Reserves `delivery`'s rate-limit slot and queues or schedules it, or emits its
     /// dead-letter row when its endpoint is unknown or disabled. `held` is a capability at
     /// the delivery's due time.
-    fn accept(
-        &mut self,
-        held: &Capability<u64>,
-        delivery: Delivery,
-        now: Millis,
-    ) -> Option<AttemptRow> {
+    fn accept(&mut self, held: &Capability<u64>, delivery: Delivery, now: Millis) {
         let due_at_ms = *held.time();
         let endpoint = match self.context.endpoints.get(&delivery.endpoint_id) {
             Some(endpoint) if endpoint.enabled => endpoint,
             Some(endpoint) => {
                 // TODO: park the delivery (stored without a due time, resumed on re-enable)
-                // once the state store exists, instead of dead-lettering it.
-                let message = format!(
-                    "endpoint `{}` is disabled; the delivery was not attempted",
-                    endpoint.id
-                );
-                return Some(dead_letter_row(
-                    &delivery,
-                    due_at_ms,
-                    now,
-                    ENDPOINT_DISABLED,
-                    message,
-                ));
+                // instead of dead-lettering it.
+                let message = format!("endpoint `{}` is disabled; the delivery was not attempted", endpoint.id);
+                let row = dead_letter_row(&delivery, due_at_ms, now, ENDPOINT_DISABLED, message);
+                self.emitted.push((held.clone(), Attempted::Row(row)));
+                return;
             }
             None => {
                 if self.reported_unknown.insert(delivery.endpoint_id.clone()) {
@@ -346,41 +360,50 @@ impl DeliverState {
                         "Deliveries name an endpoint missing from the directory; dead-lettering them."
                     );
                 }
-                let message = format!(
-                    "endpoint `{}` is not configured on this pipeline",
-                    delivery.endpoint_id
-                );
+                let message = format!("endpoint `{}` is not configured on this pipeline", delivery.endpoint_id);
                 let kind = ErrorKind::UnknownEndpoint.as_str();
-                return Some(dead_letter_row(&delivery, due_at_ms, now, kind, message));
+                let row = dead_letter_row(&delivery, due_at_ms, now, kind, message);
+                self.emitted.push((held.clone(), Attempted::Row(row)));
+                return;
             }
         };
 
         let rate_limit = endpoint.rate_limit;
-        let state = self
-            .endpoints
-            .entry(delivery.endpoint_id.clone())
-            .or_default();
+        let state = self.endpoints.entry(delivery.endpoint_id.clone()).or_default();
         let slot_ms = match (rate_limit, state.limiter.as_mut()) {
             (Some(_), Some(limiter)) => limiter.reserve(due_at_ms),
-            (Some(limit), None) => state
-                .limiter
-                .insert(WindowLimiter::new(limit))
-                .reserve(due_at_ms),
+            (Some(limit), None) => state.limiter.insert(WindowLimiter::new(limit)).reserve(due_at_ms),
             (None, _) => due_at_ms,
         };
-        let slotted = Slotted { slot_ms, delivery };
 
         if slot_ms > now {
-            let (_, pending) = self
+            let pending = PendingDelivery::from_delivery(&delivery, slot_ms);
+            self.emitted.push((held.clone(), Attempted::Pending(pending)));
+            let (_, scheduled) = self
                 .scheduled
                 .entry(slot_ms)
                 .or_insert_with(|| (held.delayed(&slot_ms), Vec::new()));
-            pending.push(slotted);
+            scheduled.push((slot_ms, delivery));
         } else {
-            self.hold_current(held, now);
-            self.enqueue(slotted);
+            self.enqueue(Waiting { slot_ms, delivery, held: Some(held.clone()) });
         }
-        None
+    }
+
+    /// Appends a due delivery to its endpoint's queue and gives the endpoint a turn if it
+    /// has a free place.
+    fn enqueue(&mut self, waiting: Waiting) {
+        let endpoint_id = waiting.delivery.endpoint_id.clone();
+        let limit = self.in_flight_limit(&endpoint_id);
+        let state = self.endpoints.entry(endpoint_id.clone()).or_default();
+        state.waiting.push_back(waiting);
+        if !state.ready && state.in_flight < limit {
+            state.ready = true;
+            self.ready.push_back(endpoint_id);
+        }
+    }
+
+    fn in_flight_limit(&self, endpoint_id: &str) -> usize {
+        self.context.endpoints.get(endpoint_id).map_or(1, |endpoint| endpoint.max_in_flight.max(1))
     }
 
     /// Makes sure `current` exists, from `held` (whose time is at or before `now`).
@@ -390,66 +413,30 @@ impl DeliverState {
         }
     }
 
-    /// Appends a due delivery to its endpoint's queue and gives the endpoint a turn if it
-    /// has a free place.
-    fn enqueue(&mut self, slotted: Slotted) {
-        let endpoint_id = slotted.delivery.endpoint_id.clone();
-        let limit = self.in_flight_limit(&endpoint_id);
-        let state = self.endpoints.entry(endpoint_id.clone()).or_default();
-        state.waiting.push_back(slotted);
-        if !state.ready && state.in_flight < limit {
-            state.ready = true;
-            self.ready.push_back(endpoint_id);
-        }
-    }
-
-    fn in_flight_limit(&self, endpoint_id: &str) -> usize {
-        self.context
-            .endpoints
-            .get(endpoint_id)
-            .map_or(1, |endpoint| endpoint.max_in_flight.max(1))
-    }
-
     /// Moves every scheduled delivery whose slot has come into its endpoint's queue.
     fn release_scheduled(&mut self, now: Millis) {
         while let Some(entry) = self.scheduled.first_entry() {
             if *entry.key() > now {
                 break;
             }
-            let (capability, pending) = entry.remove();
+            let (capability, deliveries) = entry.remove();
             self.hold_current(&capability, now);
-            for slotted in pending {
-                self.enqueue(slotted);
+            for (slot_ms, delivery) in deliveries {
+                self.enqueue(Waiting { slot_ms, delivery, held: None });
             }
         }
     }
 
-    /// Turns finished requests into rows and retries.
-    fn collect_completions(
-        &mut self,
-        now: Millis,
-        emitted: &mut Vec<(Capability<u64>, Attempted)>,
-    ) {
+    /// Turns finished requests into rows, and failed ones with a retry left into a pending
+    /// entry and the retry itself.
+    fn collect_completions(&mut self, now: Millis) {
         while let Ok(Completion { ticket, row }) = self.receiver.try_recv() {
-            self.context
-                .requests_in_flight
-                .fetch_sub(1, Ordering::SeqCst);
-            let Some(InFlight {
-                endpoint_id,
-                delivery,
-            }) = self.in_flight.remove(&ticket)
-            else {
-                tracing::error!(
-                    ticket,
-                    "A request finished that the operator did not start."
-                );
+            self.context.requests_in_flight.fetch_sub(1, Ordering::SeqCst);
+            let Some(InFlight { endpoint_id, delivery, capability }) = self.in_flight.remove(&ticket) else {
+                tracing::error!(ticket, "A request finished that the operator did not start.");
                 continue;
             };
             self.release_place(&endpoint_id);
-            let Some(current) = self.current.clone() else {
-                tracing::error!(endpoint_id = %endpoint_id, "A request finished without a held capability; dropping its row.");
-                continue;
-            };
             let Some(mut row) = row else {
                 tracing::error!(
                     endpoint_id = %endpoint_id,
@@ -458,26 +445,22 @@ impl DeliverState {
                 );
                 continue;
             };
+            if row.started_at_ms.is_some() {
+                self.context.unsynced_results.fetch_add(1, Ordering::SeqCst);
+            }
 
             if row.outcome == Outcome::Failed.as_str() {
                 let seed = jitter_seed(&delivery, delivery.attempt);
-                match self
-                    .context
-                    .retry
-                    .next_attempt_at(delivery.attempt, now, seed)
-                {
+                match self.context.retry.next_attempt_at(delivery.attempt, now, seed) {
                     Some(next_ms) => {
                         row.next_attempt_at_ms = Some(next_ms);
-                        let retry = Delivery {
-                            attempt: delivery.attempt + 1,
-                            ..delivery
-                        };
-                        if self.context.stop.is_stopped() {
-                            self.dropped_on_stop += 1;
-                        } else {
+                        let retry = Delivery { attempt: delivery.attempt + 1, ..delivery };
+                        let pending = PendingDelivery::from_delivery(&retry, next_ms);
+                        self.emitted.push((capability.clone(), Attempted::Pending(pending)));
+                        if !self.context.stop.is_stopped() {
                             // The feedback edge adds 1 ms, so the retry arrives at `next_ms`.
-                            let stamp = (next_ms - 1).max(*current.time());
-                            emitted.push((current.delayed(&stamp), Attempted::Retry(retry)));
+                            let stamp = (next_ms - 1).max(*capability.time());
+                            self.emitted.push((capability.delayed(&stamp), Attempted::Retry(retry)));
                         }
                     }
                     None => {
@@ -490,16 +473,14 @@ impl DeliverState {
                     }
                 }
             }
-            emitted.push((current, Attempted::Row(row)));
+            self.emitted.push((capability, Attempted::Row(row)));
         }
     }
 
     /// Frees one of `endpoint_id`'s places, giving the endpoint a turn if it has waiting
-    /// deliveries, or forgetting it when it has nothing left.
+    /// deliveries.
     fn release_place(&mut self, endpoint_id: &str) {
-        let Some(state) = self.endpoints.get_mut(endpoint_id) else {
-            return;
-        };
+        let Some(state) = self.endpoints.get_mut(endpoint_id) else { return };
         state.in_flight = state.in_flight.saturating_sub(1);
         if !state.waiting.is_empty() && !state.ready {
             state.ready = true;
@@ -508,26 +489,34 @@ impl DeliverState {
     }
 
     /// Starts waiting deliveries, one per endpoint in turn, until every ready endpoint is at
-    /// its limit or empty, or the worker-wide limit is reached.
-    fn start_requests(&mut self, now: Millis, emitted: &mut Vec<(Capability<u64>, Attempted)>) {
+    /// its limit or empty, the worker-wide limit is reached, or too many results wait for
+    /// their durable write.
+    fn start_requests(&mut self, now: Millis) {
+        if self.context.stop.is_stopped() {
+            return;
+        }
         let total_limit = self.context.max_in_flight_total.max(1);
-        let mut starting: Vec<Delivery> = Vec::new();
+        let mut starting: Vec<(Delivery, Capability<u64>, Millis)> = Vec::new();
 
-        while self.in_flight.len() + starting.len() < total_limit {
-            let Some(endpoint_id) = self.ready.pop_front() else {
+        loop {
+            if self.in_flight.len() + starting.len() >= total_limit {
                 break;
-            };
+            }
+            if self.context.unsynced_results.load(Ordering::SeqCst) > self.context.max_unsynced_results {
+                // The durable sink runs right after this operator on the same worker.
+                self.context.clock.wake_at(now + 1, &self.wakeup);
+                break;
+            }
+            let Some(endpoint_id) = self.ready.pop_front() else { break };
             let limit = self.in_flight_limit(&endpoint_id);
-            let Some(state) = self.endpoints.get_mut(&endpoint_id) else {
-                continue;
-            };
-            let Some(slotted) = state.waiting.pop_front() else {
+            let Some(state) = self.endpoints.get_mut(&endpoint_id) else { continue };
+            let Some(waiting) = state.waiting.pop_front() else {
                 state.ready = false;
                 continue;
             };
 
             let decision = match state.limiter.as_mut() {
-                Some(limiter) => limiter.start(slotted.slot_ms, now),
+                Some(limiter) => limiter.start(waiting.slot_ms, now),
                 None => StartDecision::Start,
             };
             if let StartDecision::WaitUntil(slot_ms) = decision {
@@ -538,53 +527,84 @@ impl DeliverState {
                 } else {
                     self.ready.push_back(endpoint_id);
                 }
-                self.schedule_from_current(
-                    slot_ms,
-                    vec![Slotted {
-                        slot_ms,
-                        delivery: slotted.delivery,
-                    }],
-                );
+                self.reschedule(waiting, slot_ms, now);
                 continue;
             }
 
-            let expired = self.expired_row(&slotted.delivery, now);
-            let state = self.endpoints.get_mut(&endpoint_id).map(|state| {
-                if expired.is_none() {
+            let has_more = !state.waiting.is_empty();
+            let due_at_ms = waiting.slot_ms;
+            let expired = self.expired_row(&waiting.delivery, now);
+            let capability = match waiting.held {
+                Some(held) => held,
+                None => match self.current.as_ref() {
+                    Some(current) => current.delayed(&now.max(*current.time())),
+                    None => {
+                        tracing::error!("A pending delivery has no held capability; it stays pending.");
+                        continue;
+                    }
+                },
+            };
+            if let Some(row) = expired {
+                self.emitted.push((capability, Attempted::Row(row)));
+            } else {
+                if let Some(state) = self.endpoints.get_mut(&endpoint_id) {
                     state.in_flight += 1;
                 }
-                !state.waiting.is_empty() && state.in_flight < limit
-            });
-            if state == Some(true) {
+                starting.push((waiting.delivery, capability, due_at_ms));
+            }
+            let in_flight = self.endpoints.get(&endpoint_id).map_or(0, |state| state.in_flight);
+            if has_more && in_flight < limit {
                 self.ready.push_back(endpoint_id);
             } else if let Some(state) = self.endpoints.get_mut(&endpoint_id) {
                 state.ready = false;
             }
-            match (expired, self.current.clone()) {
-                (Some(row), Some(current)) => emitted.push((current, Attempted::Row(row))),
-                (Some(_), None) => tracing::error!("An expired delivery has no held capability."),
-                (None, _) => starting.push(slotted.delivery),
-            }
         }
 
-        self.load_payloads(&mut starting, now, emitted);
-        for delivery in starting {
-            self.start(delivery);
+        self.load_payloads(&mut starting, now);
+        for (delivery, capability, due_at_ms) in starting {
+            self.start(delivery, capability, due_at_ms);
         }
     }
 
-    /// Re-stamps deliveries to `slot_ms`, from the shared capability.
-    fn schedule_from_current(&mut self, slot_ms: Millis, moved: Vec<Slotted>) {
-        let Some(current) = self.current.as_ref() else {
-            tracing::error!("Deliveries to re-stamp have no held capability.");
-            return;
+    /// Moves a waiting delivery to a later slot, recording it as pending first if it was not.
+    fn reschedule(&mut self, waiting: Waiting, slot_ms: Millis, now: Millis) {
+        let Waiting { delivery, held, .. } = waiting;
+        let base = match held {
+            Some(held) => {
+                let pending = PendingDelivery::from_delivery(&delivery, slot_ms);
+                self.emitted.push((held.clone(), Attempted::Pending(pending)));
+                held
+            }
+            // Already pending at an earlier due time: delaying it more needs no new write.
+            None => match self.current.as_ref() {
+                Some(current) => current.delayed(&now.max(*current.time())),
+                None => {
+                    tracing::error!("A pending delivery has no held capability; it stays pending.");
+                    return;
+                }
+            },
         };
-        let held = current.delayed(&slot_ms.max(*current.time()));
-        let (_, pending) = self
-            .scheduled
-            .entry(*held.time())
-            .or_insert_with(|| (held, Vec::new()));
-        pending.extend(moved);
+        let time = slot_ms.max(*base.time());
+        let (_, scheduled) = self.scheduled.entry(time).or_insert_with(|| (base.delayed(&time), Vec::new()));
+        scheduled.push((slot_ms, delivery));
+    }
+
+    /// Records every delivery still waiting with its own capability as pending, then lets
+    /// `current` cover it, so that a slow endpoint's queue does not hold back the frontier.
+    fn park_waiting(&mut self, now: Millis) {
+        let mut parked: Vec<(Capability<u64>, PendingDelivery)> = Vec::new();
+        for state in self.endpoints.values_mut() {
+            for waiting in state.waiting.iter_mut() {
+                if let Some(held) = waiting.held.take() {
+                    let due_ms = waiting.slot_ms.max(now);
+                    parked.push((held, PendingDelivery::from_delivery(&waiting.delivery, due_ms)));
+                }
+            }
+        }
+        for (held, pending) in parked {
+            self.hold_current(&held, now);
+            self.emitted.push((held, Attempted::Pending(pending)));
+        }
     }
 
     /// The `expired` row of `delivery`, if its event is older than the maximum event age.
@@ -605,16 +625,11 @@ impl DeliverState {
 
     /// Reads back the payloads of retries about to start, in one batch; a delivery whose
     /// payload cannot be read is dead-lettered instead of started.
-    fn load_payloads(
-        &mut self,
-        starting: &mut Vec<Delivery>,
-        now: Millis,
-        emitted: &mut Vec<(Capability<u64>, Attempted)>,
-    ) {
+    fn load_payloads(&mut self, starting: &mut Vec<(Delivery, Capability<u64>, Millis)>, now: Millis) {
         let positions: Vec<(u32, u64)> = starting
             .iter()
-            .filter(|delivery| !delivery.has_payload())
-            .map(|delivery| (delivery.ingested.partition, delivery.ingested.offset))
+            .filter(|(delivery, _, _)| !delivery.has_payload())
+            .map(|(delivery, _, _)| (delivery.ingested.partition, delivery.ingested.offset))
             .collect();
         if positions.is_empty() {
             return;
@@ -622,15 +637,15 @@ impl DeliverState {
         let mut fetched = self.payloads.fetch(&positions).into_iter();
 
         let mut kept = Vec::with_capacity(starting.len());
-        for mut delivery in starting.drain(..) {
+        for (mut delivery, capability, due_at_ms) in starting.drain(..) {
             if delivery.has_payload() {
-                kept.push(delivery);
+                kept.push((delivery, capability, due_at_ms));
                 continue;
             }
             match fetched.next() {
                 Some(Ok(payload)) if !payload.is_empty() => {
                     delivery.ingested.event.payload = payload;
-                    kept.push(delivery);
+                    kept.push((delivery, capability, due_at_ms));
                 }
                 other => {
                     let reason = match other {
@@ -646,12 +661,8 @@ impl DeliverState {
                     );
                     let message = format!("cannot read the payload back from the source: {reason}");
                     let kind = ErrorKind::PayloadUnavailable.as_str();
-                    if let Some(current) = self.current.clone() {
-                        emitted.push((
-                            current,
-                            Attempted::Row(dead_letter_row(&delivery, now, now, kind, message)),
-                        ));
-                    }
+                    let row = dead_letter_row(&delivery, now, now, kind, message);
+                    self.emitted.push((capability, Attempted::Row(row)));
                     self.release_place(&delivery.endpoint_id.clone());
                 }
             }
@@ -659,23 +670,18 @@ impl DeliverState {
         *starting = kept;
     }
 
-    /// Spawns the request task for `delivery`.
-    fn start(&mut self, delivery: Delivery) {
+    /// Spawns the request task for `delivery`, due at `due_at_ms`, holding `capability` until
+    /// its row is emitted.
+    fn start(&mut self, delivery: Delivery, capability: Capability<u64>, due_at_ms: Millis) {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
-        let due_at_ms = self.current.as_ref().map_or(0, |current| *current.time());
         let mut stripped = delivery.clone();
         stripped.ingested.event.payload = Vec::new();
         self.in_flight.insert(
             ticket,
-            InFlight {
-                endpoint_id: delivery.endpoint_id.clone(),
-                delivery: stripped,
-            },
+            InFlight { endpoint_id: delivery.endpoint_id.clone(), delivery: stripped, capability },
         );
-        self.context
-            .requests_in_flight
-            .fetch_add(1, Ordering::SeqCst);
+        self.context.requests_in_flight.fetch_add(1, Ordering::SeqCst);
 
         let completion = CompletionGuard {
             ticket,
@@ -702,37 +708,27 @@ impl DeliverState {
     /// and asks the clock to wake the operator when it next has something to do.
     fn refresh_hold(&mut self, now: Millis) {
         if self.context.stop.is_stopped() {
-            self.dropped_on_stop += self
-                .scheduled
-                .values()
-                .map(|(_, pending)| pending.len())
-                .sum::<usize>();
+            // Every waiting or scheduled delivery is durably pending by now (`park_waiting`
+            // ran first), so the next run resumes it.
+            let mut left: usize = self.scheduled.values().map(|(_, deliveries)| deliveries.len()).sum();
             self.scheduled.clear();
-            if self.dropped_on_stop > 0 {
-                // TODO: persist these as pending deliveries in the state store, so that a
-                // restart resumes them instead of re-reading the log from the start.
-                tracing::warn!(
-                    deliveries = self.dropped_on_stop,
-                    "Stopping with deliveries waiting for a retry or a rate-limit window; \
-                     they are not persisted, and a restart delivers them again from the log."
-                );
-                self.dropped_on_stop = 0;
+            for state in self.endpoints.values_mut() {
+                left += state.waiting.len();
+                state.waiting.clear();
+            }
+            if left > 0 {
+                tracing::info!(deliveries = left, "Stopping; waiting deliveries stay pending for the next run.");
             }
         }
 
-        let waiting = self
-            .endpoints
-            .values()
-            .any(|state| !state.waiting.is_empty());
-        if waiting || !self.in_flight.is_empty() {
+        let waiting = self.endpoints.values().any(|state| !state.waiting.is_empty());
+        if waiting {
             if let Some(current) = self.current.as_mut() {
                 if *current.time() < now {
                     current.downgrade(&now);
                 }
             }
-            self.context
-                .clock
-                .wake_at(now + HOLD_REFRESH_MS, &self.wakeup);
+            self.context.clock.wake_at(now + HOLD_REFRESH_MS, &self.wakeup);
         } else {
             self.current = None;
         }
@@ -743,10 +739,7 @@ impl DeliverState {
             }
             !state.waiting.is_empty()
                 || state.in_flight > 0
-                || state
-                    .limiter
-                    .as_ref()
-                    .is_some_and(|limiter| !limiter.is_idle())
+                || state.limiter.as_ref().is_some_and(|limiter| !limiter.is_idle())
         });
         if let Some(next) = self.scheduled.keys().next() {
             self.context.clock.wake_at(*next, &self.wakeup);

@@ -4,20 +4,24 @@
 //!
 //! On the wall clock the workers step until the dataflow finishes. On a [`VirtualClock`] the
 //! one worker steps, and whenever it is idle with no request in flight, the harness advances
-//! the clock to the earliest wake-up an operator asked for. Virtual time therefore stands
-//! still while a request runs, and an attempt's start time is exactly the time it was due.
+//! the clock to the earliest wake-up an operator asked for. Virtual time therefore does not
+//! move while a request runs, and an attempt's start time is exactly the time it was due.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hookflow_operators::clock::{Clock, VirtualClock};
 use hookflow_operators::deliver::{Attempted, Deliver, DeliverContext, PayloadSource};
-use hookflow_schemas::{AttemptRow, Delivery, Millis};
+use hookflow_schemas::{AttemptRow, Delivery, Millis, PendingDelivery};
 use timely::dataflow::operators::{Concat, ConnectLoop, Feedback, Input, Inspect, OkErr, Probe};
 
-/// The longest a test dataflow may run in real time before the harness fails the test.
+/// The virtual time a run should start at: after every delivery helper's `read_at_ms`, so
+/// that no event counts as older than it is.
+pub const VIRTUAL_START_MS: Millis = 1_700_000_001_000;
+
+/// The maximum real time a test dataflow may run before the harness fails the test.
 const REAL_TIME_LIMIT: Duration = Duration::from_secs(30);
 
 /// How many consecutive idle steps, with nothing in flight and no wake-up requested, make the
@@ -65,7 +69,7 @@ impl MemoryLog {
         }
     }
 
-    /// The positions read so far, in the order they were requested.
+    /// Returns the positions read so far, in the order they were requested.
     pub fn fetched(&self) -> Vec<(u32, u64)> {
         self.fetched.lock().expect("fetch record lock").clone()
     }
@@ -83,7 +87,9 @@ impl PayloadSource for MemoryLog {
                 self.payloads
                     .get(&(partition, offset))
                     .cloned()
-                    .ok_or_else(|| format!("partition {partition} has no record at offset {offset}"))
+                    .ok_or_else(|| {
+                        format!("partition {partition} has no record at offset {offset}")
+                    })
             })
             .collect()
     }
@@ -96,12 +102,34 @@ pub struct Run {
     pub rows: Vec<(u64, AttemptRow)>,
     /// Retries with the timestamp each came out at, before the feedback edge adds its 1 ms.
     pub retries: Vec<(u64, Delivery)>,
+    /// Deliveries recorded as pending, with the timestamp each came out at.
+    pub pending: Vec<(u64, PendingDelivery)>,
     /// Worker steps taken, summed over all workers.
     pub steps: usize,
 }
 
 impl Run {
-    /// The rows of event `event_id` to endpoint `endpoint_id`, in attempt order.
+    /// Keeps one record of the deliver operator's output. The harness acts as the
+    /// pipeline's durable sink, so every row with a start time counts as written at once.
+    fn record(&mut self, time: u64, record: &Attempted, unsynced_results: &AtomicUsize) {
+        match record {
+            Attempted::Row(row) => {
+                if row.started_at_ms.is_some() {
+                    // Saturating, in case the operator counts fewer results than it emits.
+                    let _ = unsynced_results.fetch_update(
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                        |count| count.checked_sub(1),
+                    );
+                }
+                self.rows.push((time, row.clone()));
+            }
+            Attempted::Retry(retry) => self.retries.push((time, retry.clone())),
+            Attempted::Pending(pending) => self.pending.push((time, pending.clone())),
+        }
+    }
+
+    /// Returns the rows of event `event_id` to endpoint `endpoint_id`, in attempt order.
     pub fn rows_of(&self, endpoint_id: &str, event_id: &str) -> Vec<AttemptRow> {
         let mut rows: Vec<AttemptRow> = self
             .rows
@@ -141,6 +169,9 @@ pub fn run_on_virtual_clock(
     run(1, context, deliveries, log, Some(clock))
 }
 
+// `ok_err` splits the operator's output by `Result`; the `Err` side carries retries, which
+// are data, not errors, so its size does not matter.
+#[allow(clippy::result_large_err)]
 fn run(
     workers: usize,
     context: DeliverContext,
@@ -155,13 +186,14 @@ fn run(
     let guards = timely::execute(timely::Config::process(workers), move |worker| {
         let context = context.clone();
         let requests_in_flight = Arc::clone(&context.requests_in_flight);
+        let unsynced_results = Arc::clone(&context.unsynced_results);
         let log = log.clone();
         let collected = Arc::clone(&collected);
 
         let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
             let (input, deliveries) = scope.new_input::<Vec<Delivery>>();
             let (retry_handle, retries) = scope.feedback::<Vec<Delivery>>(1);
-            let (rows, retries) = deliveries
+            let (records, retries) = deliveries
                 .concat(retries)
                 .deliver(context, Box::new(log))
                 .inspect_core(move |event| {
@@ -169,22 +201,17 @@ fn run(
                         let time = *stamp.expect_singleton();
                         let mut collected = collected.lock().expect("run lock");
                         for record in records {
-                            match record {
-                                Attempted::Row(row) => collected.rows.push((time, row.clone())),
-                                Attempted::Retry(retry) => {
-                                    collected.retries.push((time, retry.clone()))
-                                }
-                            }
+                            collected.record(time, record, &unsynced_results);
                         }
                     }
                 })
                 .ok_err(|attempted| match attempted {
-                    Attempted::Row(row) => Ok(row),
                     Attempted::Retry(delivery) => Err(delivery),
+                    other => Ok(other),
                 });
             retries.connect_loop(retry_handle);
-            let (probe, _rows): (_, timely::dataflow::Stream<'_, u64, Vec<AttemptRow>>) =
-                rows.probe();
+            let (probe, _records): (_, timely::dataflow::Stream<'_, u64, Vec<Attempted>>) =
+                records.probe();
             (input, probe)
         });
 
@@ -212,8 +239,9 @@ fn run(
 
             worker.step_or_park(Some(Duration::from_millis(1)));
             steps += 1;
-            // A step that found nothing to run parks and leaves no activation behind; one
-            // that ran an operator leaves its activation until the next step.
+            // In timely 0.32 a step parks only when no operator is activated, and a step that
+            // ran operators keeps their activations listed until the next step's poll. An
+            // empty list after a step therefore means the worker found nothing to do.
             let idle = worker.activations().borrow().empty_for() != Some(Duration::ZERO);
             if !idle || requests_in_flight.load(Ordering::SeqCst) > 0 {
                 stalled = 0;
@@ -248,7 +276,3 @@ fn run(
     run.steps = steps;
     run
 }
-
-/// The virtual time a run should start at: after every delivery helper's `read_at_ms`, so
-/// that no event counts as older than it is.
-pub const VIRTUAL_START_MS: Millis = 1_700_000_001_000;

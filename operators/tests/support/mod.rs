@@ -1,6 +1,6 @@
 //! Helpers for the deliver and retry tests: endpoints and deliveries, recording receivers on
-//! 127.0.0.1, a fixed resolver so that no test sends a made-up name to the system resolver,
-//! and ([`dataflow`]) a harness that runs the deliver operator with its retry loop.
+//! 127.0.0.1, and a fixed resolver so that no test sends a made-up name to the system
+//! resolver. The [`dataflow`] module runs the deliver operator with its retry loop.
 
 #![allow(dead_code)]
 
@@ -281,17 +281,17 @@ impl ScriptedReceiver {
         ScriptedReceiver { arrivals, address }
     }
 
-    /// The URL of endpoint `endpoint_id` on this receiver.
+    /// Returns the URL of endpoint `endpoint_id` on this receiver.
     pub fn url(&self, endpoint_id: &str) -> String {
         format!("http://{}/{endpoint_id}", self.address)
     }
 
-    /// Every request so far, in arrival order.
+    /// Returns every request so far, in arrival order.
     pub fn arrivals(&self) -> Vec<Arrival> {
         self.arrivals.lock().expect("arrivals lock").clone()
     }
 
-    /// The requests of event `webhook_id` to `endpoint_id`, in arrival order.
+    /// Returns the requests of event `webhook_id` to `endpoint_id`, in arrival order.
     pub fn arrivals_of(&self, endpoint_id: &str, webhook_id: &str) -> Vec<Arrival> {
         self.arrivals()
             .into_iter()

@@ -1,0 +1,292 @@
+//! The durable side of the dataflow: the sink that writes to the state store, the archiver
+//! that moves staged rows into Parquet files, the filter that keeps a restart from repeating
+//! settled work, and the source of deliveries restored from `pending`.
+//!
+//! The sink holds the capabilities of what it has not yet written, so the probe after it
+//! passes a time only once everything at that time is durable: that probe drives the
+//! settled-offset checkpoint. A failed write is retried with backoff, and meanwhile the
+//! frontier, and with it the checkpoint, stays where it was.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hookflow_connectors::{staged_ranges, ArchiveWriter, ConnectorError, DurableBatch, StateStore};
+use hookflow_operators::clock::Clock;
+use hookflow_schemas::{AttemptRow, Delivery, FirstSeen, Millis, PendingDelivery};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::operator::source;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::{Scope, Stream};
+
+/// What the durable sink writes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Durable {
+    /// An attempt row to stage for the archive (and journal, when final).
+    Row(AttemptRow),
+    /// A delivery waiting for a later time.
+    Pending(PendingDelivery),
+    /// A first occurrence admitted by dedup.
+    FirstSeen(FirstSeen),
+}
+
+/// The first and longest wait between retries of a failed write, in ms.
+const WRITE_RETRY_MS: (u64, u64) = (100, 5_000);
+
+/// How the archiver completes files.
+#[derive(Debug, Clone)]
+pub struct ArchivePolicy {
+    /// The archive writer's prefix, which is also the staging writer name.
+    pub prefix: String,
+    /// Staged rows that complete a file.
+    pub max_rows_per_file: usize,
+    /// Age of the oldest staged row that completes a file, in ms.
+    pub max_file_age_ms: u64,
+}
+
+/// State shared between the durable sink and the worker loop.
+pub struct Archiver {
+    /// The worker's state store connection.
+    pub store: Rc<RefCell<StateStore>>,
+    /// The worker's archive writer.
+    pub writer: ArchiveWriter,
+    /// When files complete.
+    pub policy: ArchivePolicy,
+    /// When staged rows were last moved to files (ms).
+    last_flush_ms: Millis,
+    /// Files completed by this run.
+    pub files: Vec<PathBuf>,
+}
+
+impl Archiver {
+    /// Creates the archiver, first removing from staging the rows of files that a crash
+    /// completed before it could unstage them.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the archive cannot be listed or the store written.
+    pub fn new(
+        store: Rc<RefCell<StateStore>>,
+        writer: ArchiveWriter,
+        archive_dir: &std::path::Path,
+        policy: ArchivePolicy,
+        now_ms: Millis,
+    ) -> Result<Self, ConnectorError> {
+        for (first, last) in staged_ranges(archive_dir, &policy.prefix)? {
+            store.borrow_mut().unstage(&policy.prefix, first, last)?;
+        }
+        Ok(Archiver { store, writer, policy, last_flush_ms: now_ms, files: Vec::new() })
+    }
+
+    /// Moves staged rows into complete Parquet files when a file's worth is staged, when the
+    /// oldest has waited `max_file_age_ms`, or always with `force`.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read or written or a file cannot be completed; the rows
+    /// stay staged and are written again by the next flush.
+    pub fn flush(&mut self, now_ms: Millis, force: bool) -> Result<(), ConnectorError> {
+        let due = force || now_ms.saturating_sub(self.last_flush_ms) >= self.policy.max_file_age_ms;
+        let max_rows = self.policy.max_rows_per_file.max(1);
+        loop {
+            let staged = self.store.borrow().staged_count(&self.policy.prefix)?;
+            let full = staged >= max_rows as u64;
+            if staged == 0 || !(due || full) {
+                break;
+            }
+            let rows = self.store.borrow().staged_rows(&self.policy.prefix, max_rows)?;
+            let (Some((first, _)), Some((last, _))) = (rows.first(), rows.last()) else { break };
+            let (first, last) = (*first, *last);
+            let rows: Vec<AttemptRow> = rows.into_iter().map(|(_, row)| row).collect();
+            let files = self.writer.write_staged(first, last, &rows, now_ms)?;
+            self.store.borrow_mut().unstage(&self.policy.prefix, first, last)?;
+            self.files.extend(files);
+            if !due && rows.len() < max_rows {
+                break;
+            }
+        }
+        if due {
+            self.last_flush_ms = now_ms;
+        }
+        Ok(())
+    }
+}
+
+/// Writes `records` to the state store, one transaction per activation, and moves staged
+/// rows into Parquet files as they accumulate. Its output carries no data: a probe on it
+/// tells which times are durable.
+pub fn persist<'scope>(
+    records: Stream<'scope, u64, Vec<Durable>>,
+    archiver: Rc<RefCell<Archiver>>,
+    clock: Arc<dyn Clock>,
+    unsynced_results: Arc<AtomicUsize>,
+) -> Stream<'scope, u64, Vec<()>> {
+    let scope = records.scope();
+    records.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(Pipeline, "Persist", move |_capability, info| {
+        let activator = scope.activator_for(info.address);
+        // Records received and not yet written, with the capabilities that keep their times
+        // from completing.
+        let mut batch = DurableBatch::default();
+        let mut held: Vec<Capability<u64>> = Vec::new();
+        let mut retry_ms = WRITE_RETRY_MS.0;
+        let mut failing = false;
+
+        move |(input, _frontier), output| {
+            input.for_each_stamp(|capability, containers| {
+                if let Some(retained) = capability.retain_least(output.output_index()) {
+                    held.push(retained);
+                }
+                for record in containers.flat_map(|container| container.drain(..)) {
+                    match record {
+                        Durable::Row(row) => batch.rows.push(row),
+                        Durable::Pending(pending) => batch.pending.push(pending),
+                        Durable::FirstSeen(first) => batch.first_seen.push(first),
+                    }
+                }
+            });
+
+            let now = clock.now_ms();
+            let mut archiver = archiver.borrow_mut();
+            if !batch.is_empty() {
+                let prefix = archiver.policy.prefix.clone();
+                let written = archiver.store.borrow_mut().commit(&prefix, &batch, now);
+                match written {
+                    Ok(()) => {
+                        let attempts = batch.rows.iter().filter(|row| row.started_at_ms.is_some()).count();
+                        unsynced_results.fetch_sub(attempts.min(unsynced_results.load(Ordering::SeqCst)), Ordering::SeqCst);
+                        batch = DurableBatch::default();
+                        if failing {
+                            tracing::info!("State store writes succeed again.");
+                            failing = false;
+                        }
+                        retry_ms = WRITE_RETRY_MS.0;
+                    }
+                    Err(error) => {
+                        tracing::error!(
+                            error = %format!("{error:#}"),
+                            path = %archiver.store.borrow().path().display(),
+                            retry_in_ms = retry_ms,
+                            "Writing to the state store failed; holding the checkpoint and retrying."
+                        );
+                        failing = true;
+                        activator.activate_after(Duration::from_millis(retry_ms));
+                        retry_ms = (retry_ms * 2).min(WRITE_RETRY_MS.1);
+                        return;
+                    }
+                }
+            }
+            held.clear();
+
+            if let Err(error) = archiver.flush(now, false) {
+                tracing::error!(error = %format!("{error:#}"), "Completing an archive file failed; the rows stay staged and are retried.");
+            }
+            // Wake up now and then so that staged rows of an idle pipeline still reach a file.
+            activator.activate_after(Duration::from_millis(archiver.policy.max_file_age_ms.clamp(100, 60_000)));
+        }
+    })
+}
+
+/// Where a restart must check the journal before delivering again: for each partition, the
+/// log end when the run started. Records below it may have been handled by an earlier run.
+pub type ResumeBounds = HashMap<u32, u64>;
+
+/// Drops the deliveries of re-read records that an earlier run settled (journaled) or left
+/// pending (they are restored from `pending` instead).
+pub fn skip_settled_deliveries<'scope>(
+    deliveries: Stream<'scope, u64, Vec<Delivery>>,
+    store: Rc<RefCell<StateStore>>,
+    bounds: ResumeBounds,
+) -> Stream<'scope, u64, Vec<Delivery>> {
+    deliveries.unary(Pipeline, "SkipSettled", move |_capability, _info| {
+        move |input, output| {
+            input.for_each_stamp(|capability, containers| {
+                let mut session = output.session(&capability);
+                for delivery in containers.flat_map(|container| container.drain(..)) {
+                    let ingested = &delivery.ingested;
+                    let below = bounds.get(&ingested.partition).is_some_and(|end| ingested.offset < *end);
+                    if below && already_handled(&store.borrow(), &delivery) {
+                        continue;
+                    }
+                    session.give(delivery);
+                }
+            });
+        }
+    })
+}
+
+fn already_handled(store: &StateStore, delivery: &Delivery) -> bool {
+    let event = &delivery.ingested.event;
+    let journaled = store.is_journaled(&event.tenant, &event.id, &delivery.endpoint_id, delivery.generation);
+    let pending = store.is_pending(
+        delivery.ingested.partition,
+        delivery.ingested.offset,
+        &delivery.endpoint_id,
+        delivery.generation,
+    );
+    match (journaled, pending) {
+        (Ok(journaled), Ok(pending)) => journaled || pending,
+        (Err(error), _) | (_, Err(error)) => {
+            // Delivering again is the safe side of at-least-once.
+            tracing::error!(error = %format!("{error:#}"), "Cannot read the journal; delivering the re-read event again.");
+            false
+        }
+    }
+}
+
+/// Drops rows of re-read records that an earlier run already decided without a delivery
+/// (invalid or unrouted).
+pub fn skip_decided_rows<'scope>(
+    rows: Stream<'scope, u64, Vec<AttemptRow>>,
+    store: Rc<RefCell<StateStore>>,
+    bounds: ResumeBounds,
+) -> Stream<'scope, u64, Vec<AttemptRow>> {
+    rows.unary(Pipeline, "SkipDecided", move |_capability, _info| {
+        move |input, output| {
+            input.for_each_stamp(|capability, containers| {
+                let mut session = output.session(&capability);
+                for row in containers.flat_map(|container| container.drain(..)) {
+                    let below = bounds.get(&row.partition).is_some_and(|end| row.offset < *end);
+                    if below && store.borrow().is_decided(row.partition, row.offset).unwrap_or(false) {
+                        continue;
+                    }
+                    session.give(row);
+                }
+            });
+        }
+    })
+}
+
+/// Emits the deliveries pending from earlier runs, each at its due time or now if that has
+/// passed. Only worker 0 emits them; the deliver operator's exchange takes each to the worker
+/// that owns its endpoint.
+pub fn restore_pending<'scope>(
+    scope: Scope<'scope, u64>,
+    pending: Vec<PendingDelivery>,
+    now_ms: Millis,
+) -> Stream<'scope, u64, Vec<Delivery>> {
+    let emit = scope.index() == 0;
+    source(scope, "RestorePending", move |capability, _info| {
+        let mut capability = Some(capability);
+        let mut pending = Some(pending);
+        move |output| {
+            let (Some(capability), Some(pending)) = (capability.take(), pending.take()) else { return };
+            if !emit {
+                return;
+            }
+            if !pending.is_empty() {
+                tracing::info!(deliveries = pending.len(), "Resuming pending deliveries.");
+            }
+            for entry in pending {
+                let time = entry.due_ms.max(now_ms);
+                let delayed = capability.delayed(&time);
+                output.session(&delayed).give(entry.to_delivery());
+            }
+        }
+    })
+}
