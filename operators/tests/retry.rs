@@ -455,11 +455,9 @@ fn missing_payload_dead_letters_retry() {
     assert_rows_not_early(&run);
 }
 
-// NOTE: fails while a retry dead-lettered for a missing payload frees its in-flight place
-// only after the operator has stopped starting requests in that run. The next request then
-// waits for the operator's next refresh, `HOLD_REFRESH_MS` later.
+/// A retry dead-lettered for a missing payload frees its in-flight place at once, not at the
+/// operator's next refresh.
 #[test]
-#[ignore = "the deliver operator reuses a place freed by a missing payload only at its next refresh"]
 fn freed_place_starts_next_retry() {
     let script = |_: &str, _: &str, attempt: u32| if attempt == 1 { 500 } else { 200 };
     let setup = Setup::start(VIRTUAL_START_MS, Arc::new(script));

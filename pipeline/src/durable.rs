@@ -26,6 +26,8 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::{Scope, Stream};
 
 /// What the durable sink writes.
+// Rows are the largest and most frequent variant; boxing them would allocate per attempt.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Durable {
     /// An attempt row to stage for the archive (and journal, when final).

@@ -506,17 +506,17 @@ fn retries_exhausted_dead_letter() {
 }
 
 #[test]
-fn stop_does_not_wait_for_retries() {
+fn stop_leaves_retry_pending_for_restart() {
     let fixture = Fixture::new(HashMap::from([(
-        "/down".to_string(),
-        Behaviour::Status(500),
+        "/flaky".to_string(),
+        Behaviour::FailFirst { failures: 1, status: 500 },
     )]));
     let config = fixture.write_config_with(
-        &[("ep_down", "acme", "/down", r#"["*"]"#)],
-        "[retry]\nschedule_ms = [600000]\n",
+        &[("ep_flaky", "acme", "/flaky", r#"["*"]"#)],
+        "[retry]\nschedule_ms = [1500]\njitter_percent = 0\n",
         "",
     );
-    let lines = vec![event("acme", "evt_pending", "charge.failed", "{}")];
+    let lines = vec![event("acme", "evt_pending", "charge.failed", r#"{"n":1}"#)];
     assert!(fixture.publish(&lines, false).status.success());
 
     let mut child = hookflow()
@@ -527,27 +527,47 @@ fn stop_does_not_wait_for_retries() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start hookflow run");
-    let attempted = wait_for(Duration::from_secs(20), || {
-        !fixture.receiver.requests().is_empty()
-    });
-    // The row of the first attempt reaches the archive sink right after the response.
-    std::thread::sleep(Duration::from_millis(200));
+    let attempted = wait_for(Duration::from_secs(20), || !fixture.receiver.requests().is_empty());
     let stopped_at = Instant::now();
     let log = terminate(&mut child);
     assert!(attempted, "the first attempt never arrived");
-    assert!(
-        stopped_at.elapsed() < Duration::from_secs(10),
-        "the stop waited for the retry"
-    );
-    assert!(
-        log.contains("not persisted"),
-        "the dropped retry must be reported: {log}"
-    );
+    assert!(stopped_at.elapsed() < Duration::from_secs(10), "the stop waited for the retry: {log}");
+    assert_eq!(fixture.receiver.requests().len(), 1, "the retry is not due before the stop");
 
-    let rows = fixture.rows();
-    assert_eq!(rows.len(), 1);
-    assert_eq!(rows[0].outcome, "failed");
-    assert!(rows[0].next_attempt_at_ms.is_some());
+    // The next run resumes the pending retry at its due time instead of starting over.
+    fixture.run_until_idle(&config);
+    let requests = fixture.receiver.requests_to("/flaky");
+    let statuses: Vec<u16> = requests.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [500, 200]);
+    assert_eq!(requests[1].body, br#"{"n":1}"#, "the payload is read back from the log");
+    let gap = requests[1].received_at_ms - requests[0].received_at_ms;
+    assert!(gap >= 1_400, "the retry came {gap} ms after the failure, before it was due");
+
+    let mut rows = fixture.rows();
+    rows.sort_by_key(|r| r.attempt);
+    let summary: Vec<(u32, &str)> = rows.iter().map(|r| (r.attempt, r.outcome.as_str())).collect();
+    assert_eq!(summary, [(1, "failed"), (2, "delivered")]);
+}
+
+#[test]
+fn restart_does_not_deliver_again() {
+    let fixture = Fixture::new(HashMap::new());
+    let config = fixture.write_config(&[("ep_a", "acme", "/a", r#"["*"]"#)]);
+    let lines: Vec<String> = (0..40)
+        .map(|n| event("acme", &format!("evt_{n:03}"), "t.a", "{}"))
+        .chain(std::iter::once("not json".to_string()))
+        .collect();
+    assert!(fixture.publish(&lines, true).status.success());
+    fixture.run_until_idle(&config);
+    assert_eq!(fixture.receiver.requests().len(), 40);
+
+    let repeat: Vec<String> = vec![event("acme", "evt_000", "t.a", r#"{"again":true}"#)];
+    assert!(fixture.publish(&repeat, false).status.success());
+    fixture.run_until_idle(&config);
+    assert_eq!(fixture.receiver.requests().len(), 40, "a restart re-delivers nothing");
+    let outcomes = outcomes(&fixture.rows());
+    assert_eq!(outcomes.get("delivered"), Some(&40));
+    assert_eq!(outcomes.get("invalid"), Some(&1), "the invalid record is archived once");
 }
 
 #[test]

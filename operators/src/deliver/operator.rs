@@ -84,6 +84,9 @@ pub const DEFAULT_MAX_UNSYNCED_RESULTS: usize = 64;
 pub const ENDPOINT_DISABLED: &str = "endpoint_disabled";
 
 /// What the deliver operator emits.
+// A row is by far the largest variant and the most frequent one, so boxing it would cost an
+// allocation per attempt to save memory on the rarer variants.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Attempted {
     /// The row of an attempt or of a decision made without a request.
@@ -284,13 +287,17 @@ struct InFlight {
     capability: Capability<u64>,
 }
 
+/// The deliveries scheduled at one time, with the capability held for them; each delivery
+/// with its rate-limit slot.
+type ScheduledAt = (Capability<u64>, Vec<(Millis, Delivery)>);
+
 /// The per-worker state of the deliver operator.
 struct DeliverState {
     context: DeliverContext,
     payloads: Box<dyn PayloadSource>,
     /// Deliveries stamped to a later time (a rate-limit slot not yet open), durably pending,
     /// by that time, each time with the capability held for it.
-    scheduled: BTreeMap<Millis, (Capability<u64>, Vec<(Millis, Delivery)>)>,
+    scheduled: BTreeMap<Millis, ScheduledAt>,
     /// One capability for the waiting deliveries that are durably pending, moved up to "now"
     /// each time the operator runs; `None` when there are none.
     current: Option<Capability<u64>>,
@@ -492,8 +499,15 @@ impl DeliverState {
     /// its limit or empty, the worker-wide limit is reached, or too many results wait for
     /// their durable write.
     fn start_requests(&mut self, now: Millis) {
+        // A retry whose payload cannot be read back frees its place again; go round until a
+        // pass frees none.
+        while self.start_round(now) > 0 {}
+    }
+
+    /// One pass of `start_requests`; returns how many places payload failures freed.
+    fn start_round(&mut self, now: Millis) -> usize {
         if self.context.stop.is_stopped() {
-            return;
+            return 0;
         }
         let total_limit = self.context.max_in_flight_total.max(1);
         let mut starting: Vec<(Delivery, Capability<u64>, Millis)> = Vec::new();
@@ -560,10 +574,11 @@ impl DeliverState {
             }
         }
 
-        self.load_payloads(&mut starting, now);
+        let freed = self.load_payloads(&mut starting, now);
         for (delivery, capability, due_at_ms) in starting {
             self.start(delivery, capability, due_at_ms);
         }
+        freed
     }
 
     /// Moves a waiting delivery to a later slot, recording it as pending first if it was not.
@@ -624,17 +639,18 @@ impl DeliverState {
     }
 
     /// Reads back the payloads of retries about to start, in one batch; a delivery whose
-    /// payload cannot be read is dead-lettered instead of started.
-    fn load_payloads(&mut self, starting: &mut Vec<(Delivery, Capability<u64>, Millis)>, now: Millis) {
+    /// payload cannot be read is dead-lettered instead of started. Returns how many were.
+    fn load_payloads(&mut self, starting: &mut Vec<(Delivery, Capability<u64>, Millis)>, now: Millis) -> usize {
         let positions: Vec<(u32, u64)> = starting
             .iter()
             .filter(|(delivery, _, _)| !delivery.has_payload())
             .map(|(delivery, _, _)| (delivery.ingested.partition, delivery.ingested.offset))
             .collect();
         if positions.is_empty() {
-            return;
+            return 0;
         }
         let mut fetched = self.payloads.fetch(&positions).into_iter();
+        let mut failed = 0;
 
         let mut kept = Vec::with_capacity(starting.len());
         for (mut delivery, capability, due_at_ms) in starting.drain(..) {
@@ -664,10 +680,12 @@ impl DeliverState {
                     let row = dead_letter_row(&delivery, now, now, kind, message);
                     self.emitted.push((capability, Attempted::Row(row)));
                     self.release_place(&delivery.endpoint_id.clone());
+                    failed += 1;
                 }
             }
         }
         *starting = kept;
+        failed
     }
 
     /// Spawns the request task for `delivery`, due at `due_at_ms`, holding `capability` until
