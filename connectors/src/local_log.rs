@@ -195,6 +195,44 @@ impl LocalLog {
         partition_for_key(key, self.partitions)
     }
 
+    /// Deletes the records of `partition` below offset `below` that were appended before
+    /// `appended_before_ms`, and returns how many were deleted. Offsets are never reused:
+    /// the partition's next offset is kept apart from its records.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the partition does not exist or the database cannot be written.
+    pub fn truncate(
+        &mut self,
+        partition: u32,
+        below: u64,
+        appended_before_ms: Millis,
+    ) -> Result<usize, ConnectorError> {
+        self.check_partition(partition)?;
+        let below = i64::try_from(below).unwrap_or(i64::MAX);
+        let before = i64::try_from(appended_before_ms).unwrap_or(i64::MAX);
+        self.connection
+            .execute(
+                r#"DELETE FROM records WHERE "partition" = ?1 AND "offset" < ?2 AND appended_at_ms < ?3"#,
+                params![partition, below, before],
+            )
+            .map_err(|source| ConnectorError::Sqlite {
+                action: "truncate records",
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// The size in bytes of the log's database file and its write-ahead log.
+    pub fn disk_bytes(&self) -> u64 {
+        let wal = self.path.with_extension("sqlite-wal");
+        [self.path.as_path(), wal.as_path()]
+            .iter()
+            .filter_map(|path| fs::metadata(path).ok())
+            .map(|metadata| metadata.len())
+            .sum()
+    }
+
     /// Appends all records in one transaction and returns the (partition, offset) of each, in
     /// input order.
     ///

@@ -305,6 +305,44 @@ impl StateStore {
         }
     }
 
+    /// The lowest offset each partition's pending deliveries still reference: the log must
+    /// keep it for their payloads.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read.
+    pub fn oldest_pending_offsets(&self) -> Result<HashMap<u32, u64>, ConnectorError> {
+        let mut statement = self
+            .connection
+            .prepare_cached("SELECT partition, min(offset) FROM pending GROUP BY partition")
+            .map_err(self.error("read pending offsets"))?;
+        let rows = statement
+            .query_map([], |row| Ok((row.get::<_, u32>(0)?, row.get::<_, u64>(1)?)))
+            .map_err(self.error("read pending offsets"))?;
+        rows.collect::<Result<_, _>>().map_err(self.error("read pending offsets"))
+    }
+
+    /// The number of pending deliveries.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read.
+    pub fn pending_count(&self) -> Result<u64, ConnectorError> {
+        self.connection
+            .query_row("SELECT count(*) FROM pending", [], |row| row.get(0))
+            .map_err(self.error("count pending deliveries"))
+    }
+
+    /// The size in bytes of the store's database file and its write-ahead log.
+    pub fn disk_bytes(&self) -> u64 {
+        let wal = self.path.with_extension("sqlite-wal");
+        [self.path.as_path(), wal.as_path()]
+            .iter()
+            .filter_map(|path| std::fs::metadata(path).ok())
+            .map(|metadata| metadata.len())
+            .sum()
+    }
+
     /// Every pending delivery.
     ///
     /// # Errors

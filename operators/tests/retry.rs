@@ -430,7 +430,7 @@ fn missing_payload_dead_letters_retry() {
         .iter()
         .find(|row| row.outcome == "dead_lettered")
         .expect("a dead-letter row");
-    assert_eq!(dead.error_kind.as_deref(), Some("payload_unavailable"));
+    assert_eq!(dead.error_kind.as_deref(), Some("payload_expired"));
     assert_eq!(dead.attempt, 0, "no request was made");
     assert_eq!(dead.started_at_ms, None);
     let failed = &unreadable_rows[1];

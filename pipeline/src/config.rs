@@ -62,6 +62,9 @@ pub struct PipelineConfig {
     /// On SIGINT or SIGTERM, how long requests in flight may take to finish before they are
     /// abandoned (and delivered again by the next run), in seconds. Default 30.
     pub shutdown_grace_secs: u64,
+    /// How often the log is truncated past its retention and the state store pruned, in
+    /// seconds. Default 60.
+    pub maintenance_interval_secs: u64,
 }
 
 impl Default for PipelineConfig {
@@ -75,6 +78,7 @@ impl Default for PipelineConfig {
             checkpoint_interval_ms: 100,
             max_unsynced_results: 64,
             shutdown_grace_secs: 30,
+            maintenance_interval_secs: 60,
         }
     }
 }
@@ -86,11 +90,15 @@ pub struct LocalLogConfig {
     /// Partitions of a new log; an existing log keeps the count it was created with.
     /// Default 4.
     pub partitions: u32,
+    /// How long records are kept, in seconds, for replays. Older records are deleted once
+    /// they are below the checkpoint and no pending delivery needs them. Default 604800
+    /// (7 days).
+    pub retention_secs: u64,
 }
 
 impl Default for LocalLogConfig {
     fn default() -> Self {
-        LocalLogConfig { partitions: 4 }
+        LocalLogConfig { partitions: 4, retention_secs: 7 * 24 * 3600 }
     }
 }
 

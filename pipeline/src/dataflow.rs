@@ -46,7 +46,7 @@ use timely::dataflow::Stream;
 
 use crate::config::Config;
 use crate::durable::{
-    persist, restore_pending, skip_decided_rows, skip_settled_deliveries, ArchivePolicy, Archiver, Durable,
+    maintain, persist, restore_pending, skip_decided_rows, skip_settled_deliveries, ArchivePolicy, Archiver, Durable,
     ResumeBounds,
 };
 use crate::source::{read_source, SourceControl, SourceOptions};
@@ -363,6 +363,11 @@ fn run_worker(
         }
     }
 
+    // Worker 0 truncates the log and prunes the store for the whole data directory.
+    let mut maintenance_log = if index == 0 { Some(open_log()?) } else { None };
+    let maintenance_every_ms = config.pipeline.maintenance_interval_secs.saturating_mul(1000).max(1);
+    let mut next_maintenance_ms = started_ms;
+
     let mut subscriptions = Some(subscriptions);
     let park = Duration::from_millis(config.pipeline.poll_interval_ms);
     let grace_ms = config.pipeline.shutdown_grace_secs.saturating_mul(1000);
@@ -376,6 +381,13 @@ fn run_worker(
             input.flush();
             if control.finished.get() {
                 subscriptions = None;
+            }
+        }
+        if let Some(log) = maintenance_log.as_mut() {
+            let now = clock.now_ms();
+            if now >= next_maintenance_ms {
+                next_maintenance_ms = now.saturating_add(maintenance_every_ms);
+                run_maintenance(log, &mut store.borrow_mut(), config, now);
             }
         }
         if shared.stop.is_stopped() {
@@ -404,6 +416,28 @@ fn run_worker(
         anyhow::bail!("reading the local log failed (see the log above)");
     }
     Ok(WorkerReport { rows_archived: archiver.writer.rows_written(), files: std::mem::take(&mut archiver.files) })
+}
+
+/// One maintenance pass, logged; a failure is logged and retried at the next pass.
+fn run_maintenance(log: &mut LocalLog, store: &mut StateStore, config: &Config, now_ms: u64) {
+    let retention_ms = config.local_log.retention_secs.saturating_mul(1000);
+    let dedup_window_ms = config.pipeline.dedup_window_secs.saturating_mul(1000);
+    // A re-read record can only be one above the checkpoint, at most the maximum event age
+    // old; the journal keeps a dedup window beyond that too.
+    let keep_state_ms = dedup_window_ms.max(config.retry.max_event_age_secs.saturating_mul(1000));
+    match maintain(log, store, retention_ms, keep_state_ms, dedup_window_ms, now_ms) {
+        Ok(done) => tracing::info!(
+            truncated_records = done.truncated,
+            log_bytes = done.log_bytes,
+            state_bytes = done.state_bytes,
+            pending_deliveries = done.pending,
+            "Maintenance done."
+        ),
+        Err(error) => tracing::error!(
+            error = %format!("{error:#}"),
+            "Log retention or state pruning failed; retrying at the next pass."
+        ),
+    }
 }
 
 /// Decodes records into events, or into invalid-record rows at the record's time.

@@ -292,3 +292,50 @@ pub fn restore_pending<'scope>(
         }
     })
 }
+
+/// What one maintenance pass did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Maintenance {
+    /// Log records deleted past their retention.
+    pub truncated: usize,
+    /// Bytes of the local log on disk.
+    pub log_bytes: u64,
+    /// Bytes of the state store on disk.
+    pub state_bytes: u64,
+    /// Deliveries pending.
+    pub pending: u64,
+}
+
+/// Truncates the log past `retention_ms`, never at or above a partition's checkpoint nor the
+/// oldest offset a pending delivery references, and prunes journal and first-occurrence
+/// entries older than `keep_state_ms`.
+///
+/// # Errors
+///
+/// Fails if the log or the store cannot be read or written; nothing is lost then, only kept
+/// longer.
+pub fn maintain(
+    log: &mut hookflow_connectors::LocalLog,
+    store: &mut StateStore,
+    retention_ms: u64,
+    keep_state_ms: u64,
+    dedup_window_ms: u64,
+    now_ms: Millis,
+) -> Result<Maintenance, ConnectorError> {
+    let checkpoint = store.checkpoint()?;
+    let pending = store.oldest_pending_offsets()?;
+    let cutoff = now_ms.saturating_sub(retention_ms);
+    let mut truncated = 0;
+    for partition in 0..log.partitions() {
+        let settled = checkpoint.get(&partition).copied().unwrap_or(0);
+        let below = pending.get(&partition).map_or(settled, |oldest| settled.min(*oldest));
+        truncated += log.truncate(partition, below, cutoff)?;
+    }
+    store.prune(now_ms.saturating_sub(keep_state_ms), now_ms.saturating_sub(dedup_window_ms))?;
+    Ok(Maintenance {
+        truncated,
+        log_bytes: log.disk_bytes(),
+        state_bytes: store.disk_bytes(),
+        pending: store.pending_count()?,
+    })
+}

@@ -571,6 +571,122 @@ fn restart_does_not_deliver_again() {
 }
 
 #[test]
+fn retention_truncates_settled_records_only() {
+    let fixture = Fixture::new(HashMap::from([("/down".to_string(), Behaviour::Status(500))]));
+    let tables = "[local_log]\npartitions = 1\nretention_secs = 0\n\
+                  [retry]\nschedule_ms = [600000]\n";
+    let config = fixture.write_config_with(
+        &[("ep_ok", "acme", "/ok", r#"["ok.*"]"#), ("ep_down", "acme", "/down", r#"["down.*"]"#)],
+        tables,
+        "",
+    );
+    let lines = vec![
+        event("acme", "evt_1", "ok.a", "{}"),
+        event("acme", "evt_2", "down.a", r#"{"keep":"me"}"#),
+        event("acme", "evt_3", "ok.a", "{}"),
+    ];
+    let mut publish = hookflow();
+    let file = fixture.dir.path().join("events.ndjson");
+    std::fs::write(&file, lines.join("\n")).expect("write events");
+    let output = publish
+        .args(["publish", "--partitions", "1", "--data-dir"])
+        .arg(fixture.data_dir())
+        .arg(&file)
+        .output()
+        .expect("publish");
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    // First run: evt_2 fails and stays pending for ten minutes; the run is stopped.
+    let mut child = hookflow()
+        .args(["run", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(fixture.data_dir())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start hookflow run");
+    assert!(wait_for(Duration::from_secs(20), || fixture.receiver.requests().len() >= 3));
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = terminate(&mut child);
+
+    // Second run: maintenance at start deletes what is settled and older than the retention
+    // (zero here), but keeps evt_2's record, which the pending retry still needs.
+    let mut child = hookflow()
+        .args(["run", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(fixture.data_dir())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start hookflow run");
+    std::thread::sleep(Duration::from_millis(800));
+    let _ = terminate(&mut child);
+
+    let mut log = hookflow_connectors::LocalLog::open(
+        &fixture.data_dir(),
+        &hookflow_connectors::LocalLogOptions { partitions: 1 },
+    )
+    .expect("open log");
+    let left: Vec<u64> = hookflow_connectors::Source::read(&mut log, 0, 0, 100)
+        .expect("read log")
+        .iter()
+        .map(|record| record.offset)
+        .collect();
+    assert_eq!(left, [1, 2], "evt_1 is truncated; evt_2 is pending and evt_3 is above it");
+    assert_eq!(fixture.receiver.requests().len(), 3, "nothing was delivered twice");
+}
+
+#[test]
+fn payload_gone_is_dead_lettered() {
+    let fixture = Fixture::new(HashMap::from([(
+        "/flaky".to_string(),
+        Behaviour::FailFirst { failures: 1, status: 500 },
+    )]));
+    let config = fixture.write_config_with(
+        &[("ep_flaky", "acme", "/flaky", r#"["*"]"#)],
+        "[local_log]\npartitions = 1\n[retry]\nschedule_ms = [1000]\njitter_percent = 0\n",
+        "",
+    );
+    let file = fixture.dir.path().join("events.ndjson");
+    std::fs::write(&file, event("acme", "evt_gone", "a.b", "{}")).expect("write events");
+    let output = hookflow()
+        .args(["publish", "--partitions", "1", "--data-dir"])
+        .arg(fixture.data_dir())
+        .arg(&file)
+        .output()
+        .expect("publish");
+    assert!(output.status.success());
+
+    let mut child = hookflow()
+        .args(["run", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(fixture.data_dir())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start hookflow run");
+    assert!(wait_for(Duration::from_secs(20), || !fixture.receiver.requests().is_empty()));
+    let _ = terminate(&mut child);
+
+    // The record disappears before its retry is due, as a stream's own retention would do.
+    let mut log = hookflow_connectors::LocalLog::open(
+        &fixture.data_dir(),
+        &hookflow_connectors::LocalLogOptions { partitions: 1 },
+    )
+    .expect("open log");
+    assert_eq!(log.truncate(0, 1, u64::MAX).expect("truncate"), 1);
+    drop(log);
+
+    fixture.run_until_idle(&config);
+    assert_eq!(fixture.receiver.requests().len(), 1, "the retry is never sent");
+    let mut rows = fixture.rows();
+    rows.sort_by_key(|r| r.finished_at_ms);
+    let last = rows.last().expect("rows");
+    assert_eq!(last.outcome, "dead_lettered");
+    assert_eq!(last.error_kind.as_deref(), Some("payload_expired"));
+}
+
+#[test]
 fn expired_event_is_not_attempted() {
     let fixture = Fixture::new(HashMap::from([(
         "/down".to_string(),

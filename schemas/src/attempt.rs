@@ -106,8 +106,8 @@ pub enum ErrorKind {
     EndpointDisabled,
     /// The event is older than the maximum event age.
     Expired,
-    /// The payload could not be read back from the source for a retry.
-    PayloadUnavailable,
+    /// The payload is gone from the source (past its retention) when a delivery came due.
+    PayloadExpired,
 }
 
 impl ErrorKind {
@@ -124,7 +124,7 @@ impl ErrorKind {
             ErrorKind::Request => "request",
             ErrorKind::EndpointDisabled => "endpoint_disabled",
             ErrorKind::Expired => "expired",
-            ErrorKind::PayloadUnavailable => "payload_unavailable",
+            ErrorKind::PayloadExpired => "payload_expired",
         }
     }
 }

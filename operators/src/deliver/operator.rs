@@ -676,7 +676,7 @@ impl DeliverState {
                         "Cannot read a retry's payload back; dead-lettering it."
                     );
                     let message = format!("cannot read the payload back from the source: {reason}");
-                    let kind = ErrorKind::PayloadUnavailable.as_str();
+                    let kind = ErrorKind::PayloadExpired.as_str();
                     let row = dead_letter_row(&delivery, now, now, kind, message);
                     self.emitted.push((capability, Attempted::Row(row)));
                     self.release_place(&delivery.endpoint_id.clone());
