@@ -687,6 +687,60 @@ fn payload_gone_is_dead_lettered() {
 }
 
 #[test]
+fn archive_fault_keeps_rows_staged() {
+    let fixture = Fixture::new(HashMap::new());
+    let config = fixture.write_config(&[("ep_a", "acme", "/a", r#"["*"]"#)]);
+    let lines: Vec<String> = (0..5).map(|n| event("acme", &format!("evt_{n}"), "a.b", "{}")).collect();
+    assert!(fixture.publish(&lines, false).status.success());
+
+    // A file stands where today's `date=` directory must be created.
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    let today = time::OffsetDateTime::now_utc().date().format(&format).expect("date");
+    let blocker = fixture.archive_dir().join(format!("date={today}"));
+    std::fs::create_dir_all(fixture.archive_dir()).expect("archive dir");
+    std::fs::write(&blocker, "not a directory").expect("blocking file");
+
+    let output = hookflow()
+        .args(["run", "--until-idle", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(fixture.data_dir())
+        .output()
+        .expect("run hookflow");
+    assert!(!output.status.success(), "the archive could not be completed");
+    let log = stderr(&output);
+    assert!(log.contains(&format!("date={today}")), "the error names the path: {log}");
+    assert_eq!(fixture.receiver.requests().len(), 5);
+
+    // Once the fault is gone, the next run writes the staged rows and delivers nothing again.
+    std::fs::remove_file(&blocker).expect("remove blocking file");
+    fixture.run_until_idle(&config);
+    assert_eq!(fixture.receiver.requests().len(), 5, "nothing delivered twice");
+    assert_eq!(outcomes(&fixture.rows()), BTreeMap::from([("delivered".to_string(), 5)]));
+}
+
+#[test]
+fn state_store_fault_fails_fast() {
+    let fixture = Fixture::new(HashMap::new());
+    let config = fixture.write_config(&[("ep_a", "acme", "/a", r#"["*"]"#)]);
+    assert!(fixture.publish(&[event("acme", "evt_1", "a.b", "{}")], false).status.success());
+    std::fs::write(fixture.data_dir().join("state"), "not a directory").expect("blocking file");
+
+    let output = hookflow()
+        .args(["run", "--until-idle", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(fixture.data_dir())
+        .output()
+        .expect("run hookflow");
+    assert!(!output.status.success());
+    let log = stderr(&output);
+    assert!(log.contains("state store"), "{log}");
+    assert!(log.contains(&fixture.data_dir().join("state").display().to_string()), "{log}");
+    assert!(fixture.receiver.requests().is_empty(), "nothing is sent without a state store");
+}
+
+#[test]
 fn expired_event_is_not_attempted() {
     let fixture = Fixture::new(HashMap::from([(
         "/down".to_string(),
