@@ -111,9 +111,10 @@ pub struct ArchiveConfig {
     pub dir: PathBuf,
     /// Rows after which a file is completed. Default 200000.
     pub max_rows_per_file: usize,
-    /// Bytes after which a file is completed. Default 67108864 (64 MiB).
+    /// Estimated uncompressed bytes of rows after which a file is completed (the file on disk
+    /// is smaller, compressed). Default 67108864 (64 MiB).
     pub max_file_bytes: u64,
-    /// Age after which an open file is completed, in seconds. Default 60.
+    /// Staged rows are written to a file at least this often, in seconds. Default 60.
     pub max_file_age_secs: u64,
 }
 

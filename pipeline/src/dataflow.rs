@@ -258,6 +258,7 @@ fn run_worker(
         prefix,
         max_rows_per_file: config.archive.max_rows_per_file,
         max_file_age_ms: config.archive.max_file_age_secs.saturating_mul(1000),
+        max_file_bytes: config.archive.max_file_bytes,
     };
     let archiver = Archiver::new(store.clone(), writer, &shared.archive_dir, policy, started_ms)
         .with_context(|| format!("cannot recover the archive in {}", shared.archive_dir.display()))?;

@@ -50,6 +50,8 @@ pub struct ArchivePolicy {
     pub max_rows_per_file: usize,
     /// Age of the oldest staged row that completes a file, in ms.
     pub max_file_age_ms: u64,
+    /// Estimated uncompressed bytes that complete a file.
+    pub max_file_bytes: u64,
 }
 
 /// State shared between the durable sink and the worker loop.
@@ -102,14 +104,23 @@ impl Archiver {
             if staged == 0 || !(due || full) {
                 break;
             }
-            let rows = self.store.borrow().staged_rows(&self.policy.prefix, max_rows)?;
+            let mut rows = self.store.borrow().staged_rows(&self.policy.prefix, max_rows)?;
+            let mut bytes = 0u64;
+            let within = rows
+                .iter()
+                .take_while(|(_, row)| {
+                    bytes += estimated_bytes(row);
+                    bytes <= self.policy.max_file_bytes
+                })
+                .count();
+            rows.truncate(within.max(1));
             let (Some((first, _)), Some((last, _))) = (rows.first(), rows.last()) else { break };
             let (first, last) = (*first, *last);
             let rows: Vec<AttemptRow> = rows.into_iter().map(|(_, row)| row).collect();
             let files = self.writer.write_staged(first, last, &rows, now_ms)?;
             self.store.borrow_mut().unstage(&self.policy.prefix, first, last)?;
             self.files.extend(files);
-            if !due && rows.len() < max_rows {
+            if !due && rows.len() < max_rows && bytes <= self.policy.max_file_bytes {
                 break;
             }
         }
@@ -118,6 +129,24 @@ impl Archiver {
         }
         Ok(())
     }
+}
+
+/// A row's uncompressed size, roughly: its text plus a fixed share for the other columns.
+fn estimated_bytes(row: &AttemptRow) -> u64 {
+    let text = [
+        &row.event_id,
+        &row.tenant,
+        &row.endpoint_id,
+        &row.event_type,
+        &row.url,
+        &row.error_message,
+        &row.response_snippet,
+        &row.body_sha256,
+    ]
+    .iter()
+    .map(|field| field.as_ref().map_or(0, |text| text.len()))
+    .sum::<usize>();
+    (text + row.outcome.len() + 96) as u64
 }
 
 /// Writes `records` to the state store, one transaction per activation, and moves staged
@@ -138,6 +167,9 @@ pub fn persist<'scope>(
         let mut held: Vec<Capability<u64>> = Vec::new();
         let mut retry_ms = WRITE_RETRY_MS.0;
         let mut failing = false;
+        // After a failed archive flush: when to try again, and the wait after that.
+        let mut archive_retry_at: Millis = 0;
+        let mut archive_retry_ms = WRITE_RETRY_MS.0;
 
         move |(input, _frontier), output| {
             input.for_each_stamp(|capability, containers| {
@@ -185,8 +217,19 @@ pub fn persist<'scope>(
             }
             held.clear();
 
-            if let Err(error) = archiver.flush(now, false) {
-                tracing::error!(error = %format!("{error:#}"), "Completing an archive file failed; the rows stay staged and are retried.");
+            if now >= archive_retry_at {
+                match archiver.flush(now, false) {
+                    Ok(()) => archive_retry_ms = WRITE_RETRY_MS.0,
+                    Err(error) => {
+                        tracing::error!(
+                            error = %format!("{error:#}"),
+                            retry_in_ms = archive_retry_ms,
+                            "Completing an archive file failed; the rows stay staged and are retried."
+                        );
+                        archive_retry_at = now.saturating_add(archive_retry_ms);
+                        archive_retry_ms = (archive_retry_ms * 2).min(WRITE_RETRY_MS.1 * 12);
+                    }
+                }
             }
             // Wake up now and then so that staged rows of an idle pipeline still reach a file.
             activator.activate_after(Duration::from_millis(archiver.policy.max_file_age_ms.clamp(100, 60_000)));
