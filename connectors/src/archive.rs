@@ -53,7 +53,6 @@ mod read;
 
 pub use read::{list_archive_files, read_attempts};
 
-
 /// The zstd level of archive files. Level 3 is zstd's own default.
 const ZSTD_LEVEL: i32 = 3;
 
@@ -326,7 +325,10 @@ impl ArchiveWriter {
         let mut by_date: BTreeMap<String, Vec<AttemptRow>> = BTreeMap::new();
         for row in rows {
             check_times(row)?;
-            by_date.entry(date_partition(row)?).or_default().push(row.clone());
+            by_date
+                .entry(date_partition(row)?)
+                .or_default()
+                .push(row.clone());
         }
 
         let mut completed = Vec::with_capacity(by_date.len());
@@ -504,12 +506,19 @@ pub fn staged_ranges(dir: &Path, prefix: &str) -> Result<Vec<(u64, u64)>, Connec
     let start = format!("attempts-{prefix}-s");
     let mut ranges = Vec::new();
     for file in read::list_archive_files(dir)? {
-        let Some(name) = file.file_name().and_then(|n| n.to_str()) else { continue };
-        let Some(range) = name.strip_prefix(&start).and_then(|r| r.strip_suffix(".parquet")) else {
+        let Some(name) = file.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(range) = name
+            .strip_prefix(&start)
+            .and_then(|r| r.strip_suffix(".parquet"))
+        else {
             continue;
         };
         let mut bounds = range.split('-').map(str::parse::<u64>);
-        if let (Some(Ok(first)), Some(Ok(last)), None) = (bounds.next(), bounds.next(), bounds.next()) {
+        if let (Some(Ok(first)), Some(Ok(last)), None) =
+            (bounds.next(), bounds.next(), bounds.next())
+        {
             ranges.push((first, last));
         }
     }

@@ -19,7 +19,9 @@ pub mod local_log;
 pub mod source;
 pub mod state;
 
-pub use archive::{list_archive_files, read_attempts, staged_ranges, ArchiveOptions, ArchiveWriter};
+pub use archive::{
+    list_archive_files, read_attempts, staged_ranges, ArchiveOptions, ArchiveWriter,
+};
 pub use local_log::{partition_for_key, LocalLog, LocalLogOptions};
 pub use source::Source;
 pub use state::{DurableBatch, StateStore, STATE_FORMAT_VERSION};

@@ -85,7 +85,11 @@ impl StateStore {
     }
 
     fn error(&self, action: &'static str) -> impl Fn(rusqlite::Error) -> ConnectorError + '_ {
-        move |source| ConnectorError::Sqlite { action, path: self.path.clone(), source }
+        move |source| ConnectorError::Sqlite {
+            action,
+            path: self.path.clone(),
+            source,
+        }
     }
 
     /// The next offset to read of every partition with a checkpoint.
@@ -101,7 +105,8 @@ impl StateStore {
         let rows = statement
             .query_map([], |row| Ok((row.get::<_, u32>(0)?, row.get::<_, u64>(1)?)))
             .map_err(self.error("read the checkpoint"))?;
-        rows.collect::<Result<_, _>>().map_err(self.error("read the checkpoint"))
+        rows.collect::<Result<_, _>>()
+            .map_err(self.error("read the checkpoint"))
     }
 
     /// Moves the checkpoint of each (partition, next offset) forward; an offset below the
@@ -112,7 +117,11 @@ impl StateStore {
     /// Fails if the store cannot be written; nothing is written then.
     pub fn advance_checkpoint(&mut self, offsets: &[(u32, u64)]) -> Result<(), ConnectorError> {
         let path = self.path.clone();
-        let error = move |source| ConnectorError::Sqlite { action: "advance the checkpoint", path: path.clone(), source };
+        let error = move |source| ConnectorError::Sqlite {
+            action: "advance the checkpoint",
+            path: path.clone(),
+            source,
+        };
         let transaction = self
             .connection
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -125,7 +134,9 @@ impl StateStore {
                 )
                 .map_err(&error)?;
             for (partition, offset) in offsets {
-                statement.execute(params![partition, offset]).map_err(&error)?;
+                statement
+                    .execute(params![partition, offset])
+                    .map_err(&error)?;
             }
         }
         transaction.commit().map_err(&error)
@@ -138,9 +149,18 @@ impl StateStore {
     /// # Errors
     ///
     /// Fails if the store cannot be written; nothing is written then.
-    pub fn commit(&mut self, writer: &str, batch: &DurableBatch, now_ms: Millis) -> Result<(), ConnectorError> {
+    pub fn commit(
+        &mut self,
+        writer: &str,
+        batch: &DurableBatch,
+        now_ms: Millis,
+    ) -> Result<(), ConnectorError> {
         let path = self.path.clone();
-        let error = move |source| ConnectorError::Sqlite { action: "write a batch", path: path.clone(), source };
+        let error = move |source| ConnectorError::Sqlite {
+            action: "write a batch",
+            path: path.clone(),
+            source,
+        };
         let transaction = self
             .connection
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -167,13 +187,16 @@ impl StateStore {
                 .map_err(&error)?;
             for row in &batch.rows {
                 if row.endpoint_id.is_none() {
-                    decide.execute(params![row.partition, row.offset, row.outcome, now_ms]).map_err(&error)?;
+                    decide
+                        .execute(params![row.partition, row.offset, row.outcome, now_ms])
+                        .map_err(&error)?;
                 }
-                let encoded = serde_json::to_string(row).map_err(|e| ConnectorError::CorruptState {
-                    path: self.path.clone(),
-                    what: "attempt row",
-                    detail: e.to_string(),
-                })?;
+                let encoded =
+                    serde_json::to_string(row).map_err(|e| ConnectorError::CorruptState {
+                        path: self.path.clone(),
+                        what: "attempt row",
+                        detail: e.to_string(),
+                    })?;
                 stage.execute(params![writer, encoded]).map_err(&error)?;
 
                 let terminal = row.outcome != Outcome::Failed.as_str();
@@ -181,10 +204,22 @@ impl StateStore {
                     (terminal, &row.tenant, &row.event_id, &row.endpoint_id)
                 {
                     journal
-                        .execute(params![tenant, event_id, endpoint_id, row.generation, row.outcome, now_ms])
+                        .execute(params![
+                            tenant,
+                            event_id,
+                            endpoint_id,
+                            row.generation,
+                            row.outcome,
+                            now_ms
+                        ])
                         .map_err(&error)?;
                     unpend
-                        .execute(params![row.partition, row.offset, endpoint_id, row.generation])
+                        .execute(params![
+                            row.partition,
+                            row.offset,
+                            endpoint_id,
+                            row.generation
+                        ])
                         .map_err(&error)?;
                 }
             }
@@ -198,11 +233,12 @@ impl StateStore {
                 )
                 .map_err(&error)?;
             for pending in &batch.pending {
-                let encoded = serde_json::to_string(pending).map_err(|e| ConnectorError::CorruptState {
-                    path: self.path.clone(),
-                    what: "pending delivery",
-                    detail: e.to_string(),
-                })?;
+                let encoded =
+                    serde_json::to_string(pending).map_err(|e| ConnectorError::CorruptState {
+                        path: self.path.clone(),
+                        what: "pending delivery",
+                        detail: e.to_string(),
+                    })?;
                 pend.execute(params![
                     pending.partition,
                     pending.offset,
@@ -222,8 +258,14 @@ impl StateStore {
                 )
                 .map_err(&error)?;
             for first in &batch.first_seen {
-                seen.execute(params![first.tenant, first.event_id, first.partition, first.offset, first.first_seen_ms])
-                    .map_err(&error)?;
+                seen.execute(params![
+                    first.tenant,
+                    first.event_id,
+                    first.partition,
+                    first.offset,
+                    first.first_seen_ms
+                ])
+                .map_err(&error)?;
             }
         }
         transaction.commit().map_err(&error)
@@ -234,7 +276,13 @@ impl StateStore {
     /// # Errors
     ///
     /// Fails if the store cannot be read.
-    pub fn is_journaled(&self, tenant: &str, event_id: &str, endpoint_id: &str, generation: u32) -> Result<bool, ConnectorError> {
+    pub fn is_journaled(
+        &self,
+        tenant: &str,
+        event_id: &str,
+        endpoint_id: &str,
+        generation: u32,
+    ) -> Result<bool, ConnectorError> {
         self.connection
             .prepare_cached(
                 "SELECT 1 FROM journal WHERE tenant = ?1 AND event_id = ?2 AND endpoint_id = ?3 AND generation = ?4",
@@ -252,7 +300,13 @@ impl StateStore {
     /// # Errors
     ///
     /// Fails if the store cannot be read.
-    pub fn is_pending(&self, partition: u32, offset: u64, endpoint_id: &str, generation: u32) -> Result<bool, ConnectorError> {
+    pub fn is_pending(
+        &self,
+        partition: u32,
+        offset: u64,
+        endpoint_id: &str,
+        generation: u32,
+    ) -> Result<bool, ConnectorError> {
         self.connection
             .prepare_cached(
                 "SELECT 1 FROM pending WHERE partition = ?1 AND offset = ?2 AND endpoint_id = ?3 AND generation = ?4",
@@ -273,7 +327,11 @@ impl StateStore {
     pub fn is_decided(&self, partition: u32, offset: u64) -> Result<bool, ConnectorError> {
         self.connection
             .prepare_cached("SELECT 1 FROM decided WHERE partition = ?1 AND offset = ?2")
-            .and_then(|mut statement| statement.query_row(params![partition, offset], |_| Ok(())).optional())
+            .and_then(|mut statement| {
+                statement
+                    .query_row(params![partition, offset], |_| Ok(()))
+                    .optional()
+            })
             .map(|found| found.is_some())
             .map_err(self.error("read decided records"))
     }
@@ -287,13 +345,18 @@ impl StateStore {
     pub fn ensure_workers(&mut self, workers: usize) -> Result<(), ConnectorError> {
         let stored: Option<String> = self
             .connection
-            .query_row("SELECT value FROM meta WHERE key = 'workers'", [], |row| row.get(0))
+            .query_row("SELECT value FROM meta WHERE key = 'workers'", [], |row| {
+                row.get(0)
+            })
             .optional()
             .map_err(self.error("read the worker count"))?;
         match stored {
             None => self
                 .connection
-                .execute("INSERT INTO meta (key, value) VALUES ('workers', ?1)", params![workers.to_string()])
+                .execute(
+                    "INSERT INTO meta (key, value) VALUES ('workers', ?1)",
+                    params![workers.to_string()],
+                )
                 .map(|_| ())
                 .map_err(self.error("record the worker count")),
             Some(value) if value == workers.to_string() => Ok(()),
@@ -319,7 +382,8 @@ impl StateStore {
         let rows = statement
             .query_map([], |row| Ok((row.get::<_, u32>(0)?, row.get::<_, u64>(1)?)))
             .map_err(self.error("read pending offsets"))?;
-        rows.collect::<Result<_, _>>().map_err(self.error("read pending offsets"))
+        rows.collect::<Result<_, _>>()
+            .map_err(self.error("read pending offsets"))
     }
 
     /// The number of pending deliveries.
@@ -394,7 +458,8 @@ impl StateStore {
                 })
             })
             .map_err(self.error("read first occurrences"))?;
-        rows.collect::<Result<_, _>>().map_err(self.error("read first occurrences"))
+        rows.collect::<Result<_, _>>()
+            .map_err(self.error("read first occurrences"))
     }
 
     /// Up to `limit` staged rows of `writer`, oldest first, with their sequence numbers.
@@ -402,24 +467,34 @@ impl StateStore {
     /// # Errors
     ///
     /// Fails if the store cannot be read or a row does not decode.
-    pub fn staged_rows(&self, writer: &str, limit: usize) -> Result<Vec<(u64, AttemptRow)>, ConnectorError> {
+    pub fn staged_rows(
+        &self,
+        writer: &str,
+        limit: usize,
+    ) -> Result<Vec<(u64, AttemptRow)>, ConnectorError> {
         let mut statement = self
             .connection
-            .prepare_cached("SELECT seq, row FROM staged_rows WHERE writer = ?1 ORDER BY seq LIMIT ?2")
+            .prepare_cached(
+                "SELECT seq, row FROM staged_rows WHERE writer = ?1 ORDER BY seq LIMIT ?2",
+            )
             .map_err(self.error("read staged rows"))?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = statement
-            .query_map(params![writer, limit], |row| Ok((row.get::<_, u64>(0)?, row.get::<_, String>(1)?)))
+            .query_map(params![writer, limit], |row| {
+                Ok((row.get::<_, u64>(0)?, row.get::<_, String>(1)?))
+            })
             .map_err(self.error("read staged rows"))?
             .collect::<Result<Vec<_>, _>>()
             .map_err(self.error("read staged rows"))?;
         rows.into_iter()
             .map(|(seq, row)| {
-                serde_json::from_str(&row).map(|row| (seq, row)).map_err(|e| ConnectorError::CorruptState {
-                    path: self.path.clone(),
-                    what: "staged attempt row",
-                    detail: e.to_string(),
-                })
+                serde_json::from_str(&row)
+                    .map(|row| (seq, row))
+                    .map_err(|e| ConnectorError::CorruptState {
+                        path: self.path.clone(),
+                        what: "staged attempt row",
+                        detail: e.to_string(),
+                    })
             })
             .collect()
     }
@@ -431,7 +506,11 @@ impl StateStore {
     /// Fails if the store cannot be read.
     pub fn staged_count(&self, writer: &str) -> Result<u64, ConnectorError> {
         self.connection
-            .query_row("SELECT count(*) FROM staged_rows WHERE writer = ?1", params![writer], |row| row.get(0))
+            .query_row(
+                "SELECT count(*) FROM staged_rows WHERE writer = ?1",
+                params![writer],
+                |row| row.get(0),
+            )
             .map_err(self.error("count staged rows"))
     }
 
@@ -443,7 +522,10 @@ impl StateStore {
     /// Fails if the store cannot be written.
     pub fn unstage(&mut self, writer: &str, first: u64, last: u64) -> Result<(), ConnectorError> {
         self.connection
-            .execute("DELETE FROM staged_rows WHERE writer = ?1 AND seq BETWEEN ?2 AND ?3", params![writer, first, last])
+            .execute(
+                "DELETE FROM staged_rows WHERE writer = ?1 AND seq BETWEEN ?2 AND ?3",
+                params![writer, first, last],
+            )
             .map(|_| ())
             .map_err(self.error("remove archived rows from staging"))
     }
@@ -454,15 +536,27 @@ impl StateStore {
     /// # Errors
     ///
     /// Fails if the store cannot be written.
-    pub fn prune(&mut self, journal_before_ms: Millis, first_seen_before_ms: Millis) -> Result<(), ConnectorError> {
+    pub fn prune(
+        &mut self,
+        journal_before_ms: Millis,
+        first_seen_before_ms: Millis,
+    ) -> Result<(), ConnectorError> {
         self.connection
-            .execute("DELETE FROM journal WHERE settled_at_ms < ?1", params![journal_before_ms])
+            .execute(
+                "DELETE FROM journal WHERE settled_at_ms < ?1",
+                params![journal_before_ms],
+            )
             .and_then(|_| {
-                self.connection.execute("DELETE FROM decided WHERE settled_at_ms < ?1", params![journal_before_ms])
+                self.connection.execute(
+                    "DELETE FROM decided WHERE settled_at_ms < ?1",
+                    params![journal_before_ms],
+                )
             })
             .and_then(|_| {
-                self.connection
-                    .execute("DELETE FROM first_seen WHERE first_seen_ms < ?1", params![first_seen_before_ms])
+                self.connection.execute(
+                    "DELETE FROM first_seen WHERE first_seen_ms < ?1",
+                    params![first_seen_before_ms],
+                )
             })
             .map(|_| ())
             .map_err(self.error("prune the journal and first occurrences"))
@@ -470,7 +564,13 @@ impl StateStore {
 }
 
 fn initialize(connection: &mut Connection, path: &Path) -> Result<(), ConnectorError> {
-    let error = |action| move |source| ConnectorError::Sqlite { action, path: path.to_path_buf(), source };
+    let error = |action| {
+        move |source| ConnectorError::Sqlite {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
     let transaction = connection
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(error("create the state tables"))?;
@@ -501,7 +601,11 @@ fn initialize(connection: &mut Connection, path: &Path) -> Result<(), ConnectorE
         )
         .map_err(error("create the state tables"))?;
     let version: Option<String> = transaction
-        .query_row("SELECT value FROM meta WHERE key = 'format_version'", [], |row| row.get(0))
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'format_version'",
+            [],
+            |row| row.get(0),
+        )
         .optional()
         .map_err(error("read the format version"))?;
     match version {
@@ -524,7 +628,9 @@ fn initialize(connection: &mut Connection, path: &Path) -> Result<(), ConnectorE
             }
         }
     }
-    transaction.commit().map_err(error("create the state tables"))
+    transaction
+        .commit()
+        .map_err(error("create the state tables"))
 }
 
 #[cfg(test)]
@@ -562,16 +668,29 @@ mod tests {
 
     #[test]
     fn journal_replaces_pending() -> Result<(), ConnectorError> {
-        let dir = tempfile::tempdir().map_err(|source| ConnectorError::Io { action: "create", path: PathBuf::new(), source })?;
+        let dir = tempfile::tempdir().map_err(|source| ConnectorError::Io {
+            action: "create",
+            path: PathBuf::new(),
+            source,
+        })?;
         let mut store = StateStore::open(dir.path())?;
-        let batch = DurableBatch { pending: vec![pending(7, "ep", 100)], ..DurableBatch::default() };
+        let batch = DurableBatch {
+            pending: vec![pending(7, "ep", 100)],
+            ..DurableBatch::default()
+        };
         store.commit("w0", &batch, 1)?;
         assert!(store.is_pending(0, 7, "ep", 0)?);
         assert_eq!(store.pending()?, vec![pending(7, "ep", 100)]);
 
-        let batch = DurableBatch { rows: vec![row("evt_7", "ep", Outcome::Delivered, 7)], ..DurableBatch::default() };
+        let batch = DurableBatch {
+            rows: vec![row("evt_7", "ep", Outcome::Delivered, 7)],
+            ..DurableBatch::default()
+        };
         store.commit("w0", &batch, 2)?;
-        assert!(!store.is_pending(0, 7, "ep", 0)?, "a journaled delivery is no longer pending");
+        assert!(
+            !store.is_pending(0, 7, "ep", 0)?,
+            "a journaled delivery is no longer pending"
+        );
         assert!(store.is_journaled("acme", "evt_7", "ep", 0)?);
         assert_eq!(store.staged_count("w0")?, 1);
         Ok(())
@@ -579,7 +698,11 @@ mod tests {
 
     #[test]
     fn failed_rows_are_not_journaled() -> Result<(), ConnectorError> {
-        let dir = tempfile::tempdir().map_err(|source| ConnectorError::Io { action: "create", path: PathBuf::new(), source })?;
+        let dir = tempfile::tempdir().map_err(|source| ConnectorError::Io {
+            action: "create",
+            path: PathBuf::new(),
+            source,
+        })?;
         let mut store = StateStore::open(dir.path())?;
         let batch = DurableBatch {
             rows: vec![row("evt_1", "ep", Outcome::Failed, 1)],
@@ -594,7 +717,11 @@ mod tests {
 
     #[test]
     fn checkpoint_only_moves_forward() -> Result<(), ConnectorError> {
-        let dir = tempfile::tempdir().map_err(|source| ConnectorError::Io { action: "create", path: PathBuf::new(), source })?;
+        let dir = tempfile::tempdir().map_err(|source| ConnectorError::Io {
+            action: "create",
+            path: PathBuf::new(),
+            source,
+        })?;
         let mut store = StateStore::open(dir.path())?;
         store.advance_checkpoint(&[(0, 10), (1, 3)])?;
         store.advance_checkpoint(&[(0, 4)])?;
@@ -602,19 +729,46 @@ mod tests {
         assert_eq!(checkpoint.get(&0), Some(&10));
         assert_eq!(checkpoint.get(&1), Some(&3));
         drop(store);
-        assert_eq!(StateStore::open(dir.path())?.checkpoint()?.get(&0), Some(&10), "survives reopening");
+        assert_eq!(
+            StateStore::open(dir.path())?.checkpoint()?.get(&0),
+            Some(&10),
+            "survives reopening"
+        );
         Ok(())
     }
 
     #[test]
     fn staging_round_trip() -> Result<(), ConnectorError> {
-        let dir = tempfile::tempdir().map_err(|source| ConnectorError::Io { action: "create", path: PathBuf::new(), source })?;
+        let dir = tempfile::tempdir().map_err(|source| ConnectorError::Io {
+            action: "create",
+            path: PathBuf::new(),
+            source,
+        })?;
         let mut store = StateStore::open(dir.path())?;
-        let rows: Vec<AttemptRow> = (0..5).map(|n| row(&format!("e{n}"), "ep", Outcome::Delivered, n)).collect();
-        store.commit("w0", &DurableBatch { rows: rows.clone(), ..DurableBatch::default() }, 1)?;
-        store.commit("w1", &DurableBatch { rows: rows[..1].to_vec(), ..DurableBatch::default() }, 1)?;
+        let rows: Vec<AttemptRow> = (0..5)
+            .map(|n| row(&format!("e{n}"), "ep", Outcome::Delivered, n))
+            .collect();
+        store.commit(
+            "w0",
+            &DurableBatch {
+                rows: rows.clone(),
+                ..DurableBatch::default()
+            },
+            1,
+        )?;
+        store.commit(
+            "w1",
+            &DurableBatch {
+                rows: rows[..1].to_vec(),
+                ..DurableBatch::default()
+            },
+            1,
+        )?;
         let staged = store.staged_rows("w0", 100)?;
-        assert_eq!(staged.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(), rows);
+        assert_eq!(
+            staged.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
+            rows
+        );
         let (first, last) = (staged[0].0, staged[2].0);
         store.unstage("w0", first, last)?;
         assert_eq!(store.staged_count("w0")?, 2);
@@ -624,11 +778,18 @@ mod tests {
 
     #[test]
     fn newer_format_is_refused() -> Result<(), ConnectorError> {
-        let dir = tempfile::tempdir().map_err(|source| ConnectorError::Io { action: "create", path: PathBuf::new(), source })?;
+        let dir = tempfile::tempdir().map_err(|source| ConnectorError::Io {
+            action: "create",
+            path: PathBuf::new(),
+            source,
+        })?;
         let store = StateStore::open(dir.path())?;
         store
             .connection
-            .execute("UPDATE meta SET value = '2' WHERE key = 'format_version'", [])
+            .execute(
+                "UPDATE meta SET value = '2' WHERE key = 'format_version'",
+                [],
+            )
             .map_err(store.error("test update"))?;
         drop(store);
         let Err(error) = StateStore::open(dir.path()) else {

@@ -88,7 +88,11 @@ impl DedupIndex {
         self.expiries.push_back((expires_at, key.clone()));
         self.first_seen.insert(
             key,
-            Seen { at_ms: first.first_seen_ms, partition: first.partition, offset: first.offset },
+            Seen {
+                at_ms: first.first_seen_ms,
+                partition: first.partition,
+                offset: first.offset,
+            },
         );
     }
 
@@ -151,7 +155,10 @@ impl<'scope> Dedup<'scope> for Stream<'scope, u64, Vec<IngestedEvent>> {
             // Restored in first-seen order, as `expiries` requires.
             let mut restored = config.restored;
             restored.sort_by_key(|first| first.first_seen_ms);
-            for first in restored.iter().filter(|first| first.tenant.hashed() % peers == index as u64) {
+            for first in restored
+                .iter()
+                .filter(|first| first.tenant.hashed() % peers == index as u64)
+            {
                 dedup.restore(first);
             }
             let mut index = dedup;

@@ -98,7 +98,10 @@ pub struct LocalLogConfig {
 
 impl Default for LocalLogConfig {
     fn default() -> Self {
-        LocalLogConfig { partitions: 4, retention_secs: 7 * 24 * 3600 }
+        LocalLogConfig {
+            partitions: 4,
+            retention_secs: 7 * 24 * 3600,
+        }
     }
 }
 

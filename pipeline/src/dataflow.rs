@@ -37,21 +37,21 @@ use hookflow_operators::route::{Route, Subscription};
 use hookflow_schemas::{
     decode_event, AttemptRow, Delivery, Endpoint, FirstSeen, IngestedEvent, SourceRecord,
 };
-use timely::dataflow::operators::vec::Map;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
+use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Concat, ConnectLoop, Feedback, OkErr, Probe};
 use timely::dataflow::Stream;
 
 use crate::config::Config;
 use crate::durable::{
-    maintain, persist, restore_pending, skip_decided_rows, skip_settled_deliveries, ArchivePolicy, Archiver, Durable,
-    ResumeBounds,
+    maintain, persist, restore_pending, skip_decided_rows, skip_settled_deliveries, ArchivePolicy,
+    Archiver, Durable, ResumeBounds,
 };
 use crate::source::{read_source, SourceControl, SourceOptions};
 
-/// What `run` needs besides the configuration.
+/// The inputs of `run` besides the configuration.
 #[derive(Clone)]
 pub struct RunOptions {
     /// The validated configuration.
@@ -66,7 +66,7 @@ pub struct RunOptions {
     pub stop: Arc<StopSignal>,
 }
 
-/// What a finished run reports.
+/// The report of a finished run.
 #[derive(Debug, Clone, Default)]
 pub struct RunReport {
     /// Events dropped as repeats of a (tenant, id) already seen.
@@ -195,7 +195,7 @@ struct WorkerShared {
     run_id: u64,
 }
 
-/// What one worker archived.
+/// The rows and files one worker archived.
 struct WorkerReport {
     rows_archived: u64,
     files: Vec<PathBuf>,
@@ -227,8 +227,12 @@ fn run_worker(
     // What earlier runs left: the checkpoint to resume reading from, the log end below which
     // re-read records must be checked against the journal, pending deliveries and first
     // occurrences.
-    let mut store = StateStore::open(&shared.data_dir)
-        .with_context(|| format!("cannot open the state store in {}", shared.data_dir.display()))?;
+    let mut store = StateStore::open(&shared.data_dir).with_context(|| {
+        format!(
+            "cannot open the state store in {}",
+            shared.data_dir.display()
+        )
+    })?;
     store.ensure_workers(peers)?;
     let checkpoint = store.checkpoint()?;
     let mut resume_bounds = ResumeBounds::new();
@@ -240,7 +244,11 @@ fn run_worker(
     }
     let dedup_window_ms = config.pipeline.dedup_window_secs.saturating_mul(1000);
     let restored_first_seen = store.first_seen_since(started_ms.saturating_sub(dedup_window_ms))?;
-    let restored_pending = if index == 0 { store.pending()? } else { Vec::new() };
+    let restored_pending = if index == 0 {
+        store.pending()?
+    } else {
+        Vec::new()
+    };
     let store = Rc::new(RefCell::new(store));
 
     let prefix = format!("w{index}");
@@ -253,15 +261,31 @@ fn run_worker(
         },
         shared.run_id,
     )
-    .with_context(|| format!("cannot open the archive in {}", shared.archive_dir.display()))?;
+    .with_context(|| {
+        format!(
+            "cannot open the archive in {}",
+            shared.archive_dir.display()
+        )
+    })?;
     let policy = ArchivePolicy {
         prefix,
         max_rows_per_file: config.archive.max_rows_per_file,
         max_file_age_ms: config.archive.max_file_age_secs.saturating_mul(1000),
         max_file_bytes: config.archive.max_file_bytes,
     };
-    let archiver = Archiver::new(store.clone(), writer, &shared.archive_dir, policy, started_ms)
-        .with_context(|| format!("cannot recover the archive in {}", shared.archive_dir.display()))?;
+    let archiver = Archiver::new(
+        store.clone(),
+        writer,
+        &shared.archive_dir,
+        policy,
+        started_ms,
+    )
+    .with_context(|| {
+        format!(
+            "cannot recover the archive in {}",
+            shared.archive_dir.display()
+        )
+    })?;
     let archiver = Rc::new(RefCell::new(archiver));
 
     let probe = ProbeHandle::new();
@@ -347,7 +371,13 @@ fn run_worker(
         retries.connect_loop(retry_handle);
 
         let durable = durable.concat(decided.map(Durable::Row)).concat(first_seen);
-        persist(durable, archiver.clone(), clock.clone(), unsynced_results.clone()).probe_with(&probe);
+        persist(
+            durable,
+            archiver.clone(),
+            clock.clone(),
+            unsynced_results.clone(),
+        )
+        .probe_with(&probe);
 
         input
     });
@@ -366,7 +396,11 @@ fn run_worker(
 
     // Worker 0 truncates the log and prunes the store for the whole data directory.
     let mut maintenance_log = if index == 0 { Some(open_log()?) } else { None };
-    let maintenance_every_ms = config.pipeline.maintenance_interval_secs.saturating_mul(1000).max(1);
+    let maintenance_every_ms = config
+        .pipeline
+        .maintenance_interval_secs
+        .saturating_mul(1000)
+        .max(1);
     let mut next_maintenance_ms = started_ms;
 
     let mut subscriptions = Some(subscriptions);
@@ -396,7 +430,10 @@ fn run_worker(
             if clock.now_ms().saturating_sub(since) > grace_ms {
                 // Requests still in flight are abandoned: their records stay below the
                 // checkpoint and are delivered again by the next run.
-                tracing::warn!(grace_secs = config.pipeline.shutdown_grace_secs, "Shutdown grace period over; abandoning requests in flight.");
+                tracing::warn!(
+                    grace_secs = config.pipeline.shutdown_grace_secs,
+                    "Shutdown grace period over; abandoning requests in flight."
+                );
                 abandoned = true;
                 break;
             }
@@ -406,27 +443,46 @@ fn run_worker(
         }
     }
 
-    if let Err(error) = control.progress.borrow_mut().write_checkpoint(&mut store.borrow_mut(), &probe, !abandoned) {
+    if let Err(error) =
+        control
+            .progress
+            .borrow_mut()
+            .write_checkpoint(&mut store.borrow_mut(), &probe, !abandoned)
+    {
         tracing::error!(error = %format!("{error:#}"), "Writing the final checkpoint failed; the next run re-reads from the last one.");
     }
     let mut archiver = archiver.borrow_mut();
-    archiver
-        .flush(clock.now_ms(), true)
-        .with_context(|| format!("cannot complete the archive files in {}", shared.archive_dir.display()))?;
+    archiver.flush(clock.now_ms(), true).with_context(|| {
+        format!(
+            "cannot complete the archive files in {}",
+            shared.archive_dir.display()
+        )
+    })?;
     if control.failed.get() {
         anyhow::bail!("reading the local log failed (see the log above)");
     }
-    Ok(WorkerReport { rows_archived: archiver.writer.rows_written(), files: std::mem::take(&mut archiver.files) })
+    Ok(WorkerReport {
+        rows_archived: archiver.writer.rows_written(),
+        files: std::mem::take(&mut archiver.files),
+    })
 }
 
-/// One maintenance pass, logged; a failure is logged and retried at the next pass.
+/// Runs one maintenance pass and logs its result; a failure is logged and retried at the next
+/// pass.
 fn run_maintenance(log: &mut LocalLog, store: &mut StateStore, config: &Config, now_ms: u64) {
     let retention_ms = config.local_log.retention_secs.saturating_mul(1000);
     let dedup_window_ms = config.pipeline.dedup_window_secs.saturating_mul(1000);
     // A re-read record can only be one above the checkpoint, at most the maximum event age
     // old; the journal keeps a dedup window beyond that too.
     let keep_state_ms = dedup_window_ms.max(config.retry.max_event_age_secs.saturating_mul(1000));
-    match maintain(log, store, retention_ms, keep_state_ms, dedup_window_ms, now_ms) {
+    match maintain(
+        log,
+        store,
+        retention_ms,
+        keep_state_ms,
+        dedup_window_ms,
+        now_ms,
+    ) {
         Ok(done) => tracing::info!(
             truncated_records = done.truncated,
             log_bytes = done.log_bytes,

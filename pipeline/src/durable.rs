@@ -25,7 +25,7 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::{Scope, Stream};
 
-/// What the durable sink writes.
+/// A record for the durable sink.
 // Rows are the largest and most frequent variant; boxing them would allocate per attempt.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -41,7 +41,7 @@ pub enum Durable {
 /// The first and longest wait between retries of a failed write, in ms.
 const WRITE_RETRY_MS: (u64, u64) = (100, 5_000);
 
-/// How the archiver completes files.
+/// The limits at which the archiver completes a file.
 #[derive(Debug, Clone)]
 pub struct ArchivePolicy {
     /// The archive writer's prefix, which is also the staging writer name.
@@ -85,7 +85,13 @@ impl Archiver {
         for (first, last) in staged_ranges(archive_dir, &policy.prefix)? {
             store.borrow_mut().unstage(&policy.prefix, first, last)?;
         }
-        Ok(Archiver { store, writer, policy, last_flush_ms: now_ms, files: Vec::new() })
+        Ok(Archiver {
+            store,
+            writer,
+            policy,
+            last_flush_ms: now_ms,
+            files: Vec::new(),
+        })
     }
 
     /// Moves staged rows into complete Parquet files when a file's worth is staged, when the
@@ -104,7 +110,10 @@ impl Archiver {
             if staged == 0 || !(due || full) {
                 break;
             }
-            let mut rows = self.store.borrow().staged_rows(&self.policy.prefix, max_rows)?;
+            let mut rows = self
+                .store
+                .borrow()
+                .staged_rows(&self.policy.prefix, max_rows)?;
             let mut bytes = 0u64;
             let within = rows
                 .iter()
@@ -114,11 +123,15 @@ impl Archiver {
                 })
                 .count();
             rows.truncate(within.max(1));
-            let (Some((first, _)), Some((last, _))) = (rows.first(), rows.last()) else { break };
+            let (Some((first, _)), Some((last, _))) = (rows.first(), rows.last()) else {
+                break;
+            };
             let (first, last) = (*first, *last);
             let rows: Vec<AttemptRow> = rows.into_iter().map(|(_, row)| row).collect();
             let files = self.writer.write_staged(first, last, &rows, now_ms)?;
-            self.store.borrow_mut().unstage(&self.policy.prefix, first, last)?;
+            self.store
+                .borrow_mut()
+                .unstage(&self.policy.prefix, first, last)?;
             self.files.extend(files);
             if !due && rows.len() < max_rows && bytes <= self.policy.max_file_bytes {
                 break;
@@ -131,7 +144,7 @@ impl Archiver {
     }
 }
 
-/// A row's uncompressed size, roughly: its text plus a fixed share for the other columns.
+/// Estimates a row's uncompressed size: its text plus a fixed share for the other columns.
 fn estimated_bytes(row: &AttemptRow) -> u64 {
     let text = [
         &row.event_id,
@@ -151,7 +164,7 @@ fn estimated_bytes(row: &AttemptRow) -> u64 {
 
 /// Writes `records` to the state store, one transaction per activation, and moves staged
 /// rows into Parquet files as they accumulate. Its output carries no data: a probe on it
-/// tells which times are durable.
+/// shows which times are durable.
 pub fn persist<'scope>(
     records: Stream<'scope, u64, Vec<Durable>>,
     archiver: Rc<RefCell<Archiver>>,
@@ -254,7 +267,9 @@ pub fn skip_settled_deliveries<'scope>(
                 let mut session = output.session(&capability);
                 for delivery in containers.flat_map(|container| container.drain(..)) {
                     let ingested = &delivery.ingested;
-                    let below = bounds.get(&ingested.partition).is_some_and(|end| ingested.offset < *end);
+                    let below = bounds
+                        .get(&ingested.partition)
+                        .is_some_and(|end| ingested.offset < *end);
                     if below && already_handled(&store.borrow(), &delivery) {
                         continue;
                     }
@@ -267,7 +282,12 @@ pub fn skip_settled_deliveries<'scope>(
 
 fn already_handled(store: &StateStore, delivery: &Delivery) -> bool {
     let event = &delivery.ingested.event;
-    let journaled = store.is_journaled(&event.tenant, &event.id, &delivery.endpoint_id, delivery.generation);
+    let journaled = store.is_journaled(
+        &event.tenant,
+        &event.id,
+        &delivery.endpoint_id,
+        delivery.generation,
+    );
     let pending = store.is_pending(
         delivery.ingested.partition,
         delivery.ingested.offset,
@@ -296,8 +316,15 @@ pub fn skip_decided_rows<'scope>(
             input.for_each_stamp(|capability, containers| {
                 let mut session = output.session(&capability);
                 for row in containers.flat_map(|container| container.drain(..)) {
-                    let below = bounds.get(&row.partition).is_some_and(|end| row.offset < *end);
-                    if below && store.borrow().is_decided(row.partition, row.offset).unwrap_or(false) {
+                    let below = bounds
+                        .get(&row.partition)
+                        .is_some_and(|end| row.offset < *end);
+                    if below
+                        && store
+                            .borrow()
+                            .is_decided(row.partition, row.offset)
+                            .unwrap_or(false)
+                    {
                         continue;
                     }
                     session.give(row);
@@ -320,7 +347,9 @@ pub fn restore_pending<'scope>(
         let mut capability = Some(capability);
         let mut pending = Some(pending);
         move |output| {
-            let (Some(capability), Some(pending)) = (capability.take(), pending.take()) else { return };
+            let (Some(capability), Some(pending)) = (capability.take(), pending.take()) else {
+                return;
+            };
             if !emit {
                 return;
             }
@@ -336,7 +365,7 @@ pub fn restore_pending<'scope>(
     })
 }
 
-/// What one maintenance pass did.
+/// The result of one maintenance pass.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Maintenance {
     /// Log records deleted past their retention.
@@ -371,10 +400,15 @@ pub fn maintain(
     let mut truncated = 0;
     for partition in 0..log.partitions() {
         let settled = checkpoint.get(&partition).copied().unwrap_or(0);
-        let below = pending.get(&partition).map_or(settled, |oldest| settled.min(*oldest));
+        let below = pending
+            .get(&partition)
+            .map_or(settled, |oldest| settled.min(*oldest));
         truncated += log.truncate(partition, below, cutoff)?;
     }
-    store.prune(now_ms.saturating_sub(keep_state_ms), now_ms.saturating_sub(dedup_window_ms))?;
+    store.prune(
+        now_ms.saturating_sub(keep_state_ms),
+        now_ms.saturating_sub(dedup_window_ms),
+    )?;
     Ok(Maintenance {
         truncated,
         log_bytes: log.disk_bytes(),

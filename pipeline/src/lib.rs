@@ -10,8 +10,8 @@
 
 pub mod config;
 pub mod dataflow;
-pub mod durable;
 pub mod demo;
+pub mod durable;
 pub mod publish;
 pub mod receiver;
 pub mod source;

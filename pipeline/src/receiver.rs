@@ -31,14 +31,14 @@ pub enum Behaviour {
     Seeded {
         /// Seed of the failure counts.
         seed: u64,
-        /// The most failures of one webhook id.
+        /// Maximum failures of one webhook id.
         max_failures: u32,
         /// The failure status.
         status: u16,
     },
 }
 
-/// The number of failures [`Behaviour::Seeded`] answers to `webhook_id` on `path`.
+/// Computes how many failures [`Behaviour::Seeded`] returns to `webhook_id` on `path`.
 pub fn seeded_failures(seed: u64, max_failures: u32, path: &str, webhook_id: &str) -> u32 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
     for byte in path.bytes().chain([0xff]).chain(webhook_id.bytes()) {
@@ -174,7 +174,9 @@ impl Drop for Receiver {
 /// included.
 fn count_request(state: &ReceiverState, path: &str, webhook_id: &str) -> u32 {
     let mut seen = state.seen.lock().unwrap_or_else(|e| e.into_inner());
-    let count = seen.entry((path.to_string(), webhook_id.to_string())).or_insert(0);
+    let count = seen
+        .entry((path.to_string(), webhook_id.to_string()))
+        .or_insert(0);
     *count += 1;
     *count
 }
@@ -207,7 +209,11 @@ async fn receive(
                 200
             }
         }
-        Some(Behaviour::Seeded { seed, max_failures, status }) => {
+        Some(Behaviour::Seeded {
+            seed,
+            max_failures,
+            status,
+        }) => {
             let count = count_request(&state, &path, &webhook_id);
             if count <= seeded_failures(*seed, *max_failures, &path, &webhook_id) {
                 *status

@@ -128,23 +128,31 @@ pub fn read_source<'scope>(
     control: SourceControl,
 ) -> Stream<'scope, u64, Vec<SourceRecord>> {
     let (index, peers) = (scope.index(), scope.peers());
-    let owned: Vec<u32> = (0..log.partitions()).filter(|p| *p as usize % peers == index).collect();
+    let owned: Vec<u32> = (0..log.partitions())
+        .filter(|p| *p as usize % peers == index)
+        .collect();
 
     source(scope, "Source", move |capability, info| {
         let activator = scope.activator_for(info.address);
         let mut capability = Some(capability);
         // Next offset to read, per owned partition.
-        let mut next: Vec<(u32, u64)> =
-            owned.iter().map(|p| (*p, start.get(p).copied().unwrap_or(0))).collect();
+        let mut next: Vec<(u32, u64)> = owned
+            .iter()
+            .map(|p| (*p, start.get(p).copied().unwrap_or(0)))
+            .collect();
         // Records per entry of `progress.in_dataflow`, in the same order.
         let mut batch_sizes: VecDeque<usize> = VecDeque::new();
         let mut last_checkpoint = Instant::now();
 
         move |output| {
-            let Some(cap) = capability.as_mut() else { return };
+            let Some(cap) = capability.as_mut() else {
+                return;
+            };
             let mut progress = control.progress.borrow_mut();
             progress.settle(&probe, &mut batch_sizes);
-            if last_checkpoint.elapsed() >= options.checkpoint_interval && !progress.settled.is_empty() {
+            if last_checkpoint.elapsed() >= options.checkpoint_interval
+                && !progress.settled.is_empty()
+            {
                 match progress.write_checkpoint(&mut store.borrow_mut(), &probe, false) {
                     Ok(()) => last_checkpoint = Instant::now(),
                     Err(error) => tracing::error!(

@@ -95,6 +95,18 @@ impl Fixture {
         output
     }
 
+    /// Starts `hookflow run` without `--until-idle`; stop it with [`terminate`].
+    fn spawn_run(&self, config: &Path) -> Child {
+        hookflow()
+            .args(["run", "--config"])
+            .arg(config)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start hookflow run")
+    }
+
     fn rows(&self) -> Vec<AttemptRow> {
         read_attempts(&self.archive_dir()).expect("archive reads back")
     }
@@ -288,14 +300,7 @@ fn publish_while_running() {
         .collect();
     assert!(fixture.publish(&first, false).status.success());
 
-    let mut child = hookflow()
-        .args(["run", "--config"])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(fixture.data_dir())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start hookflow run");
+    let mut child = fixture.spawn_run(&config);
 
     let second: Vec<String> = (50..150)
         .map(|n| event("acme", &format!("evt_{n:03}"), "t.a", "{}"))
@@ -509,7 +514,10 @@ fn retries_exhausted_dead_letter() {
 fn stop_leaves_retry_pending_for_restart() {
     let fixture = Fixture::new(HashMap::from([(
         "/flaky".to_string(),
-        Behaviour::FailFirst { failures: 1, status: 500 },
+        Behaviour::FailFirst {
+            failures: 1,
+            status: 500,
+        },
     )]));
     let config = fixture.write_config_with(
         &[("ep_flaky", "acme", "/flaky", r#"["*"]"#)],
@@ -519,33 +527,44 @@ fn stop_leaves_retry_pending_for_restart() {
     let lines = vec![event("acme", "evt_pending", "charge.failed", r#"{"n":1}"#)];
     assert!(fixture.publish(&lines, false).status.success());
 
-    let mut child = hookflow()
-        .args(["run", "--config"])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(fixture.data_dir())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start hookflow run");
-    let attempted = wait_for(Duration::from_secs(20), || !fixture.receiver.requests().is_empty());
+    let mut child = fixture.spawn_run(&config);
+    let attempted = wait_for(Duration::from_secs(20), || {
+        !fixture.receiver.requests().is_empty()
+    });
     let stopped_at = Instant::now();
     let log = terminate(&mut child);
     assert!(attempted, "the first attempt never arrived");
-    assert!(stopped_at.elapsed() < Duration::from_secs(10), "the stop waited for the retry: {log}");
-    assert_eq!(fixture.receiver.requests().len(), 1, "the retry is not due before the stop");
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(10),
+        "the stop waited for the retry: {log}"
+    );
+    assert_eq!(
+        fixture.receiver.requests().len(),
+        1,
+        "the retry is not due before the stop"
+    );
 
     // The next run resumes the pending retry at its due time instead of starting over.
     fixture.run_until_idle(&config);
     let requests = fixture.receiver.requests_to("/flaky");
     let statuses: Vec<u16> = requests.iter().map(|r| r.status).collect();
     assert_eq!(statuses, [500, 200]);
-    assert_eq!(requests[1].body, br#"{"n":1}"#, "the payload is read back from the log");
+    assert_eq!(
+        requests[1].body, br#"{"n":1}"#,
+        "the payload is read back from the log"
+    );
     let gap = requests[1].received_at_ms - requests[0].received_at_ms;
-    assert!(gap >= 1_400, "the retry came {gap} ms after the failure, before it was due");
+    assert!(
+        gap >= 1_400,
+        "the retry came {gap} ms after the failure, before it was due"
+    );
 
     let mut rows = fixture.rows();
     rows.sort_by_key(|r| r.attempt);
-    let summary: Vec<(u32, &str)> = rows.iter().map(|r| (r.attempt, r.outcome.as_str())).collect();
+    let summary: Vec<(u32, &str)> = rows
+        .iter()
+        .map(|r| (r.attempt, r.outcome.as_str()))
+        .collect();
     assert_eq!(summary, [(1, "failed"), (2, "delivered")]);
 }
 
@@ -564,19 +583,33 @@ fn restart_does_not_deliver_again() {
     let repeat: Vec<String> = vec![event("acme", "evt_000", "t.a", r#"{"again":true}"#)];
     assert!(fixture.publish(&repeat, false).status.success());
     fixture.run_until_idle(&config);
-    assert_eq!(fixture.receiver.requests().len(), 40, "a restart re-delivers nothing");
+    assert_eq!(
+        fixture.receiver.requests().len(),
+        40,
+        "a restart re-delivers nothing"
+    );
     let outcomes = outcomes(&fixture.rows());
     assert_eq!(outcomes.get("delivered"), Some(&40));
-    assert_eq!(outcomes.get("invalid"), Some(&1), "the invalid record is archived once");
+    assert_eq!(
+        outcomes.get("invalid"),
+        Some(&1),
+        "the invalid record is archived once"
+    );
 }
 
 #[test]
 fn retention_truncates_settled_records_only() {
-    let fixture = Fixture::new(HashMap::from([("/down".to_string(), Behaviour::Status(500))]));
+    let fixture = Fixture::new(HashMap::from([(
+        "/down".to_string(),
+        Behaviour::Status(500),
+    )]));
     let tables = "[local_log]\npartitions = 1\nretention_secs = 0\n\
                   [retry]\nschedule_ms = [600000]\n";
     let config = fixture.write_config_with(
-        &[("ep_ok", "acme", "/ok", r#"["ok.*"]"#), ("ep_down", "acme", "/down", r#"["down.*"]"#)],
+        &[
+            ("ep_ok", "acme", "/ok", r#"["ok.*"]"#),
+            ("ep_down", "acme", "/down", r#"["down.*"]"#),
+        ],
         tables,
         "",
     );
@@ -597,28 +630,18 @@ fn retention_truncates_settled_records_only() {
     assert!(output.status.success(), "{}", stderr(&output));
 
     // First run: evt_2 fails and stays pending for ten minutes; the run is stopped.
-    let mut child = hookflow()
-        .args(["run", "--config"])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(fixture.data_dir())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start hookflow run");
-    assert!(wait_for(Duration::from_secs(20), || fixture.receiver.requests().len() >= 3));
+    let mut child = fixture.spawn_run(&config);
+    assert!(wait_for(Duration::from_secs(20), || fixture
+        .receiver
+        .requests()
+        .len()
+        >= 3));
     std::thread::sleep(Duration::from_millis(300));
     let _ = terminate(&mut child);
 
     // Second run: maintenance at start deletes what is settled and older than the retention
     // (zero here), but keeps evt_2's record, which the pending retry still needs.
-    let mut child = hookflow()
-        .args(["run", "--config"])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(fixture.data_dir())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start hookflow run");
+    let mut child = fixture.spawn_run(&config);
     std::thread::sleep(Duration::from_millis(800));
     let _ = terminate(&mut child);
 
@@ -632,15 +655,26 @@ fn retention_truncates_settled_records_only() {
         .iter()
         .map(|record| record.offset)
         .collect();
-    assert_eq!(left, [1, 2], "evt_1 is truncated; evt_2 is pending and evt_3 is above it");
-    assert_eq!(fixture.receiver.requests().len(), 3, "nothing was delivered twice");
+    assert_eq!(
+        left,
+        [1, 2],
+        "evt_1 is truncated; evt_2 is pending and evt_3 is above it"
+    );
+    assert_eq!(
+        fixture.receiver.requests().len(),
+        3,
+        "nothing was delivered twice"
+    );
 }
 
 #[test]
 fn payload_gone_is_dead_lettered() {
     let fixture = Fixture::new(HashMap::from([(
         "/flaky".to_string(),
-        Behaviour::FailFirst { failures: 1, status: 500 },
+        Behaviour::FailFirst {
+            failures: 1,
+            status: 500,
+        },
     )]));
     let config = fixture.write_config_with(
         &[("ep_flaky", "acme", "/flaky", r#"["*"]"#)],
@@ -657,15 +691,11 @@ fn payload_gone_is_dead_lettered() {
         .expect("publish");
     assert!(output.status.success());
 
-    let mut child = hookflow()
-        .args(["run", "--config"])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(fixture.data_dir())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start hookflow run");
-    assert!(wait_for(Duration::from_secs(20), || !fixture.receiver.requests().is_empty()));
+    let mut child = fixture.spawn_run(&config);
+    assert!(wait_for(Duration::from_secs(20), || !fixture
+        .receiver
+        .requests()
+        .is_empty()));
     let _ = terminate(&mut child);
 
     // The record disappears before its retry is due, as a stream's own retention would do.
@@ -678,7 +708,11 @@ fn payload_gone_is_dead_lettered() {
     drop(log);
 
     fixture.run_until_idle(&config);
-    assert_eq!(fixture.receiver.requests().len(), 1, "the retry is never sent");
+    assert_eq!(
+        fixture.receiver.requests().len(),
+        1,
+        "the retry is never sent"
+    );
     let mut rows = fixture.rows();
     rows.sort_by_key(|r| r.finished_at_ms);
     let last = rows.last().expect("rows");
@@ -690,12 +724,17 @@ fn payload_gone_is_dead_lettered() {
 fn archive_fault_keeps_rows_staged() {
     let fixture = Fixture::new(HashMap::new());
     let config = fixture.write_config(&[("ep_a", "acme", "/a", r#"["*"]"#)]);
-    let lines: Vec<String> = (0..5).map(|n| event("acme", &format!("evt_{n}"), "a.b", "{}")).collect();
+    let lines: Vec<String> = (0..5)
+        .map(|n| event("acme", &format!("evt_{n}"), "a.b", "{}"))
+        .collect();
     assert!(fixture.publish(&lines, false).status.success());
 
     // A file stands where today's `date=` directory must be created.
     let format = time::macros::format_description!("[year]-[month]-[day]");
-    let today = time::OffsetDateTime::now_utc().date().format(&format).expect("date");
+    let today = time::OffsetDateTime::now_utc()
+        .date()
+        .format(&format)
+        .expect("date");
     let blocker = fixture.archive_dir().join(format!("date={today}"));
     std::fs::create_dir_all(fixture.archive_dir()).expect("archive dir");
     std::fs::write(&blocker, "not a directory").expect("blocking file");
@@ -707,23 +746,39 @@ fn archive_fault_keeps_rows_staged() {
         .arg(fixture.data_dir())
         .output()
         .expect("run hookflow");
-    assert!(!output.status.success(), "the archive could not be completed");
+    assert!(
+        !output.status.success(),
+        "the archive could not be completed"
+    );
     let log = stderr(&output);
-    assert!(log.contains(&format!("date={today}")), "the error names the path: {log}");
+    assert!(
+        log.contains(&format!("date={today}")),
+        "the error names the path: {log}"
+    );
     assert_eq!(fixture.receiver.requests().len(), 5);
 
     // Once the fault is gone, the next run writes the staged rows and delivers nothing again.
     std::fs::remove_file(&blocker).expect("remove blocking file");
     fixture.run_until_idle(&config);
-    assert_eq!(fixture.receiver.requests().len(), 5, "nothing delivered twice");
-    assert_eq!(outcomes(&fixture.rows()), BTreeMap::from([("delivered".to_string(), 5)]));
+    assert_eq!(
+        fixture.receiver.requests().len(),
+        5,
+        "nothing delivered twice"
+    );
+    assert_eq!(
+        outcomes(&fixture.rows()),
+        BTreeMap::from([("delivered".to_string(), 5)])
+    );
 }
 
 #[test]
 fn state_store_fault_fails_fast() {
     let fixture = Fixture::new(HashMap::new());
     let config = fixture.write_config(&[("ep_a", "acme", "/a", r#"["*"]"#)]);
-    assert!(fixture.publish(&[event("acme", "evt_1", "a.b", "{}")], false).status.success());
+    assert!(fixture
+        .publish(&[event("acme", "evt_1", "a.b", "{}")], false)
+        .status
+        .success());
     std::fs::write(fixture.data_dir().join("state"), "not a directory").expect("blocking file");
 
     let output = hookflow()
@@ -736,8 +791,14 @@ fn state_store_fault_fails_fast() {
     assert!(!output.status.success());
     let log = stderr(&output);
     assert!(log.contains("state store"), "{log}");
-    assert!(log.contains(&fixture.data_dir().join("state").display().to_string()), "{log}");
-    assert!(fixture.receiver.requests().is_empty(), "nothing is sent without a state store");
+    assert!(
+        log.contains(&fixture.data_dir().join("state").display().to_string()),
+        "{log}"
+    );
+    assert!(
+        fixture.receiver.requests().is_empty(),
+        "nothing is sent without a state store"
+    );
 }
 
 #[test]

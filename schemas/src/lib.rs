@@ -18,8 +18,8 @@ pub use attempt::{
 };
 pub use endpoint::{Endpoint, EventTypePattern, PatternError, RateLimit};
 pub use event::{
-    decode_event, DecodeError, Delivery, Event, FirstSeen, IngestedEvent, PendingDelivery, SourceRecord,
-    DEFAULT_MAX_PAYLOAD_BYTES,
+    decode_event, DecodeError, Delivery, Event, FirstSeen, IngestedEvent, PendingDelivery,
+    SourceRecord, DEFAULT_MAX_PAYLOAD_BYTES,
 };
 
 /// Milliseconds since the Unix epoch, UTC. Dataflow timestamps use the same unit.

@@ -223,12 +223,18 @@ fn archive_rolls_files_by_size() {
     let endpoints = [("e0", "t0", receiver.url("/a"), r#"["*"]"#)];
     let config = config_text(&endpoints, "[archive]\nmax_file_bytes = 2000\n");
     let dir = tempfile::tempdir().expect("temporary directory");
-    let lines: Vec<String> = (0..60).map(|n| event_line("t0", &format!("evt_{n}"), "a.b", "{}")).collect();
+    let lines: Vec<String> = (0..60)
+        .map(|n| event_line("t0", &format!("evt_{n}"), "a.b", "{}"))
+        .collect();
     publish_lines(dir.path(), &lines, false).expect("publish");
     let report = run_until_idle(dir.path(), &config, 1).expect("pipeline run");
 
     let files = hookflow_connectors::list_archive_files(&report.archive_dir).expect("list archive");
-    assert!(files.len() >= 3, "60 rows of about 200 bytes in 2000-byte files: {} files", files.len());
+    assert!(
+        files.len() >= 3,
+        "60 rows of about 200 bytes in 2000-byte files: {} files",
+        files.len()
+    );
     let rows = read_attempts(&report.archive_dir).expect("archive");
     assert_eq!(rows.len(), 60, "every row is in exactly one file");
 }

@@ -24,7 +24,8 @@ pub use operator::{
     ENDPOINT_DISABLED, HOLD_REFRESH_MS,
 };
 pub use result::{
-    classify, contacted_endpoint, dead_letter_row, is_retryable, AttemptResult, Observation, Verdict,
+    classify, contacted_endpoint, dead_letter_row, is_retryable, AttemptResult, Observation,
+    Verdict,
 };
 pub use signature::{sign, signature_header, SECRET_PREFIX};
 

@@ -55,7 +55,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 
-use hookflow_schemas::{AttemptRow, Delivery, Endpoint, ErrorKind, Millis, Outcome, PendingDelivery};
+use hookflow_schemas::{
+    AttemptRow, Delivery, Endpoint, ErrorKind, Millis, Outcome, PendingDelivery,
+};
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
@@ -117,7 +119,7 @@ pub struct DeliverContext {
     pub endpoints: Arc<HashMap<String, Endpoint>>,
     /// The source of "now", and the owner of waiting.
     pub clock: Arc<dyn Clock>,
-    /// The most requests in flight per worker, over all endpoints. Default 256.
+    /// Maximum requests in flight per worker, over all endpoints. Default 256.
     pub max_in_flight_total: usize,
     /// When failed deliveries are attempted again.
     pub retry: RetryPolicy,
@@ -199,7 +201,9 @@ impl<'scope> Deliver<'scope> for Stream<'scope, u64, Vec<Delivery>> {
                 let port = output.output_index();
 
                 input.for_each_stamp(|capability, containers| {
-                    let Some(time) = capability.least().copied() else { return };
+                    let Some(time) = capability.least().copied() else {
+                        return;
+                    };
                     let held = capability.delayed(&time, port);
                     for container in containers {
                         for delivery in container.drain(..) {
@@ -355,7 +359,10 @@ impl DeliverState {
             Some(endpoint) => {
                 // TODO: park the delivery (stored without a due time, resumed on re-enable)
                 // instead of dead-lettering it.
-                let message = format!("endpoint `{}` is disabled; the delivery was not attempted", endpoint.id);
+                let message = format!(
+                    "endpoint `{}` is disabled; the delivery was not attempted",
+                    endpoint.id
+                );
                 let row = dead_letter_row(&delivery, due_at_ms, now, ENDPOINT_DISABLED, message);
                 self.emitted.push((held.clone(), Attempted::Row(row)));
                 return;
@@ -367,7 +374,10 @@ impl DeliverState {
                         "Deliveries name an endpoint missing from the directory; dead-lettering them."
                     );
                 }
-                let message = format!("endpoint `{}` is not configured on this pipeline", delivery.endpoint_id);
+                let message = format!(
+                    "endpoint `{}` is not configured on this pipeline",
+                    delivery.endpoint_id
+                );
                 let kind = ErrorKind::UnknownEndpoint.as_str();
                 let row = dead_letter_row(&delivery, due_at_ms, now, kind, message);
                 self.emitted.push((held.clone(), Attempted::Row(row)));
@@ -376,23 +386,34 @@ impl DeliverState {
         };
 
         let rate_limit = endpoint.rate_limit;
-        let state = self.endpoints.entry(delivery.endpoint_id.clone()).or_default();
+        let state = self
+            .endpoints
+            .entry(delivery.endpoint_id.clone())
+            .or_default();
         let slot_ms = match (rate_limit, state.limiter.as_mut()) {
             (Some(_), Some(limiter)) => limiter.reserve(due_at_ms),
-            (Some(limit), None) => state.limiter.insert(WindowLimiter::new(limit)).reserve(due_at_ms),
+            (Some(limit), None) => state
+                .limiter
+                .insert(WindowLimiter::new(limit))
+                .reserve(due_at_ms),
             (None, _) => due_at_ms,
         };
 
         if slot_ms > now {
             let pending = PendingDelivery::from_delivery(&delivery, slot_ms);
-            self.emitted.push((held.clone(), Attempted::Pending(pending)));
+            self.emitted
+                .push((held.clone(), Attempted::Pending(pending)));
             let (_, scheduled) = self
                 .scheduled
                 .entry(slot_ms)
                 .or_insert_with(|| (held.delayed(&slot_ms), Vec::new()));
             scheduled.push((slot_ms, delivery));
         } else {
-            self.enqueue(Waiting { slot_ms, delivery, held: Some(held.clone()) });
+            self.enqueue(Waiting {
+                slot_ms,
+                delivery,
+                held: Some(held.clone()),
+            });
         }
     }
 
@@ -410,7 +431,10 @@ impl DeliverState {
     }
 
     fn in_flight_limit(&self, endpoint_id: &str) -> usize {
-        self.context.endpoints.get(endpoint_id).map_or(1, |endpoint| endpoint.max_in_flight.max(1))
+        self.context
+            .endpoints
+            .get(endpoint_id)
+            .map_or(1, |endpoint| endpoint.max_in_flight.max(1))
     }
 
     /// Makes sure `current` exists, from `held` (whose time is at or before `now`).
@@ -429,7 +453,11 @@ impl DeliverState {
             let (capability, deliveries) = entry.remove();
             self.hold_current(&capability, now);
             for (slot_ms, delivery) in deliveries {
-                self.enqueue(Waiting { slot_ms, delivery, held: None });
+                self.enqueue(Waiting {
+                    slot_ms,
+                    delivery,
+                    held: None,
+                });
             }
         }
     }
@@ -438,9 +466,19 @@ impl DeliverState {
     /// entry and the retry itself.
     fn collect_completions(&mut self, now: Millis) {
         while let Ok(Completion { ticket, row }) = self.receiver.try_recv() {
-            self.context.requests_in_flight.fetch_sub(1, Ordering::SeqCst);
-            let Some(InFlight { endpoint_id, delivery, capability }) = self.in_flight.remove(&ticket) else {
-                tracing::error!(ticket, "A request finished that the operator did not start.");
+            self.context
+                .requests_in_flight
+                .fetch_sub(1, Ordering::SeqCst);
+            let Some(InFlight {
+                endpoint_id,
+                delivery,
+                capability,
+            }) = self.in_flight.remove(&ticket)
+            else {
+                tracing::error!(
+                    ticket,
+                    "A request finished that the operator did not start."
+                );
                 continue;
             };
             self.release_place(&endpoint_id);
@@ -458,16 +496,25 @@ impl DeliverState {
 
             if row.outcome == Outcome::Failed.as_str() {
                 let seed = jitter_seed(&delivery, delivery.attempt);
-                match self.context.retry.next_attempt_at(delivery.attempt, now, seed) {
+                match self
+                    .context
+                    .retry
+                    .next_attempt_at(delivery.attempt, now, seed)
+                {
                     Some(next_ms) => {
                         row.next_attempt_at_ms = Some(next_ms);
-                        let retry = Delivery { attempt: delivery.attempt + 1, ..delivery };
+                        let retry = Delivery {
+                            attempt: delivery.attempt + 1,
+                            ..delivery
+                        };
                         let pending = PendingDelivery::from_delivery(&retry, next_ms);
-                        self.emitted.push((capability.clone(), Attempted::Pending(pending)));
+                        self.emitted
+                            .push((capability.clone(), Attempted::Pending(pending)));
                         if !self.context.stop.is_stopped() {
                             // The feedback edge adds 1 ms, so the retry arrives at `next_ms`.
                             let stamp = (next_ms - 1).max(*capability.time());
-                            self.emitted.push((capability.delayed(&stamp), Attempted::Retry(retry)));
+                            self.emitted
+                                .push((capability.delayed(&stamp), Attempted::Retry(retry)));
                         }
                     }
                     None => {
@@ -487,7 +534,9 @@ impl DeliverState {
     /// Frees one of `endpoint_id`'s places, giving the endpoint a turn if it has waiting
     /// deliveries.
     fn release_place(&mut self, endpoint_id: &str) {
-        let Some(state) = self.endpoints.get_mut(endpoint_id) else { return };
+        let Some(state) = self.endpoints.get_mut(endpoint_id) else {
+            return;
+        };
         state.in_flight = state.in_flight.saturating_sub(1);
         if !state.waiting.is_empty() && !state.ready {
             state.ready = true;
@@ -516,14 +565,20 @@ impl DeliverState {
             if self.in_flight.len() + starting.len() >= total_limit {
                 break;
             }
-            if self.context.unsynced_results.load(Ordering::SeqCst) > self.context.max_unsynced_results {
+            if self.context.unsynced_results.load(Ordering::SeqCst)
+                > self.context.max_unsynced_results
+            {
                 // The durable sink runs right after this operator on the same worker.
                 self.context.clock.wake_at(now + 1, &self.wakeup);
                 break;
             }
-            let Some(endpoint_id) = self.ready.pop_front() else { break };
+            let Some(endpoint_id) = self.ready.pop_front() else {
+                break;
+            };
             let limit = self.in_flight_limit(&endpoint_id);
-            let Some(state) = self.endpoints.get_mut(&endpoint_id) else { continue };
+            let Some(state) = self.endpoints.get_mut(&endpoint_id) else {
+                continue;
+            };
             let Some(waiting) = state.waiting.pop_front() else {
                 state.ready = false;
                 continue;
@@ -553,7 +608,9 @@ impl DeliverState {
                 None => match self.current.as_ref() {
                     Some(current) => current.delayed(&now.max(*current.time())),
                     None => {
-                        tracing::error!("A pending delivery has no held capability; it stays pending.");
+                        tracing::error!(
+                            "A pending delivery has no held capability; it stays pending."
+                        );
                         continue;
                     }
                 },
@@ -566,7 +623,10 @@ impl DeliverState {
                 }
                 starting.push((waiting.delivery, capability, due_at_ms));
             }
-            let in_flight = self.endpoints.get(&endpoint_id).map_or(0, |state| state.in_flight);
+            let in_flight = self
+                .endpoints
+                .get(&endpoint_id)
+                .map_or(0, |state| state.in_flight);
             if has_more && in_flight < limit {
                 self.ready.push_back(endpoint_id);
             } else if let Some(state) = self.endpoints.get_mut(&endpoint_id) {
@@ -587,7 +647,8 @@ impl DeliverState {
         let base = match held {
             Some(held) => {
                 let pending = PendingDelivery::from_delivery(&delivery, slot_ms);
-                self.emitted.push((held.clone(), Attempted::Pending(pending)));
+                self.emitted
+                    .push((held.clone(), Attempted::Pending(pending)));
                 held
             }
             // Already pending at an earlier due time: delaying it more needs no new write.
@@ -600,7 +661,10 @@ impl DeliverState {
             },
         };
         let time = slot_ms.max(*base.time());
-        let (_, scheduled) = self.scheduled.entry(time).or_insert_with(|| (base.delayed(&time), Vec::new()));
+        let (_, scheduled) = self
+            .scheduled
+            .entry(time)
+            .or_insert_with(|| (base.delayed(&time), Vec::new()));
         scheduled.push((slot_ms, delivery));
     }
 
@@ -612,7 +676,10 @@ impl DeliverState {
             for waiting in state.waiting.iter_mut() {
                 if let Some(held) = waiting.held.take() {
                     let due_ms = waiting.slot_ms.max(now);
-                    parked.push((held, PendingDelivery::from_delivery(&waiting.delivery, due_ms)));
+                    parked.push((
+                        held,
+                        PendingDelivery::from_delivery(&waiting.delivery, due_ms),
+                    ));
                 }
             }
         }
@@ -622,7 +689,7 @@ impl DeliverState {
         }
     }
 
-    /// The `expired` row of `delivery`, if its event is older than the maximum event age.
+    /// Builds the `expired` row of `delivery` if its event is older than the maximum event age.
     fn expired_row(&self, delivery: &Delivery, now: Millis) -> Option<AttemptRow> {
         let age_ms = now.saturating_sub(delivery.ingested.read_at_ms);
         if age_ms <= self.context.retry.max_event_age_ms {
@@ -640,7 +707,11 @@ impl DeliverState {
 
     /// Reads back the payloads of retries about to start, in one batch; a delivery whose
     /// payload cannot be read is dead-lettered instead of started. Returns how many were.
-    fn load_payloads(&mut self, starting: &mut Vec<(Delivery, Capability<u64>, Millis)>, now: Millis) -> usize {
+    fn load_payloads(
+        &mut self,
+        starting: &mut Vec<(Delivery, Capability<u64>, Millis)>,
+        now: Millis,
+    ) -> usize {
         let positions: Vec<(u32, u64)> = starting
             .iter()
             .filter(|(delivery, _, _)| !delivery.has_payload())
@@ -697,9 +768,15 @@ impl DeliverState {
         stripped.ingested.event.payload = Vec::new();
         self.in_flight.insert(
             ticket,
-            InFlight { endpoint_id: delivery.endpoint_id.clone(), delivery: stripped, capability },
+            InFlight {
+                endpoint_id: delivery.endpoint_id.clone(),
+                delivery: stripped,
+                capability,
+            },
         );
-        self.context.requests_in_flight.fetch_add(1, Ordering::SeqCst);
+        self.context
+            .requests_in_flight
+            .fetch_add(1, Ordering::SeqCst);
 
         let completion = CompletionGuard {
             ticket,
@@ -728,25 +805,37 @@ impl DeliverState {
         if self.context.stop.is_stopped() {
             // Every waiting or scheduled delivery is durably pending by now (`park_waiting`
             // ran first), so the next run resumes it.
-            let mut left: usize = self.scheduled.values().map(|(_, deliveries)| deliveries.len()).sum();
+            let mut left: usize = self
+                .scheduled
+                .values()
+                .map(|(_, deliveries)| deliveries.len())
+                .sum();
             self.scheduled.clear();
             for state in self.endpoints.values_mut() {
                 left += state.waiting.len();
                 state.waiting.clear();
             }
             if left > 0 {
-                tracing::info!(deliveries = left, "Stopping; waiting deliveries stay pending for the next run.");
+                tracing::info!(
+                    deliveries = left,
+                    "Stopping; waiting deliveries stay pending for the next run."
+                );
             }
         }
 
-        let waiting = self.endpoints.values().any(|state| !state.waiting.is_empty());
+        let waiting = self
+            .endpoints
+            .values()
+            .any(|state| !state.waiting.is_empty());
         if waiting {
             if let Some(current) = self.current.as_mut() {
                 if *current.time() < now {
                     current.downgrade(&now);
                 }
             }
-            self.context.clock.wake_at(now + HOLD_REFRESH_MS, &self.wakeup);
+            self.context
+                .clock
+                .wake_at(now + HOLD_REFRESH_MS, &self.wakeup);
         } else {
             self.current = None;
         }
@@ -757,7 +846,10 @@ impl DeliverState {
             }
             !state.waiting.is_empty()
                 || state.in_flight > 0
-                || state.limiter.as_ref().is_some_and(|limiter| !limiter.is_idle())
+                || state
+                    .limiter
+                    .as_ref()
+                    .is_some_and(|limiter| !limiter.is_idle())
         });
         if let Some(next) = self.scheduled.keys().next() {
             self.context.clock.wake_at(*next, &self.wakeup);

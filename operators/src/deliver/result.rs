@@ -45,7 +45,10 @@ pub fn classify(observation: Observation) -> Verdict {
         Some(kind) if is_retryable(kind) => Outcome::Failed,
         Some(_) => Outcome::DeadLettered,
     };
-    Verdict { outcome, error_kind }
+    Verdict {
+        outcome,
+        error_kind,
+    }
 }
 
 /// Returns whether a later attempt may succeed where one that failed with `kind` did not.
