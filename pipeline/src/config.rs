@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
+use hookflow_operators::deliver::AddressPolicy;
 use hookflow_operators::retry::RetryPolicy;
 use hookflow_schemas::{Endpoint, EventTypePattern, RateLimit, DEFAULT_MAX_PAYLOAD_BYTES};
 use ipnet::IpNet;
@@ -257,7 +258,7 @@ fn default_true() -> bool {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         /// The file.
         path: PathBuf,
@@ -374,7 +375,7 @@ impl Config {
         if self.delivery.max_in_flight == 0 {
             return Err(("delivery.max_in_flight".into(), "must be at least 1".into()));
         }
-        self.allowed_networks()?;
+        let policy = AddressPolicy::new(self.allowed_networks()?);
 
         let mut ids = HashSet::new();
         for (index, endpoint) in self.endpoints.iter().enumerate() {
@@ -388,6 +389,8 @@ impl Config {
             endpoint
                 .to_endpoint()
                 .map_err(|(name, problem)| (field(&name), problem))?;
+            check_literal_address(&endpoint.url, &policy)
+                .map_err(|problem| (field("url"), problem))?;
         }
         Ok(())
     }
@@ -515,6 +518,29 @@ impl EndpointConfig {
     }
 }
 
+/// Rejects a URL whose host is an IP address, or `localhost`, that the address policy refuses.
+/// Host names are checked again after every resolution, at send time.
+fn check_literal_address(url: &str, policy: &AddressPolicy) -> Result<(), String> {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return Ok(());
+    };
+    let address: std::net::IpAddr = match parsed.host() {
+        Some(url::Host::Ipv4(address)) => address.into(),
+        Some(url::Host::Ipv6(address)) => address.into(),
+        Some(url::Host::Domain(name)) if name == "localhost" || name.ends_with(".localhost") => {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        }
+        _ => return Ok(()),
+    };
+    policy.check(address).map_err(|range| {
+        format!(
+            "`{url}` points at {address}, a {} address; list its network in \
+             `delivery.allowed_private_cidrs` if the endpoint is trusted",
+            range.as_str()
+        )
+    })
+}
+
 /// Checks a Standard Webhooks secret: `whsec_` then base64 of 24 to 64 bytes.
 fn check_secret(secret: &str) -> Result<(), String> {
     let Some(encoded) = secret.strip_prefix("whsec_") else {
@@ -596,6 +622,18 @@ mod tests {
             (
                 "[pipeline]\nworkers = \"two\"\n".to_string(),
                 "invalid type",
+            ),
+            (
+                endpoint("").replace("https://example.com/hook", "http://10.0.0.1/hook"),
+                "field `endpoints[0].url`: `http://10.0.0.1/hook` points at 10.0.0.1",
+            ),
+            (
+                endpoint("").replace("https://example.com/hook", "http://localhost:9000/"),
+                "delivery.allowed_private_cidrs",
+            ),
+            (
+                endpoint("").replace("https://example.com/hook", "http://[::ffff:127.0.0.1]/"),
+                "field `endpoints[0].url`",
             ),
             (
                 "[retry]\njitter_percent = 150\n".to_string(),

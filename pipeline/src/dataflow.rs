@@ -75,6 +75,8 @@ pub struct RunReport {
     pub rows_archived: u64,
     /// Archive files completed by this run.
     pub files: Vec<PathBuf>,
+    /// Attempt rows this run wrote, by outcome.
+    pub outcomes: std::collections::BTreeMap<String, u64>,
     /// The archive directory.
     pub archive_dir: PathBuf,
 }
@@ -105,6 +107,10 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
             .map(|e| (e.id.clone(), e))
             .collect(),
     );
+
+    // One run per data directory: a second one would deliver everything again and write over
+    // the first one's archive files. The lock is released when the process exits, however.
+    let _lock = lock_data_dir(&options.data_dir)?;
 
     // Open the log once here so that a bad data directory fails before any thread starts.
     let log_options = LocalLogOptions {
@@ -165,6 +171,9 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
             Ok(Ok(worker)) => {
                 report.rows_archived += worker.rows_archived;
                 report.files.extend(worker.files);
+                for (outcome, count) in worker.outcomes {
+                    *report.outcomes.entry(outcome).or_default() += count;
+                }
             }
             Ok(Err(error)) => failures.push(format!("worker {index}: {error:#}")),
             Err(panic) => failures.push(format!("worker {index} panicked: {panic}")),
@@ -177,6 +186,30 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
         anyhow::bail!("the pipeline failed: {}", failures.join("; "));
     }
     Ok(report)
+}
+
+/// Takes the exclusive lock on `<data_dir>/hookflow.lock`, creating the directory if needed.
+fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let path = data_dir.join("hookflow.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "data directory {} is in use by another `hookflow run` (it holds {}); stop that one first",
+            data_dir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(error)) => {
+            Err(error).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
 }
 
 /// Everything a worker needs, shared by all workers of the process.
@@ -199,6 +232,7 @@ struct WorkerShared {
 struct WorkerReport {
     rows_archived: u64,
     files: Vec<PathBuf>,
+    outcomes: std::collections::BTreeMap<String, u64>,
 }
 
 // `ok_err` splits streams by `Result`; the `Err` side is data, not an error, so its size
@@ -464,6 +498,7 @@ fn run_worker(
     Ok(WorkerReport {
         rows_archived: archiver.writer.rows_written(),
         files: std::mem::take(&mut archiver.files),
+        outcomes: std::mem::take(&mut archiver.outcomes),
     })
 }
 
@@ -527,6 +562,7 @@ fn decode<'scope>(
                                     offset = record.offset,
                                     %error,
                                     invalid_so_far = invalid_seen,
+                                    logged = if invalid_seen < 5 { "each" } else { "every 1000th from now on" },
                                     "Invalid record dead-lettered."
                                 );
                             }

@@ -24,7 +24,7 @@ use crate::receiver::{Behaviour, Receiver};
 /// Settings of a demo run.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
-    /// Where the config, the log and the archive go; emptied first.
+    /// Where the config, the log and the archive go; a previous demo's are replaced.
     pub dir: PathBuf,
     /// Events to generate (before duplicates and malformed lines are added).
     pub events: usize,
@@ -288,7 +288,7 @@ fn summarize(
     let _ = writeln!(text, "  config:  {}", config_path.display());
     let _ = writeln!(
         text,
-        "  archive: {} ({} files, {} rows)",
+        "  archive: {} ({} file(s), {} rows)",
         report.archive_dir.display(),
         report.files.len(),
         rows.len()

@@ -66,6 +66,8 @@ pub struct Archiver {
     last_flush_ms: Millis,
     /// Files completed by this run.
     pub files: Vec<PathBuf>,
+    /// Attempt rows written to the state store by this run, by outcome.
+    pub outcomes: std::collections::BTreeMap<String, u64>,
 }
 
 impl Archiver {
@@ -91,6 +93,7 @@ impl Archiver {
             policy,
             last_flush_ms: now_ms,
             files: Vec::new(),
+            outcomes: std::collections::BTreeMap::new(),
         })
     }
 
@@ -205,6 +208,9 @@ pub fn persist<'scope>(
                 let written = archiver.store.borrow_mut().commit(&prefix, &batch, now);
                 match written {
                     Ok(()) => {
+                        for row in &batch.rows {
+                            *archiver.outcomes.entry(row.outcome.clone()).or_default() += 1;
+                        }
                         let attempts = batch.rows.iter().filter(|row| row.started_at_ms.is_some()).count();
                         unsynced_results.fetch_sub(attempts.min(unsynced_results.load(Ordering::SeqCst)), Ordering::SeqCst);
                         batch = DurableBatch::default();

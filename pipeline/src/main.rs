@@ -62,7 +62,7 @@ enum Command {
     },
     /// Run a self-contained demo against a receiver on 127.0.0.1.
     Demo {
-        /// Where the demo's config, log and Parquet archive go (emptied first).
+        /// Where the demo's config, log and Parquet archive go; a previous demo's are replaced.
         #[arg(long, value_name = "DIR", default_value = "hookflow-demo")]
         dir: PathBuf,
         /// Events to generate.
@@ -91,6 +91,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match execute(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -145,10 +146,16 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 clock: Arc::new(WallClock),
                 stop,
             })?;
+            let count = |outcome: &str| report.outcomes.get(outcome).copied().unwrap_or(0);
             tracing::info!(
-                rows = report.rows_archived,
-                files = report.files.len(),
+                delivered = count("delivered"),
+                failed_and_retried = count("failed"),
+                dead_lettered = count("dead_lettered"),
+                expired = count("expired"),
+                invalid = count("invalid"),
+                unrouted = count("unrouted"),
                 duplicates = report.duplicates,
+                files = report.files.len(),
                 archive = %report.archive_dir.display(),
                 "Pipeline stopped."
             );

@@ -32,7 +32,7 @@ pub struct PublishOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     /// Reading the input failed.
-    #[error("cannot read {input}: {source}")]
+    #[error("cannot read {input}")]
     Read {
         /// The input's name (`-` for standard input).
         input: String,
@@ -48,7 +48,7 @@ pub enum PublishError {
         errors: Vec<String>,
     },
     /// The local log failed.
-    #[error("cannot append to the local log in {data_dir}: {source}")]
+    #[error("cannot append to the local log in {data_dir}")]
     Log {
         /// The data directory.
         data_dir: PathBuf,

@@ -802,6 +802,32 @@ fn state_store_fault_fails_fast() {
 }
 
 #[test]
+fn second_run_on_data_dir_is_refused() {
+    let fixture = Fixture::new(HashMap::new());
+    let config = fixture.write_config(&[("ep_a", "acme", "/a", r#"["*"]"#)]);
+    let mut first = fixture.spawn_run(&config);
+    std::thread::sleep(Duration::from_millis(500));
+
+    let output = hookflow()
+        .args(["run", "--until-idle", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(fixture.data_dir())
+        .output()
+        .expect("run hookflow");
+    let _ = terminate(&mut first);
+    assert!(
+        !output.status.success(),
+        "a second run on one data directory must not start"
+    );
+    let message = stderr(&output);
+    assert!(
+        message.contains("is in use by another `hookflow run`"),
+        "{message}"
+    );
+}
+
+#[test]
 fn expired_event_is_not_attempted() {
     let fixture = Fixture::new(HashMap::from([(
         "/down".to_string(),

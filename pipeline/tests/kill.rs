@@ -280,7 +280,11 @@ fn kill_and_restart_loses_nothing() {
     for (pair, received) in &delivered {
         let rows = rows_per_pair.get(pair).copied().unwrap_or(0);
         assert!(rows >= 1, "{pair:?} was delivered but has no delivered row");
-        assert!(rows <= received.len(), "{pair:?} has {rows} delivered rows for {} requests: rows doubled", received.len());
+        assert!(
+            rows <= received.len(),
+            "{pair:?} has {rows} delivered rows for {} requests: rows doubled",
+            received.len()
+        );
         without_row += received.len().saturating_sub(rows);
     }
     println!(

@@ -169,7 +169,18 @@ impl AttemptRow {
         due_at_ms: Millis,
         finished_at_ms: Millis,
     ) -> Self {
+        // Whatever identifies the event is kept, when the record parses that far.
+        let parsed: Option<serde_json::Map<String, serde_json::Value>> =
+            serde_json::from_slice(&record.value).ok();
+        let text = |name: &str| {
+            parsed
+                .as_ref()
+                .and_then(|fields| fields.get(name)?.as_str().map(str::to_string))
+        };
         AttemptRow {
+            event_id: text("id"),
+            tenant: text("tenant"),
+            event_type: text("type"),
             partition: record.partition,
             offset: record.offset,
             ingested_at_ms: record.appended_at_ms,

@@ -251,8 +251,14 @@ pub fn decode_event(bytes: &[u8], max_payload_bytes: usize) -> Result<Event, Dec
         position: e.valid_up_to(),
     })?;
 
-    let wire: WireEvent<'_> = serde_json::from_str(text.trim_end_matches(['\r', '\n']))
-        .map_err(|e| DecodeError::InvalidJson(e.to_string()))?;
+    let wire: WireEvent<'_> =
+        serde_json::from_str(text.trim_end_matches(['\r', '\n'])).map_err(|e| {
+            if text.trim_start().starts_with('{') {
+                DecodeError::InvalidJson(e.to_string())
+            } else {
+                DecodeError::InvalidJson("expected a JSON object, one event per line".to_string())
+            }
+        })?;
 
     let id = name_field("id", wire.id)?;
     let tenant = name_field("tenant", wire.tenant)?;

@@ -44,7 +44,7 @@ pub enum DeliverError {
     /// The endpoint's host has no address the [`AddressPolicy`] permits.
     #[error(
         "address {address} of host `{host}` is {range}, which the address policy rejects; \
-         add it to the allowed ranges if the endpoint is trusted"
+         list its network in `delivery.allowed_private_cidrs` if the endpoint is trusted"
     )]
     AddressRefused {
         /// The host as written in the endpoint URL.

@@ -79,6 +79,9 @@ pub const DEFAULT_MAX_IN_FLIGHT_TOTAL: usize = 256;
 /// deliveries up to "now", in ms: the most a slow endpoint can hold back the frontier.
 pub const HOLD_REFRESH_MS: u64 = 100;
 
+/// The least time between two logged failures of one endpoint, in ms.
+pub const FAILURE_LOG_MS: u64 = 10_000;
+
 /// The default bound on attempt results not yet durably written.
 pub const DEFAULT_MAX_UNSYNCED_RESULTS: usize = 64;
 
@@ -316,6 +319,9 @@ struct DeliverState {
     emitted: Vec<(Capability<u64>, Attempted)>,
     /// Endpoint ids already logged as unknown, so each is logged once per worker.
     reported_unknown: HashSet<String>,
+    /// Per endpoint: when a failed attempt was last logged, and how many failures were not
+    /// logged since, so that a failing endpoint logs at most once per [`FAILURE_LOG_MS`].
+    failure_log: HashMap<String, (Millis, u64)>,
     sender: Sender<Completion>,
     receiver: Receiver<Completion>,
     wakeup: Wakeup,
@@ -342,6 +348,7 @@ impl DeliverState {
             next_ticket: 0,
             emitted: Vec::new(),
             reported_unknown: HashSet::new(),
+            failure_log: HashMap::new(),
             sender,
             receiver,
             wakeup,
@@ -527,8 +534,39 @@ impl DeliverState {
                     }
                 }
             }
+            self.log_failure(&row, now);
             self.emitted.push((capability, Attempted::Row(row)));
         }
+    }
+
+    /// Logs a failed attempt at WARN, at most once per endpoint every [`FAILURE_LOG_MS`],
+    /// with the number of failures not logged since.
+    fn log_failure(&mut self, row: &AttemptRow, now: Millis) {
+        if row.outcome == Outcome::Delivered.as_str() {
+            return;
+        }
+        let endpoint_id = row.endpoint_id.clone().unwrap_or_default();
+        let (last_ms, unlogged) = self
+            .failure_log
+            .entry(endpoint_id.clone())
+            .or_insert((0, 0));
+        if now.saturating_sub(*last_ms) < FAILURE_LOG_MS && *last_ms != 0 {
+            *unlogged += 1;
+            return;
+        }
+        tracing::warn!(
+            endpoint_id = %endpoint_id,
+            event_id = row.event_id.as_deref().unwrap_or_default(),
+            attempt = row.attempt,
+            outcome = %row.outcome,
+            error_kind = row.error_kind.as_deref().unwrap_or_default(),
+            http_status = row.http_status.unwrap_or_default(),
+            error = row.error_message.as_deref().unwrap_or_default(),
+            unlogged_failures = *unlogged,
+            "Delivery attempt failed."
+        );
+        *last_ms = now;
+        *unlogged = 0;
     }
 
     /// Frees one of `endpoint_id`'s places, giving the endpoint a turn if it has waiting
