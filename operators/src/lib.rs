@@ -14,5 +14,6 @@ pub mod dedup;
 pub mod deliver;
 pub mod rate_limit;
 pub mod retry;
+pub mod retry_after;
 pub mod route;
 pub mod stop;

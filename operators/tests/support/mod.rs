@@ -323,3 +323,28 @@ pub fn deliver_context(
         clock,
     )
 }
+
+/// Serves `router` on `address` (an IP address with port 0 for an ephemeral port) until the
+/// runtime stops, and returns the address bound. Tests that need a second loopback host use
+/// 127.0.0.2 or 127.0.0.3, which Linux routes to the loopback interface.
+pub async fn serve_at(address: &str, router: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .unwrap_or_else(|e| panic!("bind {address}: {e}"));
+    let address = listener.local_addr().expect("local address");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            panic!("test receiver failed: {e}");
+        }
+    });
+    address
+}
+
+/// Returns the lowercase hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
