@@ -613,7 +613,7 @@ fn retention_truncates_settled_records_only() {
         tables,
         "",
     );
-    let lines = vec![
+    let lines = [
         event("acme", "evt_1", "ok.a", "{}"),
         event("acme", "evt_2", "down.a", r#"{"keep":"me"}"#),
         event("acme", "evt_3", "ok.a", "{}"),
