@@ -12,10 +12,10 @@ use crate::receiver::{Arrival, Mode};
 /// Problems listed one by one before the rest are only counted.
 const MAX_LISTED: usize = 5;
 
-/// What a scenario expects.
+/// The deliveries a scenario expects.
 #[derive(Debug, Clone, Default)]
 pub struct Expected {
-    /// Every delivery as (event number, endpoint number, how the receiver answers it).
+    /// Every delivery as (event number, endpoint number, the receiver's behaviour).
     pub deliveries: Vec<(u64, u32, Mode)>,
     /// Events that no endpoint subscribes to.
     pub unrouted_events: usize,
@@ -24,18 +24,18 @@ pub struct Expected {
     pub waiting_for_retry: bool,
 }
 
-/// What the archive and the receiver showed.
+/// The counts and problems found in the archive and at the receiver.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Tally {
     /// Archive rows per outcome.
     pub outcomes: BTreeMap<String, usize>,
-    /// Deliveries the receiver answered 200 more than once.
+    /// Deliveries that got a 200 response more than once.
     pub duplicates: usize,
     /// Everything that differs from the expectation; empty when all is accounted for.
     pub problems: Vec<String>,
 }
 
-/// What is known about one (event, endpoint) delivery.
+/// The rows and requests seen for one (event, endpoint) delivery.
 #[derive(Debug, Default)]
 struct Seen {
     mode: Option<Mode>,
@@ -127,12 +127,18 @@ pub fn check(expected: &Expected, rows: &[AttemptRow], arrivals: &[Arrival]) -> 
                 ));
             }
             if entry.received_any != 1 {
-                problems.push(format!("{name}: {} requests, expected 1", entry.received_any));
+                problems.push(format!(
+                    "{name}: {} requests, expected 1",
+                    entry.received_any
+                ));
             }
             continue;
         }
         if entry.final_rows != 1 {
-            problems.push(format!("{name}: {} final rows, expected 1", entry.final_rows));
+            problems.push(format!(
+                "{name}: {} final rows, expected 1",
+                entry.final_rows
+            ));
         }
         if let Some(outcome) = &entry.wrong_outcome {
             problems.push(format!("{name}: outcome {outcome}"));
@@ -249,7 +255,10 @@ mod tests {
         let mut rows = complete_rows();
         rows.remove(3);
         let tally = check(&expected(), &rows, &complete_arrivals());
-        assert_eq!(tally.problems, vec!["evt_1 to ep1: 0 final rows, expected 1"]);
+        assert_eq!(
+            tally.problems,
+            vec!["evt_1 to ep1: 0 final rows, expected 1"]
+        );
     }
 
     #[test]
@@ -257,7 +266,10 @@ mod tests {
         let mut arrivals = complete_arrivals();
         arrivals.pop();
         let tally = check(&expected(), &complete_rows(), &arrivals);
-        assert_eq!(tally.problems, vec!["evt_1 to ep1: the receiver never answered 200"]);
+        assert_eq!(
+            tally.problems,
+            vec!["evt_1 to ep1: the receiver never answered 200"]
+        );
     }
 
     #[test]

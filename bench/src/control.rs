@@ -43,7 +43,7 @@ impl ReceiverControl {
         })
     }
 
-    /// The receiver's base URL, `http://127.0.0.1:PORT`.
+    /// Returns the receiver's base URL, `http://127.0.0.1:PORT`.
     pub fn base_url(&self) -> &str {
         &self.base_url
     }
@@ -52,15 +52,16 @@ impl ReceiverControl {
     ///
     /// # Errors
     ///
-    /// Fails if the request fails or the answer is not the expected JSON.
+    /// Fails if the request fails or the response is not the expected JSON.
     pub fn stats(&self) -> anyhow::Result<ReceiverStats> {
         let url = format!("{}/__stats", self.base_url);
-        self.runtime.block_on(async {
-            let response = self.client.get(&url).send().await?.error_for_status()?;
-            let body = response.bytes().await?;
-            anyhow::Ok(serde_json::from_slice(&body)?)
-        })
-        .with_context(|| format!("GET {url} failed"))
+        self.runtime
+            .block_on(async {
+                let response = self.client.get(&url).send().await?.error_for_status()?;
+                let body = response.bytes().await?;
+                anyhow::Ok(serde_json::from_slice(&body)?)
+            })
+            .with_context(|| format!("GET {url} failed"))
     }
 
     /// Returns every arrival since the last reset, in arrival order.
@@ -155,12 +156,12 @@ impl ReceiverProcess {
         })
     }
 
-    /// The client of the receiver's control paths.
+    /// Returns the client of the receiver's control paths.
     pub fn control(&self) -> &ReceiverControl {
         &self.control
     }
 
-    /// The receiver's process id.
+    /// Returns the receiver's process id.
     pub fn id(&self) -> u32 {
         self.child.id()
     }
@@ -168,7 +169,7 @@ impl ReceiverProcess {
 
 impl Drop for ReceiverProcess {
     fn drop(&mut self) {
-        // Closing stdin asks the receiver to exit; it holds no state worth a graceful end,
+        // The receiver exits when its stdin closes. It keeps no state worth a graceful end,
         // so it is killed if it has not exited within a second.
         drop(self.stdin.take());
         for _ in 0..20 {

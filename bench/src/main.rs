@@ -1,11 +1,12 @@
 //! `hookflow-bench`: measures what hookflow can do on this machine, in one command.
 //!
-//! It starts a loopback receiver in a process of its own, measures the raw ceiling (a plain
-//! HTTP client posting straight to the receiver), then runs the whole pipeline (local log,
+//! It starts a loopback receiver in a process of its own and measures the raw ceiling: a plain
+//! HTTP client posting straight to the receiver. Then it runs the whole pipeline (local log,
 //! dataflow, signatures, Parquet archive) against that receiver in the scenarios (a) to (e),
 //! each in a child process. It prints a table, writes it as JSON, and exits non-zero if any
 //! delivery is not accounted for. The project's targets are reported, never enforced.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -75,8 +76,8 @@ struct BenchArgs {
     #[arg(long, value_name = "N")]
     steady_rate: Option<f64>,
 
-    /// Timeout of every endpoint in scenario (c) and its baseline, in ms; the hanging
-    /// endpoints hold requests far longer.
+    /// Timeout of every endpoint in scenario (c) and its baseline, in ms. The hanging
+    /// endpoints keep requests open far longer.
     #[arg(long, value_name = "MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(1..))]
     unhealthy_timeout_ms: u64,
 
@@ -89,10 +90,15 @@ struct BenchArgs {
     receiver_threads: u64,
 
     /// Scenarios to run, comma-separated; `c` runs its baseline (c0) too.
-    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "a,b,c,d,e")]
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "a,b,c,d,e"
+    )]
     scenarios: Vec<Choice>,
 
-    /// Where to write the report as JSON. Default hookflow-bench.json; none with --smoke.
+    /// File the report is written to as JSON. Default hookflow-bench.json; none with --smoke.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
 
@@ -101,7 +107,8 @@ struct BenchArgs {
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
 
-    /// Longest time one scenario may take before it is killed and the run fails, in seconds.
+    /// Maximum time one scenario may take before it is killed and the run fails, in
+    /// seconds. It is also the maximum wait for deliveries in (d) and (e).
     #[arg(long, value_name = "SECS", default_value_t = 900)]
     timeout_secs: u64,
 
@@ -147,14 +154,19 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,hookflow_bench=info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
-    // reqwest is built without a default TLS crypto provider; the pipeline installs ring the
-    // same way, and keeps a provider that is already installed.
+    // The workspace builds reqwest without a default TLS crypto provider, so ring is installed
+    // here. The pipeline installs ring the same way and keeps a provider already installed.
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     let outcome = match cli.command {
-        Some(Internal::Receiver { threads }) => receiver::serve(threads).map(|()| ExitCode::SUCCESS),
-        Some(Internal::Scenario { spec }) => run_scenario_process(&spec).map(|()| ExitCode::SUCCESS),
+        Some(Internal::Receiver { threads }) => {
+            receiver::serve(threads).map(|()| ExitCode::SUCCESS)
+        }
+        Some(Internal::Scenario { spec }) => {
+            run_scenario_process(&spec).map(|()| ExitCode::SUCCESS)
+        }
         None => run_benchmark(&cli.options),
     };
     match outcome {
@@ -169,7 +181,10 @@ fn main() -> ExitCode {
 fn run_scenario_process(spec: &str) -> anyhow::Result<()> {
     let spec: ScenarioSpec = serde_json::from_str(spec).context("invalid scenario spec")?;
     let result = scenario::run_scenario(&spec)?;
-    println!("{}", serde_json::to_string(&result).context("cannot encode the result")?);
+    println!(
+        "{}",
+        serde_json::to_string(&result).context("cannot encode the result")?
+    );
     Ok(())
 }
 
@@ -215,7 +230,9 @@ fn run_benchmark(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if kinds.contains(&Kind::Steady) && !kinds.contains(&Kind::Single) && args.steady_rate.is_none()
     {
-        anyhow::bail!("scenario d runs at half of (a)'s rate: add a to --scenarios or give --steady-rate");
+        anyhow::bail!(
+            "scenario d runs at half of (a)'s rate: add a to --scenarios or give --steady-rate"
+        );
     }
 
     let temporary;
@@ -242,7 +259,7 @@ fn run_benchmark(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         steady_rate: args.steady_rate,
         dir,
         scenario_timeout: Duration::from_secs(args.timeout_secs),
-        wait_secs: if smoke { 60 } else { 600 },
+        wait_secs: if smoke { 60 } else { args.timeout_secs },
     };
     let report = run_suite(&options)?;
 

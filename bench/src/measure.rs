@@ -49,8 +49,8 @@ pub fn peak_rss_bytes() -> anyhow::Result<u64> {
 ///
 /// Fails if the file cannot be read or has no `VmRSS` line, as on a system without procfs.
 pub fn current_rss_bytes() -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")
-        .context("cannot read /proc/self/status")?;
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
     parse_status_kib(&status, "VmRSS")
         .map(|kib| kib * 1024)
         .context("/proc/self/status has no VmRSS line")
@@ -95,17 +95,18 @@ pub fn percentiles(samples_us: &mut [u64]) -> Option<Percentiles> {
         return None;
     }
     samples_us.sort_unstable();
-    let at = |percent: f64| -> f64 {
-        let rank = (percent / 100.0 * samples_us.len() as f64).ceil() as usize;
-        let index = rank.clamp(1, samples_us.len()) - 1;
-        samples_us[index] as f64 / 1000.0
+    let count = samples_us.len();
+    // The rank is computed in integers: 99.9 % of 1000 as a float rounds up to rank 1000.
+    let at = |per_mille: usize| -> f64 {
+        let rank = (per_mille * count).div_ceil(1000);
+        samples_us[rank.clamp(1, count) - 1] as f64 / 1000.0
     };
     Some(Percentiles {
-        samples: samples_us.len(),
-        p50_ms: at(50.0),
-        p99_ms: at(99.0),
-        p999_ms: at(99.9),
-        max_ms: at(100.0),
+        samples: count,
+        p50_ms: at(500),
+        p99_ms: at(990),
+        p999_ms: at(999),
+        max_ms: at(1000),
     })
 }
 

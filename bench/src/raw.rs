@@ -14,18 +14,18 @@ use crate::workload::payload;
 /// Threads of the client's tokio runtime: the pipeline's HTTP runtime has two as well.
 pub const CLIENT_THREADS: usize = 2;
 
-/// What the raw client measured.
+/// The raw client's measurements.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RawCeiling {
     /// Requests sent.
     pub requests: usize,
-    /// Requests answered with anything but 200, or not answered.
+    /// Requests with a response status other than 200, or without a response.
     pub failures: usize,
     /// Requests in flight at once.
     pub concurrency: usize,
-    /// Wall time from the first request to the last answer, in seconds.
+    /// Wall time from the first request to the last response, in seconds.
     pub seconds: f64,
-    /// Requests answered 200 per second.
+    /// Requests with a 200 response per second.
     pub per_second: f64,
     /// CPU time of the client process per 1,000 requests, in seconds.
     pub cpu_seconds_per_1000: f64,
@@ -61,8 +61,12 @@ pub fn measure(url: &str, requests: usize, concurrency: usize) -> anyhow::Result
     runtime.block_on(async {
         let mut tasks = Vec::with_capacity(concurrency);
         for _ in 0..concurrency.max(1) {
-            let (client, bodies, next, failures) =
-                (client.clone(), bodies.clone(), next.clone(), failures.clone());
+            let (client, bodies, next, failures) = (
+                client.clone(),
+                bodies.clone(),
+                next.clone(),
+                failures.clone(),
+            );
             let url = url.to_string();
             tasks.push(tokio::spawn(async move {
                 loop {

@@ -4,7 +4,7 @@
 //! It listens on an ephemeral port of 127.0.0.1, prints `listening on 127.0.0.1:PORT` as its
 //! first line of standard output, and exits when its standard input closes, so it never
 //! outlives the benchmark that started it. Webhooks go to `/e/<endpoint>/<mode>`, where the
-//! mode picks the answer:
+//! mode selects the response:
 //!
 //! ```text
 //! /e/17/ok                   200 at once
@@ -34,11 +34,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::measure::{now_micros, process_cpu};
 
-/// How long a `hang` endpoint holds a request before it answers 503. Clients time out long
-/// before; the bound only keeps held requests from piling up forever.
+/// Time a `hang` endpoint keeps a request open before it responds with 503. Clients time out
+/// long before, so the bound only keeps held requests from piling up forever.
 pub const HANG_HOLD: Duration = Duration::from_secs(30);
 
-/// The status recorded for a request held by a `hang` endpoint, which gets no answer in time.
+/// The status recorded for a request held by a `hang` endpoint, which gets no response in time.
 pub const HELD: u16 = 0;
 
 /// The event number recorded when the `webhook-id` header has no number after its last `_`.
@@ -52,7 +52,7 @@ pub struct Arrival {
     pub event: u64,
     /// The endpoint number of the path.
     pub endpoint: u32,
-    /// The status answered, or [`HELD`] for a held request.
+    /// The response status, or [`HELD`] for a held request.
     pub status: u16,
     /// Arrival time in microseconds since the Unix epoch.
     pub received_us: u64,
@@ -60,7 +60,7 @@ pub struct Arrival {
 
 impl Arrival {
     /// Formats the arrival as `event endpoint status received_us`.
-    pub fn to_line(&self) -> String {
+    pub fn to_line(self) -> String {
         format!(
             "{} {} {} {}",
             self.event, self.endpoint, self.status, self.received_us
@@ -85,20 +85,20 @@ impl Arrival {
 pub struct ReceiverStats {
     /// Webhook requests recorded since the last reset.
     pub requests: u64,
-    /// Requests per status answered ([`HELD`] for held ones).
+    /// Requests per response status ([`HELD`] for held ones).
     pub by_status: BTreeMap<u16, u64>,
     /// CPU time the receiver process has used since it started, in seconds.
     pub cpu_seconds: f64,
 }
 
 impl ReceiverStats {
-    /// Returns the requests answered with `status`.
+    /// Returns the number of requests with response status `status`.
     pub fn count(&self, status: u16) -> u64 {
         self.by_status.get(&status).copied().unwrap_or(0)
     }
 }
 
-/// What a webhook path asks the receiver to do.
+/// The behaviour a webhook path selects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Route {
     /// The endpoint number.
@@ -107,11 +107,11 @@ pub struct Route {
     pub mode: Mode,
     /// Wait before answering, in ms.
     pub delay_ms: u64,
-    /// Percentage of requests answered 503 instead of 200 (`ok` mode only).
+    /// Percentage of requests that get 503 instead of 200 (`ok` mode only).
     pub fail_percent: u8,
 }
 
-/// How a webhook path is answered.
+/// The response a webhook path selects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// 200.
@@ -123,7 +123,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    /// The path segment that selects this mode.
+    /// Returns the path segment that selects this mode.
     pub fn segment(self) -> &'static str {
         match self {
             Mode::Ok => "ok",
@@ -150,7 +150,11 @@ pub fn parse_route(path: &str, query: Option<&str>) -> Option<Route> {
         delay_ms: 0,
         fail_percent: 0,
     };
-    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
         let (name, value) = pair.split_once('=')?;
         match name {
             "delay_ms" => route.delay_ms = value.parse().ok()?,
@@ -359,8 +363,14 @@ mod tests {
             ("/__stats", None, None),
         ];
         for (path, query, expected) in cases {
-            let parsed = parse_route(path, query)
-                .map(|route| (route.endpoint, route.mode, route.delay_ms, route.fail_percent));
+            let parsed = parse_route(path, query).map(|route| {
+                (
+                    route.endpoint,
+                    route.mode,
+                    route.delay_ms,
+                    route.fail_percent,
+                )
+            });
             assert_eq!(parsed, expected, "{path} {query:?}");
         }
     }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::raw::RawCeiling;
 use crate::scenario::{Kind, ScenarioResult};
 
-/// The machine the benchmark ran on, as far as Linux tells.
+/// The machine the benchmark ran on, as Linux describes it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     /// CPUs this process may run on.
@@ -21,6 +21,17 @@ pub struct Machine {
     pub kernel: Option<String>,
     /// `release` or `debug`: how this binary was built.
     pub build: String,
+    /// The 1-minute load average when the run started, from `/proc/loadavg`: other work on
+    /// the machine shows here.
+    pub load_at_start: Option<f64>,
+    /// The 1-minute load average when the run ended.
+    pub load_at_end: Option<f64>,
+}
+
+/// Returns the 1-minute load average from `/proc/loadavg`.
+pub fn load_average() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    text.split_whitespace().next()?.parse().ok()
 }
 
 impl Machine {
@@ -46,7 +57,14 @@ impl Machine {
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .ok()
                 .map(|release| release.trim().to_string()),
-            build: if cfg!(debug_assertions) { "debug" } else { "release" }.to_string(),
+            build: if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            }
+            .to_string(),
+            load_at_start: load_average(),
+            load_at_end: None,
         }
     }
 }
@@ -79,7 +97,7 @@ pub struct Settings {
 pub struct Target {
     /// The target as the project states it.
     pub goal: String,
-    /// What this run measured.
+    /// The measurement of this run.
     pub measured: String,
     /// Whether the measurement meets the target.
     pub met: bool,
@@ -123,7 +141,9 @@ impl Report {
             });
         }
         if let Some(steady) = self.scenario(Kind::Steady) {
-            let p99 = steady.latency.map_or(f64::INFINITY, |latency| latency.p99_ms);
+            let p99 = steady
+                .latency
+                .map_or(f64::INFINITY, |latency| latency.p99_ms);
             targets.push(Target {
                 goal: "(d) p99 publish-to-receipt latency < 25 ms at half the maximum rate".into(),
                 measured: format!(
@@ -147,7 +167,10 @@ impl Report {
                 met: ratio >= 0.9,
             });
         }
-        if let Some(pending) = self.scenario(Kind::PendingRetries).and_then(|e| e.pending.clone()) {
+        if let Some(pending) = self
+            .scenario(Kind::PendingRetries)
+            .and_then(|e| e.pending.clone())
+        {
             const TARGET_RETRIES: usize = 1_000_000;
             const TARGET_BYTES: f64 = 500.0 * 1e6;
             let measured_mb = pending.rss_holding_bytes as f64 / 1e6;
@@ -212,14 +235,23 @@ impl Report {
             "hookflow-bench: {} cores ({}), {} GB, {} build{}",
             machine.cores,
             machine.cpu_model.as_deref().unwrap_or("unknown CPU"),
-            machine.memory_bytes.map_or(0, |bytes| bytes / 1_000_000_000),
+            machine
+                .memory_bytes
+                .map_or(0, |bytes| bytes / 1_000_000_000),
             machine.build,
             if settings.smoke { ", --smoke" } else { "" }
         );
+        let load = |value: Option<f64>| value.map_or("?".to_string(), |v| format!("{v:.2}"));
         let _ = writeln!(
             text,
-            "seed {}, concurrency {}, {} timely worker(s), receiver {} thread(s) in its own process",
-            settings.seed, settings.concurrency, settings.workers, settings.receiver_threads
+            "seed {}, concurrency {}, {} timely worker(s), receiver {} thread(s) in its own \
+             process; load average {} at start, {} at end",
+            settings.seed,
+            settings.concurrency,
+            settings.workers,
+            settings.receiver_threads,
+            load(machine.load_at_start),
+            load(machine.load_at_end)
         );
         let raw = &self.raw;
         let _ = writeln!(
@@ -232,8 +264,18 @@ impl Report {
         let _ = writeln!(
             text,
             "{:<3} {:<42} {:>8} {:>8} {:>6} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>5}",
-            "", "scenario", "deliv.", "per s", "x raw", "p50 ms", "p99 ms", "p99.9 ms",
-            "peak MB", "CPU/1k", "arch B", "ok"
+            "",
+            "scenario",
+            "deliv.",
+            "per s",
+            "x raw",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "peak MB",
+            "CPU/1k",
+            "arch B",
+            "ok"
         );
         for result in &self.scenarios {
             let latency = |pick: fn(&crate::measure::Percentiles) -> f64| {
@@ -276,7 +318,17 @@ impl Report {
             }
         }
 
-        let _ = writeln!(text, "\ntargets (measured in this run; the benchmark is not tuned to them):");
+        if settings.smoke {
+            let _ = writeln!(
+                text,
+                "\ntargets: not compared, the --smoke counts are too small"
+            );
+            return text;
+        }
+        let _ = writeln!(
+            text,
+            "\ntargets (measured in this run; the benchmark is not tuned to them):"
+        );
         for target in &self.targets {
             let _ = writeln!(
                 text,

@@ -1,6 +1,7 @@
 //! One benchmark scenario, run in a process of its own (`hookflow-bench scenario`) so that its
-//! peak memory and CPU time are the pipeline's alone: publish to the local log, run the whole
-//! pipeline against the receiver, measure, and check that every delivery is accounted for.
+//! peak memory and CPU time are the pipeline's alone. It publishes to the local log, runs the
+//! whole pipeline against the receiver, measures, and checks that every delivery is accounted
+//! for.
 //!
 //! The parent passes a [`ScenarioSpec`] as JSON and reads a [`ScenarioResult`] back as JSON
 //! from standard output.
@@ -44,7 +45,7 @@ const WARM_UP_EVENTS: u64 = 20;
 /// during the run.
 const PENDING_RETRY_DELAY_MS: u64 = 3_600_000;
 
-/// Which scenario to run.
+/// A benchmark scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Kind {
     /// (a) one endpoint.
@@ -53,16 +54,16 @@ pub enum Kind {
     FanOut,
     /// (c) without its failing and hanging endpoints: the baseline of (c).
     HealthyOnly,
-    /// (c) 10 % of the endpoints answer 503 and 1 % hold the request.
+    /// (c) 10 % of the endpoints respond with 503 and 1 % hold the request.
     Unhealthy,
     /// (d) one endpoint, events published at a steady rate while the pipeline runs.
     Steady,
-    /// (e) one endpoint that answers 503, with the only retry an hour away.
+    /// (e) one endpoint that responds with 503, with the only retry an hour away.
     PendingRetries,
 }
 
 impl Kind {
-    /// The short name in the table.
+    /// Returns the short name in the table.
     pub fn short_name(self) -> &'static str {
         match self {
             Kind::Single => "a",
@@ -74,12 +75,12 @@ impl Kind {
         }
     }
 
-    /// What the scenario is, in a few words.
+    /// Returns a description of the scenario in a few words.
     pub fn description(self) -> &'static str {
         match self {
             Kind::Single => "1 endpoint",
             Kind::FanOut => "1000 endpoints, 200 tenants, fan-out 1-3",
-            Kind::HealthyOnly => "(c) without its failing and hanging endpoints",
+            Kind::HealthyOnly => "(c) without its unhealthy endpoints",
             Kind::Unhealthy => "(b) with 10 % failing, 1 % hanging",
             Kind::Steady => "1 endpoint, steady at half of (a)",
             Kind::PendingRetries => "1 endpoint down, retries pending",
@@ -87,7 +88,7 @@ impl Kind {
     }
 }
 
-/// What the parent asks a scenario process to run.
+/// The scenario the parent process requests from a scenario process.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScenarioSpec {
     /// The scenario.
@@ -110,7 +111,7 @@ pub struct ScenarioSpec {
     pub steady_secs: f64,
     /// Endpoint timeout of scenario (c) and its baseline, in ms.
     pub unhealthy_timeout_ms: u64,
-    /// Longest wait for deliveries to arrive once publishing is done ([`Kind::Steady`]) or for
+    /// Maximum wait for deliveries to arrive once publishing is done ([`Kind::Steady`]) or for
     /// the first attempts to fail ([`Kind::PendingRetries`]), in seconds.
     pub wait_secs: u64,
 }
@@ -129,12 +130,13 @@ pub struct PendingMemory {
 impl PendingMemory {
     /// Resident memory per held retry above the level before the run, in bytes.
     pub fn bytes_per_retry(&self) -> f64 {
-        self.rss_holding_bytes.saturating_sub(self.rss_before_run_bytes) as f64
+        self.rss_holding_bytes
+            .saturating_sub(self.rss_before_run_bytes) as f64
             / self.held.max(1) as f64
     }
 }
 
-/// What a scenario measured.
+/// The measurements of a scenario.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScenarioResult {
     /// The scenario.
@@ -143,7 +145,7 @@ pub struct ScenarioResult {
     pub events: usize,
     /// (event, endpoint) deliveries the events make.
     pub deliveries: usize,
-    /// Deliveries to healthy endpoints that the receiver answered 200, the measured set.
+    /// Deliveries to healthy endpoints that got a 200 response: the measured set.
     pub delivered: usize,
     /// Wall time of `hookflow::dataflow::run`, in seconds.
     pub run_seconds: f64,
@@ -230,8 +232,10 @@ fn prepare(spec: &ScenarioSpec) -> anyhow::Result<Plan> {
 
     let (tenants, per_tenant, types) = FAN_OUT_SHAPE;
     let (failing, hanging) = UNHEALTHY_PERCENT;
-    let unhealthy = || Topology::fan_out(tenants, per_tenant, types, spec.seed)
-        .with_unhealthy(failing, hanging, spec.seed);
+    let unhealthy = || {
+        Topology::fan_out(tenants, per_tenant, types, spec.seed)
+            .with_unhealthy(failing, hanging, spec.seed)
+    };
     let mut settings = ConfigSettings {
         receiver_url: spec.receiver_url.clone(),
         workers: spec.workers,
@@ -287,7 +291,7 @@ fn prepare(spec: &ScenarioSpec) -> anyhow::Result<Plan> {
     })
 }
 
-/// The deliveries `events` make in `topology`.
+/// Lists the deliveries that `events` make in `topology`.
 fn expected_deliveries(topology: &Topology, events: &[(usize, usize)], kind: Kind) -> Expected {
     let routes = topology.routes();
     let mut expected = Expected {
@@ -321,9 +325,8 @@ impl Publisher {
         let options = LocalLogOptions {
             partitions: plan.config.local_log.partitions,
         };
-        let log = LocalLog::open(&plan.data_dir, &options).with_context(|| {
-            format!("cannot open the local log in {}", plan.data_dir.display())
-        })?;
+        let log = LocalLog::open(&plan.data_dir, &options)
+            .with_context(|| format!("cannot open the local log in {}", plan.data_dir.display()))?;
         Ok(Publisher {
             log,
             published_us: Vec::with_capacity(plan.events.len()),
@@ -341,7 +344,11 @@ impl Publisher {
                 .map(|number| {
                     let (tenant, event_type) = plan.events[number];
                     let tenant = &plan.topology.tenants[tenant];
-                    let line = event_line(number as u64, tenant, &plan.topology.event_types[event_type]);
+                    let line = event_line(
+                        number as u64,
+                        tenant,
+                        &plan.topology.event_types[event_type],
+                    );
                     (tenant.clone(), line)
                 })
                 .collect();
@@ -459,7 +466,13 @@ fn run_steady(
         }
     }
     let published_per_second = published as f64 / publishing.elapsed().as_secs_f64();
-    let waited = wait_for(control, 200, plan.events.len() as u64, spec.wait_secs, &pipeline);
+    let waited = wait_for(
+        control,
+        200,
+        plan.events.len() as u64,
+        spec.wait_secs,
+        &pipeline,
+    );
 
     stop.stop();
     let report = join_pipeline(pipeline)?;
@@ -487,8 +500,8 @@ fn run_steady(
     Ok(result)
 }
 
-/// Scenario (e): every first attempt fails and its retry is an hour away; once the receiver
-/// has seen every first attempt, sample the memory, then stop.
+/// Scenario (e): every first attempt fails and its retry is an hour away. Once the receiver
+/// has seen every first attempt, samples the memory, then stops.
 fn run_pending(
     spec: &ScenarioSpec,
     plan: &Plan,
@@ -509,7 +522,13 @@ fn run_pending(
             .spawn(move || run(options))
             .context("cannot start the pipeline thread")?
     };
-    let waited = wait_for(control, 503, plan.events.len() as u64, spec.wait_secs, &pipeline);
+    let waited = wait_for(
+        control,
+        503,
+        plan.events.len() as u64,
+        spec.wait_secs,
+        &pipeline,
+    );
 
     // The last answers are still on their way back to the pipeline when the receiver has
     // counted them, so the samples span a second after that.
@@ -552,7 +571,7 @@ fn run_pending(
     Ok(result)
 }
 
-/// Waits until the receiver has answered `status` to at least `count` requests, at most
+/// Waits until the receiver has sent at least `count` responses with `status`, at most
 /// `wait_secs`, or until the pipeline thread ends.
 fn wait_for(
     control: &ReceiverControl,
@@ -568,10 +587,13 @@ fn wait_for(
             return Ok(());
         }
         if pipeline.is_finished() {
-            bail!("the pipeline stopped after {seen} of {count} requests answered {status}");
+            bail!("the pipeline stopped after {seen} of {count} responses with status {status}");
         }
         if Instant::now() >= deadline {
-            bail!("only {seen} of {count} requests answered {status} within {wait_secs} s");
+            bail!(
+                "timed out after {wait_secs} s with {seen} of {count} responses with status \
+                 {status}; raise --timeout-secs if the machine is slow"
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -10,10 +10,10 @@ use anyhow::{bail, Context};
 
 use crate::control::ReceiverProcess;
 use crate::raw;
-use crate::report::{Machine, Report, Settings};
+use crate::report::{load_average, Machine, Report, Settings};
 use crate::scenario::{Kind, ScenarioResult, ScenarioSpec};
 
-/// What to run and how.
+/// Settings of a benchmark run.
 #[derive(Debug, Clone)]
 pub struct SuiteOptions {
     /// The settings recorded in the report.
@@ -22,11 +22,11 @@ pub struct SuiteOptions {
     pub kinds: Vec<Kind>,
     /// Events per second of (d); half of (a)'s rate when `None`.
     pub steady_rate: Option<f64>,
-    /// Where the scenarios' directories go.
+    /// Parent directory of the scenarios' directories.
     pub dir: PathBuf,
-    /// Longest time a scenario process may take before it is killed.
+    /// Maximum time a scenario process may take before it is killed.
     pub scenario_timeout: Duration,
-    /// Longest wait for deliveries in (d) and (e), in seconds.
+    /// Maximum wait for deliveries in (d) and (e), in seconds.
     pub wait_secs: u64,
 }
 
@@ -37,6 +37,7 @@ pub struct SuiteOptions {
 /// Fails if the receiver cannot start, or a scenario process fails or times out.
 pub fn run_suite(options: &SuiteOptions) -> anyhow::Result<Report> {
     let settings = &options.settings;
+    let machine = Machine::detect();
     let started_at_secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs());
@@ -50,11 +51,15 @@ pub fn run_suite(options: &SuiteOptions) -> anyhow::Result<Report> {
         settings.events,
         settings.concurrency,
     )?;
-    tracing::info!(per_second = raw.per_second as u64, failures = raw.failures, "Raw ceiling measured.");
+    tracing::info!(
+        per_second = raw.per_second as u64,
+        failures = raw.failures,
+        "Raw ceiling measured."
+    );
 
     let mut report = Report {
         started_at_secs,
-        machine: Machine::detect(),
+        machine,
         settings: settings.clone(),
         raw,
         scenarios: Vec::new(),
@@ -82,7 +87,11 @@ pub fn run_suite(options: &SuiteOptions) -> anyhow::Result<Report> {
             unhealthy_timeout_ms: settings.unhealthy_timeout_ms,
             wait_secs: options.wait_secs,
         };
-        tracing::info!(scenario = kind.short_name(), description = kind.description(), "Scenario started.");
+        tracing::info!(
+            scenario = kind.short_name(),
+            description = kind.description(),
+            "Scenario started."
+        );
         let result = run_child(&spec, options.scenario_timeout)
             .with_context(|| format!("scenario ({}) failed", kind.short_name()))?;
         tracing::info!(
@@ -98,6 +107,7 @@ pub fn run_suite(options: &SuiteOptions) -> anyhow::Result<Report> {
         report.scenarios.push(result);
     }
     drop(receiver);
+    report.machine.load_at_end = load_average();
     report.evaluate_targets();
     Ok(report)
 }
@@ -117,7 +127,8 @@ fn run_child(spec: &ScenarioSpec, timeout: Duration) -> anyhow::Result<ScenarioR
         .spawn()
         .with_context(|| format!("cannot start {} scenario", executable.display()))?;
 
-    // Read standard output on a thread, so that the child never blocks on a full pipe.
+    // A thread drains standard output while this one waits, so a full pipe cannot block the
+    // child.
     let mut stdout = child.stdout.take().context("the scenario has no stdout")?;
     let reader = std::thread::spawn(move || {
         let mut text = String::new();
@@ -132,7 +143,10 @@ fn run_child(spec: &ScenarioSpec, timeout: Duration) -> anyhow::Result<ScenarioR
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("the scenario did not finish within {} s; it was killed", timeout.as_secs());
+            bail!(
+                "the scenario did not finish within {} s; it was killed",
+                timeout.as_secs()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     };

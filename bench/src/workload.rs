@@ -1,4 +1,4 @@
-//! What a scenario delivers: the endpoints and their subscriptions (a [`Topology`]), the
+//! The workload of a scenario: the endpoints and their subscriptions (a [`Topology`]), the
 //! events published, and the `hookflow run` configuration that points the endpoints at the
 //! receiver.
 //!
@@ -55,17 +55,17 @@ pub struct EndpointSpec {
     pub tenant: usize,
     /// Indexes into [`Topology::event_types`] of the types routed to this endpoint.
     pub event_types: Vec<usize>,
-    /// How the receiver answers it.
+    /// The receiver's behaviour for it.
     pub mode: Mode,
 }
 
 impl EndpointSpec {
-    /// The endpoint id in the configuration.
+    /// Returns the endpoint id in the configuration.
     pub fn id(&self) -> String {
         format!("ep{}", self.number)
     }
 
-    /// The receiver path of the endpoint.
+    /// Returns the receiver path of the endpoint.
     pub fn path(&self) -> String {
         format!("/e/{}/{}", self.number, self.mode.segment())
     }
@@ -83,7 +83,7 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// One tenant, one event type and one endpoint answered as `mode`.
+    /// Creates one tenant, one event type and one endpoint with the receiver behaviour `mode`.
     pub fn single(mode: Mode) -> Topology {
         Topology {
             tenants: vec!["t0".to_string()],
@@ -97,9 +97,9 @@ impl Topology {
         }
     }
 
-    /// `tenants` tenants with `endpoints_per_tenant` endpoints each and `event_types` event
-    /// types; each (tenant, type) is routed to 1 to 3 of the tenant's endpoints (uniformly, at
-    /// most `endpoints_per_tenant`), chosen by `seed`.
+    /// Creates `tenants` tenants with `endpoints_per_tenant` endpoints each and `event_types`
+    /// event types. Each (tenant, type) is routed to 1 to 3 of the tenant's endpoints (uniformly,
+    /// at most `endpoints_per_tenant`), chosen by `seed`.
     pub fn fan_out(
         tenants: usize,
         endpoints_per_tenant: usize,
@@ -135,21 +135,30 @@ impl Topology {
         }
     }
 
-    /// Answers `failing_percent` % of the endpoints with 503 and another `hanging_percent` %
-    /// by holding the request (rounded down, chosen by `seed`).
-    pub fn with_unhealthy(mut self, failing_percent: usize, hanging_percent: usize, seed: u64) -> Topology {
+    /// Makes `failing_percent` % of the endpoints respond with 503 and another
+    /// `hanging_percent` % hold the request (rounded down, chosen by `seed`).
+    pub fn with_unhealthy(
+        mut self,
+        failing_percent: usize,
+        hanging_percent: usize,
+        seed: u64,
+    ) -> Topology {
         let count = self.endpoints.len();
         let failing = count * failing_percent / 100;
         let hanging = count * hanging_percent / 100;
         let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_fa11);
         let chosen = sample(&mut rng, count, (failing + hanging).min(count));
         for (rank, index) in chosen.into_iter().enumerate() {
-            self.endpoints[index].mode = if rank < failing { Mode::Fail } else { Mode::Hang };
+            self.endpoints[index].mode = if rank < failing {
+                Mode::Fail
+            } else {
+                Mode::Hang
+            };
         }
         self
     }
 
-    /// The same topology without its failing and hanging endpoints.
+    /// Returns the same topology without its failing and hanging endpoints.
     pub fn healthy_only(&self) -> Topology {
         Topology {
             endpoints: self
@@ -178,7 +187,7 @@ impl Topology {
     }
 }
 
-/// The (tenant, event type) of each of `count` events, drawn uniformly with `seed`.
+/// Draws the (tenant, event type) of each of `count` events uniformly with `seed`.
 pub fn draw_events(topology: &Topology, count: usize, seed: u64) -> Vec<(usize, usize)> {
     let mut rng = StdRng::seed_from_u64(seed ^ 0xe7e7_e7e7);
     (0..count)
@@ -210,8 +219,7 @@ pub struct ConfigSettings {
 
 /// Returns the TOML configuration of `topology` with `settings`, archiving to `archive_dir`.
 pub fn config_text(topology: &Topology, settings: &ConfigSettings, archive_dir: &Path) -> String {
-    let quoted_dir =
-        serde_json::to_string(&archive_dir.display().to_string()).unwrap_or_default();
+    let quoted_dir = serde_json::to_string(&archive_dir.display().to_string()).unwrap_or_default();
     let mut text = String::new();
     let _ = write!(
         text,
@@ -279,7 +287,7 @@ mod tests {
     }
 
     #[test]
-    fn fan_out_routes_one_to_three_endpoints_of_the_tenant() {
+    fn fan_out_reaches_one_to_three_endpoints() {
         let topology = Topology::fan_out(200, 5, 5, 42);
         assert_eq!(topology.endpoints.len(), 1000);
         let routes = topology.routes();
@@ -321,7 +329,8 @@ mod tests {
         let topology = Topology::fan_out(3, 2, 4, 1);
         let events = draw_events(&topology, 500, 9);
         assert_eq!(events.len(), 500);
-        assert!(events.iter().all(|(tenant, t)| *tenant < 3 && *t < 4));
+        assert!(events.iter().all(|(tenant, _)| *tenant < 3));
+        assert!(events.iter().all(|(_, event_type)| *event_type < 4));
         assert_eq!(events, draw_events(&topology, 500, 9));
     }
 
