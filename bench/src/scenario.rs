@@ -41,6 +41,12 @@ pub const UNHEALTHY_PERCENT: (usize, usize) = (10, 1);
 /// latency does not include the pipeline's start.
 const WARM_UP_EVENTS: u64 = 20;
 
+/// Events published at once in the pending-retries scenario, which waits for their first
+/// attempts before it publishes more. Deliveries waiting for an in-flight place are parked
+/// and the source reads on, so a larger backlog would be read into memory. Memory that the
+/// allocator keeps after that backlog is sent would then count as memory of the retries.
+const PENDING_WAVE: usize = 5_000;
+
 /// The retry delay of the pending-retries scenario: long enough that no retry comes due
 /// during the run.
 const PENDING_RETRY_DELAY_MS: u64 = 3_600_000;
@@ -121,7 +127,7 @@ pub struct ScenarioSpec {
 pub struct PendingMemory {
     /// Retries held when the run stopped, counted from the archive.
     pub held: usize,
-    /// Resident memory after publishing, before the pipeline started, in bytes.
+    /// Resident memory before the pipeline started, in bytes.
     pub rss_before_run_bytes: u64,
     /// Largest resident memory sampled while the retries were held, in bytes.
     pub rss_holding_bytes: u64,
@@ -500,15 +506,15 @@ fn run_steady(
     Ok(result)
 }
 
-/// Scenario (e): every first attempt fails and its retry is an hour away. Once the receiver
-/// has seen every first attempt, samples the memory, then stops.
+/// Scenario (e): every first attempt fails and its retry is an hour away. Events are
+/// published in waves of [`PENDING_WAVE`] while the pipeline runs. Once the receiver has seen
+/// every first attempt, samples the memory, then stops.
 fn run_pending(
     spec: &ScenarioSpec,
     plan: &Plan,
     control: &ReceiverControl,
 ) -> anyhow::Result<ScenarioResult> {
     let mut publisher = Publisher::open(plan)?;
-    publisher.publish(plan, plan.events.len())?;
     let rss_before_run_bytes = current_rss_bytes()?;
 
     let stop = Arc::new(StopSignal::new());
@@ -522,15 +528,14 @@ fn run_pending(
             .spawn(move || run(options))
             .context("cannot start the pipeline thread")?
     };
-    let waited = wait_for(
-        control,
-        503,
-        plan.events.len() as u64,
-        spec.wait_secs,
-        &pipeline,
-    );
+    let mut waited = Ok(());
+    while waited.is_ok() && publisher.published_us.len() < plan.events.len() {
+        publisher.publish(plan, PENDING_WAVE)?;
+        let published = publisher.published_us.len() as u64;
+        waited = wait_for(control, 503, published, spec.wait_secs, &pipeline);
+    }
 
-    // The last answers are still on their way back to the pipeline when the receiver has
+    // The last responses are still on their way back to the pipeline when the receiver has
     // counted them, so the samples span a second after that.
     let mut rss_holding_bytes = 0;
     for _ in 0..10 {

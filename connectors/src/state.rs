@@ -407,6 +407,23 @@ impl StateStore {
             .sum()
     }
 
+    /// Returns whether any delivery or record decision was ever recorded (journal, pending or
+    /// decided records).
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read.
+    pub fn has_settled_work(&self) -> Result<bool, ConnectorError> {
+        self.connection
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM journal) OR EXISTS (SELECT 1 FROM pending) \
+                 OR EXISTS (SELECT 1 FROM decided)",
+                [],
+                |row| row.get::<_, bool>(0),
+            )
+            .map_err(self.error("read the journal"))
+    }
+
     /// Every pending delivery.
     ///
     /// # Errors

@@ -270,7 +270,12 @@ fn run_worker(
     store.ensure_workers(peers)?;
     let checkpoint = store.checkpoint()?;
     let mut resume_bounds = ResumeBounds::new();
-    for partition in (0..log.partitions()).filter(|p| *p as usize % peers == index) {
+    // With nothing journaled, pending or decided, no re-read record can have been handled, so
+    // the per-delivery lookups are skipped.
+    let handled_before = store.has_settled_work()?;
+    for partition in
+        (0..log.partitions()).filter(|p| *p as usize % peers == index && handled_before)
+    {
         let end = log.end_offset(partition)?;
         if end > checkpoint.get(&partition).copied().unwrap_or(0) {
             resume_bounds.insert(partition, end);

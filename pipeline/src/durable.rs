@@ -68,6 +68,8 @@ pub struct Archiver {
     pub files: Vec<PathBuf>,
     /// Attempt rows written to the state store by this run, by outcome.
     pub outcomes: std::collections::BTreeMap<String, u64>,
+    /// Rows of this writer in staging, counted here because a SQL count scans every row.
+    staged: u64,
 }
 
 impl Archiver {
@@ -87,7 +89,9 @@ impl Archiver {
         for (first, last) in staged_ranges(archive_dir, &policy.prefix)? {
             store.borrow_mut().unstage(&policy.prefix, first, last)?;
         }
+        let staged = store.borrow().staged_count(&policy.prefix)?;
         Ok(Archiver {
+            staged,
             store,
             writer,
             policy,
@@ -108,7 +112,7 @@ impl Archiver {
         let due = force || now_ms.saturating_sub(self.last_flush_ms) >= self.policy.max_file_age_ms;
         let max_rows = self.policy.max_rows_per_file.max(1);
         loop {
-            let staged = self.store.borrow().staged_count(&self.policy.prefix)?;
+            let staged = self.staged;
             let full = staged >= max_rows as u64;
             if staged == 0 || !(due || full) {
                 break;
@@ -211,6 +215,7 @@ pub fn persist<'scope>(
                         for row in &batch.rows {
                             *archiver.outcomes.entry(row.outcome.clone()).or_default() += 1;
                         }
+                        archiver.staged += batch.rows.len() as u64;
                         let attempts = batch.rows.iter().filter(|row| row.started_at_ms.is_some()).count();
                         unsynced_results.fetch_sub(attempts.min(unsynced_results.load(Ordering::SeqCst)), Ordering::SeqCst);
                         batch = DurableBatch::default();
