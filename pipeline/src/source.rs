@@ -9,9 +9,12 @@
 //! probe placed after the durable writes, each with its time and the offsets it reached. A
 //! batch whose time the probe has passed is settled: every delivery of its records is
 //! journaled or durably pending, so the checkpoint moves past it. Reading pauses while more
-//! than `max_read_ahead` records are in the dataflow, so a slow endpoint cannot make the
-//! source buffer the log in memory. The capability is dropped when the pipeline stops, or,
-//! with `until_idle`, once a poll finds every owned partition at its end.
+//! than `max_read_ahead` records are in the dataflow. The capability is dropped when the
+//! pipeline stops, or, with `until_idle`, once a poll finds every owned partition at its end.
+//!
+//! NOTE: a delivery parked as pending behind a slow endpoint leaves the dataflow's count, so
+//! `max_read_ahead` does not bound the deliver operator's in-memory backlog; counting parked
+//! deliveries against it, or keeping them only in the state store, would.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
