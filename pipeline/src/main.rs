@@ -35,7 +35,8 @@ enum Command {
         /// Directory of the local log and, by default, the archive.
         #[arg(long, value_name = "DIR")]
         data_dir: PathBuf,
-        /// Exit once every event in the log is delivered, dead-lettered, unrouted or invalid.
+        /// Exit once every event in the log is delivered, dead-lettered, expired, unrouted or
+        /// invalid; pending retries keep it running.
         #[arg(long)]
         until_idle: bool,
         /// Timely worker threads; overrides `pipeline.workers`.

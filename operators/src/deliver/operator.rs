@@ -312,6 +312,9 @@ struct DeliverState {
     endpoints: HashMap<String, EndpointState>,
     /// Endpoints with waiting deliveries and a free place, in the order they get their turn.
     ready: VecDeque<String>,
+    /// Endpoints that queued a delivery with its own capability in this run of the operator,
+    /// which `park_waiting` must visit; the others hold none.
+    unparked: HashSet<String>,
     /// Requests on the runtime, by ticket.
     in_flight: HashMap<u64, InFlight>,
     next_ticket: u64,
@@ -344,6 +347,7 @@ impl DeliverState {
             current: None,
             endpoints: HashMap::new(),
             ready: VecDeque::new(),
+            unparked: HashSet::new(),
             in_flight: HashMap::new(),
             next_ticket: 0,
             emitted: Vec::new(),
@@ -416,6 +420,7 @@ impl DeliverState {
                 .or_insert_with(|| (held.delayed(&slot_ms), Vec::new()));
             scheduled.push((slot_ms, delivery));
         } else {
+            self.unparked.insert(delivery.endpoint_id.clone());
             self.enqueue(Waiting {
                 slot_ms,
                 delivery,
@@ -710,7 +715,10 @@ impl DeliverState {
     /// `current` cover it, so that a slow endpoint's queue does not hold back the frontier.
     fn park_waiting(&mut self, now: Millis) {
         let mut parked: Vec<(Capability<u64>, PendingDelivery)> = Vec::new();
-        for state in self.endpoints.values_mut() {
+        for endpoint_id in self.unparked.drain() {
+            let Some(state) = self.endpoints.get_mut(&endpoint_id) else {
+                continue;
+            };
             for waiting in state.waiting.iter_mut() {
                 if let Some(held) = waiting.held.take() {
                     let due_ms = waiting.slot_ms.max(now);
