@@ -8,7 +8,7 @@
 //! * a delivery is in `pending` or in the journal, never both: the batch that journals a
 //!   delivery deletes its pending entry in the same transaction;
 //! * a staged attempt row leaves staging only after the Parquet file holding it is complete;
-//! * `first_seen` holds the first occurrence of each (tenant, event id) inside the dedup window.
+//! * `first_seen` contains the first occurrence of each (tenant, event id) inside the dedup window.
 //!
 //! ```text
 //! meta        (key TEXT PK, value TEXT)                format_version = 1
@@ -79,7 +79,7 @@ impl StateStore {
         Ok(StateStore { connection, path })
     }
 
-    /// The database file.
+    /// Returns the database file's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -92,7 +92,7 @@ impl StateStore {
         }
     }
 
-    /// The next offset to read of every partition with a checkpoint.
+    /// Reads the next offset to read of every partition with a checkpoint.
     ///
     /// # Errors
     ///
@@ -271,7 +271,7 @@ impl StateStore {
         transaction.commit().map_err(&error)
     }
 
-    /// Returns whether the journal holds the delivery of (tenant, event id) to the endpoint.
+    /// Returns whether the journal contains the delivery of (tenant, event id) to the endpoint.
     ///
     /// # Errors
     ///
@@ -386,7 +386,7 @@ impl StateStore {
             .map_err(self.error("read pending offsets"))
     }
 
-    /// The number of pending deliveries.
+    /// Counts the pending deliveries.
     ///
     /// # Errors
     ///
@@ -397,7 +397,7 @@ impl StateStore {
             .map_err(self.error("count pending deliveries"))
     }
 
-    /// The size in bytes of the store's database file and its write-ahead log.
+    /// Returns the size in bytes of the store's database file and its write-ahead log.
     pub fn disk_bytes(&self) -> u64 {
         let wal = self.path.with_extension("sqlite-wal");
         [self.path.as_path(), wal.as_path()]
@@ -424,7 +424,7 @@ impl StateStore {
             .map_err(self.error("read the journal"))
     }
 
-    /// Every pending delivery.
+    /// Reads every pending delivery.
     ///
     /// # Errors
     ///
@@ -451,7 +451,7 @@ impl StateStore {
             .collect()
     }
 
-    /// The first occurrences seen at or after `since_ms`.
+    /// Reads the first occurrences seen at or after `since_ms`.
     ///
     /// # Errors
     ///
@@ -479,7 +479,7 @@ impl StateStore {
             .map_err(self.error("read first occurrences"))
     }
 
-    /// Up to `limit` staged rows of `writer`, oldest first, with their sequence numbers.
+    /// Reads up to `limit` staged rows of `writer`, oldest first, with their sequence numbers.
     ///
     /// # Errors
     ///
@@ -516,7 +516,8 @@ impl StateStore {
             .collect()
     }
 
-    /// The number of staged rows of `writer`.
+    /// Counts the staged rows of `writer`. The count scans every staged row, so callers on a
+    /// hot path keep their own.
     ///
     /// # Errors
     ///
