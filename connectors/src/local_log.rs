@@ -225,12 +225,7 @@ impl LocalLog {
 
     /// The size in bytes of the log's database file and its write-ahead log.
     pub fn disk_bytes(&self) -> u64 {
-        let wal = self.path.with_extension("sqlite-wal");
-        [self.path.as_path(), wal.as_path()]
-            .iter()
-            .filter_map(|path| fs::metadata(path).ok())
-            .map(|metadata| metadata.len())
-            .sum()
+        sqlite_disk_bytes(&self.path)
     }
 
     /// Appends all records in one transaction and returns the (partition, offset) of each, in
@@ -420,19 +415,20 @@ impl Source for LocalLog {
 /// ```
 pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
     // The remainder is below `partitions`, so the cast loses nothing.
-    (fnv1a_64(key) % u64::from(partitions)) as u32
-}
-
-/// Computes the 64-bit FNV-1a hash of `bytes`.
-fn fnv1a_64(bytes: &[u8]) -> u64 {
-    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    bytes.iter().fold(OFFSET_BASIS, |hash, &byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(PRIME)
-    })
+    (hookflow_schemas::fnv1a(key) % u64::from(partitions)) as u32
 }
 
 /// Opens a connection in WAL mode with a busy timeout and `synchronous=FULL`.
+/// Returns the size in bytes of the SQLite database at `path` and its write-ahead log.
+pub(crate) fn sqlite_disk_bytes(path: &Path) -> u64 {
+    let wal = path.with_extension("sqlite-wal");
+    [path, wal.as_path()]
+        .iter()
+        .filter_map(|path| fs::metadata(path).ok())
+        .map(|metadata| metadata.len())
+        .sum()
+}
+
 pub(crate) fn open_connection(path: &Path) -> Result<Connection, ConnectorError> {
     let sqlite_error = |action| {
         move |source| ConnectorError::Sqlite {
@@ -566,14 +562,6 @@ fn initialize(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Published 64-bit FNV-1a values of "", "a" and "foobar".
-    #[test]
-    fn fnv1a_64_matches_reference_vectors() {
-        assert_eq!(fnv1a_64(b""), 0xcbf2_9ce4_8422_2325);
-        assert_eq!(fnv1a_64(b"a"), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(fnv1a_64(b"foobar"), 0x8594_4171_f739_67e8);
-    }
 
     #[test]
     fn partition_for_key_is_hash_modulo_count() {

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use hookflow_schemas::{AttemptRow, FirstSeen, Millis, Outcome, PendingDelivery};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::local_log::open_connection;
+use crate::local_log::{open_connection, sqlite_disk_bytes};
 use crate::ConnectorError;
 
 /// The on-disk format version of the state store.
@@ -399,12 +399,7 @@ impl StateStore {
 
     /// Returns the size in bytes of the store's database file and its write-ahead log.
     pub fn disk_bytes(&self) -> u64 {
-        let wal = self.path.with_extension("sqlite-wal");
-        [self.path.as_path(), wal.as_path()]
-            .iter()
-            .filter_map(|path| std::fs::metadata(path).ok())
-            .map(|metadata| metadata.len())
-            .sum()
+        sqlite_disk_bytes(&self.path)
     }
 
     /// Returns whether any delivery or record decision was ever recorded (journal, pending or

@@ -5,7 +5,7 @@
 //! (tenant, event id, endpoint id, generation, attempt), which spreads the retries of many
 //! deliveries that failed together without making any one of them random.
 
-use hookflow_schemas::{Delivery, Millis};
+use hookflow_schemas::{fnv1a_extend, Delivery, Millis, FNV1A_OFFSET};
 
 /// The default delays between attempts, close to Stripe's three days: 5 s, 5 min, 30 min,
 /// 2 h, 5 h, 10 h, 14 h, 20 h and 24 h; ten attempts in all.
@@ -83,27 +83,18 @@ fn jitter(delay: u64, percent: u8, seed: u64) -> u64 {
 /// The jitter seed of `delivery`'s attempt number `attempt`.
 pub fn jitter_seed(delivery: &Delivery, attempt: u32) -> u64 {
     let event = &delivery.ingested.event;
-    let mut hash = FNV_OFFSET;
+    let mut hash = FNV1A_OFFSET;
     for part in [
         event.tenant.as_bytes(),
         event.id.as_bytes(),
         delivery.endpoint_id.as_bytes(),
     ] {
-        hash = fnv1a(hash, part);
+        hash = fnv1a_extend(hash, part);
         // A separator byte that UTF-8 text never contains keeps ("ab","c") apart from ("a","bc").
-        hash = fnv1a(hash, &[0xff]);
+        hash = fnv1a_extend(hash, &[0xff]);
     }
-    hash = fnv1a(hash, &delivery.generation.to_le_bytes());
-    fnv1a(hash, &attempt.to_le_bytes())
-}
-
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-
-fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
-    for byte in bytes {
-        hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash
+    hash = fnv1a_extend(hash, &delivery.generation.to_le_bytes());
+    fnv1a_extend(hash, &attempt.to_le_bytes())
 }
 
 /// Mixes a 64-bit value into a well-distributed one (Steele, Lea and Flood's SplitMix64).

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use hookflow::publish::{publish_reader, PublishOptions};
 use hookflow::receiver::{Behaviour, Receiver};
 use hookflow_connectors::read_attempts;
+use hookflow_operators::clock::{Clock, WallClock};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -145,7 +146,8 @@ fn kill_and_restart_loses_nothing() {
                 max_payload_bytes: 1 << 20,
             };
             for chunk in chunks {
-                publish_reader(chunk.as_bytes(), "kill test", &options, now_ms()).expect("publish");
+                publish_reader(chunk.as_bytes(), "kill test", &options, WallClock.now_ms())
+                    .expect("publish");
                 std::thread::sleep(Duration::from_millis(40));
             }
         })
@@ -295,11 +297,4 @@ fn kill_and_restart_loses_nothing() {
         without_row <= bound,
         "{without_row} delivered requests have no row"
     );
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

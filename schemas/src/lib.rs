@@ -11,6 +11,7 @@
 mod attempt;
 mod endpoint;
 mod event;
+mod hash;
 
 pub use attempt::{
     attempt_schema, attempts_to_record_batch, AttemptRow, ErrorKind, Outcome,
@@ -21,6 +22,7 @@ pub use event::{
     decode_event, DecodeError, Delivery, Event, FirstSeen, IngestedEvent, PendingDelivery,
     SourceRecord, DEFAULT_MAX_PAYLOAD_BYTES,
 };
+pub use hash::{fnv1a, fnv1a_extend, FNV1A_OFFSET};
 
 /// Milliseconds since the Unix epoch, UTC. Dataflow timestamps use the same unit.
 pub type Millis = u64;
