@@ -183,7 +183,7 @@ impl Default for RetryConfig {
 }
 
 impl RetryConfig {
-    /// The retry policy this section describes.
+    /// Returns the retry policy this section describes.
     pub fn policy(&self) -> RetryPolicy {
         RetryPolicy {
             schedule_ms: self.schedule_ms.clone(),
@@ -417,7 +417,7 @@ impl Config {
         Ok(networks)
     }
 
-    /// The configured endpoints, validated.
+    /// Returns the configured endpoints, validated.
     pub fn endpoints(&self) -> Vec<Endpoint> {
         self.endpoints
             .iter()

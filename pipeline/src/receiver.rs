@@ -7,17 +7,17 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::Router;
+use hookflow_operators::clock::{Clock, WallClock};
 
-/// How the receiver answers requests to one path.
+/// The receiver's response to requests on one path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Behaviour {
-    /// Always answer this status.
+    /// Always respond with this status.
     Status(u16),
     /// Answer `status` to the first `failures` requests of each `webhook-id`, then 200.
     FailFirst {
@@ -40,10 +40,10 @@ pub enum Behaviour {
 
 /// Computes how many failures [`Behaviour::Seeded`] returns to `webhook_id` on `path`.
 pub fn seeded_failures(seed: u64, max_failures: u32, path: &str, webhook_id: &str) -> u32 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
-    for byte in path.bytes().chain([0xff]).chain(webhook_id.bytes()) {
-        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let mut hash = hookflow_schemas::FNV1A_OFFSET ^ seed;
+    hash = hookflow_schemas::fnv1a_extend(hash, path.as_bytes());
+    hash = hookflow_schemas::fnv1a_extend(hash, &[0xff]);
+    hash = hookflow_schemas::fnv1a_extend(hash, webhook_id.as_bytes());
     u32::try_from(hash % (u64::from(max_failures) + 1)).unwrap_or(0)
 }
 
@@ -63,7 +63,7 @@ pub struct ReceivedRequest {
 }
 
 impl ReceivedRequest {
-    /// The value of header `name` (lowercase), if present.
+    /// Returns the value of header `name` (lowercase), if present.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -131,17 +131,17 @@ impl Receiver {
         })
     }
 
-    /// The receiver's address.
+    /// Returns the receiver's address.
     pub fn address(&self) -> SocketAddr {
         self.address
     }
 
-    /// The URL of `path` on this receiver.
+    /// Returns the URL of `path` on this receiver.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.address, path)
     }
 
-    /// Every request received so far, in arrival order.
+    /// Returns every request received so far, in arrival order.
     pub fn requests(&self) -> Vec<ReceivedRequest> {
         self.state
             .requests
@@ -150,7 +150,7 @@ impl Receiver {
             .unwrap_or_default()
     }
 
-    /// The requests received on `path` so far.
+    /// Returns the requests received on `path` so far.
     pub fn requests_to(&self, path: &str) -> Vec<ReceivedRequest> {
         self.requests()
             .into_iter()
@@ -187,10 +187,7 @@ async fn receive(
     headers: HeaderMap,
     body: Bytes,
 ) -> StatusCode {
-    let received_at_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or_default();
+    let received_at_ms = WallClock.now_ms();
     let path = uri.path().to_string();
     let webhook_id = headers
         .get("webhook-id")

@@ -50,7 +50,7 @@ pub const ATTEMPT_SCHEMA_VERSION: u32 = 1;
 /// The result an attempt row records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Outcome {
-    /// The endpoint answered 2xx.
+    /// The endpoint responded with a 2xx status.
     Delivered,
     /// The attempt failed and a retry is scheduled (`next_attempt_at`).
     Failed,
@@ -86,9 +86,9 @@ impl Outcome {
 /// Why an HTTP attempt did not deliver, archived in the `error_kind` column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum ErrorKind {
-    /// The endpoint answered with a non-2xx status.
+    /// The endpoint responded with a non-2xx status.
     HttpStatus,
-    /// The endpoint answered with a redirect, which is not followed.
+    /// The endpoint responded with a redirect, which is not followed.
     Redirect,
     /// Connecting failed (refused, unreachable, DNS).
     Connect,
@@ -162,7 +162,8 @@ pub struct AttemptRow {
 }
 
 impl AttemptRow {
-    /// A row for a record that could not be decoded: dead-lettered with `reason`, no request.
+    /// Builds the row of a record that could not be decoded: dead-lettered with the decode
+    /// error, without a request.
     pub fn invalid(
         record: &crate::SourceRecord,
         error: &crate::DecodeError,
@@ -193,7 +194,7 @@ impl AttemptRow {
         }
     }
 
-    /// A row for an event that no endpoint subscribes to, decided without a request.
+    /// Builds the row of an event that no endpoint subscribes to, decided without a request.
     pub fn unrouted(
         ingested: &crate::IngestedEvent,
         due_at_ms: Millis,
@@ -214,7 +215,7 @@ impl AttemptRow {
     }
 }
 
-/// The Arrow schema of the attempt archive.
+/// Returns the Arrow schema of the attempt archive.
 pub fn attempt_schema() -> SchemaRef {
     let ts = || DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
     let metadata = [(

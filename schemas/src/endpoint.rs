@@ -9,7 +9,7 @@ pub struct Endpoint {
     pub id: String,
     /// The tenant whose events this endpoint receives.
     pub tenant: String,
-    /// Where deliveries are POSTed.
+    /// The URL deliveries are POSTed to.
     pub url: String,
     /// The event types the endpoint subscribes to; an event matching any of them is delivered.
     pub event_types: Vec<EventTypePattern>,
@@ -19,7 +19,7 @@ pub struct Endpoint {
     pub timeout_ms: u64,
     /// Limit on establishing the connection (ms).
     pub connect_timeout_ms: u64,
-    /// Most requests in flight to this endpoint at once.
+    /// Maximum requests in flight to this endpoint at once.
     pub max_in_flight: usize,
     /// Whether deliveries are attempted.
     pub enabled: bool,

@@ -119,7 +119,7 @@ pub struct PendingDelivery {
 }
 
 impl PendingDelivery {
-    /// The pending form of `delivery`, due at `due_ms`.
+    /// Builds the pending form of `delivery`, due at `due_ms`.
     pub fn from_delivery(delivery: &Delivery, due_ms: Millis) -> Self {
         let ingested = &delivery.ingested;
         PendingDelivery {
@@ -138,7 +138,7 @@ impl PendingDelivery {
         }
     }
 
-    /// The delivery this entry restores, without its payload.
+    /// Rebuilds the delivery this entry restores, without its payload.
     pub fn to_delivery(&self) -> Delivery {
         Delivery {
             endpoint_id: self.endpoint_id.clone(),

@@ -79,7 +79,7 @@ pub const DEFAULT_MAX_IN_FLIGHT_TOTAL: usize = 256;
 /// deliveries up to "now", in ms: the most a slow endpoint can hold back the frontier.
 pub const HOLD_REFRESH_MS: u64 = 100;
 
-/// The least time between two logged failures of one endpoint, in ms.
+/// Minimum time between two logged failures of one endpoint, in ms.
 pub const FAILURE_LOG_MS: u64 = 10_000;
 
 /// The default bound on attempt results not yet durably written.
@@ -245,14 +245,7 @@ impl<'scope> Deliver<'scope> for Stream<'scope, u64, Vec<Delivery>> {
 /// The function is fixed here, not taken from `std` or a hashing crate, so every process
 /// and every build agrees on which worker owns an endpoint.
 pub fn endpoint_hash(endpoint_id: &str) -> u64 {
-    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    endpoint_id
-        .as_bytes()
-        .iter()
-        .fold(OFFSET_BASIS, |hash, byte| {
-            (hash ^ u64::from(*byte)).wrapping_mul(PRIME)
-        })
+    hookflow_schemas::fnv1a(endpoint_id.as_bytes())
 }
 
 /// A due delivery waiting for an in-flight place.
