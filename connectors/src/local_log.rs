@@ -45,7 +45,7 @@ use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hookflow_schemas::{Millis, SourceRecord};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -418,7 +418,6 @@ pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
     (hookflow_schemas::fnv1a(key) % u64::from(partitions)) as u32
 }
 
-/// Opens a connection in WAL mode with a busy timeout and `synchronous=FULL`.
 /// Returns the size in bytes of the SQLite database at `path` and its write-ahead log.
 pub(crate) fn sqlite_disk_bytes(path: &Path) -> u64 {
     let wal = path.with_extension("sqlite-wal");
@@ -429,6 +428,7 @@ pub(crate) fn sqlite_disk_bytes(path: &Path) -> u64 {
         .sum()
 }
 
+/// Opens a connection in WAL mode with a busy timeout and `synchronous=FULL`.
 pub(crate) fn open_connection(path: &Path) -> Result<Connection, ConnectorError> {
     let sqlite_error = |action| {
         move |source| ConnectorError::Sqlite {
@@ -445,9 +445,22 @@ pub(crate) fn open_connection(path: &Path) -> Result<Connection, ConnectorError>
 
     // The journal mode is stored in the database file, so the first connection switches it and
     // later connections find it set.
-    let mode: String = connection
-        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
-        .map_err(sqlite_error("switch to WAL journal mode"))?;
+    //
+    // SQLite does not call the busy handler when the switch meets another connection's lock
+    // (two processes opening a new log at once do), so this retries until the busy timeout.
+    let deadline = Instant::now() + BUSY_TIMEOUT;
+    let mode: String = loop {
+        match connection.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)) {
+            Ok(mode) => break mode,
+            Err(rusqlite::Error::SqliteFailure(failure, _))
+                if failure.code == rusqlite::ErrorCode::DatabaseBusy
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(source) => return Err(sqlite_error("switch to WAL journal mode")(source)),
+        }
+    };
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(ConnectorError::WalUnavailable {
             path: path.to_path_buf(),

@@ -274,7 +274,7 @@ fn zero_partitions_rejected() {
 #[test]
 fn concurrent_open_creates_log_once() -> TestResult {
     let dir = tempfile::tempdir()?;
-    let requested = [2_u32, 3, 4, 5];
+    let requested = [2_u32, 3, 4, 5, 6, 7, 8, 9];
     let barrier = Arc::new(Barrier::new(requested.len()));
 
     let openers: Vec<_> = requested
