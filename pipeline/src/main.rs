@@ -1,4 +1,4 @@
-//! The `hookflow` command line: `run`, `publish` and `demo`.
+//! The `hookflow` command line: `run`, `publish`, `replay`, `stats` and `demo`.
 
 use hookflow_operators::stop::StopSignal;
 use std::path::PathBuf;
@@ -61,6 +61,12 @@ enum Command {
         #[arg(value_name = "FILE")]
         input: PathBuf,
     },
+    /// Republish archived deliveries or events as a new delivery generation (see README,
+    /// Replay). Needs the pipeline running to deliver them.
+    Replay(hookflow_replay::cli::ReplayArgs),
+    /// Per-endpoint statistics over the attempt archive: deliveries, success ratio, latency
+    /// percentiles, top error kinds, first and last failure.
+    Stats(hookflow_replay::cli::StatsArgs),
     /// Run a self-contained demo against a receiver on 127.0.0.1.
     Demo {
         /// Where the demo's config, log and Parquet archive go; a previous demo's are replaced.
@@ -189,6 +195,12 @@ fn execute(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Replay(args) => {
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            hookflow_replay::cli::install_stop_handler(stop.clone())?;
+            hookflow_replay::cli::run_replay(&args, stop)
+        }
+        Command::Stats(args) => hookflow_replay::cli::run_stats(&args),
         Command::Demo { dir, events, seed } => {
             let summary = run_demo(&DemoOptions { dir, events, seed })?;
             print!("{summary}");
