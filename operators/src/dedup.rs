@@ -260,14 +260,20 @@ mod tests {
             from_partition: Some(0),
             from_offset: Some(0),
         });
-        assert!(index.admit(&replay, 20), "a replay is not a repeat of the original");
+        assert!(
+            index.admit(&replay, 20),
+            "a replay is not a repeat of the original"
+        );
         let mut appended_again = replay.clone();
         appended_again.offset = 10;
         assert!(
             !index.admit(&appended_again, 30),
             "the same replay run appended twice is a repeat"
         );
-        assert!(index.admit(&replay, 40), "a re-read of the first replay record passes");
+        assert!(
+            index.admit(&replay, 40),
+            "a re-read of the first replay record passes"
+        );
     }
 
     #[test]

@@ -182,7 +182,11 @@ fn lookup_all(
         // A replay record goes only to the endpoints it names, and to those only while they
         // belong to its tenant and subscribe to its type.
         let targets = event.event.replay.as_ref().map(|replay| &replay.endpoints);
-        let generation = event.event.replay.as_ref().map_or(0, |replay| replay.generation);
+        let generation = event
+            .event
+            .replay
+            .as_ref()
+            .map_or(0, |replay| replay.generation);
         let mut matched: Vec<&str> = subscribed
             .iter()
             .filter(|subscription| subscription.matches(&event.event.event_type))

@@ -22,7 +22,8 @@ const B02_PAYLOAD: &str = r#"{"id":"evt_b02","type":"place.updated","data":{"nam
 const B02_SHA256: &str = "7b5d0ec547c15e2b8ed6b19d11af555c990ea83ffa8107462f9b32f1b177f1c4";
 
 /// The retry-signature case's payload and its SHA-256.
-const B04_PAYLOAD: &str = r#"{"id":"evt_b04","type":"contact.updated","data":{"contact_id":"c_1"}}"#;
+const B04_PAYLOAD: &str =
+    r#"{"id":"evt_b04","type":"contact.updated","data":{"contact_id":"c_1"}}"#;
 const B04_SHA256: &str = "7c68eca7c8ec748c7b627602eb6618baa64b66c9ac6abf28bb2d47a0c6de863d";
 
 struct Fixture {
@@ -79,7 +80,11 @@ impl Fixture {
             .arg(&file)
             .output()
             .expect("run hookflow publish");
-        assert!(output.status.success(), "publish failed: {}", stderr(&output));
+        assert!(
+            output.status.success(),
+            "publish failed: {}",
+            stderr(&output)
+        );
     }
 
     fn run_until_idle(&self, config: &Path) {
@@ -90,7 +95,11 @@ impl Fixture {
             .arg(self.data_dir())
             .output()
             .expect("run hookflow run");
-        assert!(output.status.success(), "hookflow run failed: {}", stderr(&output));
+        assert!(
+            output.status.success(),
+            "hookflow run failed: {}",
+            stderr(&output)
+        );
     }
 
     /// Runs `hookflow replay --data-dir D --config C ARGS…`.
@@ -117,7 +126,11 @@ impl Fixture {
         let mut all = vec!["--dry-run", "--json"];
         all.extend_from_slice(args);
         let output = self.replay(config, &all);
-        assert!(output.status.success(), "dry run failed: {}", stderr(&output));
+        assert!(
+            output.status.success(),
+            "dry run failed: {}",
+            stderr(&output)
+        );
         serde_json::from_slice(&output.stdout).expect("dry run prints JSON")
     }
 
@@ -224,7 +237,12 @@ fn outage_replay_delivers_dead_letters_once() {
         event("acme", "msg_b04", "contact.updated", B04_PAYLOAD),
     ];
     for n in 0..18 {
-        lines.push(event("acme", &format!("evt_{n}"), "charge.succeeded", &format!(r#"{{ "n" : {n} }}"#)));
+        lines.push(event(
+            "acme",
+            &format!("evt_{n}"),
+            "charge.succeeded",
+            &format!(r#"{{ "n" : {n} }}"#),
+        ));
     }
     fixture.publish(&lines);
     fixture.run_until_idle(&config);
@@ -235,14 +253,24 @@ fn outage_replay_delivers_dead_letters_once() {
         .filter(|r| r.endpoint_id.as_deref() == Some("ep_down"))
         .collect();
     assert_eq!(dead.len(), 20);
-    assert!(dead.iter().all(|r| r.outcome == "dead_lettered"), "{dead:?}");
+    assert!(
+        dead.iter().all(|r| r.outcome == "dead_lettered"),
+        "{dead:?}"
+    );
 
-    let summary = fixture.dry_run(&config, &["--outcome", "dead-lettered", "--endpoint", "ep_down"]);
+    let summary = fixture.dry_run(
+        &config,
+        &["--outcome", "dead-lettered", "--endpoint", "ep_down"],
+    );
     assert_eq!(summary["events"], 20);
     assert_eq!(summary["deliveries"], 20);
     assert_eq!(summary["endpoints"]["ep_down"]["deliveries"], 20);
     assert!(summary["endpoints"].get("ep_up").is_none(), "{summary}");
-    assert_eq!(fixture.receiver.requests_to("/down").len(), 20, "a dry run sends nothing");
+    assert_eq!(
+        fixture.receiver.requests_to("/down").len(),
+        20,
+        "a dry run sends nothing"
+    );
 
     let pipeline = hookflow()
         .args(["run", "--config"])
@@ -254,9 +282,22 @@ fn outage_replay_delivers_dead_letters_once() {
         .expect("start hookflow run");
     let output = fixture.replay(
         &config,
-        &["--outcome", "dead-lettered", "--endpoint", "ep_down", "--id", "outage", "--rate", "1000"],
+        &[
+            "--outcome",
+            "dead-lettered",
+            "--endpoint",
+            "ep_down",
+            "--id",
+            "outage",
+            "--rate",
+            "1000",
+        ],
     );
-    assert!(output.status.success(), "replay failed: {}", stderr(&output));
+    assert!(
+        output.status.success(),
+        "replay failed: {}",
+        stderr(&output)
+    );
     let delivered = wait_for(Duration::from_secs(30), || {
         fixture.receiver.requests_to("/down").len() >= 40
     });
@@ -266,12 +307,19 @@ fn outage_replay_delivers_dead_letters_once() {
     assert!(delivered, "the replay was not delivered within 30 s");
 
     let down = fixture.receiver.requests_to("/down");
-    assert_eq!(down.len(), 40, "each event once originally and once replayed");
+    assert_eq!(
+        down.len(),
+        40,
+        "each event once originally and once replayed"
+    );
     for (id, requests) in per_id(&down) {
         assert_eq!(requests.len(), 2, "{id}");
         assert_eq!(requests[0].status, 500, "{id}");
         assert_eq!(requests[1].status, 200, "{id}");
-        assert_eq!(requests[0].body, requests[1].body, "{id}: replay body differs");
+        assert_eq!(
+            requests[0].body, requests[1].body,
+            "{id}: replay body differs"
+        );
         for request in &requests {
             verify(request);
         }
@@ -284,7 +332,11 @@ fn outage_replay_delivers_dead_letters_once() {
         r#"{ "n" : 3 }"#,
         "spacing kept, never re-serialized"
     );
-    assert_eq!(fixture.receiver.requests_to("/up").len(), 20, "ep_up is not replayed");
+    assert_eq!(
+        fixture.receiver.requests_to("/up").len(),
+        20,
+        "ep_up is not replayed"
+    );
 
     let rows = fixture.rows();
     let replayed: Vec<&AttemptRow> = rows.iter().filter(|r| r.generation > 0).collect();
@@ -295,19 +347,40 @@ fn outage_replay_delivers_dead_letters_once() {
         assert_eq!(row.outcome, "delivered");
         let original = rows
             .iter()
-            .find(|r| r.generation == 0 && r.event_id == row.event_id && r.endpoint_id == row.endpoint_id)
+            .find(|r| {
+                r.generation == 0 && r.event_id == row.event_id && r.endpoint_id == row.endpoint_id
+            })
             .expect("original row");
-        assert_eq!(row.body_sha256, original.body_sha256, "archived body hash differs");
+        assert_eq!(
+            row.body_sha256, original.body_sha256,
+            "archived body hash differs"
+        );
     }
 
     let again = fixture.replay(
         &config,
-        &["--outcome", "dead-lettered", "--endpoint", "ep_down", "--id", "outage"],
+        &[
+            "--outcome",
+            "dead-lettered",
+            "--endpoint",
+            "ep_down",
+            "--id",
+            "outage",
+        ],
     );
-    assert!(!again.status.success(), "a second run of the same replay must be refused");
+    assert!(
+        !again.status.success(),
+        "a second run of the same replay must be refused"
+    );
     assert!(stderr(&again).contains("already ran"), "{}", stderr(&again));
-    let after = fixture.dry_run(&config, &["--outcome", "dead-lettered", "--endpoint", "ep_down"]);
-    assert_eq!(after["events"], 0, "the replayed deliveries are delivered now: {after}");
+    let after = fixture.dry_run(
+        &config,
+        &["--outcome", "dead-lettered", "--endpoint", "ep_down"],
+    );
+    assert_eq!(
+        after["events"], 0,
+        "the replayed deliveries are delivered now: {after}"
+    );
 }
 
 /// A new endpoint receives exactly the selected past events of its tenant and types,
@@ -330,7 +403,12 @@ fn backfill_new_endpoint() {
             1 => ("acme", "user.created"),
             _ => ("globex", "charge.succeeded"),
         };
-        lines.push(event(tenant, &format!("evt_{n}"), event_type, &format!(r#"{{"n":{n}}}"#)));
+        lines.push(event(
+            tenant,
+            &format!("evt_{n}"),
+            event_type,
+            &format!(r#"{{"n":{n}}}"#),
+        ));
     }
     fixture.publish(&lines);
     fixture.run_until_idle(&before);
@@ -350,10 +428,18 @@ fn backfill_new_endpoint() {
 
     let mismatch = fixture.replay(&after, &["--to-endpoint", "ep_new", "--tenant", "globex"]);
     assert!(!mismatch.status.success());
-    assert!(stderr(&mismatch).contains("differs from the tenant"), "{}", stderr(&mismatch));
+    assert!(
+        stderr(&mismatch).contains("differs from the tenant"),
+        "{}",
+        stderr(&mismatch)
+    );
 
     let output = fixture.replay(&after, &["--to-endpoint", "ep_new", "--id", "backfill"]);
-    assert!(output.status.success(), "replay failed: {}", stderr(&output));
+    assert!(
+        output.status.success(),
+        "replay failed: {}",
+        stderr(&output)
+    );
     fixture.run_until_idle(&after);
 
     let received: Vec<String> = per_id(&fixture.receiver.requests_to("/new"))
@@ -363,10 +449,17 @@ fn backfill_new_endpoint() {
             id
         })
         .collect();
-    let mut expected: Vec<String> = (0..30).filter(|n| n % 3 == 0).map(|n| format!("evt_{n}")).collect();
+    let mut expected: Vec<String> = (0..30)
+        .filter(|n| n % 3 == 0)
+        .map(|n| format!("evt_{n}"))
+        .collect();
     expected.sort();
     assert_eq!(received, expected);
-    assert_eq!(fixture.receiver.requests_to("/users").len(), 10, "no other endpoint gets the replay");
+    assert_eq!(
+        fixture.receiver.requests_to("/users").len(),
+        10,
+        "no other endpoint gets the replay"
+    );
     assert_eq!(fixture.receiver.requests_to("/globex").len(), 10);
 
     let repeat = fixture.dry_run(&after, &["--to-endpoint", "ep_new"]);
@@ -388,7 +481,14 @@ fn interrupted_replay_resumes_without_duplicates() {
     )]);
     let config = fixture.write_config("hookflow.toml", &[("ep_down", "acme", "/down", r#"["*"]"#)]);
     let lines: Vec<String> = (0..40)
-        .map(|n| event("acme", &format!("evt_{n:02}"), "charge.succeeded", &format!(r#"{{"n":{n}}}"#)))
+        .map(|n| {
+            event(
+                "acme",
+                &format!("evt_{n:02}"),
+                "charge.succeeded",
+                &format!(r#"{{"n":{n}}}"#),
+            )
+        })
         .collect();
     fixture.publish(&lines);
     fixture.run_until_idle(&config);
@@ -396,7 +496,10 @@ fn interrupted_replay_resumes_without_duplicates() {
     assert_eq!(planned["events"], 40);
 
     let mut child = fixture
-        .replay_command(&config, &["--outcome", "failed", "--id", "slow", "--rate", "20"])
+        .replay_command(
+            &config,
+            &["--outcome", "failed", "--id", "slow", "--rate", "20"],
+        )
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -410,17 +513,30 @@ fn interrupted_replay_resumes_without_duplicates() {
             .and_then(|rest| rest.split('/').next())
             .and_then(|n| n.parse().ok());
         if appended.is_some_and(|n| n >= 10) {
-            let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status();
             break;
         }
     }
     let status = child.wait().expect("wait for replay");
-    assert!(!status.success(), "an interrupted replay exits non-zero: {lines_seen:?}");
+    assert!(
+        !status.success(),
+        "an interrupted replay exits non-zero: {lines_seen:?}"
+    );
 
     let ledger = hookflow_replay::ledger::Ledger::open(&fixture.data_dir()).expect("ledger");
-    let run = ledger.runs(Some("slow")).expect("runs").pop().expect("the run");
+    let run = ledger
+        .runs(Some("slow"))
+        .expect("runs")
+        .pop()
+        .expect("the run");
     assert!(run.finished_at_ms.is_none());
-    assert!(run.appended >= 10 && run.appended < 40, "appended {}", run.appended);
+    assert!(
+        run.appended >= 10 && run.appended < 40,
+        "appended {}",
+        run.appended
+    );
 
     // The window a crash can hit: records appended, progress not yet recorded. Append the
     // next five planned items' records behind the ledger's back; resume appends them again.
@@ -449,10 +565,18 @@ fn interrupted_replay_resumes_without_duplicates() {
 
     let fresh = fixture.replay(&config, &["--outcome", "failed", "--id", "slow"]);
     assert!(!fresh.status.success());
-    assert!(stderr(&fresh).contains("--resume slow"), "{}", stderr(&fresh));
+    assert!(
+        stderr(&fresh).contains("--resume slow"),
+        "{}",
+        stderr(&fresh)
+    );
 
     let resumed = fixture.replay(&config, &["--resume", "slow", "--rate", "1000"]);
-    assert!(resumed.status.success(), "resume failed: {}", stderr(&resumed));
+    assert!(
+        resumed.status.success(),
+        "resume failed: {}",
+        stderr(&resumed)
+    );
     fixture.run_until_idle(&config);
 
     let down = fixture.receiver.requests_to("/down");
@@ -461,7 +585,11 @@ fn interrupted_replay_resumes_without_duplicates() {
         assert_eq!(requests[1].status, 200, "{id}");
     }
     assert_eq!(down.len(), 80);
-    let replay_rows = fixture.rows().into_iter().filter(|r| r.generation > 0).count();
+    let replay_rows = fixture
+        .rows()
+        .into_iter()
+        .filter(|r| r.generation > 0)
+        .count();
     assert_eq!(replay_rows, 40, "one attempt row per replayed delivery");
 }
 
@@ -471,7 +599,13 @@ fn interrupted_replay_resumes_without_duplicates() {
 #[test]
 fn stats_match_duckdb() {
     let fixture = Fixture::new(&[
-        ("/flaky", Behaviour::FailFirst { failures: 1, status: 503 }),
+        (
+            "/flaky",
+            Behaviour::FailFirst {
+                failures: 1,
+                status: 503,
+            },
+        ),
         ("/broken", Behaviour::Status(500)),
     ]);
     let config = fixture.write_config(
@@ -526,7 +660,10 @@ fn stats_match_duckdb() {
         .output()
         .expect("run hookflow stats");
     let table = String::from_utf8_lossy(&table.stdout);
-    assert!(table.contains("ep_broken") && table.contains("http_status 12"), "{table}");
+    assert!(
+        table.contains("ep_broken") && table.contains("http_status 12"),
+        "{table}"
+    );
     assert!(!table.contains("ep_flaky"), "{table}");
 
     let required = std::env::var("HOOKFLOW_REQUIRE_PYTHON_READERS").is_ok_and(|v| v == "1");
@@ -536,7 +673,10 @@ fn stats_match_duckdb() {
         .status()
         .is_ok_and(|s| s.success());
     if !available {
-        assert!(!required, "python3 with pyarrow and duckdb is required (pip install pyarrow duckdb)");
+        assert!(
+            !required,
+            "python3 with pyarrow and duckdb is required (pip install pyarrow duckdb)"
+        );
         eprintln!("skipping the DuckDB comparison: python3 lacks pyarrow or duckdb");
         return;
     }
@@ -546,20 +686,36 @@ fn stats_match_duckdb() {
         .arg(fixture.archive_dir())
         .output()
         .expect("run python3");
-    assert!(output.status.success(), "check_stats.py failed: {}", stderr(&output));
+    assert!(
+        output.status.success(),
+        "check_stats.py failed: {}",
+        stderr(&output)
+    );
     let theirs: Value = serde_json::from_slice(&output.stdout).expect("DuckDB JSON");
     let theirs = theirs.as_object().expect("object");
     assert_eq!(theirs.len(), endpoints.len());
     for (endpoint, figures) in theirs {
         let ours = endpoints[endpoint];
-        for field in ["deliveries", "delivered", "attempts", "failures", "first_failure_ms", "last_failure_ms"] {
+        for field in [
+            "deliveries",
+            "delivered",
+            "attempts",
+            "failures",
+            "first_failure_ms",
+            "last_failure_ms",
+        ] {
             assert_eq!(ours[field], figures[field], "{endpoint} {field}");
         }
         let our_kinds: BTreeMap<String, u64> = ours["top_error_kinds"]
             .as_array()
             .expect("kinds")
             .iter()
-            .map(|pair| (pair[0].as_str().unwrap_or_default().to_string(), pair[1].as_u64().unwrap_or(0)))
+            .map(|pair| {
+                (
+                    pair[0].as_str().unwrap_or_default().to_string(),
+                    pair[1].as_u64().unwrap_or(0),
+                )
+            })
             .collect();
         let their_kinds: BTreeMap<String, u64> = figures["error_kinds"]
             .as_object()

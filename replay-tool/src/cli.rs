@@ -129,8 +129,16 @@ pub fn run_stats(args: &StatsArgs) -> anyhow::Result<()> {
         (None, None) => bail!("give --data-dir or --archive"),
     };
     let query = StatsQuery {
-        since_ms: args.since.as_deref().map(|t| parse_time(t, now)).transpose()?,
-        until_ms: args.until.as_deref().map(|t| parse_time(t, now)).transpose()?,
+        since_ms: args
+            .since
+            .as_deref()
+            .map(|t| parse_time(t, now))
+            .transpose()?,
+        until_ms: args
+            .until
+            .as_deref()
+            .map(|t| parse_time(t, now))
+            .transpose()?,
         tenant: args.tenant.clone(),
         endpoint: args.endpoint.clone(),
     };
@@ -196,10 +204,13 @@ pub fn run_replay(args: &ReplayArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()
     if args.list {
         return list_runs(&ledger, args.json);
     }
-    let config_path = args
-        .config
-        .as_ref()
-        .context("--config is required")?;
+    if args.rate.is_nan() || args.rate <= 0.0 {
+        bail!(
+            "invalid --rate {}: must be above 0 events per second",
+            args.rate
+        );
+    }
+    let config_path = args.config.as_ref().context("--config is required")?;
     let config = ToolConfig::load(config_path)?;
     let mut log = LocalLog::open(
         &args.data_dir,
@@ -217,9 +228,6 @@ pub fn run_replay(args: &ReplayArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()
         },
         stop,
     };
-    if !(args.rate > 0.0) {
-        bail!("invalid --rate {}: must be above 0 events per second", args.rate);
-    }
 
     if let Some(replay_id) = &args.resume {
         let runs = ledger.runs(Some(replay_id))?;
@@ -235,8 +243,16 @@ pub fn run_replay(args: &ReplayArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()
 
     let now = now_ms();
     let selection = Selection {
-        since_ms: args.since.as_deref().map(|t| parse_time(t, now)).transpose()?,
-        until_ms: args.until.as_deref().map(|t| parse_time(t, now)).transpose()?,
+        since_ms: args
+            .since
+            .as_deref()
+            .map(|t| parse_time(t, now))
+            .transpose()?,
+        until_ms: args
+            .until
+            .as_deref()
+            .map(|t| parse_time(t, now))
+            .transpose()?,
         tenant: args.tenant.clone(),
         endpoint: args.endpoint.clone(),
         event_type: args.event_type.clone(),
@@ -309,7 +325,10 @@ pub fn run_replay(args: &ReplayArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()
         &plan.items,
         now,
     )?;
-    println!("replay {replay_id} (generation {generation}): {}", plan.summary.render());
+    println!(
+        "replay {replay_id} (generation {generation}): {}",
+        plan.summary.render()
+    );
     let run = ledger
         .run(generation)?
         .context("the run just recorded is missing from the ledger")?;
@@ -381,8 +400,7 @@ fn list_runs(ledger: &Ledger, json: bool) -> anyhow::Result<()> {
 }
 
 fn check_id(id: &str) -> anyhow::Result<()> {
-    if id.is_empty() || id.len() > 255 || id.chars().any(|c| c.is_control() || c.is_whitespace())
-    {
+    if id.is_empty() || id.len() > 255 || id.chars().any(|c| c.is_control() || c.is_whitespace()) {
         bail!("invalid replay id `{id}`: 1 to 255 bytes without spaces or control characters");
     }
     Ok(())

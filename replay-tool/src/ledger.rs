@@ -54,6 +54,10 @@ impl ItemStatus {
     }
 }
 
+/// A new status for one item: (sequence number, status, the (partition, offset) its record
+/// was appended at).
+pub type ItemMark = (u64, ItemStatus, Option<(u32, u64)>);
+
 /// One run of a replay as the ledger keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Run {
@@ -294,12 +298,14 @@ impl Ledger {
             .map_err(self.error("read the items"))?;
         rows.into_iter()
             .map(|(seq, item)| {
-                serde_json::from_str(&item).map(|item| (seq, item)).map_err(|e| {
-                    ReplayError::Invalid(format!(
-                        "replay ledger {}: item {seq} of run {generation} is unreadable: {e}",
-                        self.path.display()
-                    ))
-                })
+                serde_json::from_str(&item)
+                    .map(|item| (seq, item))
+                    .map_err(|e| {
+                        ReplayError::Invalid(format!(
+                            "replay ledger {}: item {seq} of run {generation} is unreadable: {e}",
+                            self.path.display()
+                        ))
+                    })
             })
             .collect()
     }
@@ -310,11 +316,7 @@ impl Ledger {
     /// # Errors
     ///
     /// Fails if the ledger cannot be written; nothing is written then.
-    pub fn mark(
-        &mut self,
-        generation: u32,
-        marks: &[(u64, ItemStatus, Option<(u32, u64)>)],
-    ) -> Result<()> {
+    pub fn mark(&mut self, generation: u32, marks: &[ItemMark]) -> Result<()> {
         let path = self.path.clone();
         let error = move |source| ReplayError::Ledger {
             path: path.clone(),
@@ -423,13 +425,29 @@ mod tests {
         let mut ledger = Ledger::open(dir.path())?;
         assert_eq!(ledger.max_generation()?, 0);
         let items: Vec<PlanItem> = (0..5).map(item).collect();
-        ledger.create_run("rp", 1, &Selection::default(), &PlanSummary::default(), &items, 10)?;
-        ledger.mark(1, &[(0, ItemStatus::Appended, Some((0, 100))), (1, ItemStatus::PayloadGone, None)])?;
+        ledger.create_run(
+            "rp",
+            1,
+            &Selection::default(),
+            &PlanSummary::default(),
+            &items,
+            10,
+        )?;
+        ledger.mark(
+            1,
+            &[
+                (0, ItemStatus::Appended, Some((0, 100))),
+                (1, ItemStatus::PayloadGone, None),
+            ],
+        )?;
         drop(ledger);
 
         let mut ledger = Ledger::open(dir.path())?;
         let planned = ledger.planned_items(1)?;
-        assert_eq!(planned.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), [2, 3, 4]);
+        assert_eq!(
+            planned.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+            [2, 3, 4]
+        );
         assert_eq!(planned[0].1, items[2]);
         let runs = ledger.runs(Some("rp"))?;
         assert_eq!(runs.len(), 1);
@@ -440,7 +458,14 @@ mod tests {
         assert_eq!(ledger.max_generation()?, 1);
         assert!(
             ledger
-                .create_run("rp", 1, &Selection::default(), &PlanSummary::default(), &items, 30)
+                .create_run(
+                    "rp",
+                    1,
+                    &Selection::default(),
+                    &PlanSummary::default(),
+                    &items,
+                    30
+                )
                 .is_err(),
             "a generation is never reused"
         );

@@ -92,7 +92,9 @@ pub fn republish(
     now_ms: &dyn Fn() -> Millis,
 ) -> Result<RepublishReport> {
     let run = ledger.run(generation)?.ok_or_else(|| {
-        ReplayError::Invalid(format!("the replay ledger has no run with generation {generation}"))
+        ReplayError::Invalid(format!(
+            "the replay ledger has no run with generation {generation}"
+        ))
     })?;
     let items = ledger.planned_items(generation)?;
     let total = run.items;
@@ -125,7 +127,11 @@ pub fn republish(
                         from_partition: Some(item.partition),
                         from_offset: Some(item.offset),
                     };
-                    records.push((item.tenant.clone(), encode_replay_record(&event, &replay), *seq));
+                    records.push((
+                        item.tenant.clone(),
+                        encode_replay_record(&event, &replay),
+                        *seq,
+                    ));
                 }
                 Err(PayloadProblem::Gone) => {
                     report.payload_gone += 1;
@@ -220,18 +226,18 @@ impl Progress {
     fn line(&self) -> String {
         let elapsed = self.started.elapsed().as_secs_f64();
         let sent = self.position - self.done_before;
-        let rate = if elapsed > 0.0 { sent as f64 / elapsed } else { 0.0 };
+        let rate = if elapsed > 0.0 {
+            sent as f64 / elapsed
+        } else {
+            0.0
+        };
         let left = self.total.saturating_sub(self.position);
         let eta = if rate > 0.0 {
             format!("{:.0} s", left as f64 / rate)
         } else {
             "unknown".to_string()
         };
-        let percent = if self.total > 0 {
-            self.position * 100 / self.total
-        } else {
-            100
-        };
+        let percent = (self.position * 100).checked_div(self.total).unwrap_or(100);
         format!(
             "replay {}: {}/{} events ({percent}%), {rate:.1} events/s, ETA {eta}",
             self.replay_id, self.position, self.total

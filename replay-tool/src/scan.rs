@@ -147,7 +147,10 @@ fn date_in_range(path: &Path, options: &ScanOptions<'_>) -> bool {
     else {
         return true;
     };
-    let after_first = options.first_date.as_deref().is_none_or(|first| date >= first);
+    let after_first = options
+        .first_date
+        .as_deref()
+        .is_none_or(|first| date >= first);
     let before_last = options.last_date.as_deref().is_none_or(|last| date <= last);
     after_first && before_last
 }
@@ -181,7 +184,11 @@ fn scan_file(
             stats.bytes_read += row_group
                 .columns()
                 .iter()
-                .filter(|chunk| options.columns.contains(&chunk.column_path().string().as_str()))
+                .filter(|chunk| {
+                    options
+                        .columns
+                        .contains(&chunk.column_path().string().as_str())
+                })
                 .map(|chunk| u64::try_from(chunk.compressed_size()).unwrap_or(0))
                 .sum::<u64>();
         }

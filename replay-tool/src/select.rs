@@ -214,7 +214,9 @@ impl DeliveryState {
     }
 
     fn outcome(&self) -> Option<&str> {
-        self.final_outcome.as_ref().map(|(_, outcome)| outcome.as_str())
+        self.final_outcome
+            .as_ref()
+            .map(|(_, outcome)| outcome.as_str())
     }
 }
 
@@ -353,7 +355,9 @@ impl RowFilter<'_> {
         });
         // Replay rows (generation > 0) carry the replay's own append time, and are needed for
         // the state of selected deliveries whatever their time.
-        let has_replays = bounds.int_range("generation").is_none_or(|(_, max)| max > 0);
+        let has_replays = bounds
+            .int_range("generation")
+            .is_none_or(|(_, max)| max > 0);
         tenant && endpoint && ids && (in_time || has_replays)
     }
 
@@ -388,7 +392,9 @@ impl RowFilter<'_> {
             let generation = value(generations, row).unwrap_or(0);
             into.max_generation = into.max_generation.max(generation);
             if let Some(hash) = text(hashes, row) {
-                into.hashes.entry(key.clone()).or_insert_with(|| hash.to_string());
+                into.hashes
+                    .entry(key.clone())
+                    .or_insert_with(|| hash.to_string());
             }
             let outcome = text(outcomes, row).unwrap_or_default();
             let finished_at_ms = value(finished, row).and_then(|t| u64::try_from(t).ok());
@@ -447,7 +453,11 @@ fn plan_redeliver(selection: &Selection, config: &ToolConfig, collected: &Collec
         };
         let mut endpoints = Vec::new();
         for (endpoint_id, state) in deliveries {
-            if selection.endpoint.as_deref().is_some_and(|e| e != endpoint_id) {
+            if selection
+                .endpoint
+                .as_deref()
+                .is_some_and(|e| e != endpoint_id)
+            {
                 continue;
             }
             match state.outcome() {
@@ -521,7 +531,12 @@ fn plan_backfill(
     plan
 }
 
-fn item(key: &EventKey, info: &EventInfo, endpoints: Vec<String>, collected: &Collected) -> PlanItem {
+fn item(
+    key: &EventKey,
+    info: &EventInfo,
+    endpoints: Vec<String>,
+    collected: &Collected,
+) -> PlanItem {
     PlanItem {
         tenant: key.0.clone(),
         event_id: key.1.clone(),
@@ -640,9 +655,18 @@ impl PlanSummary {
         let reasons = [
             ("still retrying", skipped.still_retrying),
             ("already delivered to the target", skipped.already_delivered),
-            ("endpoint no longer configured or subscribed", skipped.not_subscribed),
-            ("payload gone from the log (past its retention)", skipped.payload_gone),
-            ("log record differs from the archive", skipped.payload_changed),
+            (
+                "endpoint no longer configured or subscribed",
+                skipped.not_subscribed,
+            ),
+            (
+                "payload gone from the log (past its retention)",
+                skipped.payload_gone,
+            ),
+            (
+                "log record differs from the archive",
+                skipped.payload_changed,
+            ),
         ];
         for (reason, count) in reasons.iter().filter(|(_, count)| *count > 0) {
             out.push_str(&format!("  skipped: {count} {reason}\n"));

@@ -149,7 +149,11 @@ pub fn compute_stats(dir: &Path, query: &StatsQuery) -> Result<StatsReport> {
             if since.is_some_and(|s| finished_at < s) || until.is_some_and(|u| finished_at > u) {
                 continue;
             }
-            if query.tenant.as_deref().is_some_and(|t| text(tenants, row) != Some(t)) {
+            if query
+                .tenant
+                .as_deref()
+                .is_some_and(|t| text(tenants, row) != Some(t))
+            {
                 continue;
             }
             let endpoint = text(endpoints, row);
@@ -226,7 +230,7 @@ impl StatsReport {
     /// Formats the report as a table, one line per endpoint.
     pub fn render(&self) -> String {
         let mut out = format!(
-            "{:<24} {:>10} {:>9} {:>8} {:>8} {:>7} {:>7}  {:<20} {:<20}  {}\n",
+            "{:<24} {:>10} {:>9} {:>8} {:>8} {:>7} {:>7}  {:<24} {:<24}  {}\n",
             "endpoint",
             "deliveries",
             "delivered",
@@ -251,7 +255,7 @@ impl StatsReport {
                 .collect::<Vec<_>>()
                 .join(", ");
             out.push_str(&format!(
-                "{:<24} {:>10} {:>9} {:>8} {:>8} {:>7} {:>7}  {:<20} {:<20}  {}\n",
+                "{:<24} {:>10} {:>9} {:>8} {:>8} {:>7} {:>7}  {:<24} {:<24}  {}\n",
                 e.endpoint_id,
                 e.deliveries,
                 e.delivered,

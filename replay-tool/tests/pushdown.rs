@@ -68,8 +68,13 @@ fn build_archive(data_dir: &Path) -> std::path::PathBuf {
                 )
             })
             .collect();
-        let pairs: Vec<(&[u8], &[u8])> = records.iter().map(|r| (b"acme".as_slice(), r.as_bytes())).collect();
-        let positions = log.append(&pairs, FIRST_DAY_MS + day * DAY_MS).expect("append");
+        let pairs: Vec<(&[u8], &[u8])> = records
+            .iter()
+            .map(|r| (b"acme".as_slice(), r.as_bytes()))
+            .collect();
+        let positions = log
+            .append(&pairs, FIRST_DAY_MS + day * DAY_MS)
+            .expect("append");
 
         let rows: Vec<AttemptRow> = lines
             .iter()
@@ -85,7 +90,9 @@ fn build_archive(data_dir: &Path) -> std::path::PathBuf {
         }
         let first = seq + 1;
         seq += rows.len() as u64;
-        writer.write_staged(first, seq, &rows, 0).expect("write day");
+        writer
+            .write_staged(first, seq, &rows, 0)
+            .expect("write day");
     }
 
     // A replay three days later delivered the first events of the selected day.
@@ -131,9 +138,15 @@ fn one_day_selection_reads_one_day() {
     let scan = plan.summary.scan;
     eprintln!("selection scan: {scan:?}");
     assert_eq!(plan.summary.events, EVENTS_PER_DAY - ALREADY_REPLAYED);
-    assert!(plan.items.iter().all(|item| item.event_id.starts_with(&format!("evt_{SELECTED_DAY}_"))));
+    assert!(plan
+        .items
+        .iter()
+        .all(|item| item.event_id.starts_with(&format!("evt_{SELECTED_DAY}_"))));
     assert_eq!(scan.files, DAYS as usize + 1);
-    assert_eq!(scan.files_skipped_by_date, SELECTED_DAY as usize, "days before --since");
+    assert_eq!(
+        scan.files_skipped_by_date, SELECTED_DAY as usize,
+        "days before --since"
+    );
     let groups_per_day = (EVENTS_PER_DAY as usize).div_ceil(ROWS_PER_GROUP);
     assert_eq!(
         scan.row_groups_read,
@@ -158,7 +171,10 @@ fn one_day_stats_read_one_day() {
     let report = compute_stats(&archive, &query).expect("stats");
 
     eprintln!("stats scan: {:?}", report.scan);
-    assert_eq!(report.scan.files_skipped_by_date, DAYS as usize, "every other day's file");
+    assert_eq!(
+        report.scan.files_skipped_by_date, DAYS as usize,
+        "every other day's file"
+    );
     assert_eq!(report.scan.rows_read, EVENTS_PER_DAY);
     assert_eq!(report.endpoints.len(), 1);
     let endpoint = &report.endpoints[0];
@@ -166,5 +182,8 @@ fn one_day_stats_read_one_day() {
     assert_eq!(endpoint.delivered, 0);
     assert_eq!(endpoint.latency_p50_ms, Some(300));
     assert_eq!(endpoint.first_failure_ms, Some(day_start + 400));
-    assert_eq!(endpoint.top_error_kinds, vec![("http_status".to_string(), EVENTS_PER_DAY)]);
+    assert_eq!(
+        endpoint.top_error_kinds,
+        vec![("http_status".to_string(), EVENTS_PER_DAY)]
+    );
 }

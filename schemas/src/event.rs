@@ -333,7 +333,9 @@ fn replay_field(raw: &RawValue) -> Result<Replay, DecodeError> {
         }
     }
     if replay.generation == 0 {
-        return Err(invalid("generation must be above 0 (0 is the original delivery)".into()));
+        return Err(invalid(
+            "generation must be above 0 (0 is the original delivery)".into(),
+        ));
     }
     if replay.endpoints.is_empty() {
         return Err(invalid("endpoints must name at least one endpoint".into()));

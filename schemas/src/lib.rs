@@ -23,8 +23,8 @@ pub use event::{
     decode_event, DecodeError, Delivery, Event, FirstSeen, IngestedEvent, PendingDelivery,
     SourceRecord, DEFAULT_MAX_PAYLOAD_BYTES,
 };
-pub use replay::{encode_replay_record, Replay};
 pub use hash::{fnv1a, fnv1a_extend, FNV1A_OFFSET};
+pub use replay::{encode_replay_record, Replay};
 
 /// Milliseconds since the Unix epoch, UTC. Dataflow timestamps use the same unit.
 pub type Millis = u64;

@@ -128,7 +128,11 @@ mod tests {
         assert_eq!(event.payload.len(), 158);
         let record = encode_replay_record(&event, &mark());
         let decoded = decode_event(&record, DEFAULT_MAX_PAYLOAD_BYTES).expect("replay decodes");
-        assert_eq!(decoded.payload, B02_PAYLOAD.as_bytes(), "payload bytes unchanged");
+        assert_eq!(
+            decoded.payload,
+            B02_PAYLOAD.as_bytes(),
+            "payload bytes unchanged"
+        );
         assert_eq!(decoded.id, "msg_b02");
         assert_eq!(decoded.replay, Some(mark()));
         assert_eq!(decoded.replay_id(), Some("rp_1"));
