@@ -19,8 +19,8 @@
 //! * A subscription change never re-delivers events routed before it.
 //! * An endpoint with several matching patterns gets one delivery per event.
 //! * A replay record (an event with a `replay` mark) goes only to the endpoints its mark
-//!   names that are subscribed as above, at the mark's generation; a named endpoint that is not
-//!   subscribed is skipped, and a record left with none is unrouted. An endpoint created after
+//!   names that are subscribed as above, at the mark's generation. A named endpoint that is
+//!   not subscribed is skipped, and a record left with none is unrouted. An endpoint created after
 //!   the original event was published receives it this way (a backfill).
 
 use std::collections::BTreeMap;

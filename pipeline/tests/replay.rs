@@ -212,10 +212,10 @@ fn terminate(mut child: Child) {
     panic!("hookflow run did not stop within 20 s of SIGTERM");
 }
 
-/// An endpoint is down for the first attempt of every event (no retries configured), so
-/// every delivery to it dead-letters; once it is back, a replay of its dead-lettered
-/// deliveries, run while the pipeline is running, delivers each exactly once with the
-/// original bytes and `webhook-id`, and archives them as a new generation.
+/// An endpoint fails the first attempt of every event and no retries are configured, so
+/// every delivery to it dead-letters. Once it is back, a replay of its dead-lettered
+/// deliveries, run while the pipeline is running, delivers each exactly once. The replay
+/// keeps the original bytes and `webhook-id`, and is archived as a new generation.
 #[test]
 fn outage_replay_delivers_dead_letters_once() {
     let fixture = Fixture::new(&[(
@@ -467,9 +467,9 @@ fn backfill_new_endpoint() {
     assert_eq!(repeat["skipped"]["already_delivered"], 10);
 }
 
-/// A replay interrupted halfway by SIGINT resumes where it stopped; and records that an
-/// interrupted run appended without recording them are appended again on resume and dropped
-/// by dedup. Each event reaches the endpoint once.
+/// A replay interrupted halfway by SIGINT resumes where it stopped. Records that a run
+/// appended without recording them in the ledger are appended again on resume, and dedup
+/// drops the copies, so each event reaches the endpoint once.
 #[test]
 fn interrupted_replay_resumes_without_duplicates() {
     let fixture = Fixture::new(&[(

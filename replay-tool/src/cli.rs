@@ -152,8 +152,8 @@ pub fn run_stats(args: &StatsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts a thread that sets `stop` on SIGINT or SIGTERM, so a replay stops after its
-/// current batch; a second signal exits at once with code 130.
+/// Starts a thread that sets `stop` on SIGINT or SIGTERM, so that a replay stops after its
+/// current batch. A second signal exits at once with code 130.
 ///
 /// # Errors
 ///
@@ -433,7 +433,7 @@ fn lock_replays(data_dir: &Path) -> anyhow::Result<std::fs::File> {
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => bail!(
-            "another replay is appending in {} (it holds {}); wait for it to finish",
+            "another replay is already running in {} (it holds {}); wait for it to finish",
             data_dir.display(),
             path.display()
         ),

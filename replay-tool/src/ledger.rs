@@ -18,7 +18,7 @@
 //! * A run's items are written with the run, in one transaction, so a resumed run sends the
 //!   plan it started with even if the archive has changed since.
 //! * An item is marked `appended` only after the log append of its record returned. A crash
-//!   in between leaves it `planned`, and the resumed run appends it again; the pipeline's
+//!   in between leaves it `planned`, so the resumed run appends it again. The pipeline's
 //!   dedup drops that second copy, because it has the same (tenant, id, replay id,
 //!   generation).
 
@@ -107,6 +107,7 @@ impl Ledger {
                 source,
             }
         };
+
         let connection = Connection::open(&path).map_err(error("open the database"))?;
         connection
             .busy_timeout(std::time::Duration::from_secs(5))
@@ -117,6 +118,7 @@ impl Ledger {
         connection
             .pragma_update(None, "synchronous", "FULL")
             .map_err(error("set synchronous=FULL"))?;
+
         connection
             .execute_batch(
                 "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -132,6 +134,7 @@ impl Ledger {
                  INSERT OR IGNORE INTO meta (key, value) VALUES ('format_version', '1');",
             )
             .map_err(error("create the ledger tables"))?;
+
         let version: String = connection
             .query_row(
                 "SELECT value FROM meta WHERE key = 'format_version'",

@@ -1,9 +1,9 @@
 //! Republishing: appends a run's planned items to the source as replay records, at a chosen
 //! rate, recording progress in the ledger after each append.
 //!
-//! In: a ledger run and a [`ReplayTarget`] (the local log now; Fluvio later). Out: replay
-//! records on the source, which the running pipeline delivers; progress on standard error,
-//! as a progress bar on a terminal and as plain lines otherwise. State: none beyond the
+//! In: a ledger run and a [`ReplayTarget`] (the local log now, Fluvio later). Out: replay
+//! records on the source, which the running pipeline delivers. Progress goes to standard
+//! error, as a progress bar on a terminal and as plain lines otherwise. State: none beyond the
 //! ledger, so an interrupted run resumes from its first item still `planned`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,7 +41,7 @@ impl ReplayTarget for LocalLog {
     }
 }
 
-/// How progress is shown.
+/// The form of progress output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProgressStyle {
     /// A bar with rate and ETA (standard error is a terminal).
@@ -57,13 +57,13 @@ pub enum ProgressStyle {
 pub struct RepublishOptions {
     /// Events appended per second, at most.
     pub rate_per_sec: f64,
-    /// How progress is shown.
+    /// The form of progress output.
     pub progress: ProgressStyle,
     /// Set (by a signal handler) to stop after the current batch.
     pub stop: Arc<AtomicBool>,
 }
 
-/// What a session did.
+/// The counts of one republish session.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RepublishReport {
     /// Events appended in this session.
@@ -82,8 +82,8 @@ pub struct RepublishReport {
 ///
 /// # Errors
 ///
-/// Fails if the ledger or the target fails, or an original record no longer matches the
-/// archive (nothing is re-serialized in its place); items not yet marked stay planned.
+/// Fails if the ledger or the target fails, or if an original record no longer matches the
+/// archive, because nothing is re-serialized in its place. Items not yet marked stay planned.
 pub fn republish(
     ledger: &mut Ledger,
     generation: u32,

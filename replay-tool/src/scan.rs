@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{ReplayError, Result};
 
-/// What one scan opened, skipped and read.
+/// Counts of the files and row groups one scan opened, skipped and read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScanStats {
     /// Completed archive files found.
@@ -98,7 +98,7 @@ impl RowGroupBounds<'_> {
     }
 }
 
-/// Which part of the archive to read.
+/// The columns and dates of the archive to read.
 #[derive(Debug, Clone, Default)]
 pub struct ScanOptions<'a> {
     /// The columns to decode.
@@ -247,7 +247,7 @@ impl<'a> Columns<'a> {
             })
     }
 
-    /// The string column `name`.
+    /// Returns the string column `name`.
     ///
     /// # Errors
     ///
@@ -256,7 +256,7 @@ impl<'a> Columns<'a> {
         self.column(name)
     }
 
-    /// The timestamp (ms) column `name`.
+    /// Returns the timestamp (ms) column `name`.
     ///
     /// # Errors
     ///
@@ -265,7 +265,7 @@ impl<'a> Columns<'a> {
         self.column(name)
     }
 
-    /// The `uint32` column `name`.
+    /// Returns the `uint32` column `name`.
     ///
     /// # Errors
     ///
@@ -274,7 +274,7 @@ impl<'a> Columns<'a> {
         self.column(name)
     }
 
-    /// The `uint64` column `name`.
+    /// Returns the `uint64` column `name`.
     ///
     /// # Errors
     ///

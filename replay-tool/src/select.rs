@@ -8,7 +8,7 @@
 //! # Contract
 //!
 //! * The state of a delivery (tenant, event id, endpoint) is its latest generation's final
-//!   row: `delivered`, `dead_lettered` or `expired`; a generation with only `failed` rows is
+//!   row: `delivered`, `dead_lettered` or `expired`. A generation with only `failed` rows is
 //!   still retrying and is never selected, so a replay does not race the pipeline's own
 //!   retries.
 //! * Time bounds apply to the original event's `ingested_at` (when the log appended it).
@@ -116,7 +116,7 @@ pub struct EndpointPlan {
     pub samples: Vec<String>,
 }
 
-/// What a plan leaves out, by reason.
+/// Counts of what a plan leaves out, by reason.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Skipped {
     /// Deliveries whose latest generation is still retrying.
@@ -131,7 +131,7 @@ pub struct Skipped {
     pub payload_changed: u64,
 }
 
-/// What a plan covers: the dry run's output.
+/// The counts a plan covers: the dry run's output.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlanSummary {
     /// Events to republish.
@@ -140,11 +140,11 @@ pub struct PlanSummary {
     pub deliveries: u64,
     /// Deliveries by endpoint id.
     pub endpoints: BTreeMap<String, EndpointPlan>,
-    /// What was left out.
+    /// The counts left out.
     pub skipped: Skipped,
     /// The highest generation found in the rows read.
     pub max_generation_seen: u32,
-    /// What the archive scan read.
+    /// The archive scan's counts.
     pub scan: ScanStats,
 }
 
@@ -223,7 +223,7 @@ impl DeliveryState {
 /// (tenant, event id).
 type EventKey = (String, String);
 
-/// What the scan collects.
+/// The events, delivery states and body hashes the scan collects.
 #[derive(Default)]
 struct Collected {
     events: HashMap<EventKey, EventInfo>,
@@ -549,7 +549,7 @@ fn item(
     }
 }
 
-/// Why an event's original record cannot be replayed.
+/// The reason an event's original record cannot be replayed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PayloadProblem {
     /// The log no longer has a record at the position.

@@ -24,7 +24,7 @@ use crate::scan::{scan_archive, text, value, Columns, ScanOptions, ScanStats};
 use crate::timespec::utc_date;
 use crate::Result;
 
-/// What `hookflow stats` reports about.
+/// The range and scope of a `hookflow stats` report.
 #[derive(Debug, Clone, Default)]
 pub struct StatsQuery {
     /// Rows finished at or after this time (ms).
@@ -77,7 +77,7 @@ pub struct StatsReport {
     pub unrouted: u64,
     /// Rows of records that did not decode.
     pub invalid: u64,
-    /// What the archive scan read.
+    /// The archive scan's counts.
     pub scan: ScanStats,
 }
 
