@@ -379,6 +379,11 @@ impl RowFilter<'_> {
             let (Some(event_id), Some(tenant)) = (text(event_ids, row), text(tenants, row)) else {
                 continue;
             };
+            let outcome = text(outcomes, row).unwrap_or_default();
+            // An invalid record never became an event, so there is nothing to replay.
+            if outcome == Outcome::Invalid.as_str() {
+                continue;
+            }
             if self.tenant.is_some_and(|t| t != tenant)
                 || self
                     .selection
@@ -396,7 +401,6 @@ impl RowFilter<'_> {
                     .entry(key.clone())
                     .or_insert_with(|| hash.to_string());
             }
-            let outcome = text(outcomes, row).unwrap_or_default();
             let finished_at_ms = value(finished, row).and_then(|t| u64::try_from(t).ok());
             if let Some(endpoint) = text(endpoints, row) {
                 into.deliveries

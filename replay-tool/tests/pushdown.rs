@@ -85,8 +85,17 @@ fn build_archive(data_dir: &Path) -> std::path::PathBuf {
                 row(id, *position, at, payload.as_bytes())
             })
             .collect();
+        let mut rows = rows;
         if day == SELECTED_DAY {
             replayed = rows[..ALREADY_REPLAYED as usize].to_vec();
+            // A record that did not decode keeps the id it carried; it is not an event.
+            rows.push(AttemptRow {
+                endpoint_id: None,
+                offset: 999_999,
+                outcome: "invalid".into(),
+                error_kind: Some("invalid_field".into()),
+                ..rows[0].clone()
+            });
         }
         let first = seq + 1;
         seq += rows.len() as u64;
@@ -138,6 +147,8 @@ fn one_day_selection_reads_one_day() {
     let scan = plan.summary.scan;
     eprintln!("selection scan: {scan:?}");
     assert_eq!(plan.summary.events, EVENTS_PER_DAY - ALREADY_REPLAYED);
+    assert_eq!(plan.summary.skipped.payload_gone, 0, "the invalid row is no event");
+    assert_eq!(plan.summary.skipped.payload_changed, 0);
     assert!(plan
         .items
         .iter()
@@ -153,7 +164,7 @@ fn one_day_selection_reads_one_day() {
         groups_per_day + 1,
         "the day's row groups and the replay rows' group"
     );
-    assert_eq!(scan.rows_read, EVENTS_PER_DAY + ALREADY_REPLAYED);
+    assert_eq!(scan.rows_read, EVENTS_PER_DAY + 1 + ALREADY_REPLAYED);
     assert!(scan.bytes_read * 5 < scan.bytes_total, "{scan:?}");
 }
 
@@ -175,7 +186,8 @@ fn one_day_stats_read_one_day() {
         report.scan.files_skipped_by_date, DAYS as usize,
         "every other day's file"
     );
-    assert_eq!(report.scan.rows_read, EVENTS_PER_DAY);
+    assert_eq!(report.scan.rows_read, EVENTS_PER_DAY + 1);
+    assert_eq!(report.invalid, 1);
     assert_eq!(report.endpoints.len(), 1);
     let endpoint = &report.endpoints[0];
     assert_eq!(endpoint.deliveries, EVENTS_PER_DAY);
