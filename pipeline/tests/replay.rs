@@ -51,12 +51,15 @@ impl Fixture {
         self.data_dir().join("archive")
     }
 
-    /// Writes `name` with one endpoint per (id, tenant, path, patterns) and no retries.
+    /// Writes `name` with one endpoint per (id, tenant, path, patterns) and no retries. The
+    /// circuit breaker's cooldown is short, because these tests make endpoints fail on
+    /// purpose and the replay then passes the open breaker's probe like any delivery.
     fn write_config(&self, name: &str, endpoints: &[(&str, &str, &str, &str)]) -> PathBuf {
         let mut text = String::from(
             "[delivery]\nallowed_private_cidrs = [\"127.0.0.1/32\"]\n\
              [retry]\nschedule_ms = []\n\
-             [archive]\nmax_file_age_secs = 1\n",
+             [archive]\nmax_file_age_secs = 1\n\
+             [health]\nbreaker_cooldown_ms = 100\nbreaker_max_cooldown_ms = 400\n",
         );
         for (id, tenant, path, patterns) in endpoints {
             text.push_str(&format!(
