@@ -16,7 +16,7 @@ use axum::routing::post;
 use axum::Router;
 use hookflow_operators::clock::{Clock, WallClock};
 use hookflow_operators::deliver::{AddressPolicy, ClientConfig, DeliveryClient};
-use hookflow_schemas::{ErrorKind, Outcome};
+use hookflow_schemas::{ErrorKind, Outcome, SigningSecret};
 
 use support::*;
 
@@ -42,7 +42,10 @@ mod contract {
     async fn signature_verifies_with_standardwebhooks() {
         let (recorder, address) = recording_receiver().await;
         let mut endpoint = endpoint("ep_sig", &format!("http://{address}/hooks"));
-        endpoint.secrets = vec![SECRET.to_string(), SECOND_SECRET.to_string()];
+        endpoint.secrets = vec![
+            SigningSecret::new(SECRET),
+            SigningSecret::new(SECOND_SECRET),
+        ];
         let delivery = delivery("ep_sig", "evt_sig", br#"{"amount":1200,"currency":"EUR"}"#);
 
         let result = loopback_client()
@@ -182,7 +185,7 @@ mod contract {
     async fn invalid_secret_sends_nothing() {
         let (recorder, address) = recording_receiver().await;
         let mut endpoint = endpoint("ep_secret", &format!("http://{address}/"));
-        endpoint.secrets = vec![SECRET.to_string(), "AAECAwQF".to_string()];
+        endpoint.secrets = vec![SigningSecret::new(SECRET), SigningSecret::new("AAECAwQF")];
         let delivery = delivery("ep_secret", "evt_secret", b"{}");
 
         let result = loopback_client()
@@ -199,6 +202,82 @@ mod contract {
             0,
             "no request was made"
         );
+    }
+}
+
+mod headers {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn static_headers_sent() {
+        let (recorder, address) = recording_receiver().await;
+        let mut endpoint = endpoint("ep_headers", &format!("http://{address}/hooks"));
+        endpoint.headers = [
+            ("x-team".to_string(), "payments".to_string()),
+            ("authorization".to_string(), "Bearer abc".to_string()),
+        ]
+        .into();
+        let delivery = delivery("ep_headers", "evt_headers", b"{}");
+
+        let result = loopback_client()
+            .attempt(&endpoint, &delivery, &WallClock)
+            .await;
+
+        assert_eq!(result.verdict.outcome, Outcome::Delivered, "{result:?}");
+        let request = &recorder.requests()[0];
+        assert_eq!(request.headers["x-team"], "payments");
+        assert_eq!(request.headers["authorization"], "Bearer abc");
+        assert_eq!(request.headers["content-type"], "application/json");
+        assert_eq!(request.headers["webhook-id"], "evt_headers");
+    }
+
+    /// Endpoints that bypassed config validation (written by a later API, say) are checked
+    /// again at send time and get no request.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn invalid_static_headers_send_nothing() {
+        let (recorder, address) = recording_receiver().await;
+        let url = format!("http://{address}/hooks");
+        let credentials_url = format!("http://user:pw@{address}/hooks");
+        let cases = [
+            (
+                url.as_str(),
+                "webhook-id",
+                "forged",
+                "sets this header itself",
+            ),
+            (
+                url.as_str(),
+                "content-type",
+                "text/plain",
+                "sets this header itself",
+            ),
+            (url.as_str(), "x-bad", "a\r\nb", "control character"),
+            (
+                credentials_url.as_str(),
+                "authorization",
+                "Bearer abc",
+                "keep only one",
+            ),
+        ];
+        for (url, name, value, problem) in cases {
+            let mut endpoint = endpoint("ep_headers", url);
+            endpoint.headers = [(name.to_string(), value.to_string())].into();
+            let delivery = delivery("ep_headers", "evt_headers", b"{}");
+
+            let result = loopback_client()
+                .attempt(&endpoint, &delivery, &WallClock)
+                .await;
+
+            assert_eq!(
+                result.verdict.error_kind,
+                Some(ErrorKind::Request),
+                "{name}"
+            );
+            let message = result.error_message.unwrap_or_default();
+            assert!(message.contains(problem), "{name}: {message}");
+            assert!(!message.contains(value), "{name}: value in {message}");
+        }
+        assert_eq!(recorder.count(), 0, "a request was sent");
     }
 }
 

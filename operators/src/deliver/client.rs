@@ -14,14 +14,17 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, Once, PoisonError};
 use std::time::Duration;
 
-use hookflow_schemas::{Delivery, Endpoint, ErrorKind, Event};
+use hookflow_schemas::{format_millis, Delivery, Endpoint, ErrorKind, Event};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTER};
+use reqwest::header::{
+    HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, LOCATION, RETRY_AFTER,
+};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use url::{Host, Url};
 
 use super::address::AddressPolicy;
+use super::headers::parse_static_header;
 use super::result::{classify, AttemptResult, Observation};
 use super::signature::signature_header;
 use super::DeliverError;
@@ -172,8 +175,10 @@ fn permitted_addresses(
 ///   application/json` and the `user-agent` [`USER_AGENT`].
 /// * The Standard Webhooks headers are `webhook-id` (the event id), `webhook-timestamp`
 ///   (the send time in seconds) and `webhook-signature`. The signature header contains one
-///   `v1,` signature per secret, separated by spaces, and is absent when the endpoint has
-///   no secret.
+///   `v1,` signature per secret active at the send time, separated by spaces, and is absent
+///   when the endpoint has no secret. An endpoint whose secrets have all expired gets no
+///   request: the attempt fails with error kind `request`.
+/// * The endpoint's static headers are sent too; they never replace the headers above.
 /// * Only addresses the [`AddressPolicy`] permits are contacted. Redirects are not followed,
 ///   proxies are not used.
 /// * `endpoint.timeout_ms` bounds the whole attempt, response body included;
@@ -254,9 +259,8 @@ impl DeliveryClient {
         let body_sha256 = hex(&Sha256::digest(&event.payload));
         let url = Url::parse(&endpoint.url);
         let started_at_ms = clock.now_ms();
-        let timestamp = started_at_ms / 1000;
 
-        let exchange = match self.prepare(endpoint, event, timestamp, &url) {
+        let exchange = match self.prepare(endpoint, event, started_at_ms, &url) {
             Ok((client, request)) => self.exchange(endpoint, client, request).await,
             Err(failure) => Err(failure),
         };
@@ -310,13 +314,17 @@ impl DeliveryClient {
 
     /// Builds the signed request and picks the client that sends it, rejecting an IP-literal
     /// host the policy does not permit.
+    ///
+    /// `now_ms` is the attempt's one clock read: its seconds are the `webhook-timestamp`, and
+    /// it decides which secrets are active.
     fn prepare(
         &self,
         endpoint: &Endpoint,
         event: &Event,
-        timestamp: u64,
+        now_ms: u64,
         url: &Result<Url, url::ParseError>,
     ) -> Result<(reqwest::Client, reqwest::Request), Failure> {
+        let timestamp = now_ms / 1000;
         let url = match url {
             Ok(url) => url.clone(),
             Err(e) => {
@@ -356,7 +364,21 @@ impl DeliveryClient {
             }
         }
 
-        let mut headers = HeaderMap::with_capacity(4);
+        let mut headers = HeaderMap::with_capacity(4 + endpoint.headers.len());
+        for (name, value) in &endpoint.headers {
+            let (name, value) =
+                parse_static_header(name, value).map_err(|e| Failure::request(e.to_string()))?;
+            headers.insert(name, value);
+        }
+        // reqwest turns URL credentials into an `authorization` header only when the request
+        // has none, so a static one would silently win.
+        if headers.contains_key(AUTHORIZATION) && has_credentials(&url) {
+            return Err(Failure::request(
+                "the endpoint URL contains credentials and the endpoint also has a static \
+                 `authorization` header; keep only one of them"
+                    .to_string(),
+            ));
+        }
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         let id = HeaderValue::from_str(&event.id).map_err(|_| {
             Failure::request("event id contains bytes not allowed in a header".to_string())
@@ -367,9 +389,15 @@ impl DeliveryClient {
             HeaderValue::from(timestamp),
         );
         if !endpoint.secrets.is_empty() {
-            let signatures =
-                signature_header(&endpoint.secrets, &event.id, timestamp, &event.payload)
-                    .map_err(|e| Failure::request(e.to_string()))?;
+            let active: Vec<&str> = endpoint
+                .active_secrets(now_ms)
+                .map(|secret| secret.value.as_str())
+                .collect();
+            if active.is_empty() {
+                return Err(Failure::request(expired_secrets_message(endpoint)));
+            }
+            let signatures = signature_header(&active, &event.id, timestamp, &event.payload)
+                .map_err(|e| Failure::request(e.to_string()))?;
             let signatures = HeaderValue::from_str(&signatures).map_err(|_| {
                 Failure::request("webhook-signature is not a valid header value".to_string())
             })?;
@@ -609,6 +637,28 @@ impl ResponseSummary {
              configure the endpoint with the final URL"
         )
     }
+}
+
+/// Describes an endpoint whose every signing secret has expired. Sending the request
+/// unsigned instead would make receivers that check signatures reject it, or worse, accept
+/// it unchecked.
+fn expired_secrets_message(endpoint: &Endpoint) -> String {
+    let last = endpoint
+        .secrets
+        .iter()
+        .filter_map(|secret| secret.expires_at_ms)
+        .max()
+        .map(format_millis)
+        .unwrap_or_default();
+    format!(
+        "every signing secret of the endpoint has expired, the last one at {last}; add a \
+         secret without `expires_at` or with a later one"
+    )
+}
+
+/// Returns whether `url` contains a user name or password.
+fn has_credentials(url: &Url) -> bool {
+    !url.username().is_empty() || url.password().is_some()
 }
 
 /// Returns `url` without user name and password.

@@ -10,6 +10,7 @@ use std::net::IpAddr;
 
 mod address;
 mod client;
+mod headers;
 mod operator;
 mod result;
 mod signature;
@@ -19,6 +20,7 @@ pub use client::{
     ClientConfig, DeliveryClient, PolicyResolver, SystemResolver, DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_SNIPPET_BYTES, USER_AGENT,
 };
+pub use headers::{parse_static_header, RESERVED_HEADERS};
 pub use operator::{
     endpoint_hash, Attempted, Deliver, DeliverContext, PayloadSource, DEFAULT_MAX_IN_FLIGHT_TOTAL,
     ENDPOINT_DISABLED, HOLD_REFRESH_MS,
@@ -53,6 +55,14 @@ pub enum DeliverError {
         address: IpAddr,
         /// The range that rejects the address.
         range: RefusedRange,
+    },
+    /// A static header of an endpoint cannot be sent. The message never contains its value.
+    #[error("invalid static header `{name}`: {reason}")]
+    InvalidHeader {
+        /// The header name as configured.
+        name: String,
+        /// The problem with the header.
+        reason: String,
     },
     /// The endpoint's host name resolved to no address at all.
     #[error("host `{host}` resolved to no address")]
