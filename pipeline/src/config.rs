@@ -152,6 +152,65 @@ pub struct DeliveryConfig {
     /// Non-public networks endpoints may nevertheless be in, as CIDRs such as
     /// `127.0.0.1/32`. Default: none.
     pub allowed_private_cidrs: Vec<String>,
+    /// The HTTP proxy all deliveries go through, as `http://host:port`. Only this field turns
+    /// a proxy on; `HTTP_PROXY` and the like are ignored. The proxy may be in a private
+    /// network, but every address of each target must still be allowed. Default: none.
+    pub proxy: Option<String>,
+    /// Whether only `https` endpoint URLs are allowed. An `http` URL fails at load, and one
+    /// that reaches an attempt anyway is dead-lettered without a request. Default false.
+    pub https_only: bool,
+    /// A PEM file of CA certificates trusted besides the system's, for receivers with
+    /// certificates from a private CA. Relative to the config file's directory.
+    /// Default: none.
+    pub ca_bundle: Option<PathBuf>,
+    /// The contents of `ca_bundle`, read at load.
+    #[serde(skip)]
+    pub ca_bundle_pem: Option<Vec<u8>>,
+}
+
+impl DeliveryConfig {
+    /// Returns `proxy` parsed, or `None` when no proxy is set.
+    ///
+    /// # Errors
+    ///
+    /// The problem with `proxy`: not a URL, not `http` or `https`, without a host, or with a
+    /// path.
+    pub fn proxy_url(&self) -> Result<Option<url::Url>, String> {
+        let Some(text) = &self.proxy else {
+            return Ok(None);
+        };
+        let shown = redact_user_info(text);
+        let url = url::Url::parse(text).map_err(|e| {
+            format!("`{shown}` is not a URL such as http://proxy.internal:3128 ({e})")
+        })?;
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+            return Err(format!(
+                "`{shown}` must be an http or https URL with a host, such as http://proxy.internal:3128"
+            ));
+        }
+        if url.path() != "/" || url.query().is_some() {
+            return Err(format!("`{shown}` must not have a path or query"));
+        }
+        Ok(Some(url))
+    }
+}
+
+/// Reads and checks `delivery.ca_bundle`, relative to `base_dir`.
+fn read_ca_bundle(delivery: &DeliveryConfig, base_dir: &Path) -> Result<Option<Vec<u8>>, String> {
+    let Some(file) = &delivery.ca_bundle else {
+        return Ok(None);
+    };
+    let path = base_dir.join(file);
+    let pem = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|_| format!("{} is not a list of PEM certificates", path.display()))?;
+    if certificates.is_empty() {
+        return Err(format!(
+            "{} contains no `-----BEGIN CERTIFICATE-----` block",
+            path.display()
+        ));
+    }
+    Ok(Some(pem))
 }
 
 impl Default for DeliveryConfig {
@@ -160,6 +219,10 @@ impl Default for DeliveryConfig {
             max_in_flight: 256,
             max_response_bytes: 64 * 1024,
             allowed_private_cidrs: Vec::new(),
+            proxy: None,
+            https_only: false,
+            ca_bundle: None,
+            ca_bundle_pem: None,
         }
     }
 }
@@ -421,6 +484,12 @@ impl Config {
             message: e.to_string().trim_end().to_string(),
         })?;
         let base_dir = path.parent().unwrap_or(Path::new(""));
+        config.delivery.ca_bundle_pem =
+            read_ca_bundle(&config.delivery, base_dir).map_err(|problem| ConfigError::Field {
+                path: path.to_path_buf(),
+                field: "delivery.ca_bundle".to_string(),
+                problem,
+            })?;
         config.resolved_endpoints =
             config
                 .validate(base_dir, now_ms())
@@ -490,6 +559,9 @@ impl Config {
             return Err(("delivery.max_in_flight".into(), "must be at least 1".into()));
         }
         let policy = AddressPolicy::new(self.allowed_networks()?);
+        self.delivery
+            .proxy_url()
+            .map_err(|problem| ("delivery.proxy".to_string(), problem))?;
 
         let mut ids = HashSet::new();
         let mut endpoints = Vec::with_capacity(self.endpoints.len());
@@ -506,6 +578,12 @@ impl Config {
                 .map_err(|(name, problem)| (field(&name), problem))?;
             check_literal_address(&endpoint.url, &policy)
                 .map_err(|problem| (field("url"), problem))?;
+            if self.delivery.https_only && !endpoint.url.starts_with("https:") {
+                return Err((
+                    field("url"),
+                    "`delivery.https_only` is set, so the url must start with https://".to_string(),
+                ));
+            }
             endpoints.push(resolved);
         }
         Ok(endpoints)
@@ -1048,6 +1126,86 @@ mod tests {
             );
             assert!(!message.contains("s3cr3t"), "header value in: {message}");
         }
+    }
+
+    #[test]
+    fn delivery_ssrf_options() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let ca = rcgen_self_signed().cert;
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("write bundle");
+        let text = format!(
+            "[delivery]\nproxy = \"http://10.1.2.3:3128\"\nhttps_only = true\n\
+             ca_bundle = \"ca.pem\"\n{}",
+            endpoint("")
+        );
+
+        let config = Config::parse(&text, &dir.path().join("hookflow.toml")).expect("valid");
+
+        let proxy = config.delivery.proxy_url().expect("valid proxy");
+        assert_eq!(
+            proxy.map(String::from).as_deref(),
+            Some("http://10.1.2.3:3128/")
+        );
+        assert!(config.delivery.https_only);
+        assert_eq!(config.delivery.ca_bundle_pem, Some(ca.pem().into_bytes()));
+    }
+
+    #[test]
+    fn delivery_ssrf_option_errors() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        std::fs::write(dir.path().join("empty.pem"), "").expect("write");
+        std::fs::write(
+            dir.path().join("bad.pem"),
+            "-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        let cases = [
+            (
+                "[delivery]\nproxy = \"socks5://p:1080\"\n".to_string(),
+                "field `delivery.proxy`: `socks5://p:1080` must be an http or https URL",
+            ),
+            (
+                "[delivery]\nproxy = \"proxy:3128\"\n".to_string(),
+                "field `delivery.proxy`",
+            ),
+            (
+                "[delivery]\nproxy = \"http://u:s3cr3t@p:3128/x\"\n".to_string(),
+                "field `delivery.proxy`: `http://***@p:3128/x` must not have a path",
+            ),
+            (
+                "[delivery]\nca_bundle = \"missing.pem\"\n".to_string(),
+                "field `delivery.ca_bundle`: cannot read",
+            ),
+            (
+                "[delivery]\nca_bundle = \"empty.pem\"\n".to_string(),
+                "contains no `-----BEGIN CERTIFICATE-----` block",
+            ),
+            (
+                "[delivery]\nca_bundle = \"bad.pem\"\n".to_string(),
+                "is not a list of PEM certificates",
+            ),
+            (
+                format!(
+                    "[delivery]\nhttps_only = true\n{}",
+                    endpoint("").replace("https://example.com", "http://example.com")
+                ),
+                "field `endpoints[0].url`: `delivery.https_only` is set",
+            ),
+        ];
+        for (text, expected) in cases {
+            let message = Config::parse(&text, &dir.path().join("hookflow.toml"))
+                .expect_err("must be rejected")
+                .to_string();
+            assert!(
+                message.contains(expected),
+                "expected `{expected}` in: {message}"
+            );
+            assert!(!message.contains("s3cr3t"), "{message}");
+        }
+    }
+
+    fn rcgen_self_signed() -> rcgen::CertifiedKey<rcgen::KeyPair> {
+        rcgen::generate_simple_self_signed(vec!["proxy.test".to_string()]).expect("certificate")
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! and waits for the response head. `read_response` reads at most `max_response_bytes` of
 //! the body. Host names are resolved by [`PolicyResolver`], which drops every address the
 //! policy rejects before reqwest connects, so a name cannot smuggle in a private address.
-//! Redirects are never followed and proxies never come from the environment.
+//! Redirects are never followed and proxies never come from the environment. With a
+//! configured proxy the proxy resolves the target itself, so the target's name is resolved
+//! here first and refused if any of its addresses is.
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
@@ -14,7 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, Once, PoisonError};
 use std::time::Duration;
 
-use hookflow_schemas::{format_millis, Delivery, Endpoint, ErrorKind, Event};
+use hookflow_schemas::{format_millis, redact_user_info, Delivery, Endpoint, ErrorKind, Event};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::header::{
     HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, LOCATION, RETRY_AFTER,
@@ -63,6 +65,16 @@ pub struct ClientConfig {
     /// Resolves host names before the address policy filters them. `None` uses
     /// [`SystemResolver`]; tests inject a fixed table here.
     pub resolver: Option<Arc<dyn Resolve>>,
+    /// The HTTP proxy every request goes through (`http://host:port`). Only this setting
+    /// turns a proxy on; `HTTP_PROXY` and the like are ignored. The proxy's own address is
+    /// trusted, so it may be private. Default: none.
+    pub proxy: Option<Url>,
+    /// Whether only `https` endpoint URLs are attempted; an `http` one is refused without a
+    /// request. Default false.
+    pub https_only: bool,
+    /// PEM certificates trusted as roots besides the system's, for receivers whose
+    /// certificate a private CA issued. Default: none.
+    pub ca_bundle_pem: Option<Vec<u8>>,
 }
 
 impl Default for ClientConfig {
@@ -72,6 +84,9 @@ impl Default for ClientConfig {
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             snippet_bytes: DEFAULT_SNIPPET_BYTES,
             resolver: None,
+            proxy: None,
+            https_only: false,
+            ca_bundle_pem: None,
         }
     }
 }
@@ -83,6 +98,15 @@ impl fmt::Debug for ClientConfig {
             .field("max_response_bytes", &self.max_response_bytes)
             .field("snippet_bytes", &self.snippet_bytes)
             .field("resolver", &self.resolver.as_ref().map(|_| "custom"))
+            .field(
+                "proxy",
+                &self
+                    .proxy
+                    .as_ref()
+                    .map(|url| redact_user_info(url.as_str())),
+            )
+            .field("https_only", &self.https_only)
+            .field("ca_bundle_pem", &self.ca_bundle_pem.as_ref().map(Vec::len))
             .finish()
     }
 }
@@ -106,6 +130,9 @@ impl Resolve for SystemResolver {
 pub struct PolicyResolver {
     inner: Arc<dyn Resolve>,
     policy: Arc<AddressPolicy>,
+    /// A host name whose addresses are not filtered: the configured proxy, which an operator
+    /// chose and which usually sits in a private network.
+    trusted_host: Option<String>,
 }
 
 impl PolicyResolver {
@@ -114,7 +141,14 @@ impl PolicyResolver {
         PolicyResolver {
             inner,
             policy: Arc::new(policy),
+            trusted_host: None,
         }
+    }
+
+    /// Exempts `host` (compared without case) from the policy.
+    pub fn trusting(mut self, host: &str) -> Self {
+        self.trusted_host = Some(host.to_ascii_lowercase());
+        self
     }
 }
 
@@ -125,6 +159,9 @@ impl Resolve for PolicyResolver {
     /// one rejected, and with [`DeliverError::NoAddress`] when the name resolved to nothing.
     fn resolve(&self, name: Name) -> Resolving {
         let host = name.as_str().to_owned();
+        if self.trusted_host.as_deref() == Some(host.to_ascii_lowercase().as_str()) {
+            return self.inner.resolve(name);
+        }
         let lookup = self.inner.resolve(name);
         let policy = Arc::clone(&self.policy);
         Box::pin(async move {
@@ -179,8 +216,9 @@ fn permitted_addresses(
 ///   when the endpoint has no secret. An endpoint whose secrets have all expired gets no
 ///   request: the attempt fails with error kind `request`.
 /// * The endpoint's static headers are sent too; they never replace the headers above.
-/// * Only addresses the [`AddressPolicy`] permits are contacted. Redirects are not followed,
-///   proxies are not used.
+/// * Only addresses the [`AddressPolicy`] permits are contacted, and only `https` URLs when
+///   `https_only` is set. Redirects are not followed. The only proxy used is the configured
+///   one, and a target it would reach is refused when any address of the target is.
 /// * `endpoint.timeout_ms` bounds the whole attempt, response body included;
 ///   `endpoint.connect_timeout_ms` bounds connecting (0: only the whole-attempt bound).
 #[derive(Clone)]
@@ -193,6 +231,11 @@ struct ClientInner {
     max_response_bytes: usize,
     snippet_bytes: usize,
     resolver: Arc<PolicyResolver>,
+    /// The resolver without the policy, for checking a target that a proxy will resolve.
+    lookup: Arc<dyn Resolve>,
+    proxy: Option<Url>,
+    https_only: bool,
+    root_certificates: Vec<reqwest::Certificate>,
     /// One reqwest client per connect timeout (ms), because reqwest sets that timeout per
     /// client. Requests in flight keep their client alive after an eviction.
     clients: Mutex<HashMap<u64, reqwest::Client>>,
@@ -219,17 +262,43 @@ impl DeliveryClient {
     pub fn new(config: ClientConfig) -> Result<Self, DeliverError> {
         install_crypto_provider();
 
-        let inner_resolver = config.resolver.unwrap_or_else(|| Arc::new(SystemResolver));
-        let resolver = Arc::new(PolicyResolver::new(
-            inner_resolver,
-            config.address_policy.clone(),
-        ));
+        let lookup = config.resolver.unwrap_or_else(|| Arc::new(SystemResolver));
+        let mut resolver = PolicyResolver::new(Arc::clone(&lookup), config.address_policy.clone());
+        if let Some(proxy) = &config.proxy {
+            if !matches!(proxy.scheme(), "http" | "https") {
+                return Err(DeliverError::InvalidProxy {
+                    reason: format!(
+                        "scheme `{}` is not supported; use http or https",
+                        proxy.scheme()
+                    ),
+                });
+            }
+            match proxy.host() {
+                Some(Host::Domain(name)) => resolver = resolver.trusting(name),
+                Some(_) => {}
+                None => {
+                    return Err(DeliverError::InvalidProxy {
+                        reason: "the URL has no host".to_string(),
+                    })
+                }
+            }
+        }
+        let root_certificates = match &config.ca_bundle_pem {
+            Some(pem) => {
+                reqwest::Certificate::from_pem_bundle(pem).map_err(DeliverError::InvalidCaBundle)?
+            }
+            None => Vec::new(),
+        };
         let client = DeliveryClient {
             inner: Arc::new(ClientInner {
                 address_policy: config.address_policy,
                 max_response_bytes: config.max_response_bytes,
                 snippet_bytes: config.snippet_bytes.min(config.max_response_bytes),
-                resolver,
+                resolver: Arc::new(resolver),
+                lookup,
+                proxy: config.proxy,
+                https_only: config.https_only,
+                root_certificates,
                 clients: Mutex::new(HashMap::new()),
             }),
         };
@@ -242,6 +311,95 @@ impl DeliveryClient {
     /// Returns the address policy this client enforces.
     pub fn address_policy(&self) -> &AddressPolicy {
         &self.inner.address_policy
+    }
+
+    /// Checks what can be known of `url` without a lookup: its scheme (`http` or `https`, only
+    /// `https` under `https_only`), that it has a host, and an IP-literal host against the
+    /// address policy, in whatever notation the URL wrote it.
+    ///
+    /// # Errors
+    ///
+    /// [`DeliverError::InvalidUrl`], [`DeliverError::HttpsRequired`] or
+    /// [`DeliverError::AddressRefused`].
+    pub fn check_url(&self, url: &Url) -> Result<(), DeliverError> {
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(DeliverError::InvalidUrl {
+                reason: format!(
+                    "scheme `{}` is not supported; use http or https",
+                    url.scheme()
+                ),
+            });
+        }
+        if self.inner.https_only && url.scheme() != "https" {
+            return Err(DeliverError::HttpsRequired);
+        }
+
+        // The URL parser has already turned decimal, hex, octal and shortened IPv4 forms into
+        // an address. reqwest connects to an IP-literal host without asking the resolver, so
+        // the policy is checked here.
+        let address = match url.host() {
+            Some(Host::Ipv4(address)) => IpAddr::V4(address),
+            Some(Host::Ipv6(address)) => IpAddr::V6(address),
+            Some(Host::Domain(_)) => return Ok(()),
+            None => {
+                return Err(DeliverError::InvalidUrl {
+                    reason: "it has no host".to_string(),
+                })
+            }
+        };
+        self.inner
+            .address_policy
+            .check(address)
+            .map_err(|range| DeliverError::AddressRefused {
+                host: address.to_string(),
+                address,
+                range,
+            })
+    }
+
+    /// Resolves the host of a URL that a proxy will fetch, and fails when any of its
+    /// addresses is refused: the proxy resolves the name again and may pick any of them.
+    async fn check_proxied_target(&self, url: &Url) -> Result<(), Failure> {
+        let Some(Host::Domain(host)) = url.host() else {
+            return Ok(());
+        };
+        let name: Name = host.parse().map_err(|_| {
+            Failure::request(format!("endpoint host `{host}` is not a valid host name"))
+        })?;
+        let resolved: Vec<SocketAddr> = match self.inner.lookup.resolve(name).await {
+            Ok(addresses) => addresses.collect(),
+            Err(e) => {
+                return Err(Failure {
+                    kind: ErrorKind::Connect,
+                    message: format!("resolving host `{host}` failed: {}", error_chain(&*e)),
+                })
+            }
+        };
+        if resolved.is_empty() {
+            return Err(Failure {
+                kind: ErrorKind::Connect,
+                message: DeliverError::NoAddress {
+                    host: host.to_string(),
+                }
+                .to_string(),
+            });
+        }
+        for address in resolved {
+            if let Err(range) = self.inner.address_policy.check(address.ip()) {
+                let refusal = DeliverError::AddressRefused {
+                    host: host.to_string(),
+                    address: address.ip(),
+                    range,
+                };
+                return Err(Failure {
+                    kind: ErrorKind::Refused,
+                    message: format!(
+                        "{refusal}; through the proxy every address of the host must be permitted"
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Makes one delivery attempt of `delivery` to `endpoint` and records what happened.
@@ -334,35 +492,18 @@ impl DeliveryClient {
                 )))
             }
         };
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(Failure::request(format!(
-                "endpoint URL scheme `{}` is not supported; use http or https",
-                url.scheme()
-            )));
-        }
-
-        // reqwest connects to an IP-literal host without asking the resolver, so the policy
-        // is checked here.
-        let literal = match url.host() {
-            Some(Host::Ipv4(address)) => Some(IpAddr::V4(address)),
-            Some(Host::Ipv6(address)) => Some(IpAddr::V6(address)),
-            Some(Host::Domain(_)) => None,
-            None => return Err(Failure::request("endpoint URL has no host".to_string())),
-        };
-        if let Some(address) = literal {
-            if let Err(range) = self.inner.address_policy.check(address) {
-                let host = address.to_string();
-                let refusal = DeliverError::AddressRefused {
-                    host,
-                    address,
-                    range,
-                };
-                return Err(Failure {
-                    kind: ErrorKind::Refused,
-                    message: refusal.to_string(),
-                });
+        self.check_url(&url).map_err(|e| {
+            let kind = match e {
+                DeliverError::AddressRefused { .. } | DeliverError::HttpsRequired => {
+                    ErrorKind::Refused
+                }
+                _ => ErrorKind::Request,
+            };
+            Failure {
+                kind,
+                message: e.to_string(),
             }
-        }
+        })?;
 
         let mut headers = HeaderMap::with_capacity(4 + endpoint.headers.len());
         for (name, value) in &endpoint.headers {
@@ -424,6 +565,23 @@ impl DeliveryClient {
         request: reqwest::Request,
     ) -> Result<ResponseSummary, Failure> {
         let deadline = Instant::now() + Duration::from_millis(endpoint.timeout_ms);
+
+        if self.inner.proxy.is_some() {
+            let check = self.check_proxied_target(request.url());
+            match tokio::time::timeout_at(deadline, check).await {
+                Ok(Ok(())) => {}
+                Ok(Err(failure)) => return Err(failure),
+                Err(_elapsed) => {
+                    return Err(Failure {
+                        kind: ErrorKind::Timeout,
+                        message: format!(
+                            "resolving the endpoint's host took longer than its timeout of {} ms",
+                            endpoint.timeout_ms
+                        ),
+                    })
+                }
+            }
+        }
 
         let response = match tokio::time::timeout_at(deadline, client.execute(request)).await {
             Ok(Ok(response)) => response,
@@ -527,8 +685,19 @@ impl DeliveryClient {
         let mut builder = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
+            .https_only(self.inner.https_only)
+            .tls_certs_merge(self.inner.root_certificates.iter().cloned())
             .dns_resolver(Arc::clone(&self.inner.resolver));
+        // A configured proxy replaces the environment's proxies; without one, `no_proxy`
+        // keeps reqwest from reading `HTTP_PROXY` and the like.
+        builder = match &self.inner.proxy {
+            Some(proxy) => builder.proxy(reqwest::Proxy::all(proxy.as_str()).map_err(|e| {
+                DeliverError::InvalidProxy {
+                    reason: error_chain(&e),
+                }
+            })?),
+            None => builder.no_proxy(),
+        };
         if connect_timeout_ms > 0 {
             builder = builder.connect_timeout(Duration::from_millis(connect_timeout_ms));
         }

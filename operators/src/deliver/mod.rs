@@ -64,6 +64,27 @@ pub enum DeliverError {
         /// The problem with the header.
         reason: String,
     },
+    /// The endpoint URL cannot be attempted.
+    #[error("endpoint URL is invalid: {reason}")]
+    InvalidUrl {
+        /// What is wrong with the URL.
+        reason: String,
+    },
+    /// The endpoint URL is `http` while only `https` is allowed.
+    #[error(
+        "endpoint URL uses http, but `delivery.https_only` allows only https; change the \
+         endpoint's url to https"
+    )]
+    HttpsRequired,
+    /// The configured proxy cannot be used.
+    #[error("invalid proxy: {reason}")]
+    InvalidProxy {
+        /// What is wrong with the proxy URL.
+        reason: String,
+    },
+    /// The CA bundle is not PEM certificates.
+    #[error("invalid CA bundle: not a list of PEM certificates")]
+    InvalidCaBundle(#[source] reqwest::Error),
     /// The endpoint's host name resolved to no address at all.
     #[error("host `{host}` resolved to no address")]
     NoAddress {
