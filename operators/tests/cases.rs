@@ -1625,29 +1625,38 @@ async fn b12_binary_response_delivered() {
     assert_eq!(row.response_truncated, Some(false));
 }
 
-/// The attempt row must record when its response snippet is not the bytes received.
+/// The attempt row records when its response snippet is not the bytes received, in a column
+/// of the archive schema.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "AttemptRow has no lossy flag (`body_lossy`) for a response snippet whose invalid \
-            UTF-8 was replaced with U+FFFD, and no binary column for the raw bytes"]
 async fn b12_lossy_response_flagged() {
     let receiver = binary_answering_receiver().await;
     let endpoint = case_endpoint("ep_b12", &receiver.url("/hook"));
     let delivery = case_delivery("ep_b12", "msg_b12", br#"{"id":"evt_b12"}"#);
+    let client = loopback_client();
 
-    let result = loopback_client()
+    let result = client
         .attempt(&endpoint, &delivery, &fixed_clock(T0_MS))
         .await;
     let row = result.to_row(&delivery, T0_MS);
 
-    // Found by name through serde, so that this test compiles before the column exists.
-    let columns = serde_json::to_value(&row).expect("row serializes");
-    let lossy = columns
-        .as_object()
-        .expect("row is an object")
-        .iter()
-        .find(|(name, _)| name.contains("lossy"))
-        .map(|(_, value)| value.clone());
-    assert_eq!(lossy, Some(serde_json::Value::Bool(true)), "{columns}");
+    assert_eq!(row.outcome, "delivered", "{row:?}");
+    assert_eq!(row.response_lossy, Some(true), "{row:?}");
+    let schema = hookflow_schemas::attempt_schema();
+    let field = schema
+        .field_with_name("response_lossy")
+        .expect("the archive schema has response_lossy");
+    assert!(field.is_nullable());
+
+    let clean = CaseReceiver::answering(200).await;
+    let endpoint = case_endpoint("ep_b12", &clean.url("/hook"));
+    let result = client
+        .attempt(&endpoint, &delivery, &fixed_clock(T0_MS))
+        .await;
+    assert_eq!(
+        result.response_lossy,
+        Some(false),
+        "an empty body is not lossy"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

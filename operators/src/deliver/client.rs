@@ -436,6 +436,7 @@ impl DeliveryClient {
                     error_message: verdict.error_kind.map(|_| response.describe_failure()),
                     response_snippet: Some(response.snippet),
                     response_truncated: Some(response.truncated),
+                    response_lossy: Some(response.lossy),
                     response_bytes_read: response.bytes_read,
                     body_sha256,
                     retry_after: response.retry_after,
@@ -451,6 +452,7 @@ impl DeliveryClient {
                 error_message: Some(failure.message),
                 response_snippet: None,
                 response_truncated: None,
+                response_lossy: None,
                 response_bytes_read: 0,
                 body_sha256,
                 retry_after: None,
@@ -650,13 +652,16 @@ impl DeliveryClient {
             }
         }
 
+        let truncated = !complete || bytes_read > snippet.len() as u64;
+        let (snippet, lossy) = utf8_prefix_lossy(&snippet);
         ResponseSummary {
             status: status.as_u16(),
             reason: status.canonical_reason(),
             location,
             retry_after,
-            truncated: !complete || bytes_read > snippet.len() as u64,
-            snippet: utf8_prefix_lossy(&snippet),
+            truncated,
+            snippet,
+            lossy,
             bytes_read,
         }
     }
@@ -784,6 +789,8 @@ struct ResponseSummary {
     retry_after: Option<String>,
     snippet: String,
     truncated: bool,
+    /// Whether `snippet` replaced bytes that are not UTF-8.
+    lossy: bool,
     bytes_read: u64,
 }
 
@@ -842,18 +849,31 @@ fn without_credentials(mut url: Url) -> String {
 fn header_text(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
     let value = headers.get(name)?.as_bytes();
     let value = &value[..value.len().min(MAX_HEADER_VALUE_BYTES)];
-    Some(utf8_prefix_lossy(value))
+    Some(utf8_prefix_lossy(value).0)
 }
 
-/// Decodes `bytes` as lossy UTF-8, dropping a character cut in half at the end.
-fn utf8_prefix_lossy(bytes: &[u8]) -> String {
-    match std::str::from_utf8(bytes) {
-        Ok(text) => text.to_string(),
-        Err(e) if e.error_len().is_none() => {
-            String::from_utf8_lossy(&bytes[..e.valid_up_to()]).into_owned()
+/// Decodes `bytes` as lossy UTF-8, dropping a character cut in half at the end, and returns
+/// whether anything was replaced with U+FFFD. The dropped tail is not a replacement: the
+/// snippet's limit cut it, and the truncated flag records that.
+fn utf8_prefix_lossy(bytes: &[u8]) -> (String, bool) {
+    let mut text = String::with_capacity(bytes.len());
+    let mut lossy = false;
+    let mut chunks = bytes.utf8_chunks().peekable();
+    while let Some(chunk) = chunks.next() {
+        text.push_str(chunk.valid());
+        let invalid = chunk.invalid();
+        if invalid.is_empty() {
+            continue;
         }
-        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+        // Only the last chunk can end in a sequence that more bytes would have completed.
+        let cut_at_end = chunks.peek().is_none()
+            && std::str::from_utf8(invalid).is_err_and(|e| e.error_len().is_none());
+        if !cut_at_end {
+            text.push('\u{fffd}');
+            lossy = true;
+        }
     }
+    (text, lossy)
 }
 
 /// Formats an error and its sources, separated by `: `.
@@ -931,9 +951,17 @@ mod tests {
     #[test]
     fn utf8_prefix_drops_cut_character() {
         let text = "añb".as_bytes();
-        assert_eq!(utf8_prefix_lossy(&text[..2]), "a");
-        assert_eq!(utf8_prefix_lossy(text), "añb");
-        assert_eq!(utf8_prefix_lossy(b"a\xffb"), "a\u{fffd}b");
+        assert_eq!(utf8_prefix_lossy(&text[..2]), ("a".to_string(), false));
+        assert_eq!(utf8_prefix_lossy(text), ("añb".to_string(), false));
+        assert_eq!(
+            utf8_prefix_lossy(b"a\xffb"),
+            ("a\u{fffd}b".to_string(), true)
+        );
+        assert_eq!(
+            utf8_prefix_lossy(b"\xff\xc3"),
+            ("\u{fffd}".to_string(), true),
+            "a bad byte before a cut character"
+        );
     }
 
     #[test]
@@ -945,6 +973,7 @@ mod tests {
             retry_after: None,
             snippet: String::new(),
             truncated: false,
+            lossy: false,
             bytes_read: 0,
         };
         let message = summary.describe_failure();
