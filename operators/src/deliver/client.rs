@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once, PoisonError};
 use std::time::Duration;
 
@@ -44,8 +45,23 @@ pub const DEFAULT_SNIPPET_BYTES: usize = 1024;
 /// The longest `Location` or `Retry-After` value kept, in bytes.
 const MAX_HEADER_VALUE_BYTES: usize = 1024;
 
-/// Maximum number of HTTP clients kept, one per distinct connect timeout.
+/// Maximum number of HTTP clients kept, one per distinct [`ClientKey`].
 const MAX_CACHED_CLIENTS: usize = 32;
+
+/// The longest idle time of a pooled connection when the receiver gives no `Keep-Alive`
+/// hint, in ms. It matches reqwest's own default (0.13).
+const DEFAULT_POOL_IDLE_MS: u64 = 90_000;
+
+/// The settings that differ between the reqwest clients of one [`DeliveryClient`]: reqwest
+/// sets each of them per client, not per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct ClientKey {
+    /// The connect timeout in ms; 0 for none.
+    connect_timeout_ms: u64,
+    /// How long an idle connection stays in the pool, in ms; 0 keeps none, so every request
+    /// opens a fresh connection.
+    pool_idle_ms: u64,
+}
 
 /// The boxed error type of [`reqwest::dns::Resolving`].
 type BoxError = Box<dyn StdError + Send + Sync>;
@@ -236,9 +252,15 @@ struct ClientInner {
     proxy: Option<Url>,
     https_only: bool,
     root_certificates: Vec<reqwest::Certificate>,
-    /// One reqwest client per connect timeout (ms), because reqwest sets that timeout per
-    /// client. Requests in flight keep their client alive after an eviction.
-    clients: Mutex<HashMap<u64, reqwest::Client>>,
+    /// One reqwest client per [`ClientKey`]. Requests in flight keep their client alive
+    /// after an eviction.
+    clients: Mutex<HashMap<ClientKey, reqwest::Client>>,
+    /// The pool idle time derived from each endpoint's last `Keep-Alive: timeout=N` hint, in
+    /// ms, by endpoint id. Endpoints without a hint have no entry.
+    keep_alive_idle_ms: Mutex<HashMap<String, u64>>,
+    /// Requests sent a second time because their connection closed before any response
+    /// byte.
+    stale_connection_resends: AtomicU64,
 }
 
 impl fmt::Debug for DeliveryClient {
@@ -300,17 +322,72 @@ impl DeliveryClient {
                 https_only: config.https_only,
                 root_certificates,
                 clients: Mutex::new(HashMap::new()),
+                keep_alive_idle_ms: Mutex::new(HashMap::new()),
+                stale_connection_resends: AtomicU64::new(0),
             }),
         };
 
         // Build one client now, so that a TLS setup problem shows at start and not per attempt.
-        client.http_client(0)?;
+        client.http_client(ClientKey {
+            connect_timeout_ms: 0,
+            pool_idle_ms: DEFAULT_POOL_IDLE_MS,
+        })?;
         Ok(client)
     }
 
     /// Returns the address policy this client enforces.
     pub fn address_policy(&self) -> &AddressPolicy {
         &self.inner.address_policy
+    }
+
+    /// Returns how many requests were sent a second time, within their attempt, because the
+    /// connection closed before any response byte (typically a pooled connection that the
+    /// receiver closed as it was reused).
+    pub fn stale_connection_resends(&self) -> u64 {
+        self.inner.stale_connection_resends.load(Ordering::Relaxed)
+    }
+
+    /// Returns how long an idle connection to `endpoint_id` may stay pooled, in ms.
+    fn pool_idle_ms(&self, endpoint_id: &str) -> u64 {
+        let hints = self
+            .inner
+            .keep_alive_idle_ms
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        hints
+            .get(endpoint_id)
+            .copied()
+            .unwrap_or(DEFAULT_POOL_IDLE_MS)
+    }
+
+    /// Remembers the `Keep-Alive` hint of a response from `endpoint_id`, or forgets an old
+    /// one when the response has none.
+    fn record_keep_alive(&self, endpoint_id: &str, headers: &HeaderMap) {
+        let idle_ms = headers
+            .get("keep-alive")
+            .and_then(|value| value.to_str().ok())
+            .and_then(keep_alive_timeout_s)
+            .map(pool_idle_ms_for_hint)
+            .filter(|idle_ms| *idle_ms < DEFAULT_POOL_IDLE_MS);
+        let mut hints = self
+            .inner
+            .keep_alive_idle_ms
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match idle_ms {
+            Some(idle_ms) => {
+                if hints.insert(endpoint_id.to_string(), idle_ms) != Some(idle_ms) {
+                    tracing::debug!(
+                        endpoint_id = %endpoint_id,
+                        pool_idle_ms = idle_ms,
+                        "Limiting idle connection reuse to the receiver's Keep-Alive hint."
+                    );
+                }
+            }
+            None => {
+                hints.remove(endpoint_id);
+            }
+        }
     }
 
     /// Checks what can be known of `url` without a lookup: its scheme (`http` or `https`, only
@@ -547,8 +624,12 @@ impl DeliveryClient {
             headers.insert(HeaderName::from_static("webhook-signature"), signatures);
         }
 
+        let key = ClientKey {
+            connect_timeout_ms: endpoint.connect_timeout_ms,
+            pool_idle_ms: self.pool_idle_ms(&endpoint.id),
+        };
         let client = self
-            .http_client(endpoint.connect_timeout_ms)
+            .http_client(key)
             .map_err(|e| Failure::request(error_chain(&e)))?;
         let request = client
             .post(url)
@@ -585,7 +666,34 @@ impl DeliveryClient {
             }
         }
 
-        let response = match tokio::time::timeout_at(deadline, client.execute(request)).await {
+        // Kept for one resend; a body of bytes always clones.
+        let resend = request.try_clone();
+        let mut outcome = tokio::time::timeout_at(deadline, client.execute(request)).await;
+        if let (Ok(Err(e)), Some(resend)) = (&outcome, resend) {
+            if closed_before_response(e) {
+                // A pooled connection that the receiver closed just as it was reused fails
+                // like this. The request goes again at once on a fresh connection, within
+                // the same attempt and deadline; receivers deduplicate on `webhook-id` in
+                // case the first copy was processed after all.
+                self.inner
+                    .stale_connection_resends
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    endpoint_id = %endpoint.id,
+                    error = %e.source().map(error_chain).unwrap_or_default(),
+                    "Connection closed before any response byte; resending on a fresh connection."
+                );
+                let fresh = self
+                    .http_client(ClientKey {
+                        connect_timeout_ms: endpoint.connect_timeout_ms,
+                        pool_idle_ms: 0,
+                    })
+                    .map_err(|e| Failure::request(error_chain(&e)))?;
+                outcome = tokio::time::timeout_at(deadline, fresh.execute(resend)).await;
+            }
+        }
+
+        let response = match outcome {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => return Err(Failure::from_reqwest(e, endpoint)),
             Err(_elapsed) => {
@@ -614,6 +722,7 @@ impl DeliveryClient {
         deadline: Instant,
     ) -> ResponseSummary {
         let status = response.status();
+        self.record_keep_alive(&endpoint.id, response.headers());
         let location = header_text(response.headers(), &LOCATION);
         let retry_after = header_text(response.headers(), &RETRY_AFTER);
 
@@ -666,14 +775,14 @@ impl DeliveryClient {
         }
     }
 
-    /// Returns the cached reqwest client for `connect_timeout_ms`, building it on first use.
-    fn http_client(&self, connect_timeout_ms: u64) -> Result<reqwest::Client, DeliverError> {
+    /// Returns the cached reqwest client for `key`, building it on first use.
+    fn http_client(&self, key: ClientKey) -> Result<reqwest::Client, DeliverError> {
         let mut clients = self
             .inner
             .clients
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(client) = clients.get(&connect_timeout_ms) {
+        if let Some(client) = clients.get(&key) {
             return Ok(client.clone());
         }
 
@@ -681,8 +790,9 @@ impl DeliveryClient {
             if let Some(evicted) = clients.keys().next().copied() {
                 clients.remove(&evicted);
                 tracing::debug!(
-                    connect_timeout_ms = evicted,
-                    "Evicted an HTTP client; more distinct connect timeouts than cached clients."
+                    connect_timeout_ms = evicted.connect_timeout_ms,
+                    pool_idle_ms = evicted.pool_idle_ms,
+                    "Evicted an HTTP client; more distinct client settings than cached clients."
                 );
             }
         }
@@ -703,11 +813,15 @@ impl DeliveryClient {
             })?),
             None => builder.no_proxy(),
         };
-        if connect_timeout_ms > 0 {
-            builder = builder.connect_timeout(Duration::from_millis(connect_timeout_ms));
+        if key.connect_timeout_ms > 0 {
+            builder = builder.connect_timeout(Duration::from_millis(key.connect_timeout_ms));
         }
+        builder = match key.pool_idle_ms {
+            0 => builder.pool_max_idle_per_host(0),
+            idle_ms => builder.pool_idle_timeout(Duration::from_millis(idle_ms)),
+        };
         let client = builder.build().map_err(DeliverError::HttpClient)?;
-        clients.insert(connect_timeout_ms, client.clone());
+        clients.insert(key, client.clone());
         Ok(client)
     }
 }
@@ -724,6 +838,56 @@ fn install_crypto_provider() {
             tracing::debug!("A rustls crypto provider was installed already; keeping it.");
         }
     });
+}
+
+/// Returns whether `error` means the connection closed, or was reset, before any byte of a
+/// response arrived. The request may or may not have reached the receiver.
+fn closed_before_response(error: &reqwest::Error) -> bool {
+    if error.is_timeout() || error.is_connect() {
+        return false;
+    }
+    let mut source: Option<&(dyn StdError + 'static)> = Some(error);
+    while let Some(current) = source {
+        if let Some(hyper_error) = current.downcast_ref::<hyper::Error>() {
+            if hyper_error.is_incomplete_message() {
+                return true;
+            }
+        }
+        if let Some(io_error) = current.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io_error.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            ) {
+                return true;
+            }
+        }
+        source = current.source();
+    }
+    false
+}
+
+/// Parses the `timeout=N` parameter (seconds) of a `Keep-Alive` header value such as
+/// `timeout=5, max=100`.
+fn keep_alive_timeout_s(value: &str) -> Option<u64> {
+    value.split(',').find_map(|parameter| {
+        let (name, seconds) = parameter.split_once('=')?;
+        if !name.trim().eq_ignore_ascii_case("timeout") {
+            return None;
+        }
+        seconds.trim().trim_matches('"').parse().ok()
+    })
+}
+
+/// Returns how long a connection may stay idle in the pool when the receiver closes idle
+/// connections after `timeout_s` seconds: a margin below the hint, because the receiver's
+/// timer and ours start at slightly different moments. The margin is half the hint, at most
+/// 1 s, so a hint of 1 s gives 500 ms and a hint of 5 s gives 4 s. A hint of 0 keeps no idle
+/// connection.
+fn pool_idle_ms_for_hint(timeout_s: u64) -> u64 {
+    let hint_ms = timeout_s.saturating_mul(1000);
+    hint_ms - (hint_ms / 2).min(1000)
 }
 
 /// The reason an attempt got no response or sent no request.
@@ -980,6 +1144,26 @@ mod tests {
         assert!(message.contains("HTTP 302 Found"), "{message}");
         assert!(message.contains("`/elsewhere`"), "{message}");
         assert!(message.contains("final URL"), "{message}");
+    }
+
+    #[test]
+    fn keep_alive_hint_table() {
+        let cases = [
+            ("timeout=1", Some(1)),
+            ("timeout=5, max=100", Some(5)),
+            ("max=100, Timeout = 30", Some(30)),
+            ("timeout=\"2\"", Some(2)),
+            ("max=100", None),
+            ("timeout=soon", None),
+            ("", None),
+        ];
+        for (value, expected) in cases {
+            assert_eq!(keep_alive_timeout_s(value), expected, "{value}");
+        }
+        let idle = [(0, 0), (1, 500), (2, 1_000), (5, 4_000), (60, 59_000)];
+        for (hint_s, idle_ms) in idle {
+            assert_eq!(pool_idle_ms_for_hint(hint_s), idle_ms, "timeout={hint_s}");
+        }
     }
 
     #[test]
