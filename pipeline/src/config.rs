@@ -295,9 +295,9 @@ pub struct EndpointConfig {
     pub event_types: Vec<String>,
     /// One signing secret, `whsec_` followed by the base64 of 24 to 64 bytes.
     pub secret: Option<SecretText>,
-    /// The environment variable that holds the signing secret, instead of `secret`.
+    /// The environment variable that contains the signing secret, instead of `secret`.
     pub secret_env: Option<String>,
-    /// The file that holds the signing secret, instead of `secret`. A relative path is
+    /// The file that contains the signing secret, instead of `secret`. A relative path is
     /// relative to the config file's directory; whitespace around the secret is ignored.
     pub secret_file: Option<PathBuf>,
     /// More signing secrets, each a `"whsec_..."` string or a table with one of `value`,
@@ -360,7 +360,7 @@ impl fmt::Debug for SecretText {
 }
 
 /// One entry of an endpoint's `secrets` list: a plain `"whsec_..."` string, or a table that
-/// says where the secret is and when it expires.
+/// names where the secret is and when it expires.
 #[derive(Debug, Clone)]
 pub enum SecretEntry {
     /// A secret written inline; it never expires.
@@ -375,9 +375,9 @@ pub enum SecretEntry {
 pub struct SecretTable {
     /// The secret itself.
     pub value: Option<SecretText>,
-    /// The environment variable that holds the secret.
+    /// The environment variable that contains the secret.
     pub env: Option<String>,
-    /// The file that holds the secret, relative to the config file's directory.
+    /// The file that contains the secret, relative to the config file's directory.
     pub file: Option<PathBuf>,
     /// When the secret stops signing, as RFC 3339 (`2026-01-31T00:00:00Z`). Default: never.
     pub expires_at: Option<String>,
@@ -645,10 +645,16 @@ impl EndpointConfig {
             Ok(url) => {
                 return bad(
                     "url",
-                    format!("`{url}` must be an http or https URL with a host"),
+                    format!(
+                        "`{}` must be an http or https URL with a host",
+                        redact_user_info(url.as_str())
+                    ),
                 );
             }
-            Err(e) => return bad("url", format!("`{}` is not a URL ({e})", self.url)),
+            Err(e) => {
+                let shown = redact_user_info(&self.url);
+                return bad("url", format!("`{shown}` is not a URL ({e})"));
+            }
         }
         if self.event_types.is_empty() {
             return bad(
@@ -826,7 +832,7 @@ impl EndpointConfig {
     }
 }
 
-/// Where the text of one secret is.
+/// The location of one secret's text.
 enum SecretSource<'a> {
     Inline(&'a SecretText),
     Env(&'a str),
@@ -893,8 +899,9 @@ fn check_literal_address(url: &str, policy: &AddressPolicy) -> Result<(), String
     };
     policy.check(address).map_err(|range| {
         format!(
-            "`{url}` points at {address}, a {} address; list its network in \
+            "`{}` points at {address}, a {} address; list its network in \
              `delivery.allowed_private_cidrs` if the endpoint is trusted",
+            redact_user_info(url),
             range.as_str()
         )
     })
@@ -1266,6 +1273,14 @@ mod tests {
             (
                 endpoint("").replace("https://example.com/hook", "http://[::ffff:127.0.0.1]/"),
                 "field `endpoints[0].url`",
+            ),
+            (
+                endpoint("").replace("https://example.com/hook", "http://u:s3cr3t@10.0.0.1/"),
+                "field `endpoints[0].url`: `http://***@10.0.0.1/` points at 10.0.0.1",
+            ),
+            (
+                endpoint("").replace("https://example.com/hook", "ftp://u:s3cr3t@example.com/"),
+                "field `endpoints[0].url`: `ftp://***@example.com/` must be an http",
             ),
             (
                 "[retry]\njitter_percent = 150\n".to_string(),

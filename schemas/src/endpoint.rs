@@ -1,6 +1,6 @@
 //! Endpoints (a customer's receiving URL) and the event-type patterns they subscribe with.
 //!
-//! An endpoint holds secrets: its signing keys and any credentials written into its URL. The
+//! An endpoint contains secrets: its signing keys and any credentials written into its URL. The
 //! `Debug` output of [`Endpoint`] and [`SigningSecret`] hides both, so that logging an
 //! endpoint never logs a secret.
 

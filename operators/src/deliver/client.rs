@@ -48,7 +48,7 @@ const MAX_HEADER_VALUE_BYTES: usize = 1024;
 /// Maximum number of HTTP clients kept, one per distinct [`ClientKey`].
 const MAX_CACHED_CLIENTS: usize = 32;
 
-/// The longest idle time of a pooled connection when the receiver gives no `Keep-Alive`
+/// The maximum idle time of a pooled connection when the receiver sends no `Keep-Alive`
 /// hint, in ms. It matches reqwest's own default (0.13).
 const DEFAULT_POOL_IDLE_MS: u64 = 90_000;
 
@@ -360,7 +360,7 @@ impl DeliveryClient {
             .unwrap_or(DEFAULT_POOL_IDLE_MS)
     }
 
-    /// Remembers the `Keep-Alive` hint of a response from `endpoint_id`, or forgets an old
+    /// Stores the `Keep-Alive` hint of a response from `endpoint_id`, or removes the stored
     /// one when the response has none.
     fn record_keep_alive(&self, endpoint_id: &str, headers: &HeaderMap) {
         let idle_ms = headers
@@ -673,8 +673,8 @@ impl DeliveryClient {
             if closed_before_response(e) {
                 // A pooled connection that the receiver closed just as it was reused fails
                 // like this. The request goes again at once on a fresh connection, within
-                // the same attempt and deadline; receivers deduplicate on `webhook-id` in
-                // case the first copy was processed after all.
+                // the same attempt and deadline. The first copy may have been processed after
+                // all, so receivers deduplicate on `webhook-id`.
                 self.inner
                     .stale_connection_resends
                     .fetch_add(1, Ordering::Relaxed);
