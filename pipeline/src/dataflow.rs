@@ -26,12 +26,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use differential_dataflow::input::Input as _;
+use hookflow_connectors::DisabledEndpoint;
 use hookflow_connectors::Source;
 use hookflow_connectors::{ArchiveOptions, ArchiveWriter, LocalLog, LocalLogOptions, StateStore};
 use hookflow_operators::clock::Clock;
 use hookflow_operators::dedup::{Dedup, DedupConfig};
 use hookflow_operators::deliver::{
-    AddressPolicy, Attempted, ClientConfig, Deliver, DeliverContext, DeliveryClient, PayloadSource,
+    AddressPolicy, Attempted, ClientConfig, Deliver, DeliverContext, DeliverCounters,
+    DeliveryClient, PayloadSource,
 };
 use hookflow_operators::route::{Route, Subscription};
 use hookflow_schemas::{
@@ -79,6 +81,12 @@ pub struct RunReport {
     pub outcomes: std::collections::BTreeMap<String, u64>,
     /// The archive directory.
     pub archive_dir: PathBuf,
+    /// Deliveries parked at the end of the run, their endpoints disabled.
+    pub parked: u64,
+    /// Endpoints disabled at the end of the run, at run time or earlier.
+    pub disabled_endpoints: Vec<DisabledEndpoint>,
+    /// The deliver operator's decisions about endpoints (breakers, pauses, disabling).
+    pub counters: Arc<DeliverCounters>,
 }
 
 /// The archive directory: the configured one, under the data directory when relative.
@@ -100,17 +108,32 @@ pub fn archive_dir(config: &Config, data_dir: &Path) -> PathBuf {
 pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
     let config = &options.config;
     let archive_dir = archive_dir(config, &options.data_dir);
-    let endpoints: Arc<HashMap<String, Endpoint>> = Arc::new(
-        config
-            .endpoints()
-            .into_iter()
-            .map(|e| (e.id.clone(), e))
-            .collect(),
-    );
 
     // One run per data directory: a second one would deliver everything again and write over
     // the first one's archive files. The lock is released when the process exits, however.
     let _lock = lock_data_dir(&options.data_dir)?;
+
+    // Endpoints disabled by an earlier run (410 Gone, failing too long) stay disabled until
+    // an operator enables them; their parked deliveries wait in the state store.
+    let disabled = open_store(&options.data_dir)?.disabled_endpoints()?;
+    let mut endpoints: HashMap<String, Endpoint> = config
+        .endpoints()
+        .into_iter()
+        .map(|e| (e.id.clone(), e))
+        .collect();
+    for entry in &disabled {
+        if let Some(endpoint) = endpoints.get_mut(&entry.endpoint_id) {
+            tracing::warn!(
+                endpoint_id = %entry.endpoint_id,
+                reason = %entry.reason,
+                disabled_at_ms = entry.disabled_at_ms,
+                "Endpoint is disabled; its deliveries stay parked until `hookflow endpoints enable` names it."
+            );
+            endpoint.enabled = false;
+        }
+    }
+    let endpoints = Arc::new(endpoints);
+    let counters = Arc::new(DeliverCounters::default());
 
     // Open the log once here so that a bad data directory fails before any thread starts.
     let log_options = LocalLogOptions {
@@ -162,6 +185,7 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
         duplicates: duplicates.clone(),
         requests_in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         run_id: options.clock.now_ms(),
+        counters: counters.clone(),
     });
 
     let timely_config = timely::Config::process(config.pipeline.workers);
@@ -189,10 +213,20 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
     runtime.shutdown_timeout(Duration::from_secs(1));
     report.duplicates = duplicates.load(Ordering::Relaxed);
     report.files.sort();
+    report.counters = counters;
     if !failures.is_empty() {
         anyhow::bail!("the pipeline failed: {}", failures.join("; "));
     }
+    let store = open_store(&options.data_dir)?;
+    report.parked = store.parked_count()?;
+    report.disabled_endpoints = store.disabled_endpoints()?;
     Ok(report)
+}
+
+/// Opens the state store of `data_dir`, naming the directory in the error.
+fn open_store(data_dir: &Path) -> anyhow::Result<StateStore> {
+    StateStore::open(data_dir)
+        .with_context(|| format!("cannot open the state store in {}", data_dir.display()))
 }
 
 /// Takes the exclusive lock on `<data_dir>/hookflow.lock`, creating the directory if needed.
@@ -233,6 +267,7 @@ struct WorkerShared {
     duplicates: Arc<AtomicU64>,
     requests_in_flight: Arc<std::sync::atomic::AtomicUsize>,
     run_id: u64,
+    counters: Arc<DeliverCounters>,
 }
 
 /// The rows and files one worker archived.
@@ -268,12 +303,7 @@ fn run_worker(
     // What earlier runs left: the checkpoint to resume reading from, the log end below which
     // re-read records must be checked against the journal, pending deliveries and first
     // occurrences.
-    let mut store = StateStore::open(&shared.data_dir).with_context(|| {
-        format!(
-            "cannot open the state store in {}",
-            shared.data_dir.display()
-        )
-    })?;
+    let mut store = open_store(&shared.data_dir)?;
     store.ensure_workers(peers)?;
     let checkpoint = store.checkpoint()?;
     let mut resume_bounds = ResumeBounds::new();
@@ -290,8 +320,20 @@ fn run_worker(
     }
     let dedup_window_ms = config.pipeline.dedup_window_secs.saturating_mul(1000);
     let restored_first_seen = store.first_seen_since(started_ms.saturating_sub(dedup_window_ms))?;
+    // A parked delivery stays in the store while its endpoint is disabled, and resumes when
+    // the endpoint is enabled again.
     let restored_pending = if index == 0 {
-        store.pending()?
+        let endpoints = &shared.endpoints;
+        store
+            .pending()?
+            .into_iter()
+            .filter(|entry| {
+                !entry.is_parked()
+                    || endpoints
+                        .get(&entry.endpoint_id)
+                        .is_none_or(|endpoint| endpoint.enabled)
+            })
+            .collect()
     } else {
         Vec::new()
     };
@@ -404,6 +446,8 @@ fn run_worker(
             stop: shared.stop.clone(),
             unsynced_results: unsynced_results.clone(),
             max_unsynced_results: config.pipeline.max_unsynced_results,
+            health: config.health.policy(),
+            counters: shared.counters.clone(),
         };
         let (durable, retries) = deliveries
             .concat(restored)
@@ -412,6 +456,13 @@ fn run_worker(
             .ok_err(|attempted| match attempted {
                 Attempted::Row(row) => Ok(Durable::Row(row)),
                 Attempted::Pending(pending) => Ok(Durable::Pending(pending)),
+                Attempted::EndpointDisabled(disabled) => {
+                    Ok(Durable::EndpointDisabled(DisabledEndpoint {
+                        endpoint_id: disabled.endpoint_id,
+                        disabled_at_ms: disabled.at_ms,
+                        reason: disabled.reason,
+                    }))
+                }
                 Attempted::Retry(delivery) => Err(delivery),
             });
         retries.connect_loop(retry_handle);

@@ -88,8 +88,14 @@ impl Outcome {
 /// Why an HTTP attempt did not deliver, archived in the `error_kind` column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum ErrorKind {
-    /// The endpoint responded with a non-2xx status.
+    /// The endpoint responded with a 5xx status, 408, or another status no other kind names.
     HttpStatus,
+    /// The endpoint responded with 429 Too Many Requests.
+    Throttled,
+    /// The endpoint responded with 410 Gone: it asked not to be sent anything more.
+    Gone,
+    /// The endpoint responded with a 4xx status other than 408, 410 and 429.
+    ClientError,
     /// The endpoint responded with a redirect, which is not followed.
     Redirect,
     /// Connecting failed (refused, unreachable, DNS).
@@ -113,10 +119,38 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [ErrorKind; 14] = [
+        ErrorKind::HttpStatus,
+        ErrorKind::Throttled,
+        ErrorKind::Gone,
+        ErrorKind::ClientError,
+        ErrorKind::Redirect,
+        ErrorKind::Connect,
+        ErrorKind::Timeout,
+        ErrorKind::Io,
+        ErrorKind::Refused,
+        ErrorKind::UnknownEndpoint,
+        ErrorKind::Request,
+        ErrorKind::EndpointDisabled,
+        ErrorKind::Expired,
+        ErrorKind::PayloadExpired,
+    ];
+
+    /// The kind whose archived name is `name`, if any.
+    pub fn from_name(name: &str) -> Option<ErrorKind> {
+        ErrorKind::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == name)
+    }
+
     /// The name archived in the `error_kind` column.
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorKind::HttpStatus => "http_status",
+            ErrorKind::Throttled => "throttled",
+            ErrorKind::Gone => "gone",
+            ErrorKind::ClientError => "client_error",
             ErrorKind::Redirect => "redirect",
             ErrorKind::Connect => "connect",
             ErrorKind::Timeout => "timeout",
@@ -347,6 +381,14 @@ fn millis_to_i64(ms: Millis) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_kind_names_round_trip() {
+        for kind in ErrorKind::ALL {
+            assert_eq!(ErrorKind::from_name(kind.as_str()), Some(kind));
+        }
+        assert_eq!(ErrorKind::from_name("no_such_kind"), None);
+    }
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::UInt32Type;
 

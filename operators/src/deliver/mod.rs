@@ -22,12 +22,12 @@ pub use client::{
 };
 pub use headers::{parse_static_header, RESERVED_HEADERS};
 pub use operator::{
-    endpoint_hash, Attempted, Deliver, DeliverContext, PayloadSource, DEFAULT_MAX_IN_FLIGHT_TOTAL,
-    ENDPOINT_DISABLED, HOLD_REFRESH_MS,
+    endpoint_hash, Attempted, Deliver, DeliverContext, DeliverCounters, EndpointDisabled,
+    PayloadSource, DEFAULT_MAX_IN_FLIGHT_TOTAL, HOLD_REFRESH_MS,
 };
 pub use result::{
-    classify, contacted_endpoint, dead_letter_row, is_retryable, AttemptResult, Observation,
-    Verdict,
+    classify, contacted_endpoint, dead_letter_row, is_overload, is_retryable, AttemptResult,
+    Observation, Verdict,
 };
 pub use signature::{sign, signature_header, SECRET_PREFIX};
 
