@@ -454,6 +454,25 @@ impl StateStore {
             .map_err(self.error("count parked deliveries"))
     }
 
+    /// Counts the parked deliveries of each endpoint that has any.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read.
+    pub fn parked_by_endpoint(&self) -> Result<HashMap<String, u64>, ConnectorError> {
+        let mut statement = self
+            .connection
+            .prepare_cached(
+                "SELECT endpoint_id, count(*) FROM pending WHERE due_ms IS NULL GROUP BY endpoint_id",
+            )
+            .map_err(self.error("count parked deliveries"))?;
+        let rows = statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .map_err(self.error("count parked deliveries"))?;
+        rows.collect::<Result<HashMap<_, _>, _>>()
+            .map_err(self.error("count parked deliveries"))
+    }
+
     /// Reads the endpoints disabled at run time, by endpoint id.
     ///
     /// # Errors
@@ -975,6 +994,7 @@ mod tests {
             "a parked delivery is stored without a due time"
         );
         assert_eq!(store.parked_count()?, 1);
+        assert_eq!(store.parked_by_endpoint()?.get("ep"), Some(&1));
         assert_eq!(store.pending_count()?, 2);
         assert!(store.pending()?.contains(&parked));
         assert_eq!(

@@ -230,7 +230,12 @@ fn open_store(data_dir: &Path) -> anyhow::Result<StateStore> {
 }
 
 /// Takes the exclusive lock on `<data_dir>/hookflow.lock`, creating the directory if needed.
-fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
+/// The lock is held until the returned file is dropped.
+///
+/// # Errors
+///
+/// Fails, saying so, when another process holds the lock, or when the file cannot be made.
+pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
     let path = data_dir.join("hookflow.lock");

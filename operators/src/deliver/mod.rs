@@ -17,8 +17,8 @@ mod signature;
 
 pub use address::{refused_range, AddressPolicy, RefusedRange};
 pub use client::{
-    ClientConfig, DeliveryClient, PolicyResolver, SystemResolver, DEFAULT_MAX_RESPONSE_BYTES,
-    DEFAULT_SNIPPET_BYTES, USER_AGENT,
+    without_credentials, ClientConfig, DeliveryClient, PolicyResolver, SystemResolver,
+    DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_SNIPPET_BYTES, USER_AGENT,
 };
 pub use headers::{parse_static_header, RESERVED_HEADERS};
 pub use operator::{
