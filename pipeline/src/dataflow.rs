@@ -157,9 +157,16 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
     let allowed = config
         .allowed_networks()
         .map_err(|(field, problem)| anyhow::anyhow!("{field}: {problem}"))?;
+    let proxy = config
+        .delivery
+        .proxy_url()
+        .map_err(|problem| anyhow::anyhow!("delivery.proxy: {problem}"))?;
     let client = DeliveryClient::new(ClientConfig {
         address_policy: AddressPolicy::new(allowed),
         max_response_bytes: config.delivery.max_response_bytes,
+        proxy,
+        https_only: config.delivery.https_only,
+        ca_bundle_pem: config.delivery.ca_bundle_pem.clone(),
         ..ClientConfig::default()
     })
     .context("cannot build the HTTP client")?;
