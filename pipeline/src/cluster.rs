@@ -308,6 +308,8 @@ pub struct Readiness {
     pub process_index: usize,
     /// Partitions of the local log the process opened.
     pub partitions: u32,
+    /// The id of the local log the process opened.
+    pub log_id: i64,
     /// Why the process cannot start, if it cannot.
     pub refusal: Option<String>,
 }
@@ -347,7 +349,8 @@ pub fn agree(
 }
 
 /// Turns every process's readiness into one decision: `Ok` when every process may start and
-/// all opened the same log, otherwise the reasons, naming the processes.
+/// all opened the same log, otherwise the reasons, naming the processes. A refusal hides a
+/// log mismatch, since a refusing process may not have opened its log.
 ///
 /// # Errors
 ///
@@ -364,10 +367,17 @@ pub fn decide(all: &[Readiness]) -> Result<(), String> {
         .collect();
     if reasons.is_empty() {
         if let Some(first) = all.first() {
-            for other in all.iter().filter(|r| r.partitions != first.partitions) {
+            for other in all.iter().filter(|r| r.log_id != first.log_id) {
                 reasons.push(format!(
-                    "process {} opened a local log of {} partitions, process {} one of {}; every process must read the same log",
-                    other.process_index, other.partitions, first.process_index, first.partitions
+                    "process {} opened another local log than process {} (log id {} of {} partitions, not {} of {}); \
+                     the local log is one file on one machine, which every process must read: run the processes \
+                     on one machine with one data directory, or use a source every machine can read",
+                    other.process_index,
+                    first.process_index,
+                    other.log_id,
+                    other.partitions,
+                    first.log_id,
+                    first.partitions
                 ));
             }
         }
@@ -448,18 +458,19 @@ mod tests {
 
     #[test]
     fn refusal_names_process() {
-        let ready = |index, partitions, refusal: Option<&str>| Readiness {
+        let ready = |index, log_id, refusal: Option<&str>| Readiness {
             process_index: index,
-            partitions,
+            partitions: 4,
+            log_id,
             refusal: refusal.map(str::to_string),
         };
-        assert_eq!(decide(&[ready(0, 4, None), ready(1, 4, None)]), Ok(()));
-        let refused = decide(&[ready(0, 4, None), ready(1, 4, Some("the store is locked"))])
+        assert_eq!(decide(&[ready(0, 7, None), ready(1, 7, None)]), Ok(()));
+        let refused = decide(&[ready(0, 7, None), ready(1, 0, Some("the store is locked"))])
             .expect_err("process 1 refused");
         assert_eq!(refused, "process 1: the store is locked");
-        let mismatch = decide(&[ready(0, 4, None), ready(1, 8, None)]).expect_err("different logs");
+        let mismatch = decide(&[ready(0, 7, None), ready(1, 9, None)]).expect_err("two logs");
         assert!(
-            mismatch.contains("process 1 opened a local log of 8 partitions"),
+            mismatch.contains("process 1 opened another local log than process 0"),
             "{mismatch}"
         );
     }

@@ -126,9 +126,10 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
     // cluster process tells its peers first, so that the whole cluster stops with the reason.
     let prepared = prepare_data_dir(config, &options.data_dir, &cluster);
     let readiness = match prepared {
-        Ok(partitions) => Readiness {
+        Ok((partitions, log_id)) => Readiness {
             process_index: cluster.process_index(),
             partitions,
+            log_id,
             refusal: None,
         },
         Err(error) if !cluster.is_multi_process() => return Err(error),
@@ -137,6 +138,7 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
             Readiness {
                 process_index: cluster.process_index(),
                 partitions: 0,
+                log_id: 0,
                 refusal: Some(format!("{error:#}")),
             }
         }
@@ -226,8 +228,12 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
 
 /// Checks that the data directory fits this process and its cluster: the state layout, the
 /// local log, and the worker and process counts its state store records. Returns the log's
-/// partition count.
-fn prepare_data_dir(config: &Config, data_dir: &Path, cluster: &Cluster) -> anyhow::Result<u32> {
+/// partition count and id.
+fn prepare_data_dir(
+    config: &Config,
+    data_dir: &Path,
+    cluster: &Cluster,
+) -> anyhow::Result<(u32, i64)> {
     cluster.check_layout(data_dir)?;
 
     let log_options = LocalLogOptions {
@@ -235,8 +241,8 @@ fn prepare_data_dir(config: &Config, data_dir: &Path, cluster: &Cluster) -> anyh
     };
     let log = LocalLog::open(data_dir, &log_options)
         .with_context(|| format!("cannot open the local log in {}", data_dir.display()))?;
-    let partitions = log.partitions();
-    tracing::info!(partitions, data_dir = %data_dir.display(), "Local log opened.");
+    let (partitions, log_id) = (log.partitions(), log.log_id());
+    tracing::info!(partitions, log_id, data_dir = %data_dir.display(), "Local log opened.");
     drop(log);
 
     let state_dir = cluster.state_dir(data_dir);
@@ -247,7 +253,7 @@ fn prepare_data_dir(config: &Config, data_dir: &Path, cluster: &Cluster) -> anyh
         cluster.processes(),
         cluster.process_index(),
     )?;
-    Ok(partitions)
+    Ok((partitions, log_id))
 }
 
 /// Takes the exclusive lock on `path`, creating the data directory if needed.

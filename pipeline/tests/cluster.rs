@@ -288,6 +288,12 @@ impl Run {
 
     /// Starts every process of `topology`; a cluster gets a fresh hosts file of free ports.
     fn spawn(&self, topology: Topology, until_idle: bool) -> Vec<Child> {
+        let data_dirs = vec![self.data_dir(); topology.processes];
+        self.spawn_on(topology, &data_dirs, until_idle)
+    }
+
+    /// Starts every process of `topology`, process I on `data_dirs[I]`.
+    fn spawn_on(&self, topology: Topology, data_dirs: &[PathBuf], until_idle: bool) -> Vec<Child> {
         if topology.processes > 1 {
             std::fs::write(&self.hosts, free_addresses(topology.processes).join("\n"))
                 .expect("write hosts file");
@@ -300,7 +306,7 @@ impl Run {
                     .arg("--config")
                     .arg(&self.config)
                     .arg("--data-dir")
-                    .arg(self.data_dir())
+                    .arg(&data_dirs[index])
                     .arg("--workers")
                     .arg(topology.workers.to_string());
                 if topology.processes > 1 {
@@ -735,6 +741,36 @@ fn changed_counts_are_rejected(root: &Path) {
             "process {index}: {text}"
         );
     }
+
+    // Two machines would each have a data directory, and so a local log, of their own.
+    let elsewhere = run.dir.join("elsewhere");
+    publish(
+        &elsewhere,
+        &[event_line("acme", "evt_2", "charge.succeeded", "{}")],
+    );
+    let two_logs = wait_all(
+        run.spawn_on(
+            Topology {
+                processes: 2,
+                workers: 2,
+            },
+            &[run.data_dir(), elsewhere],
+            true,
+        ),
+        Duration::from_secs(30),
+    );
+    for (index, output) in two_logs.iter().enumerate() {
+        let text = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success(),
+            "process {index} must reject two logs: {text}"
+        );
+        assert!(
+            text.contains("process 1 opened another local log than process 0"),
+            "process {index}: {text}"
+        );
+    }
+
     // The one event goes to ep_acme_all and ep_acme_charges, in the first run only.
     assert_eq!(receiver.requests().len(), 2, "only the first run delivers");
 }
