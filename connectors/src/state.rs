@@ -346,7 +346,7 @@ impl StateStore {
             .map_err(self.error("read decided records"))
     }
 
-    /// Records the worker count of a single process the first time, and refuses another count
+    /// Records the worker count of a single process the first time, and rejects another count
     /// later: each worker's staged rows and state belong to the worker index that wrote them.
     ///
     /// # Errors
@@ -357,7 +357,7 @@ impl StateStore {
     }
 
     /// Records the worker count per process, the process count and this process's index the
-    /// first time, and refuses others later: the partitions and endpoints of this store belong
+    /// first time, and rejects others later: the partitions and endpoints of this store belong
     /// to the workers of that process in a cluster of that size. A store written before the
     /// process count was recorded counts as process 0 of 1.
     ///
@@ -392,7 +392,7 @@ impl StateStore {
         )
     }
 
-    /// Records `value` under `key` in `meta` the first time, and refuses another value later.
+    /// Records `value` under `key` in `meta` the first time, and rejects another value later.
     fn ensure_fixed(
         &mut self,
         key: &'static str,

@@ -29,7 +29,7 @@ use timely::dataflow::InputHandle;
 /// The largest process count a cluster may have.
 pub const MAX_PROCESSES: usize = 256;
 
-/// Why a cluster description is invalid or a data directory does not fit it.
+/// An invalid cluster description, or a data directory that does not fit it.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     /// The process count or index is out of range.
@@ -76,9 +76,9 @@ pub enum ClusterError {
     LayoutMismatch {
         /// The data directory.
         data_dir: PathBuf,
-        /// What the directory holds, in words.
+        /// The state the directory contains, in words.
         found: String,
-        /// What this run asks for, in words.
+        /// The cluster of this run, in words.
         requested: String,
     },
 }
@@ -95,7 +95,7 @@ pub struct Cluster {
 }
 
 impl Default for Cluster {
-    /// A single process, which needs no addresses.
+    /// Returns a single process, which needs no addresses.
     fn default() -> Self {
         Cluster {
             processes: 1,
@@ -157,11 +157,6 @@ impl Cluster {
         self.process_index * workers
     }
 
-    /// Returns the process that runs global worker `worker`, given `workers` per process.
-    pub fn process_of_worker(worker: usize, workers: usize) -> usize {
-        worker / workers.max(1)
-    }
-
     /// Builds the timely configuration for `workers` worker threads in this process.
     pub fn timely_config(&self, workers: usize) -> timely::Config {
         if !self.is_multi_process() {
@@ -208,8 +203,8 @@ impl Cluster {
         }
     }
 
-    /// Checks that the data directory holds no state of another process count: a single
-    /// process refuses a directory with per-process stores, and a cluster process refuses one
+    /// Checks that the data directory contains no state of another process count: a single
+    /// process rejects a directory with per-process stores, and a cluster process rejects one
     /// with the single-process store. A changed count between clusters is caught by the
     /// counts each store records.
     ///
@@ -300,8 +295,8 @@ pub fn read_hosts(path: &Path, processes: usize) -> Result<Vec<String>, ClusterE
     Ok(addresses)
 }
 
-/// What one process found when it prepared its part of the data directory, shared with every
-/// other process before the pipeline starts.
+/// The state of one process's part of the data directory, shared with every other process
+/// before the pipeline starts.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Readiness {
     /// The process's index.
@@ -310,8 +305,8 @@ pub struct Readiness {
     pub partitions: u32,
     /// The id of the local log the process opened.
     pub log_id: i64,
-    /// Why the process cannot start, if it cannot.
-    pub refusal: Option<String>,
+    /// The reason the process cannot start, if it cannot.
+    pub problem: Option<String>,
 }
 
 /// Shares `local` with every process of the cluster and returns every process's readiness,
@@ -336,7 +331,7 @@ pub fn agree(
             .inspect(move |readiness| sink.borrow_mut().push(readiness.clone()))
             .probe_with(&probe);
     });
-    if worker.index() % workers_per_process.max(1) == 0 {
+    if worker.index().is_multiple_of(workers_per_process.max(1)) {
         input.send(local);
     }
     input.close();
@@ -349,20 +344,20 @@ pub fn agree(
 }
 
 /// Turns every process's readiness into one decision: `Ok` when every process may start and
-/// all opened the same log, otherwise the reasons, naming the processes. A refusal hides a
-/// log mismatch, since a refusing process may not have opened its log.
+/// all opened the same log, otherwise the reasons, naming the processes. A problem hides a
+/// log mismatch, since a process that cannot start may not have opened its log.
 ///
 /// # Errors
 ///
-/// Returns the combined refusal message.
+/// Returns the reasons, joined into one message.
 pub fn decide(all: &[Readiness]) -> Result<(), String> {
     let mut reasons: Vec<String> = all
         .iter()
         .filter_map(|readiness| {
             readiness
-                .refusal
+                .problem
                 .as_ref()
-                .map(|refusal| format!("process {}: {refusal}", readiness.process_index))
+                .map(|problem| format!("process {}: {problem}", readiness.process_index))
         })
         .collect();
     if reasons.is_empty() {
@@ -457,17 +452,17 @@ mod tests {
     }
 
     #[test]
-    fn refusal_names_process() {
-        let ready = |index, log_id, refusal: Option<&str>| Readiness {
+    fn problem_names_process() {
+        let ready = |index, log_id, problem: Option<&str>| Readiness {
             process_index: index,
             partitions: 4,
             log_id,
-            refusal: refusal.map(str::to_string),
+            problem: problem.map(str::to_string),
         };
         assert_eq!(decide(&[ready(0, 7, None), ready(1, 7, None)]), Ok(()));
-        let refused = decide(&[ready(0, 7, None), ready(1, 0, Some("the store is locked"))])
-            .expect_err("process 1 refused");
-        assert_eq!(refused, "process 1: the store is locked");
+        let rejected = decide(&[ready(0, 7, None), ready(1, 0, Some("the store is locked"))])
+            .expect_err("process 1 cannot start");
+        assert_eq!(rejected, "process 1: the store is locked");
         let mismatch = decide(&[ready(0, 7, None), ready(1, 9, None)]).expect_err("two logs");
         assert!(
             mismatch.contains("process 1 opened another local log than process 0"),

@@ -122,24 +122,24 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
     // exits, however.
     let _lock = lock_data_dir(&options.data_dir, &cluster.lock_path(&options.data_dir))?;
 
-    // Check the data directory before any worker starts. A single process stops here; a
-    // cluster process tells its peers first, so that the whole cluster stops with the reason.
+    // Check the data directory before any worker starts. A single process stops here. A
+    // cluster process first sends the reason to its peers, so that the whole cluster stops.
     let prepared = prepare_data_dir(config, &options.data_dir, &cluster);
     let readiness = match prepared {
         Ok((partitions, log_id)) => Readiness {
             process_index: cluster.process_index(),
             partitions,
             log_id,
-            refusal: None,
+            problem: None,
         },
         Err(error) if !cluster.is_multi_process() => return Err(error),
         Err(error) => {
-            tracing::error!(error = %format!("{error:#}"), process = cluster.process_index(), "This process cannot start; telling the other processes.");
+            tracing::error!(error = %format!("{error:#}"), process = cluster.process_index(), "This process cannot start; sending the reason to the other processes.");
             Readiness {
                 process_index: cluster.process_index(),
                 partitions: 0,
                 log_id: 0,
-                refusal: Some(format!("{error:#}")),
+                problem: Some(format!("{error:#}")),
             }
         }
     };
@@ -208,7 +208,7 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
                 }
             }
             Ok(Err(error)) => {
-                // Every worker of a cluster that refused to start reports the same reason.
+                // Every worker of a cluster that cannot start reports the same reason.
                 let message = format!("{error:#}");
                 if !failures.iter().any(|failure| failure.ends_with(&message)) {
                     failures.push(format!("worker {index}: {message}"));
@@ -295,7 +295,7 @@ struct WorkerShared {
     requests_in_flight: Arc<std::sync::atomic::AtomicUsize>,
     run_id: u64,
     cluster: Cluster,
-    /// What this process found in the data directory, shared with the other processes.
+    /// The state of this process's part of the data directory, shared with the other processes.
     readiness: Readiness,
 }
 
@@ -507,7 +507,9 @@ fn run_worker(
         input
     });
 
-    if index == 0 {
+    // Endpoint changes enter the dataflow once, through the process that serves the
+    // management API.
+    if cluster.serves_management_api() && first_of_process {
         for endpoint in shared.endpoints.values() {
             subscriptions.insert((
                 endpoint.tenant.clone(),

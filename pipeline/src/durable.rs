@@ -270,8 +270,8 @@ pub type ResumeBounds = HashMap<u32, u64>;
 /// pending (they are restored from `pending` instead).
 ///
 /// The deliveries are first exchanged to the worker that owns their endpoint, the same
-/// exchange the deliver operator makes: that worker's process wrote the delivery's journal and
-/// pending entries, so only its state store can answer.
+/// exchange the deliver operator makes. That worker's process wrote the delivery's journal and
+/// pending entries, so only its state store contains them.
 pub fn skip_settled_deliveries<'scope>(
     deliveries: Stream<'scope, u64, Vec<Delivery>>,
     store: Rc<RefCell<StateStore>>,
@@ -388,7 +388,7 @@ pub fn restore_pending<'scope>(
 pub struct Maintenance {
     /// Log records deleted past their retention.
     pub truncated: usize,
-    /// Why the log was not truncated in this pass, if it was given but not truncated.
+    /// The reason the log was not truncated in this pass, if it was given but not truncated.
     pub truncation_skipped: Option<String>,
     /// Bytes of the local log on disk (0 when no log was given).
     pub log_bytes: u64,
@@ -447,8 +447,8 @@ pub fn maintain(
 
 /// Returns, per partition, the offset below which the log may be truncated: the least of its
 /// checkpoint and the oldest offset any store's pending deliveries reference. A partition
-/// with no checkpoint is absent, so nothing of it is truncated. The inner `Err` says why no
-/// bound can be given.
+/// with no checkpoint is absent, so nothing of it is truncated. The inner `Err` is the reason
+/// no bound can be given.
 fn truncation_bounds(
     store: &StateStore,
     other_stores: &[PathBuf],

@@ -44,7 +44,7 @@ enum Command {
         /// each process: give every process the same count.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
         workers: Option<u16>,
-        /// Processes in the timely cluster; more than 1 needs --process-index and --hosts.
+        /// Processes in the timely cluster; more than 1 needs --hosts and a --process-index.
         /// The count is fixed for a data directory.
         #[arg(long, value_name = "P", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
         processes: u16,
