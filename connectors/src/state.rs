@@ -8,17 +8,25 @@
 //! * a delivery is in `pending` or in the journal, never both: the batch that journals a
 //!   delivery deletes its pending entry in the same transaction;
 //! * a staged attempt row leaves staging only after the Parquet file holding it is complete;
-//! * `first_seen` contains the first occurrence of each (tenant, event id) inside the dedup window.
+//! * `first_seen` contains the first occurrence of each (tenant, event id) inside the dedup window;
+//! * a parked delivery (its endpoint is disabled) is in `pending` with no due time, and
+//!   `disabled_endpoints` names the endpoints disabled at run time (410 Gone, or failing for
+//!   too long) until an operator enables them again.
 //!
 //! ```text
-//! meta        (key TEXT PK, value TEXT)                format_version = 1
+//! meta        (key TEXT PK, value TEXT)                format_version = 2
 //! checkpoint  (partition PK, next_offset)              next offset to read; all below settled
 //! journal     (tenant, event_id, endpoint_id, generation PK, outcome, settled_at_ms)
-//! pending     (partition, offset, endpoint_id, generation PK, attempt, due_ms, entry JSON)
+//! pending     (partition, offset, endpoint_id, generation PK, attempt, due_ms or NULL when
+//!              parked, entry JSON)
 //! first_seen  (tenant, event_id PK, partition, offset, first_seen_ms)
 //! decided     (partition, offset PK, outcome, settled_at_ms)   invalid and unrouted records
 //! staged_rows (seq INTEGER PK AUTOINCREMENT, writer TEXT, row JSON)
+//! disabled_endpoints (endpoint_id PK, disabled_at_ms, reason)
 //! ```
+//!
+//! Version 1 differed only in `pending.due_ms` being `NOT NULL` and had no
+//! `disabled_endpoints`; opening it migrates it.
 //!
 //! Every connection may write; SQLite serialises the writers, and each [`StateStore::commit`]
 //! is one transaction.
@@ -33,7 +41,18 @@ use crate::local_log::{open_connection, sqlite_disk_bytes};
 use crate::ConnectorError;
 
 /// The on-disk format version of the state store.
-pub const STATE_FORMAT_VERSION: i64 = 1;
+pub const STATE_FORMAT_VERSION: i64 = 2;
+
+/// An endpoint disabled at run time, as the state store records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DisabledEndpoint {
+    /// The endpoint's id.
+    pub endpoint_id: String,
+    /// When it was disabled (ms since epoch).
+    pub disabled_at_ms: Millis,
+    /// Why, for the operator: the status or the failure that disabled it.
+    pub reason: String,
+}
 
 /// Everything one dataflow step must make durable at once.
 #[derive(Debug, Clone, Default)]
@@ -45,12 +64,17 @@ pub struct DurableBatch {
     pub pending: Vec<PendingDelivery>,
     /// First occurrences admitted by dedup.
     pub first_seen: Vec<FirstSeen>,
+    /// Endpoints the deliver operator disabled.
+    pub disabled: Vec<DisabledEndpoint>,
 }
 
 impl DurableBatch {
     /// Returns whether there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty() && self.pending.is_empty() && self.first_seen.is_empty()
+        self.rows.is_empty()
+            && self.pending.is_empty()
+            && self.first_seen.is_empty()
+            && self.disabled.is_empty()
     }
 }
 
@@ -249,13 +273,14 @@ impl StateStore {
                         what: "pending delivery",
                         detail: e.to_string(),
                     })?;
+                let due_ms = (!pending.is_parked()).then_some(pending.due_ms);
                 pend.execute(params![
                     pending.partition,
                     pending.offset,
                     pending.endpoint_id,
                     pending.generation,
                     pending.attempt,
-                    pending.due_ms,
+                    due_ms,
                     encoded
                 ])
                 .map_err(&error)?;
@@ -276,6 +301,22 @@ impl StateStore {
                     first.first_seen_ms
                 ])
                 .map_err(&error)?;
+            }
+
+            let mut disable = transaction
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO disabled_endpoints (endpoint_id, disabled_at_ms, reason) \
+                     VALUES (?1, ?2, ?3)",
+                )
+                .map_err(&error)?;
+            for disabled in &batch.disabled {
+                disable
+                    .execute(params![
+                        disabled.endpoint_id,
+                        disabled.disabled_at_ms,
+                        disabled.reason
+                    ])
+                    .map_err(&error)?;
             }
         }
         transaction.commit().map_err(&error)
@@ -459,6 +500,69 @@ impl StateStore {
         self.connection
             .query_row("SELECT count(*) FROM pending", [], |row| row.get(0))
             .map_err(self.error("count pending deliveries"))
+    }
+
+    /// Counts the parked deliveries: pending without a due time, their endpoint disabled.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read.
+    pub fn parked_count(&self) -> Result<u64, ConnectorError> {
+        self.connection
+            .query_row("SELECT count(*) FROM pending WHERE due_ms IS NULL", [], |row| {
+                row.get(0)
+            })
+            .map_err(self.error("count parked deliveries"))
+    }
+
+    /// Reads the endpoints disabled at run time, by endpoint id.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read.
+    pub fn disabled_endpoints(&self) -> Result<Vec<DisabledEndpoint>, ConnectorError> {
+        let mut statement = self
+            .connection
+            .prepare_cached(
+                "SELECT endpoint_id, disabled_at_ms, reason FROM disabled_endpoints ORDER BY endpoint_id",
+            )
+            .map_err(self.error("read disabled endpoints"))?;
+        let rows = statement
+            .query_map([], |row| {
+                Ok(DisabledEndpoint {
+                    endpoint_id: row.get(0)?,
+                    disabled_at_ms: row.get(1)?,
+                    reason: row.get(2)?,
+                })
+            })
+            .map_err(self.error("read disabled endpoints"))?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(self.error("read disabled endpoints"))
+    }
+
+    /// Enables an endpoint disabled at run time, so that the next run resumes its parked
+    /// deliveries. Returns whether it was disabled, and how many deliveries it has parked.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be written.
+    pub fn enable_endpoint(&mut self, endpoint_id: &str) -> Result<(bool, u64), ConnectorError> {
+        let removed = self
+            .connection
+            .execute(
+                "DELETE FROM disabled_endpoints WHERE endpoint_id = ?1",
+                params![endpoint_id],
+            )
+            .map_err(self.error("enable an endpoint"))?;
+        let parked: u64 = self
+            .connection
+            .query_row(
+                "SELECT count(*) FROM pending WHERE due_ms IS NULL AND endpoint_id = ?1",
+                params![endpoint_id],
+                |row| row.get(0),
+            )
+            .map_err(self.error("count parked deliveries"))?;
+        Ok((removed > 0, parked))
     }
 
     /// Returns the size in bytes of the store's database file and its write-ahead log.
@@ -662,9 +766,11 @@ fn initialize(connection: &mut Connection, path: &Path) -> Result<(), ConnectorE
              CREATE INDEX IF NOT EXISTS journal_settled ON journal (settled_at_ms);
              CREATE TABLE IF NOT EXISTS pending (
                  partition INTEGER NOT NULL, offset INTEGER NOT NULL, endpoint_id TEXT NOT NULL,
-                 generation INTEGER NOT NULL, attempt INTEGER NOT NULL, due_ms INTEGER NOT NULL,
+                 generation INTEGER NOT NULL, attempt INTEGER NOT NULL, due_ms INTEGER,
                  entry TEXT NOT NULL,
                  PRIMARY KEY (partition, offset, endpoint_id, generation));
+             CREATE TABLE IF NOT EXISTS disabled_endpoints (
+                 endpoint_id TEXT PRIMARY KEY, disabled_at_ms INTEGER NOT NULL, reason TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS first_seen (
                  tenant TEXT NOT NULL, event_id TEXT NOT NULL, partition INTEGER NOT NULL,
                  offset INTEGER NOT NULL, first_seen_ms INTEGER NOT NULL,
@@ -696,7 +802,24 @@ fn initialize(connection: &mut Connection, path: &Path) -> Result<(), ConnectorE
         }
         Some(found) => {
             let found: i64 = found.parse().unwrap_or(-1);
-            if found != STATE_FORMAT_VERSION {
+            if found == 1 {
+                // Version 1 kept `pending.due_ms` NOT NULL, which parked deliveries need to
+                // leave empty. SQLite cannot drop a constraint, so the table is copied.
+                transaction
+                    .execute_batch(
+                        "CREATE TABLE pending_v2 (
+                             partition INTEGER NOT NULL, offset INTEGER NOT NULL,
+                             endpoint_id TEXT NOT NULL, generation INTEGER NOT NULL,
+                             attempt INTEGER NOT NULL, due_ms INTEGER, entry TEXT NOT NULL,
+                             PRIMARY KEY (partition, offset, endpoint_id, generation));
+                         INSERT INTO pending_v2 SELECT partition, offset, endpoint_id, generation,
+                             attempt, due_ms, entry FROM pending;
+                         DROP TABLE pending;
+                         ALTER TABLE pending_v2 RENAME TO pending;
+                         UPDATE meta SET value = '2' WHERE key = 'format_version';",
+                    )
+                    .map_err(error("migrate the state store from format 1"))?;
+            } else if found != STATE_FORMAT_VERSION {
                 return Err(ConnectorError::UnsupportedStateVersion {
                     path: path.to_path_buf(),
                     found,
@@ -912,7 +1035,7 @@ mod tests {
         store
             .connection
             .execute(
-                "UPDATE meta SET value = '2' WHERE key = 'format_version'",
+                "UPDATE meta SET value = '3' WHERE key = 'format_version'",
                 [],
             )
             .map_err(store.error("test update"))?;
@@ -920,7 +1043,102 @@ mod tests {
         let Err(error) = StateStore::open(dir.path()) else {
             panic!("a newer format must be refused");
         };
-        assert!(error.to_string().contains("format version 2"), "{error}");
+        assert!(error.to_string().contains("format version 3"), "{error}");
+        Ok(())
+    }
+
+    fn temp_dir() -> Result<tempfile::TempDir, ConnectorError> {
+        tempfile::tempdir().map_err(|source| ConnectorError::Io {
+            action: "create",
+            path: PathBuf::new(),
+            source,
+        })
+    }
+
+    #[test]
+    fn parked_delivery_has_no_due_time() -> Result<(), ConnectorError> {
+        let dir = temp_dir()?;
+        let mut store = StateStore::open(dir.path())?;
+        let parked = pending(3, "ep", PendingDelivery::PARKED);
+        let batch = DurableBatch {
+            pending: vec![pending(2, "ep", 100), parked.clone()],
+            disabled: vec![DisabledEndpoint {
+                endpoint_id: "ep".into(),
+                disabled_at_ms: 50,
+                reason: "410 Gone".into(),
+            }],
+            ..DurableBatch::default()
+        };
+        store.commit("w0", &batch, 60)?;
+
+        let null_due: i64 = store
+            .connection
+            .query_row(
+                "SELECT count(*) FROM pending WHERE due_ms IS NULL AND offset = 3",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(store.error("test read"))?;
+        assert_eq!(null_due, 1, "a parked delivery is stored without a due time");
+        assert_eq!(store.parked_count()?, 1);
+        assert_eq!(store.pending_count()?, 2);
+        assert!(store.pending()?.contains(&parked));
+        assert_eq!(
+            store.oldest_pending_offsets()?.get(&0),
+            Some(&2),
+            "parked deliveries keep their records in the log"
+        );
+
+        let disabled = store.disabled_endpoints()?;
+        assert_eq!(disabled.len(), 1);
+        assert_eq!(disabled[0].reason, "410 Gone");
+        assert_eq!(store.enable_endpoint("ep")?, (true, 1));
+        assert!(store.disabled_endpoints()?.is_empty());
+        assert_eq!(store.enable_endpoint("ep")?, (false, 1));
+        Ok(())
+    }
+
+    #[test]
+    fn format_1_is_migrated() -> Result<(), ConnectorError> {
+        let dir = temp_dir()?;
+        let store = StateStore::open(dir.path())?;
+        store
+            .connection
+            .execute_batch(
+                "DROP TABLE pending; DROP TABLE disabled_endpoints;
+                 CREATE TABLE pending (
+                     partition INTEGER NOT NULL, offset INTEGER NOT NULL, endpoint_id TEXT NOT NULL,
+                     generation INTEGER NOT NULL, attempt INTEGER NOT NULL, due_ms INTEGER NOT NULL,
+                     entry TEXT NOT NULL, PRIMARY KEY (partition, offset, endpoint_id, generation));
+                 UPDATE meta SET value = '1' WHERE key = 'format_version';",
+            )
+            .map_err(store.error("test downgrade"))?;
+        let old = pending(1, "ep", 100);
+        let entry = serde_json::to_string(&old).map_err(|e| ConnectorError::CorruptState {
+            path: PathBuf::new(),
+            what: "test",
+            detail: e.to_string(),
+        })?;
+        store
+            .connection
+            .execute(
+                "INSERT INTO pending VALUES (0, 1, 'ep', 0, 2, 100, ?1)",
+                params![entry],
+            )
+            .map_err(store.error("test insert"))?;
+        drop(store);
+
+        let mut store = StateStore::open(dir.path())?;
+        assert_eq!(store.pending()?, vec![old]);
+        let batch = DurableBatch {
+            pending: vec![pending(4, "ep", PendingDelivery::PARKED)],
+            ..DurableBatch::default()
+        };
+        store.commit("w0", &batch, 60)?;
+        assert_eq!(store.parked_count()?, 1);
+        drop(store);
+        // Reopening a migrated store finds the current version.
+        StateStore::open(dir.path())?;
         Ok(())
     }
 }

@@ -86,8 +86,14 @@ impl Outcome {
 /// Why an HTTP attempt did not deliver, archived in the `error_kind` column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum ErrorKind {
-    /// The endpoint responded with a non-2xx status.
+    /// The endpoint responded with a 5xx status, 408, or another status no other kind names.
     HttpStatus,
+    /// The endpoint responded with 429 Too Many Requests.
+    Throttled,
+    /// The endpoint responded with 410 Gone: it asked not to be sent anything more.
+    Gone,
+    /// The endpoint responded with a 4xx status other than 408, 410 and 429.
+    ClientError,
     /// The endpoint responded with a redirect, which is not followed.
     Redirect,
     /// Connecting failed (refused, unreachable, DNS).
@@ -115,6 +121,9 @@ impl ErrorKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorKind::HttpStatus => "http_status",
+            ErrorKind::Throttled => "throttled",
+            ErrorKind::Gone => "gone",
+            ErrorKind::ClientError => "client_error",
             ErrorKind::Redirect => "redirect",
             ErrorKind::Connect => "connect",
             ErrorKind::Timeout => "timeout",

@@ -119,6 +119,15 @@ pub struct PendingDelivery {
 }
 
 impl PendingDelivery {
+    /// The due time of a parked delivery: one whose endpoint is disabled, which waits without
+    /// a due time until the endpoint is enabled again. The state store keeps it as no time.
+    pub const PARKED: Millis = i64::MAX as Millis;
+
+    /// Returns whether the delivery is parked (see [`PendingDelivery::PARKED`]).
+    pub fn is_parked(&self) -> bool {
+        self.due_ms == Self::PARKED
+    }
+
     /// Builds the pending form of `delivery`, due at `due_ms`.
     pub fn from_delivery(delivery: &Delivery, due_ms: Millis) -> Self {
         let ingested = &delivery.ingested;

@@ -25,18 +25,28 @@ pub struct Verdict {
 ///
 /// # Contract
 ///
-/// A 2xx status delivers. A 3xx status fails with [`ErrorKind::Redirect`], because redirects
-/// are not followed, and every other status fails with [`ErrorKind::HttpStatus`]; both are
-/// retried ([`Outcome::Failed`]), as are connect errors, timeouts and broken connections.
-/// A failure no retry can fix (a rejected address, a request that cannot be built, an
-/// unknown or disabled endpoint) dead-letters the delivery at once.
-//
-// TODO: 410 Gone should stop retrying and disable the endpoint, and other 4xx should be
-// retried only a configurable number of times.
+/// | observation                                   | outcome         | error kind      |
+/// | --------------------------------------------- | --------------- | --------------- |
+/// | 2xx                                           | `delivered`     | none            |
+/// | 3xx (redirects are not followed)              | `failed`        | `redirect`      |
+/// | 410 Gone                                      | `dead_lettered` | `gone`          |
+/// | 429 Too Many Requests                         | `failed`        | `throttled`     |
+/// | 408, 5xx and any other status                 | `failed`        | `http_status`   |
+/// | other 4xx                                     | `failed`        | `client_error`  |
+/// | connect error, timeout, broken connection     | `failed`        | that kind       |
+/// | refused address, unusable request, no endpoint| `dead_lettered` | that kind       |
+///
+/// `failed` means "retry on the schedule"; the deliver operator dead-letters a `client_error`
+/// after [`RetryPolicy::client_error_retries`](crate::retry::RetryPolicy) retries, and
+/// disables the endpoint on `gone`, since the receiver asked for both.
 pub fn classify(observation: Observation) -> Verdict {
     let error_kind = match observation {
         Observation::Status(200..=299) => None,
         Observation::Status(300..=399) => Some(ErrorKind::Redirect),
+        Observation::Status(410) => Some(ErrorKind::Gone),
+        Observation::Status(429) => Some(ErrorKind::Throttled),
+        Observation::Status(408) => Some(ErrorKind::HttpStatus),
+        Observation::Status(400..=499) => Some(ErrorKind::ClientError),
         Observation::Status(_) => Some(ErrorKind::HttpStatus),
         Observation::Failure(kind) => Some(kind),
     };
@@ -56,11 +66,19 @@ pub fn is_retryable(kind: ErrorKind) -> bool {
     matches!(
         kind,
         ErrorKind::HttpStatus
+            | ErrorKind::Throttled
+            | ErrorKind::ClientError
             | ErrorKind::Redirect
             | ErrorKind::Connect
             | ErrorKind::Timeout
             | ErrorKind::Io
     )
+}
+
+/// Returns whether a failure of `kind` tells that the endpoint is overloaded (429, or a
+/// timeout), which slows the endpoint down: see the module `health`.
+pub fn is_overload(kind: ErrorKind) -> bool {
+    matches!(kind, ErrorKind::Throttled | ErrorKind::Timeout)
 }
 
 /// Returns whether an attempt that failed with `kind` contacted the endpoint at all.
@@ -180,82 +198,58 @@ mod tests {
     #[test]
     fn classify_table() {
         use ErrorKind::*;
+        use Outcome::{DeadLettered, Delivered, Failed};
+        let status = Observation::Status;
+        let failure = Observation::Failure;
         #[rustfmt::skip]
         let cases = [
-            (Observation::Status(200), Outcome::Delivered, None),
-            (Observation::Status(204), Outcome::Delivered, None),
-            (Observation::Status(299), Outcome::Delivered, None),
-            (
-                Observation::Status(301),
-                Outcome::Failed,
-                Some(Redirect),
-            ),
-            (
-                Observation::Status(302),
-                Outcome::Failed,
-                Some(Redirect),
-            ),
-            (
-                Observation::Status(308),
-                Outcome::Failed,
-                Some(Redirect),
-            ),
-            (
-                Observation::Status(100),
-                Outcome::Failed,
-                Some(HttpStatus),
-            ),
-            (
-                Observation::Status(400),
-                Outcome::Failed,
-                Some(HttpStatus),
-            ),
-            (
-                Observation::Status(410),
-                Outcome::Failed,
-                Some(HttpStatus),
-            ),
-            (
-                Observation::Status(429),
-                Outcome::Failed,
-                Some(HttpStatus),
-            ),
-            (
-                Observation::Status(500),
-                Outcome::Failed,
-                Some(HttpStatus),
-            ),
-            (
-                Observation::Status(503),
-                Outcome::Failed,
-                Some(HttpStatus),
-            ),
-            (
-                Observation::Failure(Connect),
-                Outcome::Failed,
-                Some(Connect),
-            ),
-            (
-                Observation::Failure(Timeout),
-                Outcome::Failed,
-                Some(Timeout),
-            ),
-            (Observation::Failure(Io), Outcome::Failed, Some(Io)),
-            (
-                Observation::Failure(Refused),
-                Outcome::DeadLettered,
-                Some(Refused),
-            ),
-            (
-                Observation::Failure(Request),
-                Outcome::DeadLettered,
-                Some(Request),
-            ),
+            (status(200), Delivered, None),
+            (status(204), Delivered, None),
+            (status(299), Delivered, None),
+            (status(301), Failed, Some(Redirect)),
+            (status(302), Failed, Some(Redirect)),
+            (status(303), Failed, Some(Redirect)),
+            (status(307), Failed, Some(Redirect)),
+            (status(308), Failed, Some(Redirect)),
+            (status(100), Failed, Some(HttpStatus)),
+            (status(400), Failed, Some(ClientError)),
+            (status(401), Failed, Some(ClientError)),
+            (status(403), Failed, Some(ClientError)),
+            (status(404), Failed, Some(ClientError)),
+            (status(408), Failed, Some(HttpStatus)),
+            (status(410), DeadLettered, Some(Gone)),
+            (status(413), Failed, Some(ClientError)),
+            (status(429), Failed, Some(Throttled)),
+            (status(499), Failed, Some(ClientError)),
+            (status(500), Failed, Some(HttpStatus)),
+            (status(501), Failed, Some(HttpStatus)),
+            (status(502), Failed, Some(HttpStatus)),
+            (status(503), Failed, Some(HttpStatus)),
+            (status(504), Failed, Some(HttpStatus)),
+            (status(599), Failed, Some(HttpStatus)),
+            (status(999), Failed, Some(HttpStatus)),
+            (failure(Connect), Failed, Some(Connect)),
+            (failure(Timeout), Failed, Some(Timeout)),
+            (failure(Io), Failed, Some(Io)),
+            (failure(Refused), DeadLettered, Some(Refused)),
+            (failure(Request), DeadLettered, Some(Request)),
+            (failure(UnknownEndpoint), DeadLettered, Some(UnknownEndpoint)),
         ];
         for (observation, outcome, error_kind) in cases {
             let verdict = classify(observation);
             assert_eq!(verdict.outcome, outcome, "{observation:?}");
             assert_eq!(verdict.error_kind, error_kind, "{observation:?}");
+        }
+    }
+
+    #[test]
+    fn overload_kinds() {
+        use ErrorKind::*;
+        for kind in [Throttled, Timeout] {
+            assert!(is_overload(kind), "{kind:?}");
+        }
+        for kind in [HttpStatus, ClientError, Gone, Redirect, Connect, Io, Refused] {
+            assert!(!is_overload(kind), "{kind:?}");
         }
     }
 
