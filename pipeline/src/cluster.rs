@@ -20,6 +20,7 @@
 
 use std::path::{Path, PathBuf};
 
+use hookflow_operators::deliver::endpoint_hash;
 use serde::{Deserialize, Serialize};
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::vec::Broadcast;
@@ -155,6 +156,15 @@ impl Cluster {
     /// Returns the index of this process's first worker, given `workers` per process.
     pub fn first_worker(&self, workers: usize) -> usize {
         self.process_index * workers
+    }
+
+    /// Returns the process whose state store keeps `endpoint_id`'s journal, pending and parked
+    /// deliveries and its disabled flag: the process of the worker the deliver operator's
+    /// exchange sends the endpoint to, given `workers` per process.
+    pub fn process_owning_endpoint(&self, endpoint_id: &str, workers: usize) -> usize {
+        let peers = (self.processes * workers.max(1)) as u64;
+        let worker = endpoint_hash(endpoint_id) % peers;
+        worker as usize / workers.max(1)
     }
 
     /// Builds the timely configuration for `workers` worker threads in this process.
@@ -417,6 +427,25 @@ mod tests {
         assert!(!cluster.serves_management_api());
         assert_eq!(cluster.first_worker(3), 3);
         assert!(Cluster::default().serves_management_api());
+    }
+
+    #[test]
+    fn endpoint_owner_matches_exchange() {
+        let cluster = Cluster::new(0, vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()])
+            .expect("process 0 of 2");
+        let mut owners = [0usize; 2];
+        for n in 0..64 {
+            let id = format!("ep_{n}");
+            let owner = cluster.process_owning_endpoint(&id, 3);
+            // timely's exchange sends a record to worker `hash % peers` (6 peers here).
+            assert_eq!(owner, (endpoint_hash(&id) % 6) as usize / 3, "{id}");
+            owners[owner] += 1;
+        }
+        assert!(
+            owners.iter().all(|count| *count > 0),
+            "both processes own endpoints: {owners:?}"
+        );
+        assert_eq!(Cluster::default().process_owning_endpoint("ep_1", 4), 0);
     }
 
     #[test]
