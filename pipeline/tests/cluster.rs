@@ -7,8 +7,9 @@
 //!   same archive projected onto (event, endpoint, generation, attempt, outcome), and that
 //!   projection equals a plain model of the receiver's seeded failures and the retry schedule.
 //! * Global rate limit: an endpoint's limit holds across 2 processes × 2 workers.
-//! * Kill and resume: one process of two is killed with SIGKILL while events are published;
-//!   the other stops too, and a restart of both loses nothing.
+//! * Kill and resume: one process of 1 × 4 workers, or one of 2 × 2, is killed with SIGKILL
+//!   while events are published; the other stops too, and a restart loses nothing and
+//!   archives no final outcome twice.
 //! * Counts: a data directory written by 2 processes × 2 workers rejects another process count
 //!   or worker count, with a message from every process.
 
@@ -402,7 +403,20 @@ fn cluster_scenarios() {
     let root = tempfile::tempdir().expect("temporary directory");
     oracle_over_topologies(root.path());
     rate_limit_is_global(root.path());
-    kill_one_process_and_resume(root.path());
+    kill_and_resume(
+        root.path(),
+        Topology {
+            processes: 1,
+            workers: 4,
+        },
+    );
+    kill_and_resume(
+        root.path(),
+        Topology {
+            processes: 2,
+            workers: 2,
+        },
+    );
     stop_every_process_with_sigterm(root.path());
     changed_counts_are_rejected(root.path());
 }
@@ -559,14 +573,13 @@ fn rate_limit_is_global(root: &Path) {
     assert_eq!(requests.len(), 400, "requests received");
 }
 
-fn kill_one_process_and_resume(root: &Path) {
+/// Kills the last process of `topology` while events are published, then restarts every
+/// process and checks that nothing is lost and nothing final is archived twice.
+fn kill_and_resume(root: &Path, topology: Topology) {
     let input = generate(11, 3000);
     let receiver = seeded_receiver();
-    let run = Run::new(root, "kill", &config_text(&receiver, 20, ""));
-    let topology = Topology {
-        processes: 2,
-        workers: 2,
-    };
+    let name = format!("kill-{}x{}", topology.processes, topology.workers);
+    let run = Run::new(root, &name, &config_text(&receiver, 20, ""));
 
     // Publish a first part, start the cluster, publish the rest while it runs.
     let (head, tail) = input.lines.split_at(input.lines.len() / 3);
@@ -590,23 +603,26 @@ fn kill_one_process_and_resume(root: &Path) {
         receiver.requests().len() >= 200,
         "the cluster delivered nothing in 60 s"
     );
-    children[1].kill().expect("SIGKILL process 1");
+    let mut killed = children.pop().expect("a process");
+    killed.kill().expect("SIGKILL the last process");
     let killed_at = Instant::now();
+    let _ = killed.wait();
 
-    // The surviving process loses its peer and stops by itself.
-    let survivor = children.remove(0);
-    let mut outputs = wait_all(vec![survivor], Duration::from_secs(30));
-    let survivor = outputs.remove(0);
-    eprintln!(
-        "kill: process 0 stopped {:.2} s after process 1 was killed, status {}",
-        killed_at.elapsed().as_secs_f64(),
-        survivor.status
-    );
-    assert!(
-        !survivor.status.success(),
-        "process 0 must fail when its peer dies"
-    );
-    let _ = children[0].wait();
+    // The surviving processes lose their peer and stop by themselves.
+    for (index, survivor) in wait_all(children, Duration::from_secs(30))
+        .into_iter()
+        .enumerate()
+    {
+        eprintln!(
+            "kill: process {index} stopped {:.2} s after the last one was killed, status {}",
+            killed_at.elapsed().as_secs_f64(),
+            survivor.status
+        );
+        assert!(
+            !survivor.status.success(),
+            "process {index} must fail when its peer dies"
+        );
+    }
     publisher.join().expect("publisher thread");
     let before_restart = receiver.requests().len();
 
@@ -685,7 +701,7 @@ fn kill_one_process_and_resume(root: &Path) {
     // A kill can resend what was in flight or waiting for its durable write, per worker.
     let bound = topology.processes * topology.workers * (MAX_IN_FLIGHT + MAX_UNSYNCED);
     eprintln!(
-        "kill: {pairs} deliveries, lost {}, delivered more than once {successes_beyond_one} (bound {bound})",
+        "kill: {topology:?}: {pairs} deliveries, lost {}, delivered more than once {successes_beyond_one} (bound {bound})",
         lost.len()
     );
     assert!(
