@@ -4,7 +4,7 @@
 //! for a port: each picks free ports at run time, just before it starts its processes.
 //!
 //! * Oracle: the same input run with 1 worker, 4 workers and 2 processes × 2 workers gives the
-//!   same archive projected onto (event, endpoint, generation, attempt, outcome), and that
+//!   same archive projected onto (event, endpoint, generation, attempt, outcome). That
 //!   projection equals a plain model of the receiver's seeded failures and the retry schedule.
 //! * Global rate limit: an endpoint's limit holds across 2 processes × 2 workers.
 //! * Kill and resume: one process of 1 × 4 workers, or one of 2 × 2, is killed with SIGKILL
@@ -66,8 +66,8 @@ fn matches(pattern: &str, event_type: &str) -> bool {
             .is_some_and(|prefix| event_type.starts_with(prefix))
 }
 
-/// Every endpoint fails each event 0 to `RETRIES + 1` times with 503, so some deliveries
-/// succeed at once, some after retries, and some are dead-lettered.
+/// Starts a receiver on which every endpoint fails each event 0 to `RETRIES + 1` times with
+/// 503, so some deliveries succeed at once, some after retries, and some are dead-lettered.
 fn seeded_receiver() -> Receiver {
     let behaviours: HashMap<String, Behaviour> = endpoints()
         .into_iter()
@@ -85,7 +85,7 @@ fn seeded_receiver() -> Receiver {
     Receiver::start(behaviours).expect("receiver on 127.0.0.1")
 }
 
-/// The config: every endpoint of [`endpoints`] on `receiver`, `extra` added to each.
+/// Writes the config text: every endpoint of [`endpoints`] on `receiver`, `extra` added to each.
 fn config_text(receiver: &Receiver, checkpoint_ms: u64, extra: &str) -> String {
     let mut config = format!(
         "[pipeline]\npoll_interval_ms = 2\ncheckpoint_interval_ms = {checkpoint_ms}\n\
@@ -112,7 +112,7 @@ struct Input {
     unrouted: usize,
 }
 
-/// `count` lines over [`TENANTS`] and one tenant with no endpoint, with about 4 % repeats of
+/// Generates `count` lines over [`TENANTS`] and one tenant with no endpoint, with about 4 % repeats of
 /// an earlier (tenant, id) under another payload and 2 % malformed lines.
 fn generate(seed: u64, count: usize) -> Input {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -189,8 +189,8 @@ fn publish(data_dir: &Path, lines: &[String]) {
     .expect("publish");
 }
 
-/// The archive rows a correct run of `input` writes, projected, from the receiver's seeded
-/// failure counts and the retry schedule alone.
+/// Computes the projected archive rows a correct run of `input` writes, from the receiver's
+/// seeded failure counts and the retry schedule alone.
 fn model(input: &Input) -> Projection {
     let mut rows = Projection::new();
     for ((tenant, id), (event_type, _)) in &input.firsts {
