@@ -613,10 +613,15 @@ fn kill_and_resume(root: &Path, topology: Topology) {
         .into_iter()
         .enumerate()
     {
+        let text = String::from_utf8_lossy(&survivor.stderr);
         eprintln!(
-            "kill: process {index} stopped {:.2} s after the last one was killed, status {}",
+            "kill: process {index} stopped {:.2} s after the last one was killed, status {}, first panic: {:?}",
             killed_at.elapsed().as_secs_f64(),
-            survivor.status
+            survivor.status,
+            text.lines()
+                .skip_while(|line| !line.contains("panicked"))
+                .take(2)
+                .collect::<Vec<_>>()
         );
         assert!(
             !survivor.status.success(),
