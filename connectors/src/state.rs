@@ -36,6 +36,7 @@ use std::path::{Path, PathBuf};
 
 use hookflow_schemas::{AttemptRow, FirstSeen, Millis, Outcome, PendingDelivery};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde::{Deserialize, Serialize};
 
 use crate::local_log::{open_connection, sqlite_disk_bytes};
 use crate::ConnectorError;
@@ -44,7 +45,7 @@ use crate::ConnectorError;
 pub const STATE_FORMAT_VERSION: i64 = 2;
 
 /// An endpoint disabled at run time, as the state store records it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct DisabledEndpoint {
     /// The endpoint's id.
     pub endpoint_id: String,
@@ -509,9 +510,30 @@ impl StateStore {
     /// Fails if the store cannot be read.
     pub fn parked_count(&self) -> Result<u64, ConnectorError> {
         self.connection
-            .query_row("SELECT count(*) FROM pending WHERE due_ms IS NULL", [], |row| {
-                row.get(0)
-            })
+            .query_row(
+                "SELECT count(*) FROM pending WHERE due_ms IS NULL",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(self.error("count parked deliveries"))
+    }
+
+    /// Counts the parked deliveries of each endpoint that has any.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read.
+    pub fn parked_by_endpoint(&self) -> Result<HashMap<String, u64>, ConnectorError> {
+        let mut statement = self
+            .connection
+            .prepare_cached(
+                "SELECT endpoint_id, count(*) FROM pending WHERE due_ms IS NULL GROUP BY endpoint_id",
+            )
+            .map_err(self.error("count parked deliveries"))?;
+        let rows = statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .map_err(self.error("count parked deliveries"))?;
+        rows.collect::<Result<HashMap<_, _>, _>>()
             .map_err(self.error("count parked deliveries"))
     }
 
@@ -1079,8 +1101,12 @@ mod tests {
                 |row| row.get(0),
             )
             .map_err(store.error("test read"))?;
-        assert_eq!(null_due, 1, "a parked delivery is stored without a due time");
+        assert_eq!(
+            null_due, 1,
+            "a parked delivery is stored without a due time"
+        );
         assert_eq!(store.parked_count()?, 1);
+        assert_eq!(store.parked_by_endpoint()?.get("ep"), Some(&1));
         assert_eq!(store.pending_count()?, 2);
         assert!(store.pending()?.contains(&parked));
         assert_eq!(

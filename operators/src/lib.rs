@@ -12,6 +12,7 @@
 pub mod clock;
 pub mod dedup;
 pub mod deliver;
+pub mod health;
 pub mod rate_limit;
 pub mod retry;
 pub mod retry_after;

@@ -6,8 +6,14 @@
 //! when the in-flight cap delays a start past its reserved window, the reservation moves to
 //! the window of the start, or to a later one when that window is full.
 //!
-//! State: reservations per window from the current window on. Windows that have ended are
-//! pruned.
+//! An overloaded endpoint (see the `health` module) gets its budget halved: reservations made
+//! while a halving is in force count against the smaller budget, and a delivery reserved
+//! before it starts in its window only while the requests started there are within the
+//! smaller budget; otherwise it takes the first later slot, so a queued backlog slows down
+//! too.
+//!
+//! State: reservations per window from the current window on, and the halvings in force.
+//! Windows that have ended are pruned.
 
 use std::collections::BTreeMap;
 
@@ -19,8 +25,12 @@ pub struct WindowLimiter {
     limit: RateLimit,
     /// Reserved or started requests by window start.
     reserved: BTreeMap<Millis, u32>,
+    /// Started requests by window start, for the windows where any started.
+    started: BTreeMap<Millis, u32>,
     /// Every window before this one is full (or ended), so searches start here.
     first_open: Millis,
+    /// How many times the budget is halved.
+    budget_shift: u32,
 }
 
 /// Whether a reserved delivery may start now.
@@ -42,8 +52,28 @@ impl WindowLimiter {
         WindowLimiter {
             limit,
             reserved: BTreeMap::new(),
+            started: BTreeMap::new(),
             first_open: 0,
+            budget_shift: 0,
         }
+    }
+
+    /// Sets how many times the budget is halved; the budget never drops below 1.
+    pub fn set_budget_shift(&mut self, shift: u32) {
+        if shift < self.budget_shift {
+            // A larger budget may fit more into windows already marked full.
+            self.first_open = 0;
+        }
+        self.budget_shift = shift;
+    }
+
+    /// The requests allowed per window with the halvings in force.
+    pub fn budget(&self) -> u32 {
+        self.limit
+            .max_requests
+            .checked_shr(self.budget_shift)
+            .unwrap_or(0)
+            .max(1)
     }
 
     /// The limit enforced.
@@ -58,10 +88,11 @@ impl WindowLimiter {
     /// Reserves the earliest slot at or after `due_ms` and returns its time: `due_ms` itself
     /// when its window has budget left, otherwise the start of the first window that has.
     pub fn reserve(&mut self, due_ms: Millis) -> Millis {
+        let budget = self.budget();
         let mut window = self.window_of(due_ms).max(self.first_open);
         loop {
             let count = self.reserved.entry(window).or_insert(0);
-            if *count < self.limit.max_requests {
+            if *count < budget {
                 *count += 1;
                 return due_ms.max(window);
             }
@@ -73,19 +104,25 @@ impl WindowLimiter {
     }
 
     /// Decides whether a delivery holding the slot reserved at `slot_ms` may start at `now_ms`,
-    /// moving its reservation to the window of `now_ms` when that differs.
+    /// moving its reservation to the first slot from `now_ms` on when its own window has
+    /// passed, or when the window's started requests already fill a budget halved since.
     pub fn start(&mut self, slot_ms: Millis, now_ms: Millis) -> StartDecision {
         let reserved_window = self.window_of(slot_ms);
         let current_window = self.window_of(now_ms);
-        if reserved_window == current_window {
+        let started = self.started.get(&current_window).copied().unwrap_or(0);
+        if reserved_window == current_window && started < self.budget() {
+            *self.started.entry(current_window).or_insert(0) += 1;
             return StartDecision::Start;
         }
 
         if let Some(count) = self.reserved.get_mut(&reserved_window) {
             *count = count.saturating_sub(1);
         }
+        // The window's reservations include its starts, so a slot found in it leaves room
+        // for one more start within the budget.
         let slot = self.reserve(now_ms);
         if slot <= now_ms {
+            *self.started.entry(current_window).or_insert(0) += 1;
             StartDecision::Start
         } else {
             StartDecision::WaitUntil(slot)
@@ -96,6 +133,7 @@ impl WindowLimiter {
     pub fn prune(&mut self, now_ms: Millis) {
         let current = self.window_of(now_ms);
         self.reserved = self.reserved.split_off(&current);
+        self.started = self.started.split_off(&current);
         self.first_open = self.first_open.max(current);
     }
 
@@ -193,5 +231,48 @@ mod tests {
         limiter.reserve(0);
         limiter.prune(250);
         assert!(limiter.is_idle());
+    }
+
+    #[test]
+    fn halved_budget_applies_to_new_reservations() {
+        let mut limiter = limiter(8, 100);
+        for _ in 0..3 {
+            assert_eq!(limiter.reserve(0), 0);
+        }
+        limiter.set_budget_shift(2);
+        assert_eq!(limiter.budget(), 2);
+        // The window already holds 3 of the halved budget's 2: the next slot is a window later.
+        assert_eq!(limiter.reserve(0), 100);
+        assert_eq!(limiter.reserve(0), 100);
+        assert_eq!(limiter.reserve(0), 200);
+
+        limiter.set_budget_shift(40);
+        assert_eq!(limiter.budget(), 1, "the budget never drops below 1");
+
+        limiter.set_budget_shift(0);
+        assert_eq!(limiter.budget(), 8);
+        assert_eq!(
+            limiter.reserve(0),
+            0,
+            "a restored budget refills the first window"
+        );
+    }
+
+    #[test]
+    fn halving_slows_a_backlog_reserved_before_it() {
+        let mut limiter = limiter(4, 100);
+        let slots: Vec<Millis> = (0..8).map(|_| limiter.reserve(0)).collect();
+        assert_eq!(slots, [0, 0, 0, 0, 100, 100, 100, 100]);
+        assert_eq!(limiter.start(0, 0), StartDecision::Start);
+
+        limiter.set_budget_shift(2);
+        // One start fills the halved budget of 1: the rest of window 0 moves on.
+        assert_eq!(limiter.start(0, 1), StartDecision::WaitUntil(200));
+        assert_eq!(limiter.start(100, 100), StartDecision::Start);
+        // Window 200 holds the delivery moved there already.
+        assert_eq!(limiter.start(100, 101), StartDecision::WaitUntil(300));
+        assert_eq!(limiter.start(200, 200), StartDecision::Start);
+        assert_eq!(limiter.start(300, 300), StartDecision::Start);
+        assert_eq!(limiter.start(100, 301), StartDecision::WaitUntil(400));
     }
 }

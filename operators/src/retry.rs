@@ -31,6 +31,13 @@ pub struct RetryPolicy {
     /// Events first read longer ago than this are dead-lettered as expired instead of
     /// attempted, in ms.
     pub max_event_age_ms: u64,
+    /// Retries given to a delivery that a 4xx status other than 408, 410 and 429 refused; a
+    /// delivery refused so on attempt `client_error_retries + 1` or later is dead-lettered.
+    pub client_error_retries: u32,
+    /// The earliest a retry may come after a 429 or a timeout without a valid `Retry-After`,
+    /// in ms: the schedule's next step is raised to this, so that an overloaded endpoint is
+    /// not asked again within seconds.
+    pub penalty_floor_ms: u64,
 }
 
 impl Default for RetryPolicy {
@@ -40,6 +47,8 @@ impl Default for RetryPolicy {
             jitter_percent: 10,
             // The schedule adds up to about 75 hours; a day's margin covers jitter and queues.
             max_event_age_ms: 4 * 24 * 3_600_000,
+            client_error_retries: 3,
+            penalty_floor_ms: 60_000,
         }
     }
 }
@@ -59,6 +68,12 @@ impl RetryPolicy {
         let delay = *self.schedule_ms.get(index)?;
         let jittered = jitter(delay, self.jitter_percent.min(100), seed);
         Some(now_ms.saturating_add(jittered.max(1)))
+    }
+
+    /// Returns whether a delivery whose attempt number `attempt` got a `client_error` answer
+    /// has used up its retries for such answers.
+    pub fn client_errors_exhausted(&self, attempt: u32) -> bool {
+        attempt > self.client_error_retries
     }
 
     /// The most attempts a delivery gets.
@@ -165,6 +180,7 @@ mod tests {
             schedule_ms: vec![0, 1],
             jitter_percent: 100,
             max_event_age_ms: 10,
+            ..RetryPolicy::default()
         };
         for seed in 0..100 {
             assert!(policy.next_attempt_at(1, 50, seed).expect("retry") >= 51);

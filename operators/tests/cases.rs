@@ -24,6 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use hookflow_operators::clock::{Clock, VirtualClock, WallClock};
 use hookflow_operators::deliver::{AddressPolicy, ClientConfig, DeliverContext, DeliveryClient};
+use hookflow_operators::health::HealthPolicy;
 use hookflow_operators::retry::RetryPolicy;
 use hookflow_operators::retry_after::{clamp_retry_after, parse_retry_after};
 use hookflow_schemas::{Delivery, Endpoint, ErrorKind, Millis, Outcome};
@@ -1355,8 +1356,10 @@ async fn b10_full_backlog_connect_timeout() {
 }
 
 /// A silent endpoint neither blocks another endpoint nor exceeds its own in-flight limit,
-/// and its connections close once its attempts end. With 12 queued events, 3 in flight and a
-/// 250 ms timeout, the run takes about a second.
+/// and its connections close once its attempts end. With 12 queued events, at most 3 in
+/// flight (fewer once its timeouts halve the cap) and a 250 ms timeout, the run takes a few
+/// seconds. The breaker is kept out of the way: it would hold the last events for its
+/// cooldown, which `breaker_holds_failing_endpoint` tests.
 #[test]
 fn b10_slow_endpoint_blocks_no_other() {
     let runtime = runtime();
@@ -1386,6 +1389,13 @@ fn b10_slow_endpoint_blocks_no_other() {
         Arc::new(WallClock),
         fixed_schedule(&[]),
     );
+    let context = DeliverContext {
+        health: HealthPolicy {
+            breaker_min_requests: 1_000,
+            ..HealthPolicy::default()
+        },
+        ..context
+    };
     let requests_in_flight = Arc::clone(&context.requests_in_flight);
 
     let run = run_on_wall_clock(1, context, deliveries, log);
@@ -1543,8 +1553,8 @@ fn b11_huge_error_body_retried_once() {
     assert_eq!(written.len(), 3, "attempts made: {written:?}");
 }
 
-/// A 413 is archived with its status. Whether a 413 is retried is a design choice; it is
-/// retried today, like every 4xx.
+/// A 413 is archived with its status. Whether a 413 is retried is a design choice: like every
+/// 4xx but 408, 410 and 429, it is a `client_error`, retried `client_error_retries` times.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn b11_payload_too_large_archived() {
     let receiver = CaseReceiver::answering(413).await;
@@ -1560,7 +1570,7 @@ async fn b11_payload_too_large_archived() {
     let row = result.to_row(&delivery, T0_MS);
 
     assert_eq!(row.http_status, Some(413));
-    assert_eq!(row.error_kind.as_deref(), Some("http_status"));
+    assert_eq!(row.error_kind.as_deref(), Some("client_error"));
     assert_ne!(row.outcome, "delivered");
     assert_eq!(receiver.seen()[0].body.len(), 1024 * 1024);
 }

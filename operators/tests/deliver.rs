@@ -636,8 +636,8 @@ mod operator {
     use std::collections::HashMap;
     use std::sync::Mutex;
 
-    use hookflow_operators::deliver::{DeliverContext, ENDPOINT_DISABLED};
-    use hookflow_schemas::{Delivery, Endpoint};
+    use hookflow_operators::deliver::DeliverContext;
+    use hookflow_schemas::{Delivery, Endpoint, PendingDelivery};
 
     use super::*;
 
@@ -769,7 +769,20 @@ mod operator {
             "a disabled endpoint was contacted"
         );
 
-        assert_eq!(rows.len(), sent, "one row per delivery");
+        // The disabled endpoint's delivery is parked: pending without a due time, no row.
+        assert_eq!(rows.len(), sent - 1, "one row per delivery not parked");
+        let parked: Vec<_> = run
+            .pending
+            .iter()
+            .filter(|(_, pending)| pending.is_parked())
+            .map(|(_, pending)| pending.event_id.as_str())
+            .collect();
+        assert_eq!(parked, ["evt_off_300_21"]);
+        assert!(run
+            .pending
+            .iter()
+            .all(|(_, pending)| pending.due_ms == PendingDelivery::PARKED
+                || pending.endpoint_id != "ep_off"));
         assert!(run.retries.is_empty(), "retries: {:?}", run.retries);
         let mut event_ids: Vec<_> = rows
             .iter()
@@ -777,7 +790,11 @@ mod operator {
             .collect();
         event_ids.sort();
         event_ids.dedup();
-        assert_eq!(event_ids.len(), sent, "every delivery has exactly one row");
+        assert_eq!(
+            event_ids.len(),
+            sent - 1,
+            "every delivery not parked has exactly one row"
+        );
         for (time, row) in &rows {
             let event_id = row.event_id.as_deref().unwrap_or_default();
             let due_in_ms: u64 = event_id
@@ -812,14 +829,10 @@ mod operator {
         let unknown_row = row_of("evt_gone_250_20").expect("row for the unknown endpoint");
         assert_eq!(unknown_row.outcome, "dead_lettered");
         assert_eq!(unknown_row.error_kind.as_deref(), Some("unknown_endpoint"));
-        let disabled_row = row_of("evt_off_300_21").expect("row for the disabled endpoint");
-        assert_eq!(disabled_row.outcome, "dead_lettered");
-        assert_eq!(disabled_row.error_kind.as_deref(), Some(ENDPOINT_DISABLED));
-        assert!(disabled_row
-            .error_message
-            .as_deref()
-            .unwrap_or_default()
-            .contains("disabled"));
+        assert!(
+            row_of("evt_off_300_21").is_none(),
+            "a parked delivery has no row"
+        );
         let delivered = rows
             .iter()
             .filter(|(_, row)| row.outcome == "delivered")

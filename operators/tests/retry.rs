@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use hookflow_operators::clock::{Clock, VirtualClock};
+use hookflow_operators::health::HealthPolicy;
 use hookflow_operators::retry::{jitter_seed, RetryPolicy, DEFAULT_SCHEDULE_MS};
 use hookflow_schemas::{AttemptRow, Delivery, Endpoint, Millis, RateLimit};
 
@@ -68,7 +69,17 @@ impl Setup {
         let clock: Arc<dyn Clock> = Arc::clone(&self.clock) as Arc<dyn Clock>;
         let mut context = deliver_context(&self.runtime, endpoints, clock);
         context.retry = retry;
+        context.health = schedule_only();
         run_on_virtual_clock(Arc::clone(&self.clock), context, deliveries, log)
+    }
+}
+
+/// A health policy whose breaker never opens, so that these tests see the retry schedule
+/// alone; `tests/health.rs` tests the breaker.
+fn schedule_only() -> HealthPolicy {
+    HealthPolicy {
+        breaker_min_requests: u32::MAX,
+        ..HealthPolicy::default()
     }
 }
 
@@ -544,6 +555,7 @@ fn generate_case(seed: u64, receiver: &ScriptedReceiver) -> Case {
         schedule_ms,
         jitter_percent: u8::try_from(random.between(0, 50)).expect("at most 50"),
         max_event_age_ms: 30 * 24 * 3_600_000,
+        ..RetryPolicy::default()
     };
     let max_attempts = retry.max_attempts();
 
@@ -669,6 +681,7 @@ fn random_cases_match_model() {
 
         let clock: Arc<dyn Clock> = Arc::clone(&setup.clock) as Arc<dyn Clock>;
         let mut context = deliver_context(&setup.runtime, case.endpoints.clone(), clock);
+        context.health = schedule_only();
         context.retry = case.retry.clone();
         context.max_in_flight_total = case.max_in_flight_total;
         let log = MemoryLog::of(case.deliveries.iter().map(|(_, delivery)| delivery));

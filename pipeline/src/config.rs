@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use hookflow_operators::deliver::AddressPolicy;
+use hookflow_operators::health::HealthPolicy;
 use hookflow_operators::retry::RetryPolicy;
 use hookflow_schemas::{Endpoint, EventTypePattern, RateLimit, DEFAULT_MAX_PAYLOAD_BYTES};
 use ipnet::IpNet;
@@ -34,6 +35,9 @@ pub struct Config {
     /// When failed deliveries are attempted again.
     #[serde(default)]
     pub retry: RetryConfig,
+    /// The circuit breaker, `Retry-After` pauses and disabling of failing endpoints.
+    #[serde(default)]
+    pub health: HealthConfig,
     /// The endpoints to deliver to.
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
@@ -170,6 +174,12 @@ pub struct RetryConfig {
     /// Events first read longer ago than this are dead-lettered as `expired` instead of
     /// attempted, in seconds. Default 345600 (4 days).
     pub max_event_age_secs: u64,
+    /// Retries given to a delivery that a 4xx other than 408, 410 and 429 refused; after
+    /// them it is dead-lettered. Default 3.
+    pub client_error_retries: u32,
+    /// After a 429 or a timeout without a valid `Retry-After`, the next attempt comes no
+    /// sooner than this, in ms. Default 60000.
+    pub penalty_floor_ms: u64,
 }
 
 impl Default for RetryConfig {
@@ -179,6 +189,8 @@ impl Default for RetryConfig {
             schedule_ms: policy.schedule_ms,
             jitter_percent: policy.jitter_percent,
             max_event_age_secs: policy.max_event_age_ms / 1000,
+            client_error_retries: policy.client_error_retries,
+            penalty_floor_ms: policy.penalty_floor_ms,
         }
     }
 }
@@ -190,7 +202,102 @@ impl RetryConfig {
             schedule_ms: self.schedule_ms.clone(),
             jitter_percent: self.jitter_percent,
             max_event_age_ms: self.max_event_age_secs.saturating_mul(1000),
+            client_error_retries: self.client_error_retries,
+            penalty_floor_ms: self.penalty_floor_ms,
         }
+    }
+}
+
+/// `[health]`: the circuit breaker, `Retry-After` pauses and disabling of failing endpoints.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Length of the windows the breaker counts attempts in, in ms. Default 60000.
+    pub breaker_window_ms: u64,
+    /// Attempts a window needs before its failures can open the breaker. Default 10.
+    pub breaker_min_requests: u32,
+    /// Percentage of failed attempts in a window that opens the breaker, 1 to 100.
+    /// Default 50.
+    pub breaker_failure_percent: u8,
+    /// How long an open breaker waits before its probe, in ms. Default 30000.
+    pub breaker_cooldown_ms: u64,
+    /// Each failed probe doubles the wait, up to this, in ms. Default 600000.
+    pub breaker_max_cooldown_ms: u64,
+    /// An endpoint whose attempts fail without a success for this long is disabled, in
+    /// seconds. Default 432000 (5 days).
+    pub disable_after_secs: u64,
+    /// The shortest pause a `Retry-After` causes, in ms. Default 1000.
+    pub retry_after_min_ms: u64,
+    /// The longest pause a `Retry-After` causes, in ms; longer requests are capped.
+    /// Default 3600000.
+    pub retry_after_max_ms: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        let policy = HealthPolicy::default();
+        HealthConfig {
+            breaker_window_ms: policy.breaker_window_ms,
+            breaker_min_requests: policy.breaker_min_requests,
+            breaker_failure_percent: policy.breaker_failure_percent,
+            breaker_cooldown_ms: policy.breaker_cooldown_ms,
+            breaker_max_cooldown_ms: policy.breaker_max_cooldown_ms,
+            disable_after_secs: policy.disable_after_ms / 1000,
+            retry_after_min_ms: policy.retry_after_min_ms,
+            retry_after_max_ms: policy.retry_after_max_ms,
+        }
+    }
+}
+
+impl HealthConfig {
+    /// Returns the health policy this section describes.
+    pub fn policy(&self) -> HealthPolicy {
+        HealthPolicy {
+            breaker_window_ms: self.breaker_window_ms,
+            breaker_min_requests: self.breaker_min_requests,
+            breaker_failure_percent: self.breaker_failure_percent,
+            breaker_cooldown_ms: self.breaker_cooldown_ms,
+            breaker_max_cooldown_ms: self.breaker_max_cooldown_ms,
+            disable_after_ms: self.disable_after_secs.saturating_mul(1000),
+            retry_after_min_ms: self.retry_after_min_ms,
+            retry_after_max_ms: self.retry_after_max_ms,
+        }
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let at_least_one = [
+            ("health.breaker_window_ms", self.breaker_window_ms),
+            ("health.breaker_cooldown_ms", self.breaker_cooldown_ms),
+            ("health.disable_after_secs", self.disable_after_secs),
+            (
+                "health.breaker_min_requests",
+                u64::from(self.breaker_min_requests),
+            ),
+        ];
+        for (field, value) in at_least_one {
+            if value == 0 {
+                return Err((field.into(), "must be at least 1".into()));
+            }
+        }
+        if !(1..=100).contains(&self.breaker_failure_percent) {
+            return Err((
+                "health.breaker_failure_percent".into(),
+                "must be between 1 and 100".into(),
+            ));
+        }
+        if self.breaker_max_cooldown_ms < self.breaker_cooldown_ms {
+            return Err((
+                "health.breaker_max_cooldown_ms".into(),
+                "must be at least health.breaker_cooldown_ms".into(),
+            ));
+        }
+        if self.retry_after_max_ms < self.retry_after_min_ms {
+            return Err((
+                "health.retry_after_max_ms".into(),
+                "must be at least health.retry_after_min_ms".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -376,6 +483,7 @@ impl Config {
         if self.delivery.max_in_flight == 0 {
             return Err(("delivery.max_in_flight".into(), "must be at least 1".into()));
         }
+        self.health.validate()?;
         let policy = AddressPolicy::new(self.allowed_networks()?);
 
         let mut ids = HashSet::new();

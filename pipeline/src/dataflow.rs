@@ -26,12 +26,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use differential_dataflow::input::Input as _;
+use hookflow_connectors::DisabledEndpoint;
 use hookflow_connectors::Source;
 use hookflow_connectors::{ArchiveOptions, ArchiveWriter, LocalLog, LocalLogOptions, StateStore};
 use hookflow_operators::clock::Clock;
 use hookflow_operators::dedup::{Dedup, DedupConfig};
 use hookflow_operators::deliver::{
-    AddressPolicy, Attempted, ClientConfig, Deliver, DeliverContext, DeliveryClient, PayloadSource,
+    AddressPolicy, Attempted, ClientConfig, Deliver, DeliverContext, DeliverCounters,
+    DeliveryClient, PayloadSource,
 };
 use hookflow_operators::route::{Route, Subscription};
 use hookflow_schemas::{
@@ -85,6 +87,12 @@ pub struct RunReport {
     /// This process's index in the cluster (0 for a single process): the label its logs and
     /// metrics carry.
     pub process_index: usize,
+    /// Deliveries parked at the end of the run, their endpoints disabled.
+    pub parked: u64,
+    /// Endpoints disabled at the end of the run, at run time or earlier.
+    pub disabled_endpoints: Vec<DisabledEndpoint>,
+    /// The deliver operator's decisions about endpoints (breakers, pauses, disabling).
+    pub counters: Arc<DeliverCounters>,
 }
 
 /// The archive directory: the configured one, under the data directory when relative.
@@ -106,13 +114,6 @@ pub fn archive_dir(config: &Config, data_dir: &Path) -> PathBuf {
 pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
     let config = &options.config;
     let archive_dir = archive_dir(config, &options.data_dir);
-    let endpoints: Arc<HashMap<String, Endpoint>> = Arc::new(
-        config
-            .endpoints()
-            .into_iter()
-            .map(|e| (e.id.clone(), e))
-            .collect(),
-    );
 
     let cluster = options.cluster.clone();
     let workers = config.pipeline.workers;
@@ -120,18 +121,22 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
     // One run of each process per data directory: a second one would deliver everything again
     // and write over the first one's archive files. The lock is released when the process
     // exits, however.
-    let _lock = lock_data_dir(&options.data_dir, &cluster.lock_path(&options.data_dir))?;
+    let _lock = lock_file(&options.data_dir, &cluster.lock_path(&options.data_dir))?;
 
     // Check the data directory before any worker starts. A single process stops here. A
     // cluster process first sends the reason to its peers, so that the whole cluster stops.
     let prepared = prepare_data_dir(config, &options.data_dir, &cluster);
+    let mut disabled = Vec::new();
     let readiness = match prepared {
-        Ok((partitions, log_id)) => Readiness {
-            process_index: cluster.process_index(),
-            partitions,
-            log_id,
-            problem: None,
-        },
+        Ok((partitions, log_id, disabled_here)) => {
+            disabled = disabled_here;
+            Readiness {
+                process_index: cluster.process_index(),
+                partitions,
+                log_id,
+                problem: None,
+            }
+        }
         Err(error) if !cluster.is_multi_process() => return Err(error),
         Err(error) => {
             tracing::error!(error = %format!("{error:#}"), process = cluster.process_index(), "This process cannot start; sending the reason to the other processes.");
@@ -143,6 +148,28 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
             }
         }
     };
+    // Endpoints disabled by an earlier run (410 Gone, failing too long) stay disabled until
+    // an operator enables them; their parked deliveries wait in the state store of the process
+    // that owns the endpoint, the only process that delivers to it.
+    let mut endpoints: HashMap<String, Endpoint> = config
+        .endpoints()
+        .into_iter()
+        .map(|e| (e.id.clone(), e))
+        .collect();
+    for entry in &disabled {
+        if let Some(endpoint) = endpoints.get_mut(&entry.endpoint_id) {
+            tracing::warn!(
+                endpoint_id = %entry.endpoint_id,
+                reason = %entry.reason,
+                disabled_at_ms = entry.disabled_at_ms,
+                "Endpoint is disabled; its deliveries stay parked until `hookflow endpoints enable` names it."
+            );
+            endpoint.enabled = false;
+        }
+    }
+    let endpoints = Arc::new(endpoints);
+    let counters = Arc::new(DeliverCounters::default());
+
     if cluster.is_multi_process() {
         tracing::info!(
             process = cluster.process_index(),
@@ -184,6 +211,7 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
         run_id: options.clock.now_ms(),
         cluster: cluster.clone(),
         readiness,
+        counters: counters.clone(),
     });
 
     let timely_config = cluster.timely_config(workers);
@@ -220,20 +248,26 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
     runtime.shutdown_timeout(Duration::from_secs(1));
     report.duplicates = duplicates.load(Ordering::Relaxed);
     report.files.sort();
+    report.counters = counters;
     if !failures.is_empty() {
         anyhow::bail!("the pipeline failed: {}", failures.join("; "));
     }
+    let state_dir = cluster.state_dir(&options.data_dir);
+    let store = StateStore::open_dir(&state_dir)
+        .with_context(|| format!("cannot open the state store in {}", state_dir.display()))?;
+    report.parked = store.parked_count()?;
+    report.disabled_endpoints = store.disabled_endpoints()?;
     Ok(report)
 }
 
 /// Checks that the data directory fits this process and its cluster: the state layout, the
 /// local log, and the worker and process counts its state store records. Returns the log's
-/// partition count and id.
+/// partition count and id, and the endpoints this process's store records as disabled.
 fn prepare_data_dir(
     config: &Config,
     data_dir: &Path,
     cluster: &Cluster,
-) -> anyhow::Result<(u32, i64)> {
+) -> anyhow::Result<(u32, i64, Vec<DisabledEndpoint>)> {
     cluster.check_layout(data_dir)?;
 
     let log_options = LocalLogOptions {
@@ -253,11 +287,21 @@ fn prepare_data_dir(
         cluster.processes(),
         cluster.process_index(),
     )?;
-    Ok((partitions, log_id))
+    Ok((partitions, log_id, store.disabled_endpoints()?))
+}
+
+/// Takes the exclusive lock on `<data_dir>/hookflow.lock`, the lock of a single process,
+/// creating the directory if needed. The lock is held until the returned file is dropped.
+///
+/// # Errors
+///
+/// Fails, saying so, when another process holds the lock, or when the file cannot be made.
+pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
+    lock_file(data_dir, &data_dir.join("hookflow.lock"))
 }
 
 /// Takes the exclusive lock on `path`, creating the data directory if needed.
-fn lock_data_dir(data_dir: &Path, path: &Path) -> anyhow::Result<std::fs::File> {
+fn lock_file(data_dir: &Path, path: &Path) -> anyhow::Result<std::fs::File> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
     let path = path.to_path_buf();
@@ -270,7 +314,7 @@ fn lock_data_dir(data_dir: &Path, path: &Path) -> anyhow::Result<std::fs::File> 
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-            "data directory {} is in use by another `hookflow run` of this process (it holds {}); stop that one first",
+            "data directory {} is in use by another `hookflow run` or `hookflow endpoints` (it holds {}); stop that one first",
             data_dir.display(),
             path.display()
         ),
@@ -297,6 +341,7 @@ struct WorkerShared {
     cluster: Cluster,
     /// The state of this process's part of the data directory, shared with the other processes.
     readiness: Readiness,
+    counters: Arc<DeliverCounters>,
 }
 
 /// The rows and files one worker archived.
@@ -369,8 +414,20 @@ fn run_worker(
     }
     let dedup_window_ms = config.pipeline.dedup_window_secs.saturating_mul(1000);
     let restored_first_seen = store.first_seen_since(started_ms.saturating_sub(dedup_window_ms))?;
+    // A parked delivery stays in the store while its endpoint is disabled, and resumes when
+    // the endpoint is enabled again.
     let restored_pending = if first_of_process {
-        store.pending()?
+        let endpoints = &shared.endpoints;
+        store
+            .pending()?
+            .into_iter()
+            .filter(|entry| {
+                !entry.is_parked()
+                    || endpoints
+                        .get(&entry.endpoint_id)
+                        .is_none_or(|endpoint| endpoint.enabled)
+            })
+            .collect()
     } else {
         Vec::new()
     };
@@ -483,6 +540,8 @@ fn run_worker(
             stop: shared.stop.clone(),
             unsynced_results: unsynced_results.clone(),
             max_unsynced_results: config.pipeline.max_unsynced_results,
+            health: config.health.policy(),
+            counters: shared.counters.clone(),
         };
         let (durable, retries) = deliveries
             .concat(restored)
@@ -491,6 +550,13 @@ fn run_worker(
             .ok_err(|attempted| match attempted {
                 Attempted::Row(row) => Ok(Durable::Row(row)),
                 Attempted::Pending(pending) => Ok(Durable::Pending(pending)),
+                Attempted::EndpointDisabled(disabled) => {
+                    Ok(Durable::EndpointDisabled(DisabledEndpoint {
+                        endpoint_id: disabled.endpoint_id,
+                        disabled_at_ms: disabled.at_ms,
+                        reason: disabled.reason,
+                    }))
+                }
                 Attempted::Retry(delivery) => Err(delivery),
             });
         retries.connect_loop(retry_handle);

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hookflow_connectors::DisabledEndpoint;
 use hookflow_connectors::{staged_ranges, ArchiveWriter, ConnectorError, DurableBatch, StateStore};
 use hookflow_operators::clock::Clock;
 use hookflow_operators::deliver::endpoint_hash;
@@ -37,6 +38,8 @@ pub enum Durable {
     Pending(PendingDelivery),
     /// A first occurrence admitted by dedup.
     FirstSeen(FirstSeen),
+    /// An endpoint disabled at run time.
+    EndpointDisabled(DisabledEndpoint),
 }
 
 /// The first and longest wait between retries of a failed write, in ms.
@@ -202,6 +205,7 @@ pub fn persist<'scope>(
                         Durable::Row(row) => batch.rows.push(row),
                         Durable::Pending(pending) => batch.pending.push(pending),
                         Durable::FirstSeen(first) => batch.first_seen.push(first),
+                        Durable::EndpointDisabled(disabled) => batch.disabled.push(disabled),
                     }
                 }
             });
@@ -352,9 +356,10 @@ pub fn skip_decided_rows<'scope>(
 }
 
 /// Emits the deliveries pending from earlier runs, each at its due time or now if that has
-/// passed. Only the worker given a non-empty `pending` emits: the first worker of each
-/// process, with its process's store. The deliver operator's exchange takes each to the worker
-/// that owns its endpoint, a worker of the same process, since that worker's process wrote it.
+/// passed; a parked one (its endpoint enabled again since) is due now. Only the worker given
+/// a non-empty `pending` emits: the first worker of each process, with its process's store.
+/// The deliver operator's exchange takes each to the worker that owns its endpoint, a worker
+/// of the same process, since that worker's process wrote it.
 pub fn restore_pending<'scope>(
     scope: Scope<'scope, u64>,
     pending: Vec<PendingDelivery>,
@@ -375,7 +380,11 @@ pub fn restore_pending<'scope>(
                 tracing::info!(deliveries = pending.len(), "Resuming pending deliveries.");
             }
             for entry in pending {
-                let time = entry.due_ms.max(now_ms);
+                let time = if entry.is_parked() {
+                    now_ms
+                } else {
+                    entry.due_ms.max(now_ms)
+                };
                 let delayed = capability.delayed(&time);
                 output.session(&delayed).give(entry.to_delivery());
             }

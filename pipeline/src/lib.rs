@@ -3,8 +3,8 @@
 //! This crate wires the pieces together: the configuration file ([`config`]), the source
 //! operator over the embedded local log ([`source`]), the dataflow from decode to archive
 //! ([`dataflow`]), the `publish` command ([`publish`]), a loopback webhook receiver used by
-//! the demo and the tests ([`receiver`]), and the demo ([`demo`]). The `hookflow` binary is a
-//! thin command line over these.
+//! the demo and the tests ([`receiver`]), the demo ([`demo`]), and the endpoint listing and
+//! re-enabling ([`endpoints`]). The `hookflow` binary is a thin command line over these.
 
 #![warn(missing_docs)]
 
@@ -13,6 +13,7 @@ pub mod config;
 pub mod dataflow;
 pub mod demo;
 pub mod durable;
+pub mod endpoints;
 pub mod publish;
 pub mod receiver;
 pub mod source;

@@ -1,4 +1,4 @@
-//! The `hookflow` command line: `run`, `publish` and `demo`.
+//! The `hookflow` command line: `run`, `publish`, `endpoints` and `demo`.
 
 use hookflow_operators::stop::StopSignal;
 use std::path::PathBuf;
@@ -75,6 +75,11 @@ enum Command {
         #[arg(value_name = "FILE")]
         input: PathBuf,
     },
+    /// Show endpoints and their parked deliveries, or enable one that hookflow disabled.
+    Endpoints {
+        #[command(subcommand)]
+        action: EndpointsCommand,
+    },
     /// Run a self-contained demo against a receiver on 127.0.0.1.
     Demo {
         /// Where the demo's config, log and Parquet archive go; a previous demo's are replaced.
@@ -86,6 +91,29 @@ enum Command {
         /// Seed of the event generator.
         #[arg(long, default_value_t = 7)]
         seed: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum EndpointsCommand {
+    /// List the configured endpoints: enabled or disabled (and why), and parked deliveries.
+    List {
+        /// The configuration file (TOML).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The pipeline's data directory; the pipeline must not be running.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+    },
+    /// Enable an endpoint that hookflow disabled (410 Gone, or failing too long); the next
+    /// run resumes its parked deliveries.
+    Enable {
+        /// The pipeline's data directory; the pipeline must not be running.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// The endpoint's id.
+        #[arg(value_name = "ENDPOINT_ID")]
+        endpoint_id: String,
     },
 }
 
@@ -167,6 +195,10 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 cluster,
             })?;
             let count = |outcome: &str| report.outcomes.get(outcome).copied().unwrap_or(0);
+            let counter = |counter: &std::sync::atomic::AtomicU64| {
+                counter.load(std::sync::atomic::Ordering::Relaxed)
+            };
+            let counters = &report.counters;
             tracing::info!(
                 delivered = count("delivered"),
                 failed_and_retried = count("failed"),
@@ -175,11 +207,40 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 invalid = count("invalid"),
                 unrouted = count("unrouted"),
                 duplicates = report.duplicates,
+                parked = report.parked,
+                disabled_endpoints = report.disabled_endpoints.len(),
+                breakers_opened = counter(&counters.breakers_opened),
+                throttled = counter(&counters.throttled),
+                retry_after_invalid = counter(&counters.retry_after_invalid),
+                retry_after_capped = counter(&counters.retry_after_capped),
                 files = report.files.len(),
                 archive = %report.archive_dir.display(),
                 process = report.process_index,
                 "Pipeline stopped."
             );
+            if report.parked > 0 {
+                println!(
+                    "{} deliveries parked: their endpoints are disabled (`hookflow endpoints list`)",
+                    report.parked
+                );
+            }
+            Ok(())
+        }
+        Command::Endpoints {
+            action: EndpointsCommand::List { config, data_dir },
+        } => {
+            let loaded = Config::load(&config)?;
+            print!("{}", hookflow::endpoints::list(&loaded, &data_dir)?);
+            Ok(())
+        }
+        Command::Endpoints {
+            action:
+                EndpointsCommand::Enable {
+                    data_dir,
+                    endpoint_id,
+                },
+        } => {
+            println!("{}", hookflow::endpoints::enable(&data_dir, &endpoint_id)?);
             Ok(())
         }
         Command::Publish {

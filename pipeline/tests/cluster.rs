@@ -86,12 +86,15 @@ fn seeded_receiver() -> Receiver {
 }
 
 /// Writes the config text: every endpoint of [`endpoints`] on `receiver`, `extra` added to each.
+/// The seeded receiver fails about half of all attempts on purpose, which would keep every
+/// endpoint's circuit breaker open; the breaker is tested on its own, so it is kept closed here.
 fn config_text(receiver: &Receiver, checkpoint_ms: u64, extra: &str) -> String {
     let mut config = format!(
         "[pipeline]\npoll_interval_ms = 2\ncheckpoint_interval_ms = {checkpoint_ms}\n\
          max_unsynced_results = {MAX_UNSYNCED}\n\
          [delivery]\nmax_in_flight = {MAX_IN_FLIGHT}\nallowed_private_cidrs = [\"127.0.0.1/32\"]\n\
-         [retry]\nschedule_ms = [40, 80]\njitter_percent = 20\n"
+         [retry]\nschedule_ms = [40, 80]\njitter_percent = 20\n\
+         [health]\nbreaker_min_requests = 1000000\n"
     );
     for (id, tenant, path, pattern) in endpoints() {
         config.push_str(&format!(
@@ -837,6 +840,25 @@ fn changed_counts_are_rejected(root: &Path) {
             "process {index}: {text}"
         );
     }
+
+    // `hookflow endpoints` reads a single process's store, and must not create one here.
+    let endpoints = Command::new(env!("CARGO_BIN_EXE_hookflow"))
+        .args(["endpoints", "list", "--config"])
+        .arg(&run.config)
+        .arg("--data-dir")
+        .arg(run.data_dir())
+        .output()
+        .expect("run hookflow endpoints list");
+    let text = String::from_utf8_lossy(&endpoints.stderr);
+    assert!(
+        !endpoints.status.success(),
+        "endpoints list on a cluster: {text}"
+    );
+    assert!(text.contains("was run as a cluster"), "{text}");
+    assert!(
+        !run.data_dir().join("state/state.sqlite").exists(),
+        "endpoints list created a single-process store"
+    );
 
     // Two machines would each have a data directory, and so a local log, of their own.
     let elsewhere = run.dir.join("elsewhere");

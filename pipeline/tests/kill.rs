@@ -93,7 +93,8 @@ fn kill_and_restart_loses_nothing() {
     let mut config = format!(
         "[pipeline]\npoll_interval_ms = 2\ncheckpoint_interval_ms = 20\nmax_unsynced_results = {MAX_UNSYNCED}\n\
          [delivery]\nmax_in_flight = {MAX_IN_FLIGHT}\nallowed_private_cidrs = [\"127.0.0.1/32\"]\n\
-         [retry]\nschedule_ms = [100, 200, 400]\njitter_percent = 20\n"
+         [retry]\nschedule_ms = [100, 200, 400]\njitter_percent = 20\n\
+         [health]\nbreaker_cooldown_ms = 100\nbreaker_max_cooldown_ms = 400\n"
     );
     for (id, tenant, path, pattern) in endpoints() {
         config.push_str(&format!(

@@ -117,6 +117,31 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [ErrorKind; 14] = [
+        ErrorKind::HttpStatus,
+        ErrorKind::Throttled,
+        ErrorKind::Gone,
+        ErrorKind::ClientError,
+        ErrorKind::Redirect,
+        ErrorKind::Connect,
+        ErrorKind::Timeout,
+        ErrorKind::Io,
+        ErrorKind::Refused,
+        ErrorKind::UnknownEndpoint,
+        ErrorKind::Request,
+        ErrorKind::EndpointDisabled,
+        ErrorKind::Expired,
+        ErrorKind::PayloadExpired,
+    ];
+
+    /// The kind whose archived name is `name`, if any.
+    pub fn from_name(name: &str) -> Option<ErrorKind> {
+        ErrorKind::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == name)
+    }
+
     /// The name archived in the `error_kind` column.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -347,6 +372,14 @@ fn millis_to_i64(ms: Millis) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_kind_names_round_trip() {
+        for kind in ErrorKind::ALL {
+            assert_eq!(ErrorKind::from_name(kind.as_str()), Some(kind));
+        }
+        assert_eq!(ErrorKind::from_name("no_such_kind"), None);
+    }
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::UInt32Type;
 

@@ -612,7 +612,7 @@ impl ResponseSummary {
 }
 
 /// Returns `url` without user name and password.
-fn without_credentials(mut url: Url) -> String {
+pub fn without_credentials(mut url: Url) -> String {
     // Both setters fail only for URLs that cannot have credentials, which have none to strip.
     let _ = url.set_username("");
     let _ = url.set_password(None);

@@ -16,16 +16,16 @@ mod signature;
 
 pub use address::{refused_range, AddressPolicy, RefusedRange};
 pub use client::{
-    ClientConfig, DeliveryClient, PolicyResolver, SystemResolver, DEFAULT_MAX_RESPONSE_BYTES,
-    DEFAULT_SNIPPET_BYTES, USER_AGENT,
+    without_credentials, ClientConfig, DeliveryClient, PolicyResolver, SystemResolver,
+    DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_SNIPPET_BYTES, USER_AGENT,
 };
 pub use operator::{
-    endpoint_hash, Attempted, Deliver, DeliverContext, PayloadSource, DEFAULT_MAX_IN_FLIGHT_TOTAL,
-    ENDPOINT_DISABLED, HOLD_REFRESH_MS,
+    endpoint_hash, Attempted, Deliver, DeliverContext, DeliverCounters, EndpointDisabled,
+    PayloadSource, DEFAULT_MAX_IN_FLIGHT_TOTAL, HOLD_REFRESH_MS,
 };
 pub use result::{
-    classify, contacted_endpoint, dead_letter_row, is_retryable, AttemptResult, Observation,
-    Verdict,
+    classify, contacted_endpoint, dead_letter_row, is_overload, is_retryable, AttemptResult,
+    Observation, Verdict,
 };
 pub use signature::{sign, signature_header, SECRET_PREFIX};
 

@@ -28,6 +28,13 @@
 //! * a failed attempt with a retry left emits, at the attempt's time, its row, the retry's
 //!   pending entry and the retry itself.
 //!
+//! Each endpoint's health (the `health` module) gates its starts: an open breaker or a
+//! `Retry-After` pause holds the endpoint's queue, which stays durably pending and does not
+//! hold the frontier, until a wake-up at the hold's end; a half-open breaker lets one probe
+//! through. An endpoint that is disabled (in its configuration, or by a 410 Gone or by
+//! failing for too long) parks its deliveries: each is recorded as pending without a due time
+//! and leaves memory; a disabling is emitted as [`Attempted::EndpointDisabled`].
+//!
 //! No request starts while more than `max_unsynced_results` attempt results wait for their
 //! durable write: that bounds what a crash can make hookflow send twice.
 //!
@@ -44,14 +51,17 @@
 //!   `max_in_flight_total` per worker (a limit of 0 counts as 1).
 //! * Every attempt yields one row. A failed attempt with a retry left yields a row with
 //!   outcome `failed` and `next_attempt_at`, and the retry; the last attempt of an exhausted
-//!   schedule, and a failure that no retry can fix, yields `dead_lettered`. A delivery whose
-//!   event is older than the maximum event age yields `expired` without a request.
+//!   schedule, a failure that no retry can fix, and a 4xx past its allowed retries yield
+//!   `dead_lettered`. A delivery whose event is older than the maximum event age yields
+//!   `expired` without a request.
+//! * A retry is due at the schedule's next step, raised to the end of a valid `Retry-After`
+//!   (clamped), or, after a 429 or a timeout without one, to the penalty floor.
 //! * A request task that ends without a result (its runtime shut down, or it panicked)
 //!   releases its place with an error log and no row.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 
@@ -66,10 +76,12 @@ use timely::dataflow::Stream;
 use timely::scheduling::SyncActivator;
 
 use super::client::DeliveryClient;
-use super::result::dead_letter_row;
+use super::result::{dead_letter_row, is_overload};
 use crate::clock::{Clock, Wakeup};
+use crate::health::{Admission, EndpointHealth, HealthPolicy, Signal, Transition};
 use crate::rate_limit::{StartDecision, WindowLimiter};
 use crate::retry::{jitter_seed, RetryPolicy};
+use crate::retry_after::{clamp_retry_after, parse_retry_after};
 use crate::stop::StopSignal;
 
 /// The default limit on requests in flight per worker.
@@ -85,8 +97,42 @@ pub const FAILURE_LOG_MS: u64 = 10_000;
 /// The default bound on attempt results not yet durably written.
 pub const DEFAULT_MAX_UNSYNCED_RESULTS: usize = 64;
 
-/// The `error_kind` of a delivery dead-lettered because its endpoint is disabled.
-pub const ENDPOINT_DISABLED: &str = "endpoint_disabled";
+/// Counts of the decisions the deliver operator makes about endpoints, over all workers
+/// sharing them; the pipeline reports them.
+#[derive(Debug, Default)]
+pub struct DeliverCounters {
+    /// Breakers opened, counting a reopening after a failed probe.
+    pub breakers_opened: AtomicU64,
+    /// Breakers closed by a successful probe.
+    pub breakers_closed: AtomicU64,
+    /// Endpoints disabled at run time.
+    pub endpoints_disabled: AtomicU64,
+    /// Deliveries parked because their endpoint is disabled.
+    pub deliveries_parked: AtomicU64,
+    /// 429 answers.
+    pub throttled: AtomicU64,
+    /// `Retry-After` values that were not valid and counted as absent.
+    pub retry_after_invalid: AtomicU64,
+    /// Valid `Retry-After` values that asked for more than the maximum pause.
+    pub retry_after_capped: AtomicU64,
+}
+
+impl DeliverCounters {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// An endpoint the deliver operator disabled, to record durably.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct EndpointDisabled {
+    /// The endpoint's id.
+    pub endpoint_id: String,
+    /// When it was disabled.
+    pub at_ms: Millis,
+    /// Which rule disabled it, for the operator.
+    pub reason: String,
+}
 
 /// What the deliver operator emits.
 // A row is by far the largest variant and the most frequent one, so boxing it would cost an
@@ -100,8 +146,11 @@ pub enum Attempted {
     Retry(Delivery),
     /// A delivery that now waits for a later time, to record durably as pending. It is
     /// emitted at a time no later than the delivery's own, so the record it came from counts
-    /// as settled only once this is written.
+    /// as settled only once this is written. A parked delivery has
+    /// [`PendingDelivery::PARKED`] as its due time.
     Pending(PendingDelivery),
+    /// The endpoint was disabled; its deliveries are parked until it is enabled again.
+    EndpointDisabled(EndpointDisabled),
 }
 
 /// Reads payloads back from the source for retries, which travel without them.
@@ -137,6 +186,10 @@ pub struct DeliverContext {
     /// No request starts while `unsynced_results` is above this: it bounds what a crash can
     /// make hookflow send twice.
     pub max_unsynced_results: usize,
+    /// The breaker, pause and disable rules.
+    pub health: HealthPolicy,
+    /// Counts of the operator's decisions about endpoints.
+    pub counters: Arc<DeliverCounters>,
 }
 
 impl DeliverContext {
@@ -158,6 +211,8 @@ impl DeliverContext {
             stop: Arc::new(StopSignal::new()),
             unsynced_results: Arc::new(AtomicUsize::new(0)),
             max_unsynced_results: DEFAULT_MAX_UNSYNCED_RESULTS,
+            health: HealthPolicy::default(),
+            counters: Arc::new(DeliverCounters::default()),
         }
     }
 }
@@ -169,6 +224,7 @@ impl fmt::Debug for DeliverContext {
             .field("endpoints", &self.endpoints.len())
             .field("max_in_flight_total", &self.max_in_flight_total)
             .field("retry", &self.retry)
+            .field("health", &self.health)
             .finish_non_exhaustive()
     }
 }
@@ -216,6 +272,7 @@ impl<'scope> Deliver<'scope> for Stream<'scope, u64, Vec<Delivery>> {
                 });
 
                 state.release_scheduled(now);
+                state.release_holds(now);
                 state.collect_completions(now);
                 state.start_requests(now);
                 state.park_waiting(now);
@@ -318,6 +375,13 @@ struct DeliverState {
     /// Per endpoint: when a failed attempt was last logged, and how many failures were not
     /// logged since, so that a failing endpoint logs at most once per [`FAILURE_LOG_MS`].
     failure_log: HashMap<String, (Millis, u64)>,
+    /// The health of endpoints that have one worth keeping, by endpoint id.
+    health: HashMap<String, EndpointHealth>,
+    /// Endpoints disabled while running; their deliveries are parked.
+    disabled: HashSet<String>,
+    /// Endpoints whose queue is held (breaker open, `Retry-After` pause), by the time the
+    /// hold ends.
+    holds: BTreeMap<Millis, Vec<String>>,
     sender: Sender<Completion>,
     receiver: Receiver<Completion>,
     wakeup: Wakeup,
@@ -346,6 +410,9 @@ impl DeliverState {
             emitted: Vec::new(),
             reported_unknown: HashSet::new(),
             failure_log: HashMap::new(),
+            health: HashMap::new(),
+            disabled: HashSet::new(),
+            holds: BTreeMap::new(),
             sender,
             receiver,
             wakeup,
@@ -353,24 +420,17 @@ impl DeliverState {
         }
     }
 
-    /// Reserves `delivery`'s rate-limit slot and queues or schedules it, or emits its
-    /// dead-letter row when its endpoint is unknown or disabled. `held` is a capability at
-    /// the delivery's due time.
+    /// Reserves `delivery`'s rate-limit slot and queues or schedules it, parks it when its
+    /// endpoint is disabled, or emits its dead-letter row when its endpoint is unknown. `held`
+    /// is a capability at the delivery's due time.
     fn accept(&mut self, held: &Capability<u64>, delivery: Delivery, now: Millis) {
         let due_at_ms = *held.time();
+        if self.is_disabled(&delivery.endpoint_id) {
+            self.park(held.clone(), &delivery);
+            return;
+        }
         let endpoint = match self.context.endpoints.get(&delivery.endpoint_id) {
-            Some(endpoint) if endpoint.enabled => endpoint,
-            Some(endpoint) => {
-                // TODO: park the delivery (stored without a due time, resumed on re-enable)
-                // instead of dead-lettering it.
-                let message = format!(
-                    "endpoint `{}` is disabled; the delivery was not attempted",
-                    endpoint.id
-                );
-                let row = dead_letter_row(&delivery, due_at_ms, now, ENDPOINT_DISABLED, message);
-                self.emitted.push((held.clone(), Attempted::Row(row)));
-                return;
-            }
+            Some(endpoint) => endpoint,
             None => {
                 if self.reported_unknown.insert(delivery.endpoint_id.clone()) {
                     tracing::warn!(
@@ -390,16 +450,18 @@ impl DeliverState {
         };
 
         let rate_limit = endpoint.rate_limit;
+        let budget_shift = self.budget_shift(&delivery.endpoint_id);
         let state = self
             .endpoints
             .entry(delivery.endpoint_id.clone())
             .or_default();
         let slot_ms = match (rate_limit, state.limiter.as_mut()) {
             (Some(_), Some(limiter)) => limiter.reserve(due_at_ms),
-            (Some(limit), None) => state
-                .limiter
-                .insert(WindowLimiter::new(limit))
-                .reserve(due_at_ms),
+            (Some(limit), None) => {
+                let limiter = state.limiter.insert(WindowLimiter::new(limit));
+                limiter.set_budget_shift(budget_shift);
+                limiter.reserve(due_at_ms)
+            }
             (None, _) => due_at_ms,
         };
 
@@ -435,11 +497,132 @@ impl DeliverState {
         }
     }
 
+    /// The endpoint's in-flight cap; without a rate limit to halve, an overloaded endpoint's
+    /// halvings apply to this cap instead.
     fn in_flight_limit(&self, endpoint_id: &str) -> usize {
-        self.context
+        let Some(endpoint) = self.context.endpoints.get(endpoint_id) else {
+            return 1;
+        };
+        let cap = endpoint.max_in_flight.max(1);
+        if endpoint.rate_limit.is_some() {
+            return cap;
+        }
+        let shift = self.budget_shift(endpoint_id);
+        cap.checked_shr(shift).unwrap_or(0).max(1)
+    }
+
+    /// How many times the endpoint's budget is halved for overload.
+    fn budget_shift(&self, endpoint_id: &str) -> u32 {
+        self.health
+            .get(endpoint_id)
+            .map_or(0, EndpointHealth::budget_shift)
+    }
+
+    /// The endpoint's budget in force: its rate limit's requests per window, or its in-flight
+    /// cap, halved as overload asked.
+    fn budget(&self, endpoint_id: &str) -> u32 {
+        let limited = self
             .endpoints
             .get(endpoint_id)
-            .map_or(1, |endpoint| endpoint.max_in_flight.max(1))
+            .and_then(|state| state.limiter.as_ref())
+            .map(WindowLimiter::budget);
+        limited
+            .unwrap_or_else(|| u32::try_from(self.in_flight_limit(endpoint_id)).unwrap_or(u32::MAX))
+    }
+
+    /// Returns whether the endpoint is disabled, in its configuration or at run time.
+    fn is_disabled(&self, endpoint_id: &str) -> bool {
+        self.disabled.contains(endpoint_id)
+            || self
+                .context
+                .endpoints
+                .get(endpoint_id)
+                .is_some_and(|endpoint| !endpoint.enabled)
+    }
+
+    /// Records `delivery` as parked under `capability`; it leaves memory until its endpoint
+    /// is enabled again.
+    fn park(&mut self, capability: Capability<u64>, delivery: &Delivery) {
+        let parked = PendingDelivery::from_delivery(delivery, PendingDelivery::PARKED);
+        DeliverCounters::bump(&self.context.counters.deliveries_parked);
+        self.emitted.push((capability, Attempted::Pending(parked)));
+    }
+
+    /// A capability at `now` under `current`, for a delivery that is pending already.
+    fn current_at(&self, now: Millis) -> Option<Capability<u64>> {
+        let current = self.current.as_ref()?;
+        Some(current.delayed(&now.max(*current.time())))
+    }
+
+    /// Disables `endpoint_id` for `reason`: records it under `capability`, and parks its
+    /// waiting deliveries. Its scheduled deliveries and retries are parked as they come due.
+    fn disable(
+        &mut self,
+        endpoint_id: &str,
+        reason: String,
+        now: Millis,
+        capability: &Capability<u64>,
+    ) {
+        if !self.disabled.insert(endpoint_id.to_string()) {
+            return;
+        }
+        DeliverCounters::bump(&self.context.counters.endpoints_disabled);
+        tracing::warn!(
+            endpoint_id = %endpoint_id,
+            %reason,
+            "Endpoint disabled; its deliveries are parked until it is enabled again."
+        );
+        self.emitted.push((
+            capability.clone(),
+            Attempted::EndpointDisabled(EndpointDisabled {
+                endpoint_id: endpoint_id.to_string(),
+                at_ms: now,
+                reason,
+            }),
+        ));
+
+        let waiting = match self.endpoints.get_mut(endpoint_id) {
+            Some(state) => {
+                state.ready = false;
+                std::mem::take(&mut state.waiting)
+            }
+            None => VecDeque::new(),
+        };
+        for Waiting { delivery, held, .. } in waiting {
+            let Some(capability) = held.or_else(|| self.current_at(now)) else {
+                tracing::error!("A pending delivery has no held capability; it stays pending.");
+                continue;
+            };
+            self.park(capability, &delivery);
+        }
+    }
+
+    /// Holds `endpoint_id`'s queue until `until_ms`, when the clock wakes the operator.
+    fn hold(&mut self, endpoint_id: String, until_ms: Millis) {
+        let holders = self.holds.entry(until_ms).or_default();
+        if !holders.contains(&endpoint_id) {
+            holders.push(endpoint_id);
+        }
+        self.context.clock.wake_at(until_ms, &self.wakeup);
+    }
+
+    /// Gives the endpoints whose hold has ended a turn again.
+    fn release_holds(&mut self, now: Millis) {
+        while let Some(entry) = self.holds.first_entry() {
+            if *entry.key() > now {
+                break;
+            }
+            for endpoint_id in entry.remove() {
+                let limit = self.in_flight_limit(&endpoint_id);
+                let Some(state) = self.endpoints.get_mut(&endpoint_id) else {
+                    continue;
+                };
+                if !state.ready && !state.waiting.is_empty() && state.in_flight < limit {
+                    state.ready = true;
+                    self.ready.push_back(endpoint_id);
+                }
+            }
+        }
     }
 
     /// Makes sure `current` exists, from `held` (whose time is at or before `now`).
@@ -458,6 +641,10 @@ impl DeliverState {
             let (capability, deliveries) = entry.remove();
             self.hold_current(&capability, now);
             for (slot_ms, delivery) in deliveries {
+                if self.is_disabled(&delivery.endpoint_id) {
+                    self.park(capability.clone(), &delivery);
+                    continue;
+                }
                 self.enqueue(Waiting {
                     slot_ms,
                     delivery,
@@ -468,7 +655,7 @@ impl DeliverState {
     }
 
     /// Turns finished requests into rows, and failed ones with a retry left into a pending
-    /// entry and the retry itself.
+    /// entry and the retry itself; feeds each result to its endpoint's health.
     fn collect_completions(&mut self, now: Millis) {
         while let Ok(Completion { ticket, row }) = self.receiver.try_recv() {
             self.context
@@ -486,8 +673,8 @@ impl DeliverState {
                 );
                 continue;
             };
-            self.release_place(&endpoint_id);
             let Some(mut row) = row else {
+                self.release_place(&endpoint_id);
                 tracing::error!(
                     endpoint_id = %endpoint_id,
                     event_id = %delivery.ingested.event.id,
@@ -499,42 +686,180 @@ impl DeliverState {
                 self.context.unsynced_results.fetch_add(1, Ordering::SeqCst);
             }
 
+            let not_before = self.observe_health(&endpoint_id, &mut row, &capability, now);
             if row.outcome == Outcome::Failed.as_str() {
-                let seed = jitter_seed(&delivery, delivery.attempt);
-                match self
-                    .context
-                    .retry
-                    .next_attempt_at(delivery.attempt, now, seed)
-                {
-                    Some(next_ms) => {
-                        row.next_attempt_at_ms = Some(next_ms);
-                        let retry = Delivery {
-                            attempt: delivery.attempt + 1,
-                            ..delivery
-                        };
-                        let pending = PendingDelivery::from_delivery(&retry, next_ms);
-                        self.emitted
-                            .push((capability.clone(), Attempted::Pending(pending)));
-                        if !self.context.stop.is_stopped() {
-                            // The feedback edge adds 1 ms, so the retry arrives at `next_ms`.
-                            let stamp = (next_ms - 1).max(*capability.time());
-                            self.emitted
-                                .push((capability.delayed(&stamp), Attempted::Retry(retry)));
-                        }
-                    }
-                    None => {
-                        row.outcome = Outcome::DeadLettered.as_str().to_string();
-                        let gave_up = format!("gave up after {} attempts", delivery.attempt);
-                        row.error_message = Some(match row.error_message.take() {
-                            Some(message) => format!("{message}; {gave_up}"),
-                            None => gave_up,
-                        });
-                    }
-                }
+                self.schedule_retry(&mut row, delivery, &capability, not_before, now);
             }
+
+            // After the health saw the result, so that a probe's end lets the queue go on.
+            self.release_place(&endpoint_id);
             self.log_failure(&row, now);
             self.emitted.push((capability, Attempted::Row(row)));
         }
+    }
+
+    /// Decides a failed attempt's next step: a retry at the schedule's next step raised to
+    /// `not_before`, a parked retry when the endpoint is disabled, or a dead letter when the
+    /// schedule or the 4xx retries are used up.
+    fn schedule_retry(
+        &mut self,
+        row: &mut AttemptRow,
+        delivery: Delivery,
+        capability: &Capability<u64>,
+        not_before: Millis,
+        now: Millis,
+    ) {
+        let client_error = row.error_kind.as_deref() == Some(ErrorKind::ClientError.as_str());
+        let next = if client_error && self.context.retry.client_errors_exhausted(delivery.attempt) {
+            None
+        } else {
+            let seed = jitter_seed(&delivery, delivery.attempt);
+            self.context
+                .retry
+                .next_attempt_at(delivery.attempt, now, seed)
+                .map(|next_ms| next_ms.max(not_before))
+        };
+
+        let Some(next_ms) = next else {
+            row.outcome = Outcome::DeadLettered.as_str().to_string();
+            let gave_up = if client_error {
+                format!(
+                    "gave up after {} attempts: the endpoint refused the request (4xx); 4xx \
+                     answers get {} retries",
+                    delivery.attempt, self.context.retry.client_error_retries
+                )
+            } else {
+                format!("gave up after {} attempts", delivery.attempt)
+            };
+            row.error_message = Some(match row.error_message.take() {
+                Some(message) => format!("{message}; {gave_up}"),
+                None => gave_up,
+            });
+            return;
+        };
+
+        row.next_attempt_at_ms = Some(next_ms);
+        let retry = Delivery {
+            attempt: delivery.attempt + 1,
+            ..delivery
+        };
+        if self.is_disabled(&retry.endpoint_id) {
+            self.park(capability.clone(), &retry);
+            return;
+        }
+        let pending = PendingDelivery::from_delivery(&retry, next_ms);
+        self.emitted
+            .push((capability.clone(), Attempted::Pending(pending)));
+        if !self.context.stop.is_stopped() {
+            // The feedback edge adds 1 ms, so the retry arrives at `next_ms`.
+            let stamp = (next_ms - 1).max(*capability.time());
+            self.emitted
+                .push((capability.delayed(&stamp), Attempted::Retry(retry)));
+        }
+    }
+
+    /// Feeds an attempt's result to its endpoint's health: a valid `Retry-After` pauses the
+    /// endpoint, a 429 or timeout without one halves its budget, and the breaker and disable
+    /// rules count the result. Returns the earliest time the delivery may be retried.
+    fn observe_health(
+        &mut self,
+        endpoint_id: &str,
+        row: &mut AttemptRow,
+        capability: &Capability<u64>,
+        now: Millis,
+    ) -> Millis {
+        let kind = row.error_kind.as_deref().and_then(ErrorKind::from_name);
+        let policy = &self.context.health;
+        let counters = &self.context.counters;
+        let mut not_before = 0;
+
+        // A `Retry-After` means "wait" only on a 429 or 5xx; on a 3xx it is no pause request.
+        let pausing_status = matches!(row.http_status, Some(429 | 500..=599));
+        let mut paused = false;
+        if let (true, Some(value)) = (pausing_status, row.retry_after.as_deref()) {
+            match parse_retry_after(value, now) {
+                Some(until_ms) => {
+                    let clamped = clamp_retry_after(
+                        until_ms,
+                        now,
+                        policy.retry_after_min_ms,
+                        policy.retry_after_max_ms,
+                    );
+                    if clamped < until_ms {
+                        DeliverCounters::bump(&counters.retry_after_capped);
+                    }
+                    not_before = clamped;
+                    paused = true;
+                }
+                None => DeliverCounters::bump(&counters.retry_after_invalid),
+            }
+        }
+        if kind == Some(ErrorKind::Throttled) {
+            DeliverCounters::bump(&counters.throttled);
+        }
+        let overloaded = kind.is_some_and(is_overload) && !paused;
+        if overloaded {
+            not_before = now.saturating_add(self.context.retry.penalty_floor_ms);
+        }
+
+        let signal = match kind {
+            _ if row.outcome == Outcome::Delivered.as_str() => Signal::Delivered,
+            Some(ErrorKind::Gone) => Signal::Gone,
+            Some(ErrorKind::Throttled) => Signal::Throttled,
+            _ if row.attempt == 0 => Signal::NotContacted,
+            _ => Signal::Failed,
+        };
+        let budget = self.budget(endpoint_id);
+        let health = self.health.entry(endpoint_id.to_string()).or_default();
+        if paused {
+            health.pause_until(not_before);
+        }
+        if overloaded {
+            health.overloaded();
+        }
+        let transition = health.record(signal, now, budget, &self.context.health);
+        let shift = health.budget_shift();
+        if let Some(limiter) = self
+            .endpoints
+            .get_mut(endpoint_id)
+            .and_then(|state| state.limiter.as_mut())
+        {
+            limiter.set_budget_shift(shift);
+        }
+
+        match transition {
+            Some(Transition::BreakerOpened {
+                until_ms,
+                failures,
+                attempts,
+            }) => {
+                DeliverCounters::bump(&self.context.counters.breakers_opened);
+                tracing::warn!(
+                    endpoint_id = %endpoint_id,
+                    failures,
+                    attempts,
+                    probe_in_ms = until_ms.saturating_sub(now),
+                    "Circuit breaker opened; the endpoint's deliveries wait for a probe."
+                );
+            }
+            Some(Transition::BreakerClosed) => {
+                DeliverCounters::bump(&self.context.counters.breakers_closed);
+                tracing::info!(
+                    endpoint_id = %endpoint_id,
+                    "Probe delivered; circuit breaker closed."
+                );
+            }
+            Some(Transition::Disable { reason }) => {
+                let note = format!("endpoint disabled: {reason}");
+                row.error_message = Some(match row.error_message.take() {
+                    Some(message) => format!("{message}; {note}"),
+                    None => note,
+                });
+                self.disable(endpoint_id, reason, now, capability);
+            }
+            None => {}
+        }
+        not_before
     }
 
     /// Logs a failed attempt at WARN, at most once per endpoint every [`FAILURE_LOG_MS`],
@@ -612,9 +937,28 @@ impl DeliverState {
                 break;
             };
             let limit = self.in_flight_limit(&endpoint_id);
+            let gate = self
+                .health
+                .get(&endpoint_id)
+                .map(|health| (health.held_until(now), health.awaiting_probe()));
             let Some(state) = self.endpoints.get_mut(&endpoint_id) else {
                 continue;
             };
+            match gate {
+                Some((Some(until_ms), _)) => {
+                    // An open breaker or a pause: the queue waits, durably pending, for a
+                    // wake-up at the hold's end.
+                    state.ready = false;
+                    self.hold(endpoint_id, until_ms);
+                    continue;
+                }
+                Some((None, true)) => {
+                    // The probe's result gives the endpoint its next turn.
+                    state.ready = false;
+                    continue;
+                }
+                _ => {}
+            }
             let Some(waiting) = state.waiting.pop_front() else {
                 state.ready = false;
                 continue;
@@ -654,6 +998,14 @@ impl DeliverState {
             if let Some(row) = expired {
                 self.emitted.push((capability, Attempted::Row(row)));
             } else {
+                if let Some(health) = self.health.get_mut(&endpoint_id) {
+                    if health.admit(now) == Admission::Probe {
+                        tracing::info!(
+                            endpoint_id = %endpoint_id,
+                            "Circuit breaker half-open; sending one probe delivery."
+                        );
+                    }
+                }
                 if let Some(state) = self.endpoints.get_mut(&endpoint_id) {
                     state.in_flight += 1;
                 }
@@ -709,12 +1061,18 @@ impl DeliverState {
     fn park_waiting(&mut self, now: Millis) {
         let mut parked: Vec<(Capability<u64>, PendingDelivery)> = Vec::new();
         for endpoint_id in self.unparked.drain() {
+            // A restart resumes a held endpoint's queue no earlier than the hold's end.
+            let held_until = self
+                .health
+                .get(&endpoint_id)
+                .and_then(|health| health.held_until(now))
+                .unwrap_or(now);
             let Some(state) = self.endpoints.get_mut(&endpoint_id) else {
                 continue;
             };
             for waiting in state.waiting.iter_mut() {
                 if let Some(held) = waiting.held.take() {
-                    let due_ms = waiting.slot_ms.max(now);
+                    let due_ms = waiting.slot_ms.max(held_until);
                     parked.push((
                         held,
                         PendingDelivery::from_delivery(&waiting.delivery, due_ms),
@@ -890,7 +1248,13 @@ impl DeliverState {
                     .as_ref()
                     .is_some_and(|limiter| !limiter.is_idle())
         });
+        let policy = &self.context.health;
+        self.health
+            .retain(|_, health| !health.is_settled(now, policy));
         if let Some(next) = self.scheduled.keys().next() {
+            self.context.clock.wake_at(*next, &self.wakeup);
+        }
+        if let Some(next) = self.holds.keys().next() {
             self.context.clock.wake_at(*next, &self.wakeup);
         }
     }

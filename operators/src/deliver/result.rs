@@ -248,7 +248,15 @@ mod tests {
         for kind in [Throttled, Timeout] {
             assert!(is_overload(kind), "{kind:?}");
         }
-        for kind in [HttpStatus, ClientError, Gone, Redirect, Connect, Io, Refused] {
+        for kind in [
+            HttpStatus,
+            ClientError,
+            Gone,
+            Redirect,
+            Connect,
+            Io,
+            Refused,
+        ] {
             assert!(!is_overload(kind), "{kind:?}");
         }
     }

@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hookflow_operators::clock::{Clock, VirtualClock};
-use hookflow_operators::deliver::{Attempted, Deliver, DeliverContext, PayloadSource};
+use hookflow_operators::deliver::{
+    Attempted, Deliver, DeliverContext, EndpointDisabled, PayloadSource,
+};
 use hookflow_schemas::{AttemptRow, Delivery, Millis, PendingDelivery};
 use timely::dataflow::operators::{Concat, ConnectLoop, Feedback, Input, Inspect, OkErr, Probe};
 
@@ -104,6 +106,8 @@ pub struct Run {
     pub retries: Vec<(u64, Delivery)>,
     /// Deliveries recorded as pending, with the timestamp each came out at.
     pub pending: Vec<(u64, PendingDelivery)>,
+    /// Endpoints disabled, with the timestamp each came out at.
+    pub disabled: Vec<(u64, EndpointDisabled)>,
     /// Worker steps taken, summed over all workers.
     pub steps: usize,
 }
@@ -126,6 +130,7 @@ impl Run {
             }
             Attempted::Retry(retry) => self.retries.push((time, retry.clone())),
             Attempted::Pending(pending) => self.pending.push((time, pending.clone())),
+            Attempted::EndpointDisabled(disabled) => self.disabled.push((time, disabled.clone())),
         }
     }
 

@@ -220,6 +220,10 @@ pub struct Arrival {
 /// Decides the status of a request from its endpoint id, `webhook-id` and attempt number.
 pub type Script = dyn Fn(&str, &str, u32) -> u16 + Send + Sync;
 
+/// Decides the status and the `Retry-After` header, if any, of a request from its endpoint
+/// id, `webhook-id` and attempt number.
+pub type ReplyScript = dyn Fn(&str, &str, u32) -> (u16, Option<String>) + Send + Sync;
+
 /// A receiver on 127.0.0.1 that serves `POST /{endpoint_id}`, responds with the status its
 /// script picks, and records every request with the time of a clock shared with the test.
 #[derive(Clone)]
@@ -234,6 +238,19 @@ impl ScriptedReceiver {
         runtime: &tokio::runtime::Runtime,
         clock: Arc<dyn Clock>,
         script: Arc<Script>,
+    ) -> Self {
+        let replies = move |endpoint_id: &str, webhook_id: &str, attempt: u32| {
+            (script(endpoint_id, webhook_id, attempt), None)
+        };
+        Self::start_with_replies(runtime, clock, Arc::new(replies))
+    }
+
+    /// Starts the receiver on `runtime`, answering with the statuses and `Retry-After`
+    /// headers `script` picks.
+    pub fn start_with_replies(
+        runtime: &tokio::runtime::Runtime,
+        clock: Arc<dyn Clock>,
+        script: Arc<ReplyScript>,
     ) -> Self {
         let arrivals: Arc<Mutex<Vec<Arrival>>> = Arc::default();
         let recorded = Arc::clone(&arrivals);
@@ -262,7 +279,7 @@ impl ScriptedReceiver {
                             .filter(|a| a.endpoint_id == endpoint_id && a.webhook_id == webhook_id)
                             .count();
                         let attempt = u32::try_from(earlier).expect("few requests") + 1;
-                        let status = script(&endpoint_id, &webhook_id, attempt);
+                        let (status, retry_after) = script(&endpoint_id, &webhook_id, attempt);
                         arrivals.push(Arrival {
                             endpoint_id,
                             webhook_id,
@@ -272,7 +289,16 @@ impl ScriptedReceiver {
                             status,
                             body: body.to_vec(),
                         });
-                        axum::http::StatusCode::from_u16(status).expect("valid status")
+                        let status =
+                            axum::http::StatusCode::from_u16(status).expect("valid status");
+                        let mut headers = HeaderMap::new();
+                        if let Some(value) = retry_after {
+                            headers.insert(
+                                axum::http::header::RETRY_AFTER,
+                                value.parse().expect("valid header value"),
+                            );
+                        }
+                        (status, headers)
                     }
                 },
             ),
