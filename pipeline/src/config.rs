@@ -55,7 +55,8 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
-    /// Timely worker threads. Default 1.
+    /// Timely worker threads, per process in a cluster. Fixed for a data directory once a run
+    /// has used it. Default 1.
     pub workers: usize,
     /// How often an idle source looks for new records, in ms. Default 2. This is the floor
     /// of end-to-end latency on the local log.

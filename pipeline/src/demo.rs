@@ -91,6 +91,7 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<String> {
         until_idle: true,
         clock,
         stop: Arc::new(StopSignal::new()),
+        cluster: crate::cluster::Cluster::default(),
     })?;
     let elapsed = started.elapsed();
 
