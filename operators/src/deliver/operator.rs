@@ -1158,6 +1158,11 @@ impl DeliverState {
 
     /// Spawns the request task for `delivery`, due at `due_at_ms`, holding `capability` until
     /// its row is emitted.
+    //
+    // NOTE: the rate-limit window is granted here, but the task reads its start time when the
+    // runtime polls it. Under load, a request granted at the end of a window can reach the
+    // receiver in the next one, beside that window's own budget. Checking the window again in
+    // the task, and handing a late request back to the operator, would close that gap.
     fn start(&mut self, delivery: Delivery, capability: Capability<u64>, due_at_ms: Millis) {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
