@@ -13,6 +13,8 @@
 //! * Counts: a data directory written by 2 processes × 2 workers rejects another process count
 //!   or worker count, with a message from every process.
 
+mod fleet;
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -26,8 +28,8 @@ use hookflow_operators::clock::{Clock, WallClock};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const SECRET: &str = "whsec_RTPHghziaKPNKV/Y78ALF6hfDn11pL7egmdm4fV+DaE=";
-const TENANTS: [&str; 4] = ["acme", "globex", "initech", "umbrella"];
+use fleet::{endpoints, matches, SECRET, TENANTS};
+
 const TYPES: [&str; 3] = ["charge.succeeded", "invoice.paid", "customer.created"];
 /// Failed attempts before the last: the retry schedule has this many steps.
 const RETRIES: u32 = 2;
@@ -38,33 +40,6 @@ const MAX_UNSYNCED: usize = 16;
 
 /// (event id, endpoint id, generation, attempt, outcome): what must not depend on the topology.
 type Projection = Vec<(Option<String>, Option<String>, u32, u32, String)>;
-
-/// (endpoint id, tenant, path, pattern)
-fn endpoints() -> Vec<(String, &'static str, String, &'static str)> {
-    let mut endpoints = Vec::new();
-    for tenant in TENANTS {
-        endpoints.push((
-            format!("ep_{tenant}_all"),
-            tenant,
-            format!("/{tenant}/all"),
-            "*",
-        ));
-        endpoints.push((
-            format!("ep_{tenant}_charges"),
-            tenant,
-            format!("/{tenant}/charges"),
-            "charge.*",
-        ));
-    }
-    endpoints
-}
-
-fn matches(pattern: &str, event_type: &str) -> bool {
-    pattern == "*"
-        || pattern
-            .strip_suffix('*')
-            .is_some_and(|prefix| event_type.starts_with(prefix))
-}
 
 /// Starts a receiver on which every endpoint fails each event 0 to `RETRIES + 1` times with
 /// 503, so some deliveries succeed at once, some after retries, and some are dead-lettered.
