@@ -406,6 +406,7 @@ fn run_options(plan: &Plan, until_idle: bool, stop: Arc<StopSignal>) -> RunOptio
         until_idle,
         clock: Arc::new(WallClock),
         stop,
+        cluster: hookflow::cluster::Cluster::default(),
     }
 }
 

@@ -12,7 +12,8 @@
 //! # Invariants
 //!
 //! * The format version and the partition count are written once, by the connection that
-//!   creates the log, and never change afterwards.
+//!   creates the log, and never change afterwards. So is the log id, by the first connection
+//!   that finds none.
 //! * Within a partition, offsets start at 0 and are dense. `partition_heads.next_offset` is the
 //!   offset the next record of the partition gets, and it never decreases, so deleting old
 //!   records would never lead to an offset being reused.
@@ -29,7 +30,7 @@
 //! <data_dir>/log/events.sqlite          the database (plus -wal and -shm files while in use)
 //!
 //! meta             key TEXT PRIMARY KEY, value INTEGER NOT NULL       WITHOUT ROWID
-//!                  ('format_version', 1), ('partitions', N)
+//!                  ('format_version', 1), ('partitions', N), ('log_id', random)
 //! partition_heads  partition INTEGER PRIMARY KEY, next_offset INTEGER NOT NULL
 //!                  one row per partition 0..N
 //! records          partition INTEGER NOT NULL, offset INTEGER NOT NULL,
@@ -127,6 +128,7 @@ pub struct LocalLog {
     connection: Connection,
     path: PathBuf,
     partitions: u32,
+    log_id: i64,
 }
 
 impl LocalLog {
@@ -164,7 +166,7 @@ impl LocalLog {
         }
 
         let mut connection = open_connection(&path)?;
-        let partitions = initialize(&mut connection, &path, options.partitions)?;
+        let (partitions, log_id) = initialize(&mut connection, &path, options.partitions)?;
         if partitions != options.partitions {
             warn!(
                 path = %path.display(),
@@ -177,7 +179,15 @@ impl LocalLog {
             connection,
             path,
             partitions,
+            log_id,
         })
+    }
+
+    /// Returns the identity of this log: a random number drawn when the log was created (or
+    /// first opened by a version that records it). Two processes that see the same id read
+    /// the same log.
+    pub fn log_id(&self) -> i64 {
+        self.log_id
     }
 
     /// Returns the path of the SQLite database file.
@@ -476,7 +486,7 @@ pub(crate) fn open_connection(path: &Path) -> Result<Connection, ConnectorError>
 }
 
 /// Creates the tables of a new log, or checks the metadata of an existing one, and returns the
-/// stored partition count.
+/// stored partition count and the log's id.
 ///
 /// Runs in one `BEGIN IMMEDIATE` transaction, so when two processes open a new log at the same
 /// time, one creates it and the other finds it created.
@@ -484,7 +494,7 @@ fn initialize(
     connection: &mut Connection,
     path: &Path,
     requested_partitions: u32,
-) -> Result<u32, ConnectorError> {
+) -> Result<(u32, i64), ConnectorError> {
     let sqlite_error = |source| ConnectorError::Sqlite {
         action: "initialize the log",
         path: path.to_path_buf(),
@@ -523,13 +533,14 @@ fn initialize(
                 [requested_partitions],
             )
             .map_err(sqlite_error)?;
+        let log_id = record_log_id(&transaction).map_err(sqlite_error)?;
         transaction.commit().map_err(sqlite_error)?;
         info!(
             path = %path.display(),
             partitions = requested_partitions,
             "Created the local log."
         );
-        return Ok(requested_partitions);
+        return Ok((requested_partitions, log_id));
     }
 
     let read_meta = |key: &str| -> Result<Option<i64>, ConnectorError> {
@@ -567,9 +578,29 @@ fn initialize(
             "partition_heads has {heads} rows for {partitions} partitions"
         )));
     }
+    let log_id = record_log_id(&transaction).map_err(sqlite_error)?;
     transaction.commit().map_err(sqlite_error)?;
     debug!(path = %path.display(), partitions, "Opened the local log.");
-    Ok(partitions)
+    Ok((partitions, log_id))
+}
+
+/// Returns the log's id, drawing and recording one first if the log has none: logs created
+/// before the id existed get theirs on the first open.
+fn record_log_id(transaction: &rusqlite::Transaction<'_>) -> Result<i64, rusqlite::Error> {
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos());
+    let mut seed = now_ns.to_le_bytes().to_vec();
+    seed.extend_from_slice(&std::process::id().to_le_bytes());
+    // NOTE: time and process id make two logs' ids differ in practice, not by construction.
+    let drawn = hookflow_schemas::fnv1a(&seed) as i64;
+    transaction.execute(
+        "INSERT OR IGNORE INTO meta (key, value) VALUES ('log_id', ?1)",
+        [drawn],
+    )?;
+    transaction.query_row("SELECT value FROM meta WHERE key = 'log_id'", [], |row| {
+        row.get(0)
+    })
 }
 
 #[cfg(test)]

@@ -92,7 +92,17 @@ impl StateStore {
     ///
     /// Fails if the file cannot be created or opened, or holds another format version.
     pub fn open(data_dir: &Path) -> Result<Self, ConnectorError> {
-        let dir = data_dir.join("state");
+        Self::open_dir(&data_dir.join("state"))
+    }
+
+    /// Opens (creating if needed) the state store `state.sqlite` in `dir`. A process of a
+    /// cluster keeps its store in a directory of its own.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the file cannot be created or opened, or holds another format version.
+    pub fn open_dir(dir: &Path) -> Result<Self, ConnectorError> {
+        let dir = dir.to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|source| ConnectorError::Io {
             action: "create directory",
             path: dir.clone(),
@@ -378,36 +388,90 @@ impl StateStore {
             .map_err(self.error("read decided records"))
     }
 
-    /// Records the worker count the first time, and refuses another count later: each
-    /// worker's staged rows and state belong to the worker index that wrote them.
+    /// Records the worker count of a single process the first time, and rejects another count
+    /// later: each worker's staged rows and state belong to the worker index that wrote them.
     ///
     /// # Errors
     ///
     /// Fails if the store cannot be used, or was written with another worker count.
     pub fn ensure_workers(&mut self, workers: usize) -> Result<(), ConnectorError> {
-        let stored: Option<String> = self
-            .connection
-            .query_row("SELECT value FROM meta WHERE key = 'workers'", [], |row| {
+        self.ensure_counts(workers, 1, 0)
+    }
+
+    /// Records the worker count per process, the process count and this process's index the
+    /// first time, and rejects others later: the partitions and endpoints of this store belong
+    /// to the workers of that process in a cluster of that size. A store written before the
+    /// process count was recorded counts as process 0 of 1.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be used, or was written by another process or with other
+    /// counts.
+    pub fn ensure_counts(
+        &mut self,
+        workers: usize,
+        processes: usize,
+        process_index: usize,
+    ) -> Result<(), ConnectorError> {
+        if self.read_meta("workers")?.is_some() && self.read_meta("processes")?.is_none() {
+            self.write_meta("processes", "1")?;
+            self.write_meta("process_index", "0")?;
+        }
+        self.ensure_fixed(
+            "processes",
+            processes,
+            "the process count the data directory was created with",
+        )?;
+        self.ensure_fixed(
+            "process_index",
+            process_index,
+            "the index of the process that created this state store",
+        )?;
+        self.ensure_fixed(
+            "workers",
+            workers,
+            "the worker count per process the data directory was created with",
+        )
+    }
+
+    /// Records `value` under `key` in `meta` the first time, and rejects another value later.
+    fn ensure_fixed(
+        &mut self,
+        key: &'static str,
+        value: usize,
+        expected: &'static str,
+    ) -> Result<(), ConnectorError> {
+        match self.read_meta(key)? {
+            None => self.write_meta(key, &value.to_string()),
+            Some(stored) if stored == value.to_string() => Ok(()),
+            Some(stored) => Err(ConnectorError::InvalidOption {
+                option: key,
+                value: format!(
+                    "{value} (the state store {} was written with {stored})",
+                    self.path.display()
+                ),
+                expected,
+            }),
+        }
+    }
+
+    fn read_meta(&self, key: &str) -> Result<Option<String>, ConnectorError> {
+        self.connection
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |row| {
                 row.get(0)
             })
             .optional()
-            .map_err(self.error("read the worker count"))?;
-        match stored {
-            None => self
-                .connection
-                .execute(
-                    "INSERT INTO meta (key, value) VALUES ('workers', ?1)",
-                    params![workers.to_string()],
-                )
-                .map(|_| ())
-                .map_err(self.error("record the worker count")),
-            Some(value) if value == workers.to_string() => Ok(()),
-            Some(value) => Err(ConnectorError::InvalidOption {
-                option: "workers",
-                value: format!("{workers} (the data directory was written by {value} workers)"),
-                expected: "the worker count the data directory was created with",
-            }),
-        }
+            .map_err(self.error("read the state store's metadata"))
+    }
+
+    fn write_meta(&self, key: &str, value: &str) -> Result<(), ConnectorError> {
+        self.connection
+            .execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                params![key, value],
+            )
+            .map(|_| ())
+            .map_err(self.error("record the state store's metadata"))
     }
 
     /// The lowest offset each partition's pending deliveries still reference: the log must
@@ -932,6 +996,54 @@ mod tests {
         store.unstage("w0", first, last)?;
         assert_eq!(store.staged_count("w0")?, 2);
         assert_eq!(store.staged_count("w1")?, 1, "another writer's rows stay");
+        Ok(())
+    }
+
+    #[test]
+    fn counts_are_fixed() -> Result<(), ConnectorError> {
+        let dir = tempfile::tempdir().map_err(|source| ConnectorError::Io {
+            action: "create",
+            path: PathBuf::new(),
+            source,
+        })?;
+        let process_dir = dir.path().join("process-1");
+        let mut store = StateStore::open_dir(&process_dir)?;
+        store.ensure_counts(2, 2, 1)?;
+        drop(store);
+
+        let mut store = StateStore::open_dir(&process_dir)?;
+        store.ensure_counts(2, 2, 1)?;
+        let workers = store
+            .ensure_counts(4, 2, 1)
+            .expect_err("4 workers, written by 2");
+        assert!(
+            workers.to_string().contains("invalid workers 4"),
+            "{workers}"
+        );
+        assert!(workers.to_string().contains("written with 2"), "{workers}");
+        let processes = store
+            .ensure_counts(2, 3, 1)
+            .expect_err("3 processes, written by 2");
+        assert!(
+            processes.to_string().contains("invalid processes 3"),
+            "{processes}"
+        );
+        let index = store
+            .ensure_counts(2, 2, 0)
+            .expect_err("process 0's store is another");
+        assert!(
+            index.to_string().contains("invalid process_index 0"),
+            "{index}"
+        );
+
+        // A store from before the process count was recorded belongs to a single process.
+        let mut legacy = StateStore::open(dir.path())?;
+        legacy.write_meta("workers", "1")?;
+        let error = legacy
+            .ensure_counts(1, 2, 0)
+            .expect_err("written by a single process");
+        assert!(error.to_string().contains("written with 1"), "{error}");
+        legacy.ensure_workers(1)?;
         Ok(())
     }
 

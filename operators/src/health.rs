@@ -8,7 +8,7 @@
 //! force and when the endpoint began failing without a success since.
 //!
 //! Everything here is pure and takes "now" from its caller, so a virtual clock drives it in
-//! tests; the deliver operator keeps one [`EndpointHealth`] per endpoint it owns.
+//! tests. The deliver operator keeps one [`EndpointHealth`] per endpoint it owns.
 //!
 //! # Rules
 //!
@@ -44,14 +44,14 @@ pub struct HealthPolicy {
     pub breaker_failure_percent: u8,
     /// How long the breaker stays open before the first probe, in ms. Default 30 s.
     pub breaker_cooldown_ms: u64,
-    /// The longest cooldown, however many probes failed, in ms. Default 10 min.
+    /// The maximum cooldown, however many probes failed, in ms. Default 10 min.
     pub breaker_max_cooldown_ms: u64,
     /// An endpoint failing without a success for this long is disabled, in ms. Default 5 days.
     pub disable_after_ms: u64,
-    /// The shortest pause a `Retry-After` causes, in ms; shorter values are raised to it.
+    /// The minimum pause a `Retry-After` causes, in ms. Shorter values are raised to it.
     /// Default 1 s.
     pub retry_after_min_ms: u64,
-    /// The longest pause a `Retry-After` causes, in ms; longer values are capped. Default 1 h.
+    /// The maximum pause a `Retry-After` causes, in ms. Longer values are capped. Default 1 h.
     pub retry_after_max_ms: u64,
 }
 
@@ -70,17 +70,17 @@ impl Default for HealthPolicy {
     }
 }
 
-/// What a finished attempt tells about its endpoint.
+/// The signal a finished attempt gives about its endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {
-    /// A 2xx answer.
+    /// A 2xx response.
     Delivered,
     /// A failure that counts against the endpoint: 5xx, other 4xx, a redirect, a timeout, a
     /// connection that failed or broke.
     Failed,
-    /// A 429 answer.
+    /// A 429 response.
     Throttled,
-    /// A 410 answer: the receiver asked never to be sent anything again.
+    /// A 410 response: the receiver requests that nothing more be sent to it.
     Gone,
     /// The request never reached the endpoint (refused address, unusable request).
     NotContacted,
@@ -212,7 +212,7 @@ impl EndpointHealth {
         self.successes_since_shift = 0;
     }
 
-    /// How many times the endpoint's budget is halved: its rate limit allows
+    /// Returns how many times the endpoint's budget is halved. Its rate limit then allows
     /// `max(1, max_requests >> shift)` per window, or, without a rate limit, its in-flight cap
     /// is `max(1, max_in_flight >> shift)`.
     pub fn budget_shift(&self) -> u32 {
@@ -344,8 +344,8 @@ impl EndpointHealth {
         self.failures = 0;
     }
 
-    /// Returns whether the state holds nothing a fresh one would not, once `now_ms` has
-    /// passed its pause and window: the operator may then forget it.
+    /// Returns whether the state equals a fresh one, once `now_ms` has passed its pause and
+    /// window, so that the operator may forget it.
     pub fn is_settled(&self, now_ms: Millis, policy: &HealthPolicy) -> bool {
         self.breaker == Breaker::Closed
             && self.paused_until_ms <= now_ms

@@ -16,7 +16,7 @@ use axum::routing::post;
 use axum::Router;
 use hookflow_operators::clock::{Clock, WallClock};
 use hookflow_operators::deliver::{AddressPolicy, ClientConfig, DeliveryClient};
-use hookflow_schemas::{ErrorKind, Outcome};
+use hookflow_schemas::{ErrorKind, Outcome, SigningSecret};
 
 use support::*;
 
@@ -42,7 +42,10 @@ mod contract {
     async fn signature_verifies_with_standardwebhooks() {
         let (recorder, address) = recording_receiver().await;
         let mut endpoint = endpoint("ep_sig", &format!("http://{address}/hooks"));
-        endpoint.secrets = vec![SECRET.to_string(), SECOND_SECRET.to_string()];
+        endpoint.secrets = vec![
+            SigningSecret::new(SECRET),
+            SigningSecret::new(SECOND_SECRET),
+        ];
         let delivery = delivery("ep_sig", "evt_sig", br#"{"amount":1200,"currency":"EUR"}"#);
 
         let result = loopback_client()
@@ -182,7 +185,7 @@ mod contract {
     async fn invalid_secret_sends_nothing() {
         let (recorder, address) = recording_receiver().await;
         let mut endpoint = endpoint("ep_secret", &format!("http://{address}/"));
-        endpoint.secrets = vec![SECRET.to_string(), "AAECAwQF".to_string()];
+        endpoint.secrets = vec![SigningSecret::new(SECRET), SigningSecret::new("AAECAwQF")];
         let delivery = delivery("ep_secret", "evt_secret", b"{}");
 
         let result = loopback_client()
@@ -199,6 +202,82 @@ mod contract {
             0,
             "no request was made"
         );
+    }
+}
+
+mod headers {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn static_headers_sent() {
+        let (recorder, address) = recording_receiver().await;
+        let mut endpoint = endpoint("ep_headers", &format!("http://{address}/hooks"));
+        endpoint.headers = [
+            ("x-team".to_string(), "payments".to_string()),
+            ("authorization".to_string(), "Bearer abc".to_string()),
+        ]
+        .into();
+        let delivery = delivery("ep_headers", "evt_headers", b"{}");
+
+        let result = loopback_client()
+            .attempt(&endpoint, &delivery, &WallClock)
+            .await;
+
+        assert_eq!(result.verdict.outcome, Outcome::Delivered, "{result:?}");
+        let request = &recorder.requests()[0];
+        assert_eq!(request.headers["x-team"], "payments");
+        assert_eq!(request.headers["authorization"], "Bearer abc");
+        assert_eq!(request.headers["content-type"], "application/json");
+        assert_eq!(request.headers["webhook-id"], "evt_headers");
+    }
+
+    /// Endpoints that bypassed config validation (written by a later API, say) are checked
+    /// again at send time and get no request.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn invalid_static_headers_send_nothing() {
+        let (recorder, address) = recording_receiver().await;
+        let url = format!("http://{address}/hooks");
+        let credentials_url = format!("http://user:pw@{address}/hooks");
+        let cases = [
+            (
+                url.as_str(),
+                "webhook-id",
+                "forged",
+                "sets this header itself",
+            ),
+            (
+                url.as_str(),
+                "content-type",
+                "text/plain",
+                "sets this header itself",
+            ),
+            (url.as_str(), "x-bad", "a\r\nb", "control character"),
+            (
+                credentials_url.as_str(),
+                "authorization",
+                "Bearer abc",
+                "keep only one",
+            ),
+        ];
+        for (url, name, value, problem) in cases {
+            let mut endpoint = endpoint("ep_headers", url);
+            endpoint.headers = [(name.to_string(), value.to_string())].into();
+            let delivery = delivery("ep_headers", "evt_headers", b"{}");
+
+            let result = loopback_client()
+                .attempt(&endpoint, &delivery, &WallClock)
+                .await;
+
+            assert_eq!(
+                result.verdict.error_kind,
+                Some(ErrorKind::Request),
+                "{name}"
+            );
+            let message = result.error_message.unwrap_or_default();
+            assert!(message.contains(problem), "{name}: {message}");
+            assert!(!message.contains(value), "{name}: value in {message}");
+        }
+        assert_eq!(recorder.count(), 0, "a request was sent");
     }
 }
 
@@ -629,6 +708,545 @@ mod addresses {
             let ip: std::net::IpAddr = text.parse().expect("valid IP address");
             assert_eq!(policy.check(ip), expected, "{text}");
         }
+    }
+}
+
+/// Reads one HTTP/1.1 request (head and `content-length` body) from `stream` and returns the
+/// head and the body. Returns `None` when the peer closes first or sends more than 64 KiB.
+async fn read_http_request<S>(stream: &mut S) -> Option<(String, Vec<u8>)>
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 8 * 1024];
+    let end = loop {
+        if let Some(position) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break position + 4;
+        }
+        if buffer.len() > 64 * 1024 {
+            return None;
+        }
+        let read = stream.read(&mut chunk).await.ok()?;
+        if read == 0 {
+            return None;
+        }
+        buffer.extend_from_slice(&chunk[..read]);
+    };
+    let head = String::from_utf8_lossy(&buffer[..end]).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())
+                .flatten()
+        })
+        .unwrap_or(0);
+    let mut body = buffer[end..].to_vec();
+    while body.len() < length {
+        let read = stream.read(&mut chunk).await.ok()?;
+        if read == 0 {
+            return None;
+        }
+        body.extend_from_slice(&chunk[..read]);
+    }
+    Some((head, body))
+}
+
+/// Starts a listener on 127.0.0.1 that counts connections and closes each at once.
+async fn counting_listener() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("local address");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(socket);
+        }
+    });
+    (address, accepted)
+}
+
+mod ip_literals {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    /// Every notation the URL parser accepts for an IPv4 or IPv6 address, of loopback, private
+    /// and metadata addresses, is refused before any connection. The loopback forms go through
+    /// a whole attempt against a listener that counts connections. The other forms are checked
+    /// with `check_url` only, so that a failing test cannot send a packet off this machine.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_notation_refused_unconnected() {
+        let (address, accepted) = counting_listener().await;
+        let port = address.port();
+        let client = DeliveryClient::new(ClientConfig::default()).expect("client builds");
+        let loopback_forms = [
+            "127.0.0.1",
+            "2130706433",
+            "0x7f000001",
+            "0x7f.1",
+            "0x7f.0.0.1",
+            "0177.0.0.1",
+            "0177.1",
+            "017700000001",
+            "127.1",
+            "127.0.1",
+            "127.000.000.001",
+            "[::1]",
+            "[0:0:0:0:0:0:0:1]",
+            "[::ffff:127.0.0.1]",
+            "[::ffff:7f00:1]",
+            "[0:0:0:0:0:ffff:7f00:0001]",
+            "[64:ff9b::7f00:1]",
+            "[2002:7f00:1::]",
+            "0.0.0.0",
+            "0",
+            "[::]",
+        ];
+        for host in loopback_forms {
+            let url = format!("http://{host}:{port}/h");
+            let endpoint = endpoint("ep_literal", &url);
+            let delivery = delivery("ep_literal", "evt_literal", b"{}");
+
+            let result = client.attempt(&endpoint, &delivery, &WallClock).await;
+
+            assert_eq!(
+                result.verdict.error_kind,
+                Some(ErrorKind::Refused),
+                "{url}: {result:?}"
+            );
+            assert_eq!(result.verdict.outcome, Outcome::DeadLettered, "{url}");
+            assert_eq!(result.response_bytes_read, 0, "{url}");
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            0,
+            "a refused address was contacted"
+        );
+
+        let other_forms = [
+            ("10.0.0.1", "10.0.0.1", "private"),
+            ("167772161", "10.0.0.1", "private"),
+            ("0xa000001", "10.0.0.1", "private"),
+            ("0xa.1", "10.0.0.1", "private"),
+            ("012.0.0.1", "10.0.0.1", "private"),
+            ("10.1", "10.0.0.1", "private"),
+            ("[::ffff:a00:1]", "10.0.0.1", "private"),
+            ("192.168.1.1", "192.168.1.1", "private"),
+            ("0xc0.0xa8.1.1", "192.168.1.1", "private"),
+            ("3232235777", "192.168.1.1", "private"),
+            ("0300.0250.1.1", "192.168.1.1", "private"),
+            ("172.16.0.1", "172.16.0.1", "private"),
+            ("[fd00::1]", "fd00::1", "private"),
+            ("169.254.169.254", "169.254.169.254", "link-local"),
+            ("2852039166", "169.254.169.254", "link-local"),
+            ("0xa9fea9fe", "169.254.169.254", "link-local"),
+            ("0xa9.0xfe.0xa9.0xfe", "169.254.169.254", "link-local"),
+            ("0251.0376.0251.0376", "169.254.169.254", "link-local"),
+            ("169.254.43518", "169.254.169.254", "link-local"),
+            ("[::ffff:169.254.169.254]", "169.254.169.254", "link-local"),
+            ("[::ffff:a9fe:a9fe]", "169.254.169.254", "link-local"),
+            ("[fe80::1]", "fe80::1", "link-local"),
+            ("[fd00:ec2::254]", "fd00:ec2::254", "private"),
+            ("100.100.100.200", "100.100.100.200", "shared address space"),
+        ];
+        for (host, address, range) in other_forms {
+            let url =
+                url::Url::parse(&format!("http://{host}/h")).expect("the URL parser accepts it");
+
+            let refusal = client.check_url(&url).expect_err(host).to_string();
+
+            assert!(refusal.contains(address), "{host}: {refusal}");
+            assert!(refusal.contains(range), "{host}: {refusal}");
+        }
+    }
+
+    #[test]
+    fn public_notations_pass_check() {
+        let client = DeliveryClient::new(ClientConfig::default()).expect("client builds");
+        for host in [
+            "8.8.8.8",
+            "134744072",
+            "0x8.0x8.0x8.0x8",
+            "[2606:4700:4700::1111]",
+            "[::ffff:8.8.8.8]",
+            "hooks.example.com",
+        ] {
+            let url = url::Url::parse(&format!("https://{host}/h")).expect("valid URL");
+            assert!(client.check_url(&url).is_ok(), "{host}");
+        }
+    }
+}
+
+mod https_only {
+    use super::*;
+
+    fn https_only_client() -> DeliveryClient {
+        let config = ClientConfig {
+            address_policy: loopback_policy(),
+            https_only: true,
+            ..ClientConfig::default()
+        };
+        DeliveryClient::new(config).expect("client builds")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn http_url_dead_lettered_unsent() {
+        let (recorder, address) = recording_receiver().await;
+        let endpoint = endpoint("ep_https", &format!("http://{address}/hooks"));
+        let delivery = delivery("ep_https", "evt_https", b"{}");
+
+        let result = https_only_client()
+            .attempt(&endpoint, &delivery, &WallClock)
+            .await;
+
+        assert_eq!(recorder.count(), 0, "an http request was sent");
+        assert_eq!(
+            result.verdict.error_kind,
+            Some(ErrorKind::Refused),
+            "{result:?}"
+        );
+        assert_eq!(result.verdict.outcome, Outcome::DeadLettered);
+        let message = result.error_message.unwrap_or_default();
+        assert!(message.contains("delivery.https_only"), "{message}");
+    }
+}
+
+mod proxy {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use tokio::io::AsyncWriteExt;
+
+    /// The request lines a [`forwarding_proxy`] received, and its connection count.
+    #[derive(Clone, Default)]
+    struct ProxyLog {
+        request_lines: Arc<Mutex<Vec<String>>>,
+        connections: Arc<AtomicUsize>,
+    }
+
+    /// Starts a forward HTTP proxy on 127.0.0.1 that sends every request to `upstream`,
+    /// whatever host its target names, adding `via: 1.1 test-proxy`. One request per
+    /// connection.
+    async fn forwarding_proxy(upstream: std::net::SocketAddr) -> (url::Url, ProxyLog) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("local address");
+        let log = ProxyLog::default();
+        let recorded = log.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                recorded.connections.fetch_add(1, Ordering::SeqCst);
+                let recorded = recorded.clone();
+                tokio::spawn(async move {
+                    let Some((head, body)) = read_http_request(&mut socket).await else {
+                        return;
+                    };
+                    let mut lines = head.split("\r\n");
+                    let request_line = lines.next().unwrap_or_default().to_string();
+                    recorded
+                        .request_lines
+                        .lock()
+                        .expect("proxy log lock")
+                        .push(request_line.clone());
+
+                    // `POST http://host:port/path HTTP/1.1` becomes `POST /path HTTP/1.1`.
+                    let mut parts = request_line.splitn(3, ' ');
+                    let (method, target, version) = (
+                        parts.next().unwrap_or_default(),
+                        parts.next().unwrap_or_default(),
+                        parts.next().unwrap_or_default(),
+                    );
+                    let path = url::Url::parse(target)
+                        .map(|url| url[url::Position::BeforePath..].to_string())
+                        .unwrap_or_else(|_| target.to_string());
+                    let mut forwarded = format!("{method} {path} {version}\r\n");
+                    for line in lines.filter(|line| !line.is_empty()) {
+                        let name = line
+                            .split(':')
+                            .next()
+                            .unwrap_or_default()
+                            .to_ascii_lowercase();
+                        if name != "connection" && name != "proxy-connection" {
+                            forwarded.push_str(line);
+                            forwarded.push_str("\r\n");
+                        }
+                    }
+                    forwarded.push_str("via: 1.1 test-proxy\r\nconnection: close\r\n\r\n");
+
+                    let Ok(mut upstream) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    if upstream.write_all(forwarded.as_bytes()).await.is_err()
+                        || upstream.write_all(&body).await.is_err()
+                    {
+                        return;
+                    }
+                    let _ = tokio::io::copy(&mut upstream, &mut socket).await;
+                    let _ = socket.shutdown().await;
+                });
+            }
+        });
+        let url = url::Url::parse(&format!("http://{address}")).expect("proxy URL");
+        (url, log)
+    }
+
+    /// Creates a client that sends through `proxy` and resolves the names of `table`.
+    fn proxied_client(proxy: url::Url, table: &[(&str, &[&str])]) -> DeliveryClient {
+        let table = table
+            .iter()
+            .map(|(name, addresses)| {
+                let addresses = addresses
+                    .iter()
+                    .map(|address| address.parse().expect("valid socket address"))
+                    .collect();
+                (name.to_string(), addresses)
+            })
+            .collect();
+        let config = ClientConfig {
+            address_policy: loopback_policy(),
+            resolver: Some(Arc::new(FixedResolver { table })),
+            proxy: Some(proxy),
+            ..ClientConfig::default()
+        };
+        DeliveryClient::new(config).expect("client builds")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delivers_through_configured_proxy() {
+        let (recorder, receiver) = recording_receiver().await;
+        let (proxy, log) = forwarding_proxy(receiver).await;
+        let client = proxied_client(proxy, &[("rx.test", &["127.0.0.1:0"])]);
+        let port = receiver.port();
+        let mut endpoint = endpoint("ep_proxy", &format!("http://rx.test:{port}/hooks?x=1"));
+        endpoint.secrets = vec![SigningSecret::new(SECRET)];
+        let delivery = delivery("ep_proxy", "evt_proxy", br#"{"a":1}"#);
+
+        let result = client.attempt(&endpoint, &delivery, &WallClock).await;
+
+        assert_eq!(result.verdict.outcome, Outcome::Delivered, "{result:?}");
+        let lines = log.request_lines.lock().expect("proxy log lock").clone();
+        assert_eq!(
+            lines,
+            [format!("POST http://rx.test:{port}/hooks?x=1 HTTP/1.1")]
+        );
+        let requests = recorder.requests();
+        assert_eq!(requests.len(), 1);
+        assert_eq!(
+            requests[0].headers["via"], "1.1 test-proxy",
+            "bypassed the proxy"
+        );
+        assert_eq!(requests[0].body, br#"{"a":1}"#);
+        standardwebhooks::Webhook::new(SECRET)
+            .expect("valid secret")
+            .verify(&requests[0].body, &requests[0].headers)
+            .expect("signature verifies through the proxy");
+    }
+
+    /// The proxy would resolve the target itself, so the target is resolved and checked
+    /// first, and the proxy never sees a request for a refused target.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refused_targets_never_reach_proxy() {
+        let (recorder, receiver) = recording_receiver().await;
+        let (proxy, log) = forwarding_proxy(receiver).await;
+        let client = proxied_client(
+            proxy,
+            &[
+                ("internal.test", &["10.0.0.5:0"]),
+                ("metadata.test", &["169.254.169.254:0"]),
+                ("mixed.test", &["127.0.0.1:0", "192.168.0.10:0"]),
+                ("loopback.test", &["127.0.0.2:0"]),
+            ],
+        );
+        let cases = [
+            ("http://internal.test/h", "10.0.0.5"),
+            ("http://metadata.test/latest/meta-data/", "169.254.169.254"),
+            ("http://mixed.test/h", "192.168.0.10"),
+            ("http://loopback.test/h", "127.0.0.2"),
+            (
+                "http://169.254.169.254/latest/meta-data/",
+                "169.254.169.254",
+            ),
+            ("http://0xa9fea9fe/", "169.254.169.254"),
+            ("http://10.1/h", "10.0.0.1"),
+            ("http://[::ffff:127.0.0.2]/h", "127.0.0.2"),
+        ];
+        for (url, address) in cases {
+            let endpoint = endpoint("ep_proxy", url);
+            let delivery = delivery("ep_proxy", "evt_proxy", b"{}");
+
+            let result = client.attempt(&endpoint, &delivery, &WallClock).await;
+
+            assert_eq!(
+                result.verdict.error_kind,
+                Some(ErrorKind::Refused),
+                "{url}: {result:?}"
+            );
+            let message = result.error_message.unwrap_or_default();
+            assert!(message.contains(address), "{url}: {message}");
+        }
+        assert_eq!(
+            log.connections.load(Ordering::SeqCst),
+            0,
+            "the proxy was contacted"
+        );
+        assert_eq!(recorder.count(), 0);
+    }
+
+    /// Without a configured proxy, `HTTP_PROXY` and `ALL_PROXY` are ignored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn environment_proxy_ignored() {
+        let (recorder, receiver) = recording_receiver().await;
+        let (trap, trapped) = counting_listener().await;
+        for name in ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
+            std::env::set_var(name, format!("http://{trap}"));
+        }
+        let client = loopback_client();
+        let endpoint = endpoint("ep_env", &format!("http://{receiver}/hooks"));
+        let delivery = delivery("ep_env", "evt_env", b"{}");
+
+        let result = client.attempt(&endpoint, &delivery, &WallClock).await;
+
+        assert_eq!(result.verdict.outcome, Outcome::Delivered, "{result:?}");
+        assert_eq!(recorder.count(), 1);
+        assert_eq!(
+            trapped.load(Ordering::SeqCst),
+            0,
+            "the environment's proxy was used"
+        );
+    }
+}
+
+mod tls {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::AsyncWriteExt;
+    use tokio_rustls::rustls;
+
+    /// A private CA and a certificate it issued for `rx.test`, made at test time.
+    struct PrivateCa {
+        ca_pem: String,
+        server_config: Arc<rustls::ServerConfig>,
+    }
+
+    fn private_ca() -> PrivateCa {
+        let ca_key = rcgen::KeyPair::generate().expect("CA key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "hookflow test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+
+        let leaf_key = rcgen::KeyPair::generate().expect("server key");
+        let leaf_params =
+            rcgen::CertificateParams::new(vec!["rx.test".to_string()]).expect("server params");
+        let leaf_cert = leaf_params
+            .signed_by(&leaf_key, &issuer)
+            .expect("server certificate");
+
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server_config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf_cert.der().clone()], key)
+            .expect("server config");
+        PrivateCa {
+            ca_pem: ca_cert.pem(),
+            server_config: Arc::new(server_config),
+        }
+    }
+
+    /// Starts an HTTPS receiver on 127.0.0.1 that responds 200 to every request whose TLS
+    /// handshake succeeds, and counts those requests.
+    async fn tls_receiver(
+        config: Arc<rustls::ServerConfig>,
+    ) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("local address");
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&requests);
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let counted = Arc::clone(&counted);
+                tokio::spawn(async move {
+                    let Ok(mut stream) = acceptor.accept(socket).await else {
+                        return;
+                    };
+                    if read_http_request(&mut stream).await.is_some() {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                        let response =
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+                        let _ = stream.write_all(response).await;
+                        let _ = stream.shutdown().await;
+                    }
+                });
+            }
+        });
+        (address, requests)
+    }
+
+    fn client_with_bundle(ca_bundle_pem: Option<Vec<u8>>) -> DeliveryClient {
+        let config = ClientConfig {
+            address_policy: loopback_policy(),
+            resolver: Some(Arc::new(FixedResolver::with("rx.test", &["127.0.0.1:0"]))),
+            ca_bundle_pem,
+            ..ClientConfig::default()
+        };
+        DeliveryClient::new(config).expect("client builds")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn private_ca_trusted_with_bundle_only() {
+        let ca = private_ca();
+        let (address, requests) = tls_receiver(Arc::clone(&ca.server_config)).await;
+        let endpoint = endpoint(
+            "ep_tls",
+            &format!("https://rx.test:{}/hooks", address.port()),
+        );
+        let delivery = delivery("ep_tls", "evt_tls", b"{}");
+
+        let without = client_with_bundle(None)
+            .attempt(&endpoint, &delivery, &WallClock)
+            .await;
+        assert_eq!(without.verdict.outcome, Outcome::Failed, "{without:?}");
+        assert_eq!(
+            without.verdict.error_kind,
+            Some(ErrorKind::Connect),
+            "{without:?}"
+        );
+        assert_eq!(requests.load(Ordering::SeqCst), 0);
+
+        let with = client_with_bundle(Some(ca.ca_pem.into_bytes()))
+            .attempt(&endpoint, &delivery, &WallClock)
+            .await;
+        assert_eq!(with.verdict.outcome, Outcome::Delivered, "{with:?}");
+        assert_eq!(requests.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn invalid_bundle_fails_build() {
+        let config = ClientConfig {
+            ca_bundle_pem: Some(
+                b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n".to_vec(),
+            ),
+            ..ClientConfig::default()
+        };
+        let err = DeliveryClient::new(config).expect_err("invalid bundle");
+        assert!(err.to_string().contains("invalid CA bundle"), "{err}");
     }
 }
 

@@ -5,14 +5,18 @@
 //! (as a TOML path such as `endpoints[2].secret`) and the problem. `examples/hookflow.toml`
 //! documents every field and is parsed by a test.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
-use hookflow_operators::deliver::AddressPolicy;
+use hookflow_operators::deliver::{parse_static_header, AddressPolicy};
 use hookflow_operators::health::HealthPolicy;
 use hookflow_operators::retry::RetryPolicy;
-use hookflow_schemas::{Endpoint, EventTypePattern, RateLimit, DEFAULT_MAX_PAYLOAD_BYTES};
+use hookflow_schemas::{
+    redact_user_info, Endpoint, EventTypePattern, Millis, RateLimit, SigningSecret,
+    DEFAULT_MAX_PAYLOAD_BYTES,
+};
 use ipnet::IpNet;
 use serde::Deserialize;
 
@@ -41,13 +45,18 @@ pub struct Config {
     /// The endpoints to deliver to.
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
+    /// `endpoints` validated, with their secrets read from the environment and files once,
+    /// at load.
+    #[serde(skip)]
+    resolved_endpoints: Vec<Endpoint>,
 }
 
 /// `[pipeline]`: settings of the dataflow.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
-    /// Timely worker threads. Default 1.
+    /// Timely worker threads, per process in a cluster. Fixed for a data directory once a run
+    /// has used it. Default 1.
     pub workers: usize,
     /// How often an idle source looks for new records, in ms. Default 2. This is the floor
     /// of end-to-end latency on the local log.
@@ -148,6 +157,65 @@ pub struct DeliveryConfig {
     /// Non-public networks endpoints may nevertheless be in, as CIDRs such as
     /// `127.0.0.1/32`. Default: none.
     pub allowed_private_cidrs: Vec<String>,
+    /// The HTTP proxy all deliveries go through, as `http://host:port`. Only this field turns
+    /// a proxy on; `HTTP_PROXY` and the like are ignored. The proxy may be in a private
+    /// network, but every address of each target must still be allowed. Default: none.
+    pub proxy: Option<String>,
+    /// Whether only `https` endpoint URLs are allowed. An `http` URL fails at load, and one
+    /// that reaches an attempt anyway is dead-lettered without a request. Default false.
+    pub https_only: bool,
+    /// A PEM file of CA certificates trusted besides the system's, for receivers with
+    /// certificates from a private CA. Relative to the config file's directory.
+    /// Default: none.
+    pub ca_bundle: Option<PathBuf>,
+    /// The contents of `ca_bundle`, read at load.
+    #[serde(skip)]
+    pub ca_bundle_pem: Option<Vec<u8>>,
+}
+
+impl DeliveryConfig {
+    /// Returns `proxy` parsed, or `None` when no proxy is set.
+    ///
+    /// # Errors
+    ///
+    /// The problem with `proxy`: not a URL, not `http` or `https`, without a host, or with a
+    /// path.
+    pub fn proxy_url(&self) -> Result<Option<url::Url>, String> {
+        let Some(text) = &self.proxy else {
+            return Ok(None);
+        };
+        let shown = redact_user_info(text);
+        let url = url::Url::parse(text).map_err(|e| {
+            format!("`{shown}` is not a URL such as http://proxy.internal:3128 ({e})")
+        })?;
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+            return Err(format!(
+                "`{shown}` must be an http or https URL with a host, such as http://proxy.internal:3128"
+            ));
+        }
+        if url.path() != "/" || url.query().is_some() {
+            return Err(format!("`{shown}` must not have a path or query"));
+        }
+        Ok(Some(url))
+    }
+}
+
+/// Reads and checks `delivery.ca_bundle`, relative to `base_dir`.
+fn read_ca_bundle(delivery: &DeliveryConfig, base_dir: &Path) -> Result<Option<Vec<u8>>, String> {
+    let Some(file) = &delivery.ca_bundle else {
+        return Ok(None);
+    };
+    let path = base_dir.join(file);
+    let pem = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|_| format!("{} is not a list of PEM certificates", path.display()))?;
+    if certificates.is_empty() {
+        return Err(format!(
+            "{} contains no `-----BEGIN CERTIFICATE-----` block",
+            path.display()
+        ));
+    }
+    Ok(Some(pem))
 }
 
 impl Default for DeliveryConfig {
@@ -156,6 +224,10 @@ impl Default for DeliveryConfig {
             max_in_flight: 256,
             max_response_bytes: 64 * 1024,
             allowed_private_cidrs: Vec::new(),
+            proxy: None,
+            https_only: false,
+            ca_bundle: None,
+            ca_bundle_pem: None,
         }
     }
 }
@@ -316,7 +388,9 @@ fn default_window_ms() -> u64 {
 }
 
 /// `[[endpoints]]`: one customer endpoint.
-#[derive(Debug, Clone, Deserialize)]
+///
+/// `Debug` shows the URL without its user info and no secret or header value.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointConfig {
     /// Globally unique id.
@@ -327,11 +401,23 @@ pub struct EndpointConfig {
     pub url: String,
     /// Event-type patterns: `*`, `charge.*` or an exact type.
     pub event_types: Vec<String>,
-    /// One signing secret, `whsec_` followed by base64.
-    pub secret: Option<String>,
-    /// Several signing secrets (during a rotation each one signs every request).
+    /// One signing secret, `whsec_` followed by the base64 of 24 to 64 bytes.
+    pub secret: Option<SecretText>,
+    /// The environment variable that contains the signing secret, instead of `secret`.
+    pub secret_env: Option<String>,
+    /// The file that contains the signing secret, instead of `secret`. A relative path is
+    /// relative to the config file's directory; whitespace around the secret is ignored.
+    pub secret_file: Option<PathBuf>,
+    /// More signing secrets, each a `"whsec_..."` string or a table with one of `value`,
+    /// `env` or `file` and an optional `expires_at` (RFC 3339). Every secret not yet expired
+    /// signs every request, which is how a rotation keeps old receivers working.
     #[serde(default)]
-    pub secrets: Vec<String>,
+    pub secrets: Vec<SecretEntry>,
+    /// Extra headers sent with every request, such as `{ "x-team" = "payments" }`.
+    /// `content-type`, `content-length`, `host`, `transfer-encoding`, `connection` and
+    /// `webhook-*` are reserved. Default: none.
+    #[serde(default)]
+    pub headers: BTreeMap<String, SecretText>,
     /// Limit on a whole request, in ms. Default 15000.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
@@ -346,6 +432,92 @@ pub struct EndpointConfig {
     pub enabled: bool,
     /// At most this many requests start per window. Default: unlimited.
     pub rate_limit: Option<RateLimitConfig>,
+}
+
+impl fmt::Debug for EndpointConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EndpointConfig")
+            .field("id", &self.id)
+            .field("tenant", &self.tenant)
+            .field("url", &redact_user_info(&self.url))
+            .field("event_types", &self.event_types)
+            .field("secret", &self.secret)
+            .field("secret_env", &self.secret_env)
+            .field("secret_file", &self.secret_file)
+            .field("secrets", &self.secrets)
+            .field("headers", &self.headers)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("enabled", &self.enabled)
+            .field("rate_limit", &self.rate_limit)
+            .finish()
+    }
+}
+
+/// A secret written in the config file, or a header value that may be one. `Debug` never
+/// shows it.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct SecretText(pub String);
+
+impl fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+/// One entry of an endpoint's `secrets` list: a plain `"whsec_..."` string, or a table that
+/// names where the secret is and when it expires.
+#[derive(Debug, Clone)]
+pub enum SecretEntry {
+    /// A secret written inline; it never expires.
+    Value(SecretText),
+    /// A table such as `{ env = "OLD_SECRET", expires_at = "2026-01-31T00:00:00Z" }`.
+    Table(SecretTable),
+}
+
+/// `{ value | env | file, expires_at }`: one signing secret and its expiry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretTable {
+    /// The secret itself.
+    pub value: Option<SecretText>,
+    /// The environment variable that contains the secret.
+    pub env: Option<String>,
+    /// The file that contains the secret, relative to the config file's directory.
+    pub file: Option<PathBuf>,
+    /// When the secret stops signing, as RFC 3339 (`2026-01-31T00:00:00Z`). Default: never.
+    pub expires_at: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for SecretEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct EntryVisitor;
+
+        impl<'de> serde::de::Visitor<'de> for EntryVisitor {
+            type Value = SecretEntry;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a \"whsec_...\" string or a table with value, env or file")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<SecretEntry, E> {
+                Ok(SecretEntry::Value(SecretText(text.to_string())))
+            }
+
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                map: M,
+            ) -> Result<SecretEntry, M::Error> {
+                let table =
+                    SecretTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(SecretEntry::Table(table))
+            }
+        }
+
+        deserializer.deserialize_any(EntryVisitor)
+    }
 }
 
 fn default_timeout_ms() -> u64 {
@@ -411,22 +583,34 @@ impl Config {
     /// # Errors
     ///
     /// See [`ConfigError`].
+    ///
+    /// Secrets named by `secret_env` or `secret_file` are read here, once; a relative secret
+    /// file is looked up in `path`'s directory.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string().trim_end().to_string(),
         })?;
-        config
-            .validate()
-            .map_err(|(field, problem)| ConfigError::Field {
+        let base_dir = path.parent().unwrap_or(Path::new(""));
+        config.delivery.ca_bundle_pem =
+            read_ca_bundle(&config.delivery, base_dir).map_err(|problem| ConfigError::Field {
                 path: path.to_path_buf(),
-                field,
+                field: "delivery.ca_bundle".to_string(),
                 problem,
             })?;
+        config.resolved_endpoints =
+            config
+                .validate(base_dir, now_ms())
+                .map_err(|(field, problem)| ConfigError::Field {
+                    path: path.to_path_buf(),
+                    field,
+                    problem,
+                })?;
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), (String, String)> {
+    /// Checks every field and returns the endpoints, or the first bad field and its problem.
+    fn validate(&self, base_dir: &Path, now_ms: Millis) -> Result<Vec<Endpoint>, (String, String)> {
         let p = &self.pipeline;
         if p.workers == 0 || p.workers > 256 {
             return Err((
@@ -484,8 +668,12 @@ impl Config {
         }
         self.health.validate()?;
         let policy = AddressPolicy::new(self.allowed_networks()?);
+        self.delivery
+            .proxy_url()
+            .map_err(|problem| ("delivery.proxy".to_string(), problem))?;
 
         let mut ids = HashSet::new();
+        let mut endpoints = Vec::with_capacity(self.endpoints.len());
         for (index, endpoint) in self.endpoints.iter().enumerate() {
             let field = |name: &str| format!("endpoints[{index}].{name}");
             if !ids.insert(endpoint.id.as_str()) {
@@ -494,13 +682,20 @@ impl Config {
                     format!("duplicate endpoint id `{}`", endpoint.id),
                 ));
             }
-            endpoint
-                .to_endpoint()
+            let resolved = endpoint
+                .to_endpoint(base_dir, now_ms)
                 .map_err(|(name, problem)| (field(&name), problem))?;
             check_literal_address(&endpoint.url, &policy)
                 .map_err(|problem| (field("url"), problem))?;
+            if self.delivery.https_only && !endpoint.url.starts_with("https:") {
+                return Err((
+                    field("url"),
+                    "`delivery.https_only` is set, so the url must start with https://".to_string(),
+                ));
+            }
+            endpoints.push(resolved);
         }
-        Ok(())
+        Ok(endpoints)
     }
 
     /// The networks endpoints may be in although not public.
@@ -525,18 +720,24 @@ impl Config {
         Ok(networks)
     }
 
-    /// Returns the configured endpoints, validated.
+    /// Returns the configured endpoints as validated at load, secrets resolved.
     pub fn endpoints(&self) -> Vec<Endpoint> {
-        self.endpoints
-            .iter()
-            .filter_map(|e| e.to_endpoint().ok())
-            .collect()
+        self.resolved_endpoints.clone()
     }
 }
 
+/// Returns the wall clock's time in ms since the Unix epoch, for the expiry check at load.
+fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| Millis::try_from(elapsed.as_millis()).unwrap_or(Millis::MAX))
+        .unwrap_or(0)
+}
+
 impl EndpointConfig {
-    /// Converts to the shared endpoint type, or names the field that is wrong.
-    fn to_endpoint(&self) -> Result<Endpoint, (String, String)> {
+    /// Converts to the shared endpoint type, reading secrets from the environment and files,
+    /// or names the field that is wrong.
+    fn to_endpoint(&self, base_dir: &Path, now_ms: Millis) -> Result<Endpoint, (String, String)> {
         let bad = |name: &str, problem: String| Err((name.to_string(), problem));
 
         if self.id.trim().is_empty() || self.id.chars().any(char::is_control) {
@@ -553,10 +754,16 @@ impl EndpointConfig {
             Ok(url) => {
                 return bad(
                     "url",
-                    format!("`{url}` must be an http or https URL with a host"),
+                    format!(
+                        "`{}` must be an http or https URL with a host",
+                        redact_user_info(url.as_str())
+                    ),
                 );
             }
-            Err(e) => return bad("url", format!("`{}` is not a URL ({e})", self.url)),
+            Err(e) => {
+                let shown = redact_user_info(&self.url);
+                return bad("url", format!("`{shown}` is not a URL ({e})"));
+            }
         }
         if self.event_types.is_empty() {
             return bad(
@@ -572,21 +779,21 @@ impl EndpointConfig {
             }
         }
 
-        let mut secrets: Vec<String> = self.secret.iter().cloned().collect();
-        secrets.extend(self.secrets.iter().cloned());
+        let secrets = self.signing_secrets(base_dir)?;
         if secrets.is_empty() {
-            return bad("secret", "missing: set `secret = \"whsec_...\"`".into());
+            return bad(
+                "secret",
+                "missing: set `secret = \"whsec_...\"`, `secret_env` or `secret_file`".into(),
+            );
         }
-        for (index, secret) in secrets.iter().enumerate() {
-            let name = if self.secret.is_some() && index == 0 {
-                "secret".to_string()
-            } else {
-                format!("secrets[{}]", index - usize::from(self.secret.is_some()))
-            };
-            if let Err(problem) = check_secret(secret) {
-                return bad(&name, problem);
-            }
+        if !secrets.iter().any(|secret| secret.is_active_at(now_ms)) {
+            return bad(
+                "secrets",
+                "every secret has expired; add one without `expires_at` or with a later one".into(),
+            );
         }
+
+        let headers = self.static_headers()?;
 
         if self.timeout_ms == 0 || self.connect_timeout_ms == 0 {
             let name = if self.timeout_ms == 0 {
@@ -614,6 +821,7 @@ impl EndpointConfig {
             url: self.url.clone(),
             event_types,
             secrets,
+            headers,
             timeout_ms: self.timeout_ms,
             connect_timeout_ms: self.connect_timeout_ms,
             max_in_flight: self.max_in_flight,
@@ -624,6 +832,164 @@ impl EndpointConfig {
             }),
         })
     }
+}
+
+impl EndpointConfig {
+    /// Collects the secrets of `secret`, `secret_env`, `secret_file` and `secrets`, in that
+    /// order, read and checked.
+    fn signing_secrets(&self, base_dir: &Path) -> Result<Vec<SigningSecret>, (String, String)> {
+        let single = [
+            ("secret", self.secret.is_some()),
+            ("secret_env", self.secret_env.is_some()),
+            ("secret_file", self.secret_file.is_some()),
+        ];
+        let set: Vec<&str> = single
+            .iter()
+            .filter(|(_, set)| *set)
+            .map(|(name, _)| *name)
+            .collect();
+        if set.len() > 1 {
+            return Err((
+                set[1].to_string(),
+                format!(
+                    "set only one of `{}` and `{}`; list more secrets under `secrets`",
+                    set[0], set[1]
+                ),
+            ));
+        }
+
+        let mut secrets = Vec::new();
+        let source = match (&self.secret, &self.secret_env, &self.secret_file) {
+            (Some(text), _, _) => Some(("secret".to_string(), SecretSource::Inline(text))),
+            (_, Some(name), _) => Some(("secret_env".to_string(), SecretSource::Env(name))),
+            (_, _, Some(file)) => Some(("secret_file".to_string(), SecretSource::File(file))),
+            _ => None,
+        };
+        if let Some((field, source)) = source {
+            let value = source.read(base_dir).map_err(|problem| (field, problem))?;
+            secrets.push(SigningSecret::new(value));
+        }
+
+        for (index, entry) in self.secrets.iter().enumerate() {
+            let field = |name: &str| match name {
+                "" => format!("secrets[{index}]"),
+                name => format!("secrets[{index}].{name}"),
+            };
+            let (source, expires_at, name) = match entry {
+                SecretEntry::Value(text) => (SecretSource::Inline(text), None, ""),
+                SecretEntry::Table(table) => {
+                    let (source, name) = match (&table.value, &table.env, &table.file) {
+                        (Some(text), None, None) => (SecretSource::Inline(text), "value"),
+                        (None, Some(name), None) => (SecretSource::Env(name), "env"),
+                        (None, None, Some(file)) => (SecretSource::File(file), "file"),
+                        _ => {
+                            return Err((
+                                field(""),
+                                "set exactly one of `value`, `env` and `file`".into(),
+                            ))
+                        }
+                    };
+                    (source, table.expires_at.as_deref(), name)
+                }
+            };
+            let value = source
+                .read(base_dir)
+                .map_err(|problem| (field(name), problem))?;
+            let secret = match expires_at {
+                None => SigningSecret::new(value),
+                Some(text) => {
+                    let at_ms =
+                        parse_rfc3339_ms(text).map_err(|problem| (field("expires_at"), problem))?;
+                    SigningSecret::expiring(value, at_ms)
+                }
+            };
+            secrets.push(secret);
+        }
+        Ok(secrets)
+    }
+
+    /// Checks the static headers and returns them by lowercase name.
+    fn static_headers(&self) -> Result<BTreeMap<String, String>, (String, String)> {
+        let mut headers = BTreeMap::new();
+        for (name, value) in &self.headers {
+            let field = format!("headers.{name}");
+            let (parsed, _) =
+                parse_static_header(name, &value.0).map_err(|e| (field.clone(), e.to_string()))?;
+            if headers
+                .insert(parsed.to_string(), value.0.clone())
+                .is_some()
+            {
+                return Err((
+                    field,
+                    format!("header `{parsed}` is set twice, in different cases"),
+                ));
+            }
+        }
+
+        let credentials = url::Url::parse(&self.url)
+            .map(|url| !url.username().is_empty() || url.password().is_some())
+            .unwrap_or(false);
+        if credentials && headers.contains_key("authorization") {
+            return Err((
+                "headers.authorization".to_string(),
+                "the url contains credentials, which are sent as an `authorization` header; \
+                 keep either the credentials or this header"
+                    .to_string(),
+            ));
+        }
+        Ok(headers)
+    }
+}
+
+/// The location of one secret's text.
+enum SecretSource<'a> {
+    Inline(&'a SecretText),
+    Env(&'a str),
+    File(&'a Path),
+}
+
+impl SecretSource<'_> {
+    /// Reads and checks the secret. The problem names the variable or file, never the value.
+    fn read(&self, base_dir: &Path) -> Result<String, String> {
+        let (value, origin) = match self {
+            SecretSource::Inline(text) => (text.0.clone(), String::new()),
+            SecretSource::Env(name) => {
+                let value = std::env::var(name).map_err(|e| match e {
+                    std::env::VarError::NotPresent => {
+                        format!("environment variable `{name}` is not set")
+                    }
+                    std::env::VarError::NotUnicode(_) => {
+                        format!("environment variable `{name}` is not valid UTF-8")
+                    }
+                })?;
+                (
+                    value.trim().to_string(),
+                    format!(" (in environment variable `{name}`)"),
+                )
+            }
+            SecretSource::File(file) => {
+                let path = base_dir.join(file);
+                let value = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
+                (
+                    value.trim().to_string(),
+                    format!(" (in file {})", path.display()),
+                )
+            }
+        };
+        check_secret(&value).map_err(|problem| format!("{problem}{origin}"))?;
+        Ok(value)
+    }
+}
+
+/// Parses an RFC 3339 time such as `2026-01-31T00:00:00Z` into ms since the Unix epoch.
+fn parse_rfc3339_ms(text: &str) -> Result<Millis, String> {
+    let time = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| {
+            format!("`{text}` is not an RFC 3339 time such as 2026-01-31T00:00:00Z ({e})")
+        })?;
+    Millis::try_from(time.unix_timestamp_nanos() / 1_000_000)
+        .map_err(|_| format!("`{text}` is before 1970"))
 }
 
 /// Rejects a URL whose host is an IP address, or `localhost`, that the address policy refuses.
@@ -642,8 +1008,9 @@ fn check_literal_address(url: &str, policy: &AddressPolicy) -> Result<(), String
     };
     policy.check(address).map_err(|range| {
         format!(
-            "`{url}` points at {address}, a {} address; list its network in \
+            "`{}` points at {address}, a {} address; list its network in \
              `delivery.allowed_private_cidrs` if the endpoint is trusted",
+            redact_user_info(url),
             range.as_str()
         )
     })
@@ -654,9 +1021,10 @@ fn check_secret(secret: &str) -> Result<(), String> {
     let Some(encoded) = secret.strip_prefix("whsec_") else {
         return Err("must start with `whsec_` followed by base64".into());
     };
+    // The decode error is not shown: its message quotes the offending byte of the secret.
     let key = base64::engine::general_purpose::STANDARD
         .decode(encoded)
-        .map_err(|e| format!("the part after `whsec_` is not valid base64 ({e})"))?;
+        .map_err(|_| "the part after `whsec_` is not valid padded base64".to_string())?;
     if !(24..=64).contains(&key.len()) {
         return Err(format!(
             "the key is {} bytes; use 24 to 64 random bytes",
@@ -697,6 +1065,278 @@ mod tests {
         assert_eq!(config.pipeline.workers, 1);
         assert_eq!(config.endpoints[0].timeout_ms, 15_000);
         assert!(config.endpoints[0].enabled);
+    }
+
+    /// A second valid secret, as during a rotation.
+    const OLD_SECRET: &str = "whsec_d2ViaG9vay10ZXN0LXNlY3JldC0wMTIzNDU2Nzg5YWI=";
+
+    /// Returns `endpoint(extra)` without its `secret` line.
+    fn endpoint_without_secret(extra: &str) -> String {
+        endpoint(extra).replace(&format!("secret = \"{SECRET}\"\n"), "")
+    }
+
+    fn secret_values(config: &Config) -> Vec<(String, Option<Millis>)> {
+        config.endpoints()[0]
+            .secrets
+            .iter()
+            .map(|secret| (secret.value.clone(), secret.expires_at_ms))
+            .collect()
+    }
+
+    #[test]
+    fn secret_from_env() {
+        let name = "HOOKFLOW_TEST_SECRET_FROM_ENV";
+        std::env::set_var(name, format!("{SECRET}\n"));
+        let config = parse(&endpoint_without_secret(&format!(
+            "secret_env = \"{name}\""
+        )))
+        .expect("valid");
+        assert_eq!(secret_values(&config), [(SECRET.to_string(), None)]);
+    }
+
+    #[test]
+    fn secret_from_file_beside_config() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        std::fs::write(dir.path().join("ep1.secret"), format!("{SECRET}\n")).expect("write");
+        let text = endpoint_without_secret("secret_file = \"ep1.secret\"");
+        let config = Config::parse(&text, &dir.path().join("hookflow.toml")).expect("valid");
+        assert_eq!(secret_values(&config), [(SECRET.to_string(), None)]);
+    }
+
+    #[test]
+    fn rotation_secrets_with_expiry() {
+        let name = "HOOKFLOW_TEST_OLD_SECRET";
+        std::env::set_var(name, OLD_SECRET);
+        let extra = format!(
+            "[[endpoints.secrets]]\nenv = \"{name}\"\nexpires_at = \"2999-01-02T03:04:05Z\"\n\
+             [[endpoints.secrets]]\nvalue = \"{OLD_SECRET}\"\n"
+        );
+        let config = parse(&endpoint(&extra)).expect("valid");
+        assert_eq!(
+            secret_values(&config),
+            [
+                (SECRET.to_string(), None),
+                (OLD_SECRET.to_string(), Some(32_472_241_445_000)),
+                (OLD_SECRET.to_string(), None),
+            ]
+        );
+
+        let inline = format!("secrets = [\"{OLD_SECRET}\", {{ value = \"{OLD_SECRET}\" }}]");
+        let config = parse(&endpoint(&inline)).expect("valid");
+        assert_eq!(secret_values(&config).len(), 3);
+    }
+
+    #[test]
+    fn static_headers_lowercased() {
+        let config = parse(&endpoint("headers = { \"X-Team\" = \"payments\" }")).expect("valid");
+        let headers = &config.endpoints()[0].headers;
+        assert_eq!(headers.get("x-team").map(String::as_str), Some("payments"));
+    }
+
+    #[test]
+    fn secret_errors_hide_values() {
+        let missing_env = "HOOKFLOW_TEST_SECRET_NOT_SET";
+        std::env::remove_var(missing_env);
+        let bad_env = "HOOKFLOW_TEST_SECRET_NOT_BASE64";
+        std::env::set_var(bad_env, "whsec_s3cr3t!!value");
+        let cases = [
+            (
+                endpoint_without_secret(&format!("secret_env = \"{missing_env}\"")),
+                "field `endpoints[0].secret_env`: environment variable \
+                 `HOOKFLOW_TEST_SECRET_NOT_SET` is not set",
+            ),
+            (
+                endpoint_without_secret(&format!("secret_env = \"{bad_env}\"")),
+                "not valid padded base64 (in environment variable `HOOKFLOW_TEST_SECRET_NOT_BASE64`)",
+            ),
+            (
+                endpoint_without_secret("secret_file = \"no/such/file\""),
+                "field `endpoints[0].secret_file`: cannot read secret file no/such/file",
+            ),
+            (
+                endpoint("secret_env = \"X\""),
+                "field `endpoints[0].secret_env`: set only one of `secret` and `secret_env`",
+            ),
+            (
+                endpoint("secrets = [{ value = \"whsec_s3cr3t!!value\" }]"),
+                "field `endpoints[0].secrets[0].value`: the part after `whsec_`",
+            ),
+            (
+                endpoint("secrets = [{ env = \"A\", file = \"b\" }]"),
+                "field `endpoints[0].secrets[0]`: set exactly one of `value`, `env` and `file`",
+            ),
+            (
+                endpoint("secrets = [{ valeu = \"x\" }]"),
+                "unknown field `valeu`",
+            ),
+            (
+                endpoint(&format!(
+                    "secrets = [{{ value = \"{OLD_SECRET}\", expires_at = \"tomorrow\" }}]"
+                )),
+                "field `endpoints[0].secrets[0].expires_at`: `tomorrow` is not an RFC 3339 time",
+            ),
+            (
+                endpoint_without_secret(&format!(
+                    "secrets = [{{ value = \"{OLD_SECRET}\", expires_at = \"2020-01-01T00:00:00Z\" }}]"
+                )),
+                "field `endpoints[0].secrets`: every secret has expired",
+            ),
+            (
+                endpoint_without_secret(""),
+                "field `endpoints[0].secret`: missing",
+            ),
+        ];
+        for (text, expected) in cases {
+            let message = parse(&text).expect_err("must be rejected").to_string();
+            assert!(
+                message.contains(expected),
+                "expected `{expected}` in: {message}"
+            );
+            assert!(!message.contains("s3cr3t"), "secret in: {message}");
+        }
+    }
+
+    #[test]
+    fn static_header_errors_name_field() {
+        let cases = [
+            (
+                endpoint("headers = { \"content-type\" = \"text/plain\" }"),
+                "field `endpoints[0].headers.content-type`: invalid static header `content-type`: \
+                 hookflow sets this header itself",
+            ),
+            (
+                endpoint("headers = { \"Webhook-Id\" = \"x\" }"),
+                "field `endpoints[0].headers.Webhook-Id`",
+            ),
+            (
+                endpoint("headers = { host = \"a\" }"),
+                "field `endpoints[0].headers.host`",
+            ),
+            (
+                endpoint("headers = { \"content-length\" = \"1\" }"),
+                "field `endpoints[0].headers.content-length`",
+            ),
+            (
+                endpoint("headers = { \"x team\" = \"a\" }"),
+                "not a valid HTTP header name",
+            ),
+            (
+                endpoint("headers = { \"x-token\" = \"s3cr3t\\n\" }"),
+                "field `endpoints[0].headers.x-token`: invalid static header `x-token`: the value",
+            ),
+            (
+                endpoint("headers = { \"X-Team\" = \"a\", \"x-team\" = \"b\" }"),
+                "is set twice",
+            ),
+            (
+                endpoint("headers = { authorization = \"Bearer s3cr3t\" }")
+                    .replace("https://example.com", "https://user:pw@example.com"),
+                "field `endpoints[0].headers.authorization`: the url contains credentials",
+            ),
+        ];
+        for (text, expected) in cases {
+            let message = parse(&text).expect_err("must be rejected").to_string();
+            assert!(
+                message.contains(expected),
+                "expected `{expected}` in: {message}"
+            );
+            assert!(!message.contains("s3cr3t"), "header value in: {message}");
+        }
+    }
+
+    #[test]
+    fn delivery_ssrf_options() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let ca = rcgen_self_signed().cert;
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("write bundle");
+        let text = format!(
+            "[delivery]\nproxy = \"http://10.1.2.3:3128\"\nhttps_only = true\n\
+             ca_bundle = \"ca.pem\"\n{}",
+            endpoint("")
+        );
+
+        let config = Config::parse(&text, &dir.path().join("hookflow.toml")).expect("valid");
+
+        let proxy = config.delivery.proxy_url().expect("valid proxy");
+        assert_eq!(
+            proxy.map(String::from).as_deref(),
+            Some("http://10.1.2.3:3128/")
+        );
+        assert!(config.delivery.https_only);
+        assert_eq!(config.delivery.ca_bundle_pem, Some(ca.pem().into_bytes()));
+    }
+
+    #[test]
+    fn delivery_ssrf_option_errors() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        std::fs::write(dir.path().join("empty.pem"), "").expect("write");
+        std::fs::write(
+            dir.path().join("bad.pem"),
+            "-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        let cases = [
+            (
+                "[delivery]\nproxy = \"socks5://p:1080\"\n".to_string(),
+                "field `delivery.proxy`: `socks5://p:1080` must be an http or https URL",
+            ),
+            (
+                "[delivery]\nproxy = \"proxy:3128\"\n".to_string(),
+                "field `delivery.proxy`",
+            ),
+            (
+                "[delivery]\nproxy = \"http://u:s3cr3t@p:3128/x\"\n".to_string(),
+                "field `delivery.proxy`: `http://***@p:3128/x` must not have a path",
+            ),
+            (
+                "[delivery]\nca_bundle = \"missing.pem\"\n".to_string(),
+                "field `delivery.ca_bundle`: cannot read",
+            ),
+            (
+                "[delivery]\nca_bundle = \"empty.pem\"\n".to_string(),
+                "contains no `-----BEGIN CERTIFICATE-----` block",
+            ),
+            (
+                "[delivery]\nca_bundle = \"bad.pem\"\n".to_string(),
+                "is not a list of PEM certificates",
+            ),
+            (
+                format!(
+                    "[delivery]\nhttps_only = true\n{}",
+                    endpoint("").replace("https://example.com", "http://example.com")
+                ),
+                "field `endpoints[0].url`: `delivery.https_only` is set",
+            ),
+        ];
+        for (text, expected) in cases {
+            let message = Config::parse(&text, &dir.path().join("hookflow.toml"))
+                .expect_err("must be rejected")
+                .to_string();
+            assert!(
+                message.contains(expected),
+                "expected `{expected}` in: {message}"
+            );
+            assert!(!message.contains("s3cr3t"), "{message}");
+        }
+    }
+
+    fn rcgen_self_signed() -> rcgen::CertifiedKey<rcgen::KeyPair> {
+        rcgen::generate_simple_self_signed(vec!["proxy.test".to_string()]).expect("certificate")
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let with_header =
+            parse(&endpoint("headers = { authorization = \"Bearer t0ken\" }")).expect("valid");
+        let with_credentials =
+            parse(&endpoint("").replace("https://example.com", "https://user:pa55@example.com"))
+                .expect("valid");
+        let debug = format!("{with_header:?} {with_credentials:?}");
+        let key = SECRET.trim_start_matches("whsec_");
+        for hidden in [key, "t0ken", "pa55"] {
+            assert!(!debug.contains(hidden), "`{hidden}` in {debug}");
+        }
+        assert!(debug.contains("https://***@example.com/hook"), "{debug}");
     }
 
     #[test]
@@ -742,6 +1382,14 @@ mod tests {
             (
                 endpoint("").replace("https://example.com/hook", "http://[::ffff:127.0.0.1]/"),
                 "field `endpoints[0].url`",
+            ),
+            (
+                endpoint("").replace("https://example.com/hook", "http://u:s3cr3t@10.0.0.1/"),
+                "field `endpoints[0].url`: `http://***@10.0.0.1/` points at 10.0.0.1",
+            ),
+            (
+                endpoint("").replace("https://example.com/hook", "ftp://u:s3cr3t@example.com/"),
+                "field `endpoints[0].url`: `ftp://***@example.com/` must be an http",
             ),
             (
                 "[retry]\njitter_percent = 150\n".to_string(),

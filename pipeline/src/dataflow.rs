@@ -46,6 +46,7 @@ use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Concat, ConnectLoop, Feedback, OkErr, Probe};
 use timely::dataflow::Stream;
 
+use crate::cluster::{agree, decide, Cluster, Readiness};
 use crate::config::Config;
 use crate::durable::{
     maintain, persist, restore_pending, skip_decided_rows, skip_settled_deliveries, ArchivePolicy,
@@ -66,6 +67,8 @@ pub struct RunOptions {
     pub clock: Arc<dyn Clock>,
     /// Set to stop the pipeline gracefully (signal handlers set it).
     pub stop: Arc<StopSignal>,
+    /// The cluster this process belongs to; the default is a single process.
+    pub cluster: Cluster,
 }
 
 /// The report of a finished run.
@@ -81,6 +84,9 @@ pub struct RunReport {
     pub outcomes: std::collections::BTreeMap<String, u64>,
     /// The archive directory.
     pub archive_dir: PathBuf,
+    /// This process's index in the cluster (0 for a single process): the label its logs and
+    /// metrics carry.
+    pub process_index: usize,
     /// Deliveries parked at the end of the run, their endpoints disabled.
     pub parked: u64,
     /// Endpoints disabled at the end of the run, at run time or earlier.
@@ -109,13 +115,42 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
     let config = &options.config;
     let archive_dir = archive_dir(config, &options.data_dir);
 
-    // One run per data directory: a second one would deliver everything again and write over
-    // the first one's archive files. The lock is released when the process exits, however.
-    let _lock = lock_data_dir(&options.data_dir)?;
+    let cluster = options.cluster.clone();
+    let workers = config.pipeline.workers;
 
+    // One run of each process per data directory: a second one would deliver everything again
+    // and write over the first one's archive files. The lock is released when the process
+    // exits, however.
+    let _lock = lock_file(&options.data_dir, &cluster.lock_path(&options.data_dir))?;
+
+    // Check the data directory before any worker starts. A single process stops here. A
+    // cluster process first sends the reason to its peers, so that the whole cluster stops.
+    let prepared = prepare_data_dir(config, &options.data_dir, &cluster);
+    let mut disabled = Vec::new();
+    let readiness = match prepared {
+        Ok((partitions, log_id, disabled_here)) => {
+            disabled = disabled_here;
+            Readiness {
+                process_index: cluster.process_index(),
+                partitions,
+                log_id,
+                problem: None,
+            }
+        }
+        Err(error) if !cluster.is_multi_process() => return Err(error),
+        Err(error) => {
+            tracing::error!(error = %format!("{error:#}"), process = cluster.process_index(), "This process cannot start; sending the reason to the other processes.");
+            Readiness {
+                process_index: cluster.process_index(),
+                partitions: 0,
+                log_id: 0,
+                problem: Some(format!("{error:#}")),
+            }
+        }
+    };
     // Endpoints disabled by an earlier run (410 Gone, failing too long) stay disabled until
-    // an operator enables them; their parked deliveries wait in the state store.
-    let disabled = open_store(&options.data_dir)?.disabled_endpoints()?;
+    // an operator enables them; their parked deliveries wait in the state store of the process
+    // that owns the endpoint, the only process that delivers to it.
     let mut endpoints: HashMap<String, Endpoint> = config
         .endpoints()
         .into_iter()
@@ -135,18 +170,14 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
     let endpoints = Arc::new(endpoints);
     let counters = Arc::new(DeliverCounters::default());
 
-    // Open the log once here so that a bad data directory fails before any thread starts.
-    let log_options = LocalLogOptions {
-        partitions: config.local_log.partitions,
-    };
-    let log = LocalLog::open(&options.data_dir, &log_options).with_context(|| {
-        format!(
-            "cannot open the local log in {}",
-            options.data_dir.display()
-        )
-    })?;
-    tracing::info!(partitions = log.partitions(), data_dir = %options.data_dir.display(), "Local log opened.");
-    drop(log);
+    if cluster.is_multi_process() {
+        tracing::info!(
+            process = cluster.process_index(),
+            processes = cluster.processes(),
+            workers_per_process = workers,
+            "Connecting to the other processes of the cluster."
+        );
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -157,9 +188,16 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
     let allowed = config
         .allowed_networks()
         .map_err(|(field, problem)| anyhow::anyhow!("{field}: {problem}"))?;
+    let proxy = config
+        .delivery
+        .proxy_url()
+        .map_err(|problem| anyhow::anyhow!("delivery.proxy: {problem}"))?;
     let client = DeliveryClient::new(ClientConfig {
         address_policy: AddressPolicy::new(allowed),
         max_response_bytes: config.delivery.max_response_bytes,
+        proxy,
+        https_only: config.delivery.https_only,
+        ca_bundle_pem: config.delivery.ca_bundle_pem.clone(),
         ..ClientConfig::default()
     })
     .context("cannot build the HTTP client")?;
@@ -178,19 +216,24 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
         duplicates: duplicates.clone(),
         requests_in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         run_id: options.clock.now_ms(),
+        cluster: cluster.clone(),
+        readiness,
         counters: counters.clone(),
     });
 
-    let timely_config = timely::Config::process(config.pipeline.workers);
+    let timely_config = cluster.timely_config(workers);
     let guards = timely::execute(timely_config, move |worker| run_worker(worker, &shared))
         .map_err(|e| anyhow::anyhow!("cannot start the timely workers: {e}"))?;
 
     let mut report = RunReport {
         archive_dir,
+        process_index: cluster.process_index(),
         ..RunReport::default()
     };
-    let mut failures = Vec::new();
-    for (index, result) in guards.join().into_iter().enumerate() {
+    let mut failures: Vec<String> = Vec::new();
+    let first_worker = cluster.first_worker(workers);
+    for (local, result) in guards.join().into_iter().enumerate() {
+        let index = first_worker + local;
         match result {
             Ok(Ok(worker)) => {
                 report.rows_archived += worker.rows_archived;
@@ -199,7 +242,13 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
                     *report.outcomes.entry(outcome).or_default() += count;
                 }
             }
-            Ok(Err(error)) => failures.push(format!("worker {index}: {error:#}")),
+            Ok(Err(error)) => {
+                // Every worker of a cluster that cannot start reports the same reason.
+                let message = format!("{error:#}");
+                if !failures.iter().any(|failure| failure.ends_with(&message)) {
+                    failures.push(format!("worker {index}: {message}"));
+                }
+            }
             Err(panic) => failures.push(format!("worker {index} panicked: {panic}")),
         }
     }
@@ -210,28 +259,59 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
     if !failures.is_empty() {
         anyhow::bail!("the pipeline failed: {}", failures.join("; "));
     }
-    let store = open_store(&options.data_dir)?;
+    let state_dir = cluster.state_dir(&options.data_dir);
+    let store = StateStore::open_dir(&state_dir)
+        .with_context(|| format!("cannot open the state store in {}", state_dir.display()))?;
     report.parked = store.parked_count()?;
     report.disabled_endpoints = store.disabled_endpoints()?;
     Ok(report)
 }
 
-/// Opens the state store of `data_dir`, naming the directory in the error.
-fn open_store(data_dir: &Path) -> anyhow::Result<StateStore> {
-    StateStore::open(data_dir)
-        .with_context(|| format!("cannot open the state store in {}", data_dir.display()))
+/// Checks that the data directory fits this process and its cluster: the state layout, the
+/// local log, and the worker and process counts its state store records. Returns the log's
+/// partition count and id, and the endpoints this process's store records as disabled.
+fn prepare_data_dir(
+    config: &Config,
+    data_dir: &Path,
+    cluster: &Cluster,
+) -> anyhow::Result<(u32, i64, Vec<DisabledEndpoint>)> {
+    cluster.check_layout(data_dir)?;
+
+    let log_options = LocalLogOptions {
+        partitions: config.local_log.partitions,
+    };
+    let log = LocalLog::open(data_dir, &log_options)
+        .with_context(|| format!("cannot open the local log in {}", data_dir.display()))?;
+    let (partitions, log_id) = (log.partitions(), log.log_id());
+    tracing::info!(partitions, log_id, data_dir = %data_dir.display(), "Local log opened.");
+    drop(log);
+
+    let state_dir = cluster.state_dir(data_dir);
+    let mut store = StateStore::open_dir(&state_dir)
+        .with_context(|| format!("cannot open the state store in {}", state_dir.display()))?;
+    store.ensure_counts(
+        config.pipeline.workers,
+        cluster.processes(),
+        cluster.process_index(),
+    )?;
+    Ok((partitions, log_id, store.disabled_endpoints()?))
 }
 
-/// Takes the exclusive lock on `<data_dir>/hookflow.lock`, creating the directory if needed.
-/// The lock is held until the returned file is dropped.
+/// Takes the exclusive lock on `<data_dir>/hookflow.lock`, the lock of a single process,
+/// creating the directory if needed. The lock is held until the returned file is dropped.
 ///
 /// # Errors
 ///
 /// Fails, saying so, when another process holds the lock, or when the file cannot be made.
 pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
+    lock_file(data_dir, &data_dir.join("hookflow.lock"))
+}
+
+/// Takes the exclusive lock on `path`, creating the data directory if needed.
+fn lock_file(data_dir: &Path, path: &Path) -> anyhow::Result<std::fs::File> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
-    let path = data_dir.join("hookflow.lock");
+    let path = path.to_path_buf();
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -241,7 +321,7 @@ pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-            "data directory {} is in use by another `hookflow run` (it holds {}); stop that one first",
+            "data directory {} is in use by another `hookflow run` or `hookflow endpoints` (it holds {}); stop that one first",
             data_dir.display(),
             path.display()
         ),
@@ -265,6 +345,9 @@ struct WorkerShared {
     duplicates: Arc<AtomicU64>,
     requests_in_flight: Arc<std::sync::atomic::AtomicUsize>,
     run_id: u64,
+    cluster: Cluster,
+    /// The state of this process's part of the data directory, shared with the other processes.
+    readiness: Readiness,
     counters: Arc<DeliverCounters>,
 }
 
@@ -283,8 +366,29 @@ fn run_worker(
     shared: &WorkerShared,
 ) -> anyhow::Result<WorkerReport> {
     let index = worker.index();
-    let peers = worker.peers();
     let config = &shared.config;
+    let cluster = &shared.cluster;
+    let workers = config.pipeline.workers;
+    // The first worker of each process restores its process's pending deliveries and prunes
+    // its process's state store.
+    let first_of_process = index == cluster.first_worker(workers);
+    let _span = cluster
+        .is_multi_process()
+        .then(|| tracing::info_span!("worker", process = cluster.process_index(), index).entered());
+
+    if cluster.is_multi_process() {
+        let all = agree(worker, workers, shared.readiness.clone());
+        if let Err(reasons) = decide(&all) {
+            anyhow::bail!("the cluster cannot start: {reasons}");
+        }
+        if first_of_process {
+            tracing::info!(
+                processes = all.len(),
+                "Every process of the cluster is ready."
+            );
+        }
+    }
+
     let clock = shared.clock.clone();
     let started_ms = clock.now_ms();
 
@@ -301,26 +405,25 @@ fn run_worker(
     // What earlier runs left: the checkpoint to resume reading from, the log end below which
     // re-read records must be checked against the journal, pending deliveries and first
     // occurrences.
-    let mut store = open_store(&shared.data_dir)?;
-    store.ensure_workers(peers)?;
+    let state_dir = cluster.state_dir(&shared.data_dir);
+    let store = StateStore::open_dir(&state_dir)
+        .with_context(|| format!("cannot open the state store in {}", state_dir.display()))?;
     let checkpoint = store.checkpoint()?;
     let mut resume_bounds = ResumeBounds::new();
     // With nothing journaled, pending or decided, no re-read record can have been handled, so
-    // the per-delivery lookups are skipped.
-    let handled_before = store.has_settled_work()?;
-    for partition in
-        (0..log.partitions()).filter(|p| *p as usize % peers == index && handled_before)
-    {
-        let end = log.end_offset(partition)?;
-        if end > checkpoint.get(&partition).copied().unwrap_or(0) {
-            resume_bounds.insert(partition, end);
+    // the per-delivery lookups are skipped. The bounds cover every partition, not only this
+    // worker's: deliveries and unrouted events are checked on the worker that owns their
+    // endpoint or tenant, which may read them from any partition.
+    if store.has_settled_work()? {
+        for partition in 0..log.partitions() {
+            resume_bounds.insert(partition, log.end_offset(partition)?);
         }
     }
     let dedup_window_ms = config.pipeline.dedup_window_secs.saturating_mul(1000);
     let restored_first_seen = store.first_seen_since(started_ms.saturating_sub(dedup_window_ms))?;
     // A parked delivery stays in the store while its endpoint is disabled, and resumes when
     // the endpoint is enabled again.
-    let restored_pending = if index == 0 {
+    let restored_pending = if first_of_process {
         let endpoints = &shared.endpoints;
         store
             .pending()?
@@ -478,7 +581,9 @@ fn run_worker(
         input
     });
 
-    if index == 0 {
+    // Endpoint changes enter the dataflow once, through the process that serves the
+    // management API.
+    if cluster.serves_management_api() && first_of_process {
         for endpoint in shared.endpoints.values() {
             subscriptions.insert((
                 endpoint.tenant.clone(),
@@ -490,8 +595,14 @@ fn run_worker(
         }
     }
 
-    // Worker 0 truncates the log and prunes the store for the whole data directory.
+    // The first worker of each process prunes its process's store; worker 0 also truncates the
+    // log, which needs every process's checkpoint and pending deliveries.
     let mut maintenance_log = if index == 0 { Some(open_log()?) } else { None };
+    let other_stores = if index == 0 {
+        cluster.other_state_dirs(&shared.data_dir)
+    } else {
+        Vec::new()
+    };
     let maintenance_every_ms = config
         .pipeline
         .maintenance_interval_secs
@@ -514,11 +625,17 @@ fn run_worker(
                 subscriptions = None;
             }
         }
-        if let Some(log) = maintenance_log.as_mut() {
+        if first_of_process {
             let now = clock.now_ms();
             if now >= next_maintenance_ms {
                 next_maintenance_ms = now.saturating_add(maintenance_every_ms);
-                run_maintenance(log, &mut store.borrow_mut(), config, now);
+                run_maintenance(
+                    maintenance_log.as_mut(),
+                    &mut store.borrow_mut(),
+                    &other_stores,
+                    config,
+                    now,
+                );
             }
         }
         if shared.stop.is_stopped() {
@@ -565,8 +682,15 @@ fn run_worker(
 }
 
 /// Runs one maintenance pass and logs its result; a failure is logged and retried at the next
-/// pass.
-fn run_maintenance(log: &mut LocalLog, store: &mut StateStore, config: &Config, now_ms: u64) {
+/// pass. `log` is given to the one worker that truncates it, with the state directories of the
+/// other processes, whose checkpoints and pending deliveries bound the truncation too.
+fn run_maintenance(
+    log: Option<&mut LocalLog>,
+    store: &mut StateStore,
+    other_stores: &[PathBuf],
+    config: &Config,
+    now_ms: u64,
+) {
     let retention_ms = config.local_log.retention_secs.saturating_mul(1000);
     let dedup_window_ms = config.pipeline.dedup_window_secs.saturating_mul(1000);
     // A re-read record can only be one above the checkpoint, at most the maximum event age
@@ -575,6 +699,7 @@ fn run_maintenance(log: &mut LocalLog, store: &mut StateStore, config: &Config, 
     match maintain(
         log,
         store,
+        other_stores,
         retention_ms,
         keep_state_ms,
         dedup_window_ms,
@@ -582,6 +707,7 @@ fn run_maintenance(log: &mut LocalLog, store: &mut StateStore, config: &Config, 
     ) {
         Ok(done) => tracing::info!(
             truncated_records = done.truncated,
+            truncation_skipped = done.truncation_skipped.as_deref().unwrap_or("no"),
             log_bytes = done.log_bytes,
             state_bytes = done.state_bytes,
             pending_deliveries = done.pending,

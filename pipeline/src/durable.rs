@@ -18,9 +18,10 @@ use std::time::Duration;
 use hookflow_connectors::DisabledEndpoint;
 use hookflow_connectors::{staged_ranges, ArchiveWriter, ConnectorError, DurableBatch, StateStore};
 use hookflow_operators::clock::Clock;
+use hookflow_operators::deliver::endpoint_hash;
 use hookflow_schemas::{AttemptRow, Delivery, FirstSeen, Millis, PendingDelivery};
 use timely::container::CapacityContainerBuilder;
-use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::operator::source;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
@@ -271,12 +272,17 @@ pub type ResumeBounds = HashMap<u32, u64>;
 
 /// Drops the deliveries of re-read records that an earlier run settled (journaled) or left
 /// pending (they are restored from `pending` instead).
+///
+/// The deliveries are first exchanged to the worker that owns their endpoint, the same
+/// exchange the deliver operator makes. That worker's process wrote the delivery's journal and
+/// pending entries, so only its state store contains them.
 pub fn skip_settled_deliveries<'scope>(
     deliveries: Stream<'scope, u64, Vec<Delivery>>,
     store: Rc<RefCell<StateStore>>,
     bounds: ResumeBounds,
 ) -> Stream<'scope, u64, Vec<Delivery>> {
-    deliveries.unary(Pipeline, "SkipSettled", move |_capability, _info| {
+    let exchange = Exchange::new(|delivery: &Delivery| endpoint_hash(&delivery.endpoint_id));
+    deliveries.unary(exchange, "SkipSettled", move |_capability, _info| {
         move |input, output| {
             input.for_each_stamp(|capability, containers| {
                 let mut session = output.session(&capability);
@@ -350,14 +356,16 @@ pub fn skip_decided_rows<'scope>(
 }
 
 /// Emits the deliveries pending from earlier runs, each at its due time or now if that has
-/// passed; a parked one (its endpoint enabled again since) is due now. Only worker 0 emits
-/// them; the deliver operator's exchange takes each to the worker that owns its endpoint.
+/// passed; a parked one (its endpoint enabled again since) is due now. Only the worker given
+/// a non-empty `pending` emits: the first worker of each process, with its process's store.
+/// The deliver operator's exchange takes each to the worker that owns its endpoint, a worker
+/// of the same process, since that worker's process wrote it.
 pub fn restore_pending<'scope>(
     scope: Scope<'scope, u64>,
     pending: Vec<PendingDelivery>,
     now_ms: Millis,
 ) -> Stream<'scope, u64, Vec<Delivery>> {
-    let emit = scope.index() == 0;
+    let emit = !pending.is_empty();
     source(scope, "RestorePending", move |capability, _info| {
         let mut capability = Some(capability);
         let mut pending = Some(pending);
@@ -385,53 +393,98 @@ pub fn restore_pending<'scope>(
 }
 
 /// The result of one maintenance pass.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Maintenance {
     /// Log records deleted past their retention.
     pub truncated: usize,
-    /// Bytes of the local log on disk.
+    /// The reason the log was not truncated in this pass, if it was given but not truncated.
+    pub truncation_skipped: Option<String>,
+    /// Bytes of the local log on disk (0 when no log was given).
     pub log_bytes: u64,
-    /// Bytes of the state store on disk.
+    /// Bytes of this process's state store on disk.
     pub state_bytes: u64,
-    /// Deliveries pending.
+    /// Deliveries pending in this process's state store.
     pub pending: u64,
 }
 
-/// Truncates the log past `retention_ms`, never at or above a partition's checkpoint nor the
-/// oldest offset a pending delivery references, and prunes journal and first-occurrence
-/// entries older than `keep_state_ms`.
+/// Truncates `log`, when given, past `retention_ms`, never at or above a partition's
+/// checkpoint nor the oldest offset a pending delivery references; and prunes journal and
+/// first-occurrence entries of `store` older than `keep_state_ms`.
+///
+/// The checkpoints and pending deliveries are read from `store` and from the stores in
+/// `other_stores`, the state directories of the other processes of a cluster: a partition's
+/// checkpoint lives in its owner's store, and its pending deliveries in the stores of the
+/// endpoints' owners. When one of those stores does not exist here (its process runs on
+/// another machine, or has not started yet) the log is left as it is.
 ///
 /// # Errors
 ///
-/// Fails if the log or the store cannot be read or written; nothing is lost then, only kept
+/// Fails if the log or a store cannot be read or written; nothing is lost then, only kept
 /// longer.
+#[allow(clippy::too_many_arguments)]
 pub fn maintain(
-    log: &mut hookflow_connectors::LocalLog,
+    log: Option<&mut hookflow_connectors::LocalLog>,
     store: &mut StateStore,
+    other_stores: &[PathBuf],
     retention_ms: u64,
     keep_state_ms: u64,
     dedup_window_ms: u64,
     now_ms: Millis,
 ) -> Result<Maintenance, ConnectorError> {
-    let checkpoint = store.checkpoint()?;
-    let pending = store.oldest_pending_offsets()?;
-    let cutoff = now_ms.saturating_sub(retention_ms);
-    let mut truncated = 0;
-    for partition in 0..log.partitions() {
-        let settled = checkpoint.get(&partition).copied().unwrap_or(0);
-        let below = pending
-            .get(&partition)
-            .map_or(settled, |oldest| settled.min(*oldest));
-        truncated += log.truncate(partition, below, cutoff)?;
+    let mut done = Maintenance::default();
+    if let Some(log) = log {
+        match truncation_bounds(store, other_stores)? {
+            Ok(bounds) => {
+                let cutoff = now_ms.saturating_sub(retention_ms);
+                for partition in 0..log.partitions() {
+                    let below = bounds.get(&partition).copied().unwrap_or(0);
+                    done.truncated += log.truncate(partition, below, cutoff)?;
+                }
+            }
+            Err(reason) => done.truncation_skipped = Some(reason),
+        }
+        done.log_bytes = log.disk_bytes();
     }
     store.prune(
         now_ms.saturating_sub(keep_state_ms),
         now_ms.saturating_sub(dedup_window_ms),
     )?;
-    Ok(Maintenance {
-        truncated,
-        log_bytes: log.disk_bytes(),
-        state_bytes: store.disk_bytes(),
-        pending: store.pending_count()?,
-    })
+    done.state_bytes = store.disk_bytes();
+    done.pending = store.pending_count()?;
+    Ok(done)
+}
+
+/// Returns, per partition, the offset below which the log may be truncated: the least of its
+/// checkpoint and the oldest offset any store's pending deliveries reference. A partition
+/// with no checkpoint is absent, so nothing of it is truncated. The inner `Err` is the reason
+/// no bound can be given.
+fn truncation_bounds(
+    store: &StateStore,
+    other_stores: &[PathBuf],
+) -> Result<Result<HashMap<u32, u64>, String>, ConnectorError> {
+    let mut others = Vec::new();
+    for dir in other_stores {
+        if !dir.join("state.sqlite").exists() {
+            return Ok(Err(format!("no state store in {}", dir.display())));
+        }
+        others.push(StateStore::open_dir(dir)?);
+    }
+    let mut checkpoint = HashMap::new();
+    let mut oldest_pending: HashMap<u32, u64> = HashMap::new();
+    for store in std::iter::once(store).chain(others.iter()) {
+        for (partition, next) in store.checkpoint()? {
+            let entry = checkpoint.entry(partition).or_insert(next);
+            *entry = (*entry).max(next);
+        }
+        for (partition, oldest) in store.oldest_pending_offsets()? {
+            let entry = oldest_pending.entry(partition).or_insert(oldest);
+            *entry = (*entry).min(oldest);
+        }
+    }
+    for (partition, oldest) in oldest_pending {
+        if let Some(settled) = checkpoint.get_mut(&partition) {
+            *settled = (*settled).min(oldest);
+        }
+    }
+    Ok(Ok(checkpoint))
 }

@@ -18,6 +18,7 @@ use hookflow_connectors::StateStore;
 use hookflow_operators::deliver::without_credentials;
 use hookflow_schemas::format_millis;
 
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::dataflow::lock_data_dir;
 
@@ -103,6 +104,11 @@ pub fn enable(data_dir: &Path, endpoint_id: &str) -> anyhow::Result<String> {
 }
 
 fn open(data_dir: &Path) -> anyhow::Result<StateStore> {
+    // TODO: a cluster keeps each endpoint's state in the store of the process that owns it
+    // (`Cluster::process_owning_endpoint`); reading those stores would support clusters here.
+    // Until then, a cluster's data directory is rejected, and no single-process store is
+    // created in it.
+    Cluster::default().check_layout(data_dir)?;
     StateStore::open(data_dir)
         .with_context(|| format!("cannot open the state store in {}", data_dir.display()))
 }

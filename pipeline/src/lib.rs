@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+pub mod cluster;
 pub mod config;
 pub mod dataflow;
 pub mod demo;

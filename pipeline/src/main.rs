@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
+use hookflow::cluster::{read_hosts, Cluster};
 use hookflow::config::Config;
 use hookflow::dataflow::{run, RunOptions};
 use hookflow::demo::{run_demo, DemoOptions};
@@ -39,9 +40,22 @@ enum Command {
         /// invalid; pending retries keep it running.
         #[arg(long)]
         until_idle: bool,
-        /// Timely worker threads; overrides `pipeline.workers`.
+        /// Timely worker threads; overrides `pipeline.workers`. In a cluster, the threads of
+        /// each process: give every process the same count.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
         workers: Option<u16>,
+        /// Processes in the timely cluster; more than 1 needs --hosts and a --process-index.
+        /// The count is fixed for a data directory.
+        #[arg(long, value_name = "P", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+        processes: u16,
+        /// This process's index in the cluster, from 0 to P-1. Process 0 serves the
+        /// management API.
+        #[arg(long, value_name = "I", default_value_t = 0)]
+        process_index: u16,
+        /// File listing one host:port per process, in index order: where each process listens
+        /// for the others.
+        #[arg(long, value_name = "FILE")]
+        hosts: Option<PathBuf>,
     },
     /// Append NDJSON events to the local log.
     Publish {
@@ -167,7 +181,11 @@ fn execute(command: Command) -> anyhow::Result<()> {
             data_dir,
             until_idle,
             workers,
+            processes,
+            process_index,
+            hosts,
         } => {
+            let cluster = cluster_from_args(processes, process_index, hosts.as_deref())?;
             let mut loaded = Config::load(&config)?;
             if let Some(workers) = workers {
                 loaded.pipeline.workers = usize::from(workers);
@@ -180,6 +198,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 until_idle,
                 clock: Arc::new(WallClock),
                 stop,
+                cluster,
             })?;
             let count = |outcome: &str| report.outcomes.get(outcome).copied().unwrap_or(0);
             let counter = |counter: &std::sync::atomic::AtomicU64| {
@@ -202,6 +221,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 retry_after_capped = counter(&counters.retry_after_capped),
                 files = report.files.len(),
                 archive = %report.archive_dir.display(),
+                process = report.process_index,
                 "Pipeline stopped."
             );
             if report.parked > 0 {
@@ -266,6 +286,44 @@ fn execute(command: Command) -> anyhow::Result<()> {
             let summary = run_demo(&DemoOptions { dir, events, seed })?;
             print!("{summary}");
             Ok(())
+        }
+    }
+}
+
+/// Builds the cluster description from `run`'s arguments; a wrong combination prints usage and
+/// exits 2, a bad hosts file is an error.
+fn cluster_from_args(
+    processes: u16,
+    process_index: u16,
+    hosts: Option<&std::path::Path>,
+) -> anyhow::Result<Cluster> {
+    use clap::error::ErrorKind;
+    let usage_error = |message: String| -> ! {
+        let mut command = Cli::command();
+        command.build();
+        let error = match command.find_subcommand_mut("run") {
+            Some(run) => run.error(ErrorKind::ArgumentConflict, message),
+            None => command.error(ErrorKind::ArgumentConflict, message),
+        };
+        error.exit()
+    };
+    let (processes, process_index) = (usize::from(processes), usize::from(process_index));
+    if process_index >= processes {
+        usage_error(format!(
+            "--process-index {process_index} is not below --processes {processes}"
+        ));
+    }
+    match hosts {
+        None if processes > 1 => usage_error(format!(
+            "--processes {processes} needs --hosts FILE, one host:port per process"
+        )),
+        None => Ok(Cluster::default()),
+        Some(_) if processes == 1 => {
+            usage_error("--hosts needs --processes greater than 1".to_string())
+        }
+        Some(path) => {
+            let addresses = read_hosts(path, processes)?;
+            Ok(Cluster::new(process_index, addresses)?)
         }
     }
 }

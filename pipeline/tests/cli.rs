@@ -597,6 +597,136 @@ fn restart_does_not_deliver_again() {
     );
 }
 
+/// An endpoint that answers 410 Gone is disabled: its other deliveries are parked across
+/// restarts, `endpoints list` says why, and after `endpoints enable` the next run delivers
+/// every parked one exactly once.
+#[test]
+fn gone_endpoint_parks_until_enabled() {
+    let fixture = Fixture::new(HashMap::from([(
+        "/gone".to_string(),
+        Behaviour::Status(410),
+    )]));
+    let endpoints = |gone_path| {
+        [
+            ("ep_gone", "acme", gone_path, r#"["*"]"#),
+            ("ep_ok", "acme", "/ok", r#"["*"]"#),
+        ]
+    };
+    let config = fixture.write_config_with(
+        &endpoints("/gone"),
+        "[retry]\nschedule_ms = [100]\n",
+        "max_in_flight = 1",
+    );
+    let lines: Vec<String> = (0..6)
+        .map(|n| event("acme", &format!("evt_{n:03}"), "t.a", "{}"))
+        .collect();
+    assert!(fixture.publish(&lines, false).status.success());
+
+    let output = fixture.run_until_idle(&config);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("5 deliveries parked"), "{stdout}");
+    let to = |path: &str| {
+        fixture
+            .receiver
+            .requests()
+            .into_iter()
+            .filter(|request| request.path == path)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(to("/gone").len(), 1, "one 410, then nothing");
+    assert_eq!(to("/ok").len(), 6, "the other endpoint is unaffected");
+
+    let list = hookflow()
+        .args(["endpoints", "list", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(fixture.data_dir())
+        .output()
+        .expect("run hookflow endpoints list");
+    assert!(list.status.success(), "{}", stderr(&list));
+    let listing = String::from_utf8_lossy(&list.stdout);
+    let gone_line = listing
+        .lines()
+        .find(|line| line.starts_with("ep_gone"))
+        .unwrap_or_default();
+    assert!(gone_line.contains("410 Gone"), "{listing}");
+    assert!(gone_line.contains(" 5 "), "5 parked: {listing}");
+    let ok_line = listing
+        .lines()
+        .find(|line| line.starts_with("ep_ok"))
+        .unwrap_or_default();
+    assert!(ok_line.contains("enabled"), "{listing}");
+
+    // A restart keeps the endpoint disabled and its deliveries parked.
+    fixture.run_until_idle(&config);
+    assert_eq!(to("/gone").len(), 1);
+
+    // The receiver moved: point the endpoint at its new URL and enable it.
+    let config = fixture.write_config_with(
+        &endpoints("/back"),
+        "[retry]\nschedule_ms = [100]\n",
+        "max_in_flight = 1",
+    );
+    let enable = || {
+        hookflow()
+            .args(["endpoints", "enable", "--data-dir"])
+            .arg(fixture.data_dir())
+            .arg("ep_gone")
+            .output()
+            .expect("run hookflow endpoints enable")
+    };
+    let mut running = fixture.spawn_run(&config);
+    let lock_path = fixture.data_dir().join("hookflow.lock");
+    let held = wait_for(Duration::from_secs(10), || {
+        std::fs::File::open(&lock_path).is_ok_and(|file| file.try_lock().is_err())
+    });
+    assert!(
+        held,
+        "the running pipeline never took the data directory's lock"
+    );
+    let refused = enable();
+    let log = terminate(&mut running);
+    assert!(!refused.status.success(), "enabling while running: {log}");
+    assert!(stderr(&refused).contains("in use"), "{}", stderr(&refused));
+
+    let enabled = enable();
+    assert!(enabled.status.success(), "{}", stderr(&enabled));
+    assert!(
+        String::from_utf8_lossy(&enabled.stdout).contains("5 parked"),
+        "{}",
+        String::from_utf8_lossy(&enabled.stdout)
+    );
+    let again = enable();
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("was not disabled"),
+        "{}",
+        stderr(&again)
+    );
+
+    fixture.run_until_idle(&config);
+    let mut resumed = ids(&to("/back"));
+    resumed.dedup();
+    assert_eq!(
+        resumed,
+        ["evt_001", "evt_002", "evt_003", "evt_004", "evt_005"],
+        "every parked delivery, once"
+    );
+    assert_eq!(to("/back").len(), 5);
+    let rows = fixture.rows();
+    let delivered_to_gone = rows
+        .iter()
+        .filter(|row| row.endpoint_id.as_deref() == Some("ep_gone") && row.outcome == "delivered")
+        .count();
+    assert_eq!(delivered_to_gone, 5);
+    let gone_rows: Vec<_> = rows
+        .iter()
+        .filter(|row| row.error_kind.as_deref() == Some("gone"))
+        .collect();
+    assert_eq!(gone_rows.len(), 1);
+    assert_eq!(gone_rows[0].outcome, "dead_lettered");
+}
+
 #[test]
 fn retention_truncates_settled_records_only() {
     let fixture = Fixture::new(HashMap::from([(

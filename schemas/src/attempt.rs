@@ -28,10 +28,12 @@
 //! next_attempt_at     timestamp[ms, UTC]    yes   when a retry is scheduled
 //! retry_after         utf8                  yes   the response's Retry-After, as sent
 //! location            utf8                  yes   the response's Location (redirects)
+//! response_lossy      bool                  yes   the snippet replaced invalid UTF-8 (since v2)
 //! ```
 //!
 //! A later schema version only adds nullable columns; files carry the version in their
-//! key-value metadata under `hookflow.attempt_schema_version`.
+//! key-value metadata under `hookflow.attempt_schema_version`. Version 2 added
+//! `response_lossy`; readers treat it as null in version 1 files.
 
 use std::sync::Arc;
 
@@ -45,7 +47,7 @@ use serde::{Deserialize, Serialize};
 use crate::Millis;
 
 /// Version of the attempt schema written into every archive file's metadata.
-pub const ATTEMPT_SCHEMA_VERSION: u32 = 1;
+pub const ATTEMPT_SCHEMA_VERSION: u32 = 2;
 
 /// The result an attempt row records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -193,6 +195,9 @@ pub struct AttemptRow {
     pub next_attempt_at_ms: Option<Millis>,
     pub retry_after: Option<String>,
     pub location: Option<String>,
+    /// Whether `response_snippet` differs from the bytes received, because bytes that are not
+    /// UTF-8 were replaced with U+FFFD. `None` without a response.
+    pub response_lossy: Option<bool>,
 }
 
 impl AttemptRow {
@@ -283,6 +288,7 @@ pub fn attempt_schema() -> SchemaRef {
             Field::new("next_attempt_at", ts(), true),
             Field::new("retry_after", DataType::Utf8, true),
             Field::new("location", DataType::Utf8, true),
+            Field::new("response_lossy", DataType::Boolean, true),
         ])
         .with_metadata(
             metadata
@@ -330,9 +336,11 @@ pub fn attempts_to_record_batch(
     };
     let mut status = UInt16Builder::new();
     let mut truncated = BooleanBuilder::new();
+    let mut lossy = BooleanBuilder::new();
     for row in rows {
         status.append_option(row.http_status);
         truncated.append_option(row.response_truncated);
+        lossy.append_option(row.response_lossy);
     }
 
     let columns: Vec<ArrayRef> = vec![
@@ -361,6 +369,7 @@ pub fn attempts_to_record_batch(
         times(&|r| r.next_attempt_at_ms),
         strings(&|r| r.retry_after.as_deref()),
         strings(&|r| r.location.as_deref()),
+        Arc::new(lossy.finish()),
     ];
     RecordBatch::try_new(attempt_schema(), columns)
 }
@@ -392,6 +401,7 @@ mod tests {
                 outcome: Outcome::Delivered.as_str().into(),
                 http_status: Some(200),
                 finished_at_ms: 1_700_000_000_000,
+                response_lossy: Some(true),
                 ..AttemptRow::default()
             },
             AttemptRow {
@@ -407,5 +417,10 @@ mod tests {
         assert_eq!(attempts.as_primitive::<UInt32Type>().value(0), 1);
         let event_ids = batch.column_by_name("event_id").expect("event_id column");
         assert!(event_ids.is_null(1));
+        let lossy = batch
+            .column_by_name("response_lossy")
+            .expect("response_lossy column");
+        assert!(lossy.as_boolean().value(0));
+        assert!(lossy.is_null(1));
     }
 }

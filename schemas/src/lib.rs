@@ -18,7 +18,9 @@ pub use attempt::{
     attempt_schema, attempts_to_record_batch, AttemptRow, ErrorKind, Outcome,
     ATTEMPT_SCHEMA_VERSION,
 };
-pub use endpoint::{Endpoint, EventTypePattern, PatternError, RateLimit};
+pub use endpoint::{
+    redact_user_info, Endpoint, EventTypePattern, PatternError, RateLimit, SigningSecret,
+};
 pub use event::{
     decode_event, DecodeError, Delivery, Event, FirstSeen, IngestedEvent, PendingDelivery,
     SourceRecord, DEFAULT_MAX_PAYLOAD_BYTES,

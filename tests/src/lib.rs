@@ -69,6 +69,7 @@ pub fn run_until_idle(data_dir: &Path, text: &str, workers: usize) -> anyhow::Re
         until_idle: true,
         clock: Arc::new(WallClock),
         stop: Arc::new(StopSignal::new()),
+        cluster: hookflow::cluster::Cluster::default(),
     })
 }
 

@@ -38,7 +38,8 @@ pub fn list_archive_files(dir: &Path) -> Result<Vec<PathBuf>, ConnectorError> {
 /// file order.
 ///
 /// See [`list_archive_files`] for which files are read. Every column of the attempt schema
-/// must be present with its type, and columns the schema does not know are ignored.
+/// must be present with its type, except `response_lossy`, which version 2 added and which
+/// reads as null from older files. Columns the schema does not know are ignored.
 ///
 /// # Errors
 ///
@@ -159,6 +160,8 @@ impl<'a> BatchColumns<'a> {
         let next_attempt_at = self.column::<TimestampMillisecondArray>("next_attempt_at")?;
         let retry_after = self.column::<StringArray>("retry_after")?;
         let location = self.column::<StringArray>("location")?;
+        // Added in schema version 2; null in files of version 1.
+        let response_lossy = self.optional_column::<BooleanArray>("response_lossy")?;
 
         rows.reserve(self.batch.num_rows());
         for row in 0..self.batch.num_rows() {
@@ -194,9 +197,24 @@ impl<'a> BatchColumns<'a> {
                 next_attempt_at_ms: self.time("next_attempt_at", next_attempt_at, row)?,
                 retry_after: optional_string(retry_after, row),
                 location: optional_string(location, row),
+                response_lossy: response_lossy
+                    .filter(|column| column.is_valid(row))
+                    .map(|column| column.value(row)),
             });
         }
         Ok(())
+    }
+
+    /// Returns the column `name` like [`Self::column`], or `None` when a file written before
+    /// the column was added lacks it.
+    fn optional_column<T: Array + 'static>(
+        &self,
+        name: &'static str,
+    ) -> Result<Option<&'a T>, ConnectorError> {
+        if self.batch.column_by_name(name).is_none() {
+            return Ok(None);
+        }
+        self.column(name).map(Some)
     }
 
     /// Returns the column `name`, checked against its type in the attempt schema.

@@ -10,7 +10,9 @@ use arrow::datatypes::{Field, Schema};
 use hookflow_connectors::{
     list_archive_files, read_attempts, ArchiveOptions, ArchiveWriter, ConnectorError,
 };
-use hookflow_schemas::{attempts_to_record_batch, AttemptRow, Outcome, ATTEMPT_SCHEMA_VERSION};
+use hookflow_schemas::{
+    attempt_schema, attempts_to_record_batch, AttemptRow, Outcome, ATTEMPT_SCHEMA_VERSION,
+};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::metadata::{ParquetMetaData, ParquetMetaDataReader};
@@ -56,6 +58,7 @@ fn varied_rows(count: usize, day_ms: u64) -> Vec<AttemptRow> {
                     next_attempt_at_ms: None,
                     retry_after: None,
                     location: None,
+                    response_lossy: Some(true),
                 },
                 1 => AttemptRow {
                     offset: i as u64,
@@ -309,7 +312,7 @@ fn files_are_zstd_compressed() -> TestResult {
 
     assert_eq!(metadata.num_row_groups(), 3);
     for row_group in metadata.row_groups() {
-        assert_eq!(row_group.num_columns(), 25);
+        assert_eq!(row_group.num_columns(), attempt_schema().fields().len());
         for column in row_group.columns() {
             assert!(
                 matches!(column.compression(), Compression::ZSTD(_)),
@@ -484,6 +487,34 @@ fn read_names_file_with_missing_column() -> TestResult {
         err.to_string().contains(&path.display().to_string()),
         "message: {err}"
     );
+    Ok(())
+}
+
+/// A file of schema version 1 has no `response_lossy` column; its rows read with the flag
+/// null and every other column intact.
+#[test]
+fn version_one_file_reads_lossy_as_null() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let rows = varied_rows(5, DAY_ONE_MS);
+    let full = attempts_to_record_batch(&rows)?;
+    let version_one = full.project(
+        &(0..full.num_columns())
+            .filter(|index| full.schema().field(*index).name() != "response_lossy")
+            .collect::<Vec<_>>(),
+    )?;
+    write_foreign_file(dir.path(), "version-1.parquet", &version_one)?;
+
+    let read = read_attempts(dir.path())?;
+
+    assert!(rows.iter().any(|row| row.response_lossy.is_some()));
+    let expected: Vec<AttemptRow> = rows
+        .into_iter()
+        .map(|row| AttemptRow {
+            response_lossy: None,
+            ..row
+        })
+        .collect();
+    assert_eq!(read, expected);
     Ok(())
 }
 

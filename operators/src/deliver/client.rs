@@ -5,23 +5,29 @@
 //! and waits for the response head. `read_response` reads at most `max_response_bytes` of
 //! the body. Host names are resolved by [`PolicyResolver`], which drops every address the
 //! policy rejects before reqwest connects, so a name cannot smuggle in a private address.
-//! Redirects are never followed and proxies never come from the environment.
+//! Redirects are never followed and proxies never come from the environment. With a
+//! configured proxy the proxy resolves the target itself, so the target's name is resolved
+//! here first and refused if any of its addresses is.
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once, PoisonError};
 use std::time::Duration;
 
-use hookflow_schemas::{Delivery, Endpoint, ErrorKind, Event};
+use hookflow_schemas::{format_millis, redact_user_info, Delivery, Endpoint, ErrorKind, Event};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTER};
+use reqwest::header::{
+    HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, LOCATION, RETRY_AFTER,
+};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use url::{Host, Url};
 
 use super::address::AddressPolicy;
+use super::headers::parse_static_header;
 use super::result::{classify, AttemptResult, Observation};
 use super::signature::signature_header;
 use super::DeliverError;
@@ -39,8 +45,23 @@ pub const DEFAULT_SNIPPET_BYTES: usize = 1024;
 /// The longest `Location` or `Retry-After` value kept, in bytes.
 const MAX_HEADER_VALUE_BYTES: usize = 1024;
 
-/// Maximum number of HTTP clients kept, one per distinct connect timeout.
+/// Maximum number of HTTP clients kept, one per distinct [`ClientKey`].
 const MAX_CACHED_CLIENTS: usize = 32;
+
+/// The maximum idle time of a pooled connection when the receiver sends no `Keep-Alive`
+/// hint, in ms. It matches reqwest's own default (0.13).
+const DEFAULT_POOL_IDLE_MS: u64 = 90_000;
+
+/// The settings that differ between the reqwest clients of one [`DeliveryClient`]: reqwest
+/// sets each of them per client, not per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct ClientKey {
+    /// The connect timeout in ms; 0 for none.
+    connect_timeout_ms: u64,
+    /// How long an idle connection stays in the pool, in ms; 0 keeps none, so every request
+    /// opens a fresh connection.
+    pool_idle_ms: u64,
+}
 
 /// The boxed error type of [`reqwest::dns::Resolving`].
 type BoxError = Box<dyn StdError + Send + Sync>;
@@ -60,6 +81,16 @@ pub struct ClientConfig {
     /// Resolves host names before the address policy filters them. `None` uses
     /// [`SystemResolver`]; tests inject a fixed table here.
     pub resolver: Option<Arc<dyn Resolve>>,
+    /// The HTTP proxy every request goes through (`http://host:port`). Only this setting
+    /// turns a proxy on; `HTTP_PROXY` and the like are ignored. The proxy's own address is
+    /// trusted, so it may be private. Default: none.
+    pub proxy: Option<Url>,
+    /// Whether only `https` endpoint URLs are attempted; an `http` one is refused without a
+    /// request. Default false.
+    pub https_only: bool,
+    /// PEM certificates trusted as roots besides the system's, for receivers whose
+    /// certificate a private CA issued. Default: none.
+    pub ca_bundle_pem: Option<Vec<u8>>,
 }
 
 impl Default for ClientConfig {
@@ -69,6 +100,9 @@ impl Default for ClientConfig {
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             snippet_bytes: DEFAULT_SNIPPET_BYTES,
             resolver: None,
+            proxy: None,
+            https_only: false,
+            ca_bundle_pem: None,
         }
     }
 }
@@ -80,6 +114,15 @@ impl fmt::Debug for ClientConfig {
             .field("max_response_bytes", &self.max_response_bytes)
             .field("snippet_bytes", &self.snippet_bytes)
             .field("resolver", &self.resolver.as_ref().map(|_| "custom"))
+            .field(
+                "proxy",
+                &self
+                    .proxy
+                    .as_ref()
+                    .map(|url| redact_user_info(url.as_str())),
+            )
+            .field("https_only", &self.https_only)
+            .field("ca_bundle_pem", &self.ca_bundle_pem.as_ref().map(Vec::len))
             .finish()
     }
 }
@@ -103,6 +146,9 @@ impl Resolve for SystemResolver {
 pub struct PolicyResolver {
     inner: Arc<dyn Resolve>,
     policy: Arc<AddressPolicy>,
+    /// A host name whose addresses are not filtered: the configured proxy, which an operator
+    /// chose and which usually sits in a private network.
+    trusted_host: Option<String>,
 }
 
 impl PolicyResolver {
@@ -111,7 +157,14 @@ impl PolicyResolver {
         PolicyResolver {
             inner,
             policy: Arc::new(policy),
+            trusted_host: None,
         }
+    }
+
+    /// Exempts `host` (compared without case) from the policy.
+    pub fn trusting(mut self, host: &str) -> Self {
+        self.trusted_host = Some(host.to_ascii_lowercase());
+        self
     }
 }
 
@@ -122,6 +175,9 @@ impl Resolve for PolicyResolver {
     /// one rejected, and with [`DeliverError::NoAddress`] when the name resolved to nothing.
     fn resolve(&self, name: Name) -> Resolving {
         let host = name.as_str().to_owned();
+        if self.trusted_host.as_deref() == Some(host.to_ascii_lowercase().as_str()) {
+            return self.inner.resolve(name);
+        }
         let lookup = self.inner.resolve(name);
         let policy = Arc::clone(&self.policy);
         Box::pin(async move {
@@ -172,10 +228,13 @@ fn permitted_addresses(
 ///   application/json` and the `user-agent` [`USER_AGENT`].
 /// * The Standard Webhooks headers are `webhook-id` (the event id), `webhook-timestamp`
 ///   (the send time in seconds) and `webhook-signature`. The signature header contains one
-///   `v1,` signature per secret, separated by spaces, and is absent when the endpoint has
-///   no secret.
-/// * Only addresses the [`AddressPolicy`] permits are contacted. Redirects are not followed,
-///   proxies are not used.
+///   `v1,` signature per secret active at the send time, separated by spaces, and is absent
+///   when the endpoint has no secret. An endpoint whose secrets have all expired gets no
+///   request: the attempt fails with error kind `request`.
+/// * The endpoint's static headers are sent too; they never replace the headers above.
+/// * Only addresses the [`AddressPolicy`] permits are contacted, and only `https` URLs when
+///   `https_only` is set. Redirects are not followed. The only proxy used is the configured
+///   one, and a target it would reach is refused when any address of the target is.
 /// * `endpoint.timeout_ms` bounds the whole attempt, response body included;
 ///   `endpoint.connect_timeout_ms` bounds connecting (0: only the whole-attempt bound).
 #[derive(Clone)]
@@ -188,9 +247,20 @@ struct ClientInner {
     max_response_bytes: usize,
     snippet_bytes: usize,
     resolver: Arc<PolicyResolver>,
-    /// One reqwest client per connect timeout (ms), because reqwest sets that timeout per
-    /// client. Requests in flight keep their client alive after an eviction.
-    clients: Mutex<HashMap<u64, reqwest::Client>>,
+    /// The resolver without the policy, for checking a target that a proxy will resolve.
+    lookup: Arc<dyn Resolve>,
+    proxy: Option<Url>,
+    https_only: bool,
+    root_certificates: Vec<reqwest::Certificate>,
+    /// One reqwest client per [`ClientKey`]. Requests in flight keep their client alive
+    /// after an eviction.
+    clients: Mutex<HashMap<ClientKey, reqwest::Client>>,
+    /// The pool idle time derived from each endpoint's last `Keep-Alive: timeout=N` hint, in
+    /// ms, by endpoint id. Endpoints without a hint have no entry.
+    keep_alive_idle_ms: Mutex<HashMap<String, u64>>,
+    /// Requests sent a second time because their connection closed before any response
+    /// byte.
+    stale_connection_resends: AtomicU64,
 }
 
 impl fmt::Debug for DeliveryClient {
@@ -214,29 +284,199 @@ impl DeliveryClient {
     pub fn new(config: ClientConfig) -> Result<Self, DeliverError> {
         install_crypto_provider();
 
-        let inner_resolver = config.resolver.unwrap_or_else(|| Arc::new(SystemResolver));
-        let resolver = Arc::new(PolicyResolver::new(
-            inner_resolver,
-            config.address_policy.clone(),
-        ));
+        let lookup = config.resolver.unwrap_or_else(|| Arc::new(SystemResolver));
+        let mut resolver = PolicyResolver::new(Arc::clone(&lookup), config.address_policy.clone());
+        if let Some(proxy) = &config.proxy {
+            if !matches!(proxy.scheme(), "http" | "https") {
+                return Err(DeliverError::InvalidProxy {
+                    reason: format!(
+                        "scheme `{}` is not supported; use http or https",
+                        proxy.scheme()
+                    ),
+                });
+            }
+            match proxy.host() {
+                Some(Host::Domain(name)) => resolver = resolver.trusting(name),
+                Some(_) => {}
+                None => {
+                    return Err(DeliverError::InvalidProxy {
+                        reason: "the URL has no host".to_string(),
+                    })
+                }
+            }
+        }
+        let root_certificates = match &config.ca_bundle_pem {
+            Some(pem) => {
+                reqwest::Certificate::from_pem_bundle(pem).map_err(DeliverError::InvalidCaBundle)?
+            }
+            None => Vec::new(),
+        };
         let client = DeliveryClient {
             inner: Arc::new(ClientInner {
                 address_policy: config.address_policy,
                 max_response_bytes: config.max_response_bytes,
                 snippet_bytes: config.snippet_bytes.min(config.max_response_bytes),
-                resolver,
+                resolver: Arc::new(resolver),
+                lookup,
+                proxy: config.proxy,
+                https_only: config.https_only,
+                root_certificates,
                 clients: Mutex::new(HashMap::new()),
+                keep_alive_idle_ms: Mutex::new(HashMap::new()),
+                stale_connection_resends: AtomicU64::new(0),
             }),
         };
 
         // Build one client now, so that a TLS setup problem shows at start and not per attempt.
-        client.http_client(0)?;
+        client.http_client(ClientKey {
+            connect_timeout_ms: 0,
+            pool_idle_ms: DEFAULT_POOL_IDLE_MS,
+        })?;
         Ok(client)
     }
 
     /// Returns the address policy this client enforces.
     pub fn address_policy(&self) -> &AddressPolicy {
         &self.inner.address_policy
+    }
+
+    /// Returns how many requests were sent a second time, within their attempt, because the
+    /// connection closed before any response byte (typically a pooled connection that the
+    /// receiver closed as it was reused).
+    pub fn stale_connection_resends(&self) -> u64 {
+        self.inner.stale_connection_resends.load(Ordering::Relaxed)
+    }
+
+    /// Returns how long an idle connection to `endpoint_id` may stay pooled, in ms.
+    fn pool_idle_ms(&self, endpoint_id: &str) -> u64 {
+        let hints = self
+            .inner
+            .keep_alive_idle_ms
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        hints
+            .get(endpoint_id)
+            .copied()
+            .unwrap_or(DEFAULT_POOL_IDLE_MS)
+    }
+
+    /// Stores the `Keep-Alive` hint of a response from `endpoint_id`, or removes the stored
+    /// one when the response has none.
+    fn record_keep_alive(&self, endpoint_id: &str, headers: &HeaderMap) {
+        let idle_ms = headers
+            .get("keep-alive")
+            .and_then(|value| value.to_str().ok())
+            .and_then(keep_alive_timeout_s)
+            .map(pool_idle_ms_for_hint)
+            .filter(|idle_ms| *idle_ms < DEFAULT_POOL_IDLE_MS);
+        let mut hints = self
+            .inner
+            .keep_alive_idle_ms
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match idle_ms {
+            Some(idle_ms) => {
+                if hints.insert(endpoint_id.to_string(), idle_ms) != Some(idle_ms) {
+                    tracing::debug!(
+                        endpoint_id = %endpoint_id,
+                        pool_idle_ms = idle_ms,
+                        "Limiting idle connection reuse to the receiver's Keep-Alive hint."
+                    );
+                }
+            }
+            None => {
+                hints.remove(endpoint_id);
+            }
+        }
+    }
+
+    /// Checks what can be known of `url` without a lookup: its scheme (`http` or `https`, only
+    /// `https` under `https_only`), that it has a host, and an IP-literal host against the
+    /// address policy, in whatever notation the URL wrote it.
+    ///
+    /// # Errors
+    ///
+    /// [`DeliverError::InvalidUrl`], [`DeliverError::HttpsRequired`] or
+    /// [`DeliverError::AddressRefused`].
+    pub fn check_url(&self, url: &Url) -> Result<(), DeliverError> {
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(DeliverError::InvalidUrl {
+                reason: format!(
+                    "scheme `{}` is not supported; use http or https",
+                    url.scheme()
+                ),
+            });
+        }
+        if self.inner.https_only && url.scheme() != "https" {
+            return Err(DeliverError::HttpsRequired);
+        }
+
+        // The URL parser has already turned decimal, hex, octal and shortened IPv4 forms into
+        // an address. reqwest connects to an IP-literal host without asking the resolver, so
+        // the policy is checked here.
+        let address = match url.host() {
+            Some(Host::Ipv4(address)) => IpAddr::V4(address),
+            Some(Host::Ipv6(address)) => IpAddr::V6(address),
+            Some(Host::Domain(_)) => return Ok(()),
+            None => {
+                return Err(DeliverError::InvalidUrl {
+                    reason: "it has no host".to_string(),
+                })
+            }
+        };
+        self.inner
+            .address_policy
+            .check(address)
+            .map_err(|range| DeliverError::AddressRefused {
+                host: address.to_string(),
+                address,
+                range,
+            })
+    }
+
+    /// Resolves the host of a URL that a proxy will fetch, and fails when any of its
+    /// addresses is refused: the proxy resolves the name again and may pick any of them.
+    async fn check_proxied_target(&self, url: &Url) -> Result<(), Failure> {
+        let Some(Host::Domain(host)) = url.host() else {
+            return Ok(());
+        };
+        let name: Name = host.parse().map_err(|_| {
+            Failure::request(format!("endpoint host `{host}` is not a valid host name"))
+        })?;
+        let resolved: Vec<SocketAddr> = match self.inner.lookup.resolve(name).await {
+            Ok(addresses) => addresses.collect(),
+            Err(e) => {
+                return Err(Failure {
+                    kind: ErrorKind::Connect,
+                    message: format!("resolving host `{host}` failed: {}", error_chain(&*e)),
+                })
+            }
+        };
+        if resolved.is_empty() {
+            return Err(Failure {
+                kind: ErrorKind::Connect,
+                message: DeliverError::NoAddress {
+                    host: host.to_string(),
+                }
+                .to_string(),
+            });
+        }
+        for address in resolved {
+            if let Err(range) = self.inner.address_policy.check(address.ip()) {
+                let refusal = DeliverError::AddressRefused {
+                    host: host.to_string(),
+                    address: address.ip(),
+                    range,
+                };
+                return Err(Failure {
+                    kind: ErrorKind::Refused,
+                    message: format!(
+                        "{refusal}; through the proxy every address of the host must be permitted"
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Makes one delivery attempt of `delivery` to `endpoint` and records what happened.
@@ -254,9 +494,8 @@ impl DeliveryClient {
         let body_sha256 = hex(&Sha256::digest(&event.payload));
         let url = Url::parse(&endpoint.url);
         let started_at_ms = clock.now_ms();
-        let timestamp = started_at_ms / 1000;
 
-        let exchange = match self.prepare(endpoint, event, timestamp, &url) {
+        let exchange = match self.prepare(endpoint, event, started_at_ms, &url) {
             Ok((client, request)) => self.exchange(endpoint, client, request).await,
             Err(failure) => Err(failure),
         };
@@ -274,6 +513,7 @@ impl DeliveryClient {
                     error_message: verdict.error_kind.map(|_| response.describe_failure()),
                     response_snippet: Some(response.snippet),
                     response_truncated: Some(response.truncated),
+                    response_lossy: Some(response.lossy),
                     response_bytes_read: response.bytes_read,
                     body_sha256,
                     retry_after: response.retry_after,
@@ -289,6 +529,7 @@ impl DeliveryClient {
                 error_message: Some(failure.message),
                 response_snippet: None,
                 response_truncated: None,
+                response_lossy: None,
                 response_bytes_read: 0,
                 body_sha256,
                 retry_after: None,
@@ -310,13 +551,17 @@ impl DeliveryClient {
 
     /// Builds the signed request and picks the client that sends it, rejecting an IP-literal
     /// host the policy does not permit.
+    ///
+    /// `now_ms` is the attempt's one clock read: its seconds are the `webhook-timestamp`, and
+    /// it decides which secrets are active.
     fn prepare(
         &self,
         endpoint: &Endpoint,
         event: &Event,
-        timestamp: u64,
+        now_ms: u64,
         url: &Result<Url, url::ParseError>,
     ) -> Result<(reqwest::Client, reqwest::Request), Failure> {
+        let timestamp = now_ms / 1000;
         let url = match url {
             Ok(url) => url.clone(),
             Err(e) => {
@@ -326,37 +571,34 @@ impl DeliveryClient {
                 )))
             }
         };
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(Failure::request(format!(
-                "endpoint URL scheme `{}` is not supported; use http or https",
-                url.scheme()
-            )));
-        }
-
-        // reqwest connects to an IP-literal host without asking the resolver, so the policy
-        // is checked here.
-        let literal = match url.host() {
-            Some(Host::Ipv4(address)) => Some(IpAddr::V4(address)),
-            Some(Host::Ipv6(address)) => Some(IpAddr::V6(address)),
-            Some(Host::Domain(_)) => None,
-            None => return Err(Failure::request("endpoint URL has no host".to_string())),
-        };
-        if let Some(address) = literal {
-            if let Err(range) = self.inner.address_policy.check(address) {
-                let host = address.to_string();
-                let refusal = DeliverError::AddressRefused {
-                    host,
-                    address,
-                    range,
-                };
-                return Err(Failure {
-                    kind: ErrorKind::Refused,
-                    message: refusal.to_string(),
-                });
+        self.check_url(&url).map_err(|e| {
+            let kind = match e {
+                DeliverError::AddressRefused { .. } | DeliverError::HttpsRequired => {
+                    ErrorKind::Refused
+                }
+                _ => ErrorKind::Request,
+            };
+            Failure {
+                kind,
+                message: e.to_string(),
             }
-        }
+        })?;
 
-        let mut headers = HeaderMap::with_capacity(4);
+        let mut headers = HeaderMap::with_capacity(4 + endpoint.headers.len());
+        for (name, value) in &endpoint.headers {
+            let (name, value) =
+                parse_static_header(name, value).map_err(|e| Failure::request(e.to_string()))?;
+            headers.insert(name, value);
+        }
+        // reqwest turns URL credentials into an `authorization` header only when the request
+        // has none, so a static one would silently win.
+        if headers.contains_key(AUTHORIZATION) && has_credentials(&url) {
+            return Err(Failure::request(
+                "the endpoint URL contains credentials and the endpoint also has a static \
+                 `authorization` header; keep only one of them"
+                    .to_string(),
+            ));
+        }
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         let id = HeaderValue::from_str(&event.id).map_err(|_| {
             Failure::request("event id contains bytes not allowed in a header".to_string())
@@ -367,17 +609,27 @@ impl DeliveryClient {
             HeaderValue::from(timestamp),
         );
         if !endpoint.secrets.is_empty() {
-            let signatures =
-                signature_header(&endpoint.secrets, &event.id, timestamp, &event.payload)
-                    .map_err(|e| Failure::request(e.to_string()))?;
+            let active: Vec<&str> = endpoint
+                .active_secrets(now_ms)
+                .map(|secret| secret.value.as_str())
+                .collect();
+            if active.is_empty() {
+                return Err(Failure::request(expired_secrets_message(endpoint)));
+            }
+            let signatures = signature_header(&active, &event.id, timestamp, &event.payload)
+                .map_err(|e| Failure::request(e.to_string()))?;
             let signatures = HeaderValue::from_str(&signatures).map_err(|_| {
                 Failure::request("webhook-signature is not a valid header value".to_string())
             })?;
             headers.insert(HeaderName::from_static("webhook-signature"), signatures);
         }
 
+        let key = ClientKey {
+            connect_timeout_ms: endpoint.connect_timeout_ms,
+            pool_idle_ms: self.pool_idle_ms(&endpoint.id),
+        };
         let client = self
-            .http_client(endpoint.connect_timeout_ms)
+            .http_client(key)
             .map_err(|e| Failure::request(error_chain(&e)))?;
         let request = client
             .post(url)
@@ -397,7 +649,51 @@ impl DeliveryClient {
     ) -> Result<ResponseSummary, Failure> {
         let deadline = Instant::now() + Duration::from_millis(endpoint.timeout_ms);
 
-        let response = match tokio::time::timeout_at(deadline, client.execute(request)).await {
+        if self.inner.proxy.is_some() {
+            let check = self.check_proxied_target(request.url());
+            match tokio::time::timeout_at(deadline, check).await {
+                Ok(Ok(())) => {}
+                Ok(Err(failure)) => return Err(failure),
+                Err(_elapsed) => {
+                    return Err(Failure {
+                        kind: ErrorKind::Timeout,
+                        message: format!(
+                            "resolving the endpoint's host took longer than its timeout of {} ms",
+                            endpoint.timeout_ms
+                        ),
+                    })
+                }
+            }
+        }
+
+        // Kept for one resend; a body of bytes always clones.
+        let resend = request.try_clone();
+        let mut outcome = tokio::time::timeout_at(deadline, client.execute(request)).await;
+        if let (Ok(Err(e)), Some(resend)) = (&outcome, resend) {
+            if closed_before_response(e) {
+                // A pooled connection that the receiver closed just as it was reused fails
+                // like this. The request goes again at once on a fresh connection, within
+                // the same attempt and deadline. The first copy may have been processed after
+                // all, so receivers deduplicate on `webhook-id`.
+                self.inner
+                    .stale_connection_resends
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    endpoint_id = %endpoint.id,
+                    error = %e.source().map(error_chain).unwrap_or_default(),
+                    "Connection closed before any response byte; resending on a fresh connection."
+                );
+                let fresh = self
+                    .http_client(ClientKey {
+                        connect_timeout_ms: endpoint.connect_timeout_ms,
+                        pool_idle_ms: 0,
+                    })
+                    .map_err(|e| Failure::request(error_chain(&e)))?;
+                outcome = tokio::time::timeout_at(deadline, fresh.execute(resend)).await;
+            }
+        }
+
+        let response = match outcome {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => return Err(Failure::from_reqwest(e, endpoint)),
             Err(_elapsed) => {
@@ -426,6 +722,7 @@ impl DeliveryClient {
         deadline: Instant,
     ) -> ResponseSummary {
         let status = response.status();
+        self.record_keep_alive(&endpoint.id, response.headers());
         let location = header_text(response.headers(), &LOCATION);
         let retry_after = header_text(response.headers(), &RETRY_AFTER);
 
@@ -464,25 +761,28 @@ impl DeliveryClient {
             }
         }
 
+        let truncated = !complete || bytes_read > snippet.len() as u64;
+        let (snippet, lossy) = utf8_prefix_lossy(&snippet);
         ResponseSummary {
             status: status.as_u16(),
             reason: status.canonical_reason(),
             location,
             retry_after,
-            truncated: !complete || bytes_read > snippet.len() as u64,
-            snippet: utf8_prefix_lossy(&snippet),
+            truncated,
+            snippet,
+            lossy,
             bytes_read,
         }
     }
 
-    /// Returns the cached reqwest client for `connect_timeout_ms`, building it on first use.
-    fn http_client(&self, connect_timeout_ms: u64) -> Result<reqwest::Client, DeliverError> {
+    /// Returns the cached reqwest client for `key`, building it on first use.
+    fn http_client(&self, key: ClientKey) -> Result<reqwest::Client, DeliverError> {
         let mut clients = self
             .inner
             .clients
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(client) = clients.get(&connect_timeout_ms) {
+        if let Some(client) = clients.get(&key) {
             return Ok(client.clone());
         }
 
@@ -490,8 +790,9 @@ impl DeliveryClient {
             if let Some(evicted) = clients.keys().next().copied() {
                 clients.remove(&evicted);
                 tracing::debug!(
-                    connect_timeout_ms = evicted,
-                    "Evicted an HTTP client; more distinct connect timeouts than cached clients."
+                    connect_timeout_ms = evicted.connect_timeout_ms,
+                    pool_idle_ms = evicted.pool_idle_ms,
+                    "Evicted an HTTP client; more distinct client settings than cached clients."
                 );
             }
         }
@@ -499,13 +800,28 @@ impl DeliveryClient {
         let mut builder = reqwest::Client::builder()
             .user_agent(USER_AGENT)
             .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
+            .https_only(self.inner.https_only)
+            .tls_certs_merge(self.inner.root_certificates.iter().cloned())
             .dns_resolver(Arc::clone(&self.inner.resolver));
-        if connect_timeout_ms > 0 {
-            builder = builder.connect_timeout(Duration::from_millis(connect_timeout_ms));
+        // A configured proxy replaces the environment's proxies; without one, `no_proxy`
+        // keeps reqwest from reading `HTTP_PROXY` and the like.
+        builder = match &self.inner.proxy {
+            Some(proxy) => builder.proxy(reqwest::Proxy::all(proxy.as_str()).map_err(|e| {
+                DeliverError::InvalidProxy {
+                    reason: error_chain(&e),
+                }
+            })?),
+            None => builder.no_proxy(),
+        };
+        if key.connect_timeout_ms > 0 {
+            builder = builder.connect_timeout(Duration::from_millis(key.connect_timeout_ms));
         }
+        builder = match key.pool_idle_ms {
+            0 => builder.pool_max_idle_per_host(0),
+            idle_ms => builder.pool_idle_timeout(Duration::from_millis(idle_ms)),
+        };
         let client = builder.build().map_err(DeliverError::HttpClient)?;
-        clients.insert(connect_timeout_ms, client.clone());
+        clients.insert(key, client.clone());
         Ok(client)
     }
 }
@@ -522,6 +838,56 @@ fn install_crypto_provider() {
             tracing::debug!("A rustls crypto provider was installed already; keeping it.");
         }
     });
+}
+
+/// Returns whether `error` means the connection closed, or was reset, before any byte of a
+/// response arrived. The request may or may not have reached the receiver.
+fn closed_before_response(error: &reqwest::Error) -> bool {
+    if error.is_timeout() || error.is_connect() {
+        return false;
+    }
+    let mut source: Option<&(dyn StdError + 'static)> = Some(error);
+    while let Some(current) = source {
+        if let Some(hyper_error) = current.downcast_ref::<hyper::Error>() {
+            if hyper_error.is_incomplete_message() {
+                return true;
+            }
+        }
+        if let Some(io_error) = current.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io_error.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            ) {
+                return true;
+            }
+        }
+        source = current.source();
+    }
+    false
+}
+
+/// Parses the `timeout=N` parameter (seconds) of a `Keep-Alive` header value such as
+/// `timeout=5, max=100`.
+fn keep_alive_timeout_s(value: &str) -> Option<u64> {
+    value.split(',').find_map(|parameter| {
+        let (name, seconds) = parameter.split_once('=')?;
+        if !name.trim().eq_ignore_ascii_case("timeout") {
+            return None;
+        }
+        seconds.trim().trim_matches('"').parse().ok()
+    })
+}
+
+/// Returns how long a connection may stay idle in the pool when the receiver closes idle
+/// connections after `timeout_s` seconds: a margin below the hint, because the receiver's
+/// timer and ours start at slightly different moments. The margin is half the hint, at most
+/// 1 s, so a hint of 1 s gives 500 ms and a hint of 5 s gives 4 s. A hint of 0 keeps no idle
+/// connection.
+fn pool_idle_ms_for_hint(timeout_s: u64) -> u64 {
+    let hint_ms = timeout_s.saturating_mul(1000);
+    hint_ms - (hint_ms / 2).min(1000)
 }
 
 /// The reason an attempt got no response or sent no request.
@@ -587,6 +953,8 @@ struct ResponseSummary {
     retry_after: Option<String>,
     snippet: String,
     truncated: bool,
+    /// Whether `snippet` replaced bytes that are not UTF-8.
+    lossy: bool,
     bytes_read: u64,
 }
 
@@ -611,6 +979,28 @@ impl ResponseSummary {
     }
 }
 
+/// Describes an endpoint whose every signing secret has expired. Sending the request
+/// unsigned instead would make receivers that check signatures reject it, or worse, accept
+/// it unchecked.
+fn expired_secrets_message(endpoint: &Endpoint) -> String {
+    let last = endpoint
+        .secrets
+        .iter()
+        .filter_map(|secret| secret.expires_at_ms)
+        .max()
+        .map(format_millis)
+        .unwrap_or_default();
+    format!(
+        "every signing secret of the endpoint has expired, the last one at {last}; add a \
+         secret without `expires_at` or with a later one"
+    )
+}
+
+/// Returns whether `url` contains a user name or password.
+fn has_credentials(url: &Url) -> bool {
+    !url.username().is_empty() || url.password().is_some()
+}
+
 /// Returns `url` without user name and password.
 pub fn without_credentials(mut url: Url) -> String {
     // Both setters fail only for URLs that cannot have credentials, which have none to strip.
@@ -623,18 +1013,31 @@ pub fn without_credentials(mut url: Url) -> String {
 fn header_text(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
     let value = headers.get(name)?.as_bytes();
     let value = &value[..value.len().min(MAX_HEADER_VALUE_BYTES)];
-    Some(utf8_prefix_lossy(value))
+    Some(utf8_prefix_lossy(value).0)
 }
 
-/// Decodes `bytes` as lossy UTF-8, dropping a character cut in half at the end.
-fn utf8_prefix_lossy(bytes: &[u8]) -> String {
-    match std::str::from_utf8(bytes) {
-        Ok(text) => text.to_string(),
-        Err(e) if e.error_len().is_none() => {
-            String::from_utf8_lossy(&bytes[..e.valid_up_to()]).into_owned()
+/// Decodes `bytes` as lossy UTF-8, dropping a character cut in half at the end, and returns
+/// whether anything was replaced with U+FFFD. The dropped tail is not a replacement: the
+/// snippet's limit cut it, and the truncated flag records that.
+fn utf8_prefix_lossy(bytes: &[u8]) -> (String, bool) {
+    let mut text = String::with_capacity(bytes.len());
+    let mut lossy = false;
+    let mut chunks = bytes.utf8_chunks().peekable();
+    while let Some(chunk) = chunks.next() {
+        text.push_str(chunk.valid());
+        let invalid = chunk.invalid();
+        if invalid.is_empty() {
+            continue;
         }
-        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+        // Only the last chunk can end in a sequence that more bytes would have completed.
+        let cut_at_end = chunks.peek().is_none()
+            && std::str::from_utf8(invalid).is_err_and(|e| e.error_len().is_none());
+        if !cut_at_end {
+            text.push('\u{fffd}');
+            lossy = true;
+        }
     }
+    (text, lossy)
 }
 
 /// Formats an error and its sources, separated by `: `.
@@ -712,9 +1115,17 @@ mod tests {
     #[test]
     fn utf8_prefix_drops_cut_character() {
         let text = "añb".as_bytes();
-        assert_eq!(utf8_prefix_lossy(&text[..2]), "a");
-        assert_eq!(utf8_prefix_lossy(text), "añb");
-        assert_eq!(utf8_prefix_lossy(b"a\xffb"), "a\u{fffd}b");
+        assert_eq!(utf8_prefix_lossy(&text[..2]), ("a".to_string(), false));
+        assert_eq!(utf8_prefix_lossy(text), ("añb".to_string(), false));
+        assert_eq!(
+            utf8_prefix_lossy(b"a\xffb"),
+            ("a\u{fffd}b".to_string(), true)
+        );
+        assert_eq!(
+            utf8_prefix_lossy(b"\xff\xc3"),
+            ("\u{fffd}".to_string(), true),
+            "a bad byte before a cut character"
+        );
     }
 
     #[test]
@@ -726,12 +1137,33 @@ mod tests {
             retry_after: None,
             snippet: String::new(),
             truncated: false,
+            lossy: false,
             bytes_read: 0,
         };
         let message = summary.describe_failure();
         assert!(message.contains("HTTP 302 Found"), "{message}");
         assert!(message.contains("`/elsewhere`"), "{message}");
         assert!(message.contains("final URL"), "{message}");
+    }
+
+    #[test]
+    fn keep_alive_hint_table() {
+        let cases = [
+            ("timeout=1", Some(1)),
+            ("timeout=5, max=100", Some(5)),
+            ("max=100, Timeout = 30", Some(30)),
+            ("timeout=\"2\"", Some(2)),
+            ("max=100", None),
+            ("timeout=soon", None),
+            ("", None),
+        ];
+        for (value, expected) in cases {
+            assert_eq!(keep_alive_timeout_s(value), expected, "{value}");
+        }
+        let idle = [(0, 0), (1, 500), (2, 1_000), (5, 4_000), (60, 59_000)];
+        for (hint_s, idle_ms) in idle {
+            assert_eq!(pool_idle_ms_for_hint(hint_s), idle_ms, "timeout={hint_s}");
+        }
     }
 
     #[test]

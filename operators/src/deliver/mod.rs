@@ -10,6 +10,7 @@ use std::net::IpAddr;
 
 mod address;
 mod client;
+mod headers;
 mod operator;
 mod result;
 mod signature;
@@ -19,6 +20,7 @@ pub use client::{
     without_credentials, ClientConfig, DeliveryClient, PolicyResolver, SystemResolver,
     DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_SNIPPET_BYTES, USER_AGENT,
 };
+pub use headers::{parse_static_header, RESERVED_HEADERS};
 pub use operator::{
     endpoint_hash, Attempted, Deliver, DeliverContext, DeliverCounters, EndpointDisabled,
     PayloadSource, DEFAULT_MAX_IN_FLIGHT_TOTAL, HOLD_REFRESH_MS,
@@ -54,6 +56,35 @@ pub enum DeliverError {
         /// The range that rejects the address.
         range: RefusedRange,
     },
+    /// A static header of an endpoint cannot be sent. The message never contains its value.
+    #[error("invalid static header `{name}`: {reason}")]
+    InvalidHeader {
+        /// The header name as configured.
+        name: String,
+        /// The problem with the header.
+        reason: String,
+    },
+    /// The endpoint URL cannot be attempted.
+    #[error("endpoint URL is invalid: {reason}")]
+    InvalidUrl {
+        /// What is wrong with the URL.
+        reason: String,
+    },
+    /// The endpoint URL is `http` while only `https` is allowed.
+    #[error(
+        "endpoint URL uses http, but `delivery.https_only` allows only https; change the \
+         endpoint's url to https"
+    )]
+    HttpsRequired,
+    /// The configured proxy cannot be used.
+    #[error("invalid proxy: {reason}")]
+    InvalidProxy {
+        /// What is wrong with the proxy URL.
+        reason: String,
+    },
+    /// The CA bundle is not PEM certificates.
+    #[error("invalid CA bundle: not a list of PEM certificates")]
+    InvalidCaBundle(#[source] reqwest::Error),
     /// The endpoint's host name resolved to no address at all.
     #[error("host `{host}` resolved to no address")]
     NoAddress {

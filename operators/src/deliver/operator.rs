@@ -130,7 +130,7 @@ pub struct EndpointDisabled {
     pub endpoint_id: String,
     /// When it was disabled.
     pub at_ms: Millis,
-    /// Which rule disabled it, for the operator.
+    /// The rule that disabled it, for the operator.
     pub reason: String,
 }
 
@@ -511,15 +511,15 @@ impl DeliverState {
         cap.checked_shr(shift).unwrap_or(0).max(1)
     }
 
-    /// How many times the endpoint's budget is halved for overload.
+    /// Returns how many times the endpoint's budget is halved for overload.
     fn budget_shift(&self, endpoint_id: &str) -> u32 {
         self.health
             .get(endpoint_id)
             .map_or(0, EndpointHealth::budget_shift)
     }
 
-    /// The endpoint's budget in force: its rate limit's requests per window, or its in-flight
-    /// cap, halved as overload asked.
+    /// Returns the endpoint's budget in force: its rate limit's requests per window, or its
+    /// in-flight cap, halved for overload.
     fn budget(&self, endpoint_id: &str) -> u32 {
         let limited = self
             .endpoints
@@ -548,7 +548,7 @@ impl DeliverState {
         self.emitted.push((capability, Attempted::Pending(parked)));
     }
 
-    /// A capability at `now` under `current`, for a delivery that is pending already.
+    /// Returns a capability at `now` under `current`, for a delivery that is pending already.
     fn current_at(&self, now: Millis) -> Option<Capability<u64>> {
         let current = self.current.as_ref()?;
         Some(current.delayed(&now.max(*current.time())))
@@ -1158,6 +1158,11 @@ impl DeliverState {
 
     /// Spawns the request task for `delivery`, due at `due_at_ms`, holding `capability` until
     /// its row is emitted.
+    //
+    // NOTE: the rate-limit window is granted here, but the task reads its start time when the
+    // runtime polls it. Under load, a request granted at the end of a window can reach the
+    // receiver in the next one, beside that window's own budget. Checking the window again in
+    // the task, and handing a late request back to the operator, would close that gap.
     fn start(&mut self, delivery: Delivery, capability: Capability<u64>, due_at_ms: Millis) {
         let ticket = self.next_ticket;
         self.next_ticket += 1;

@@ -111,6 +111,9 @@ pub struct AttemptResult {
     pub response_snippet: Option<String>,
     /// Whether the body was longer than the snippet or its reading stopped early.
     pub response_truncated: Option<bool>,
+    /// Whether the snippet replaced bytes that are not UTF-8 with U+FFFD, when a response
+    /// arrived.
+    pub response_lossy: Option<bool>,
     /// How many response body bytes were read: at most the configured cap plus the rest of
     /// the chunk that reached it.
     pub response_bytes_read: u64,
@@ -146,6 +149,7 @@ impl AttemptResult {
             error_message: self.error_message.clone(),
             response_snippet: self.response_snippet.clone(),
             response_truncated: self.response_truncated,
+            response_lossy: self.response_lossy,
             body_sha256: Some(self.body_sha256.clone()),
             retry_after: self.retry_after.clone(),
             location: self.location.clone(),

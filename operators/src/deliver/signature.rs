@@ -76,7 +76,7 @@ fn describe(error: &base64::DecodeError) -> String {
 /// The first [`DeliverError::InvalidSecret`] among the secrets. With several secrets, its
 /// reason names the secret's position in the list, counting from 1.
 pub fn signature_header(
-    secrets: &[String],
+    secrets: &[&str],
     id: &str,
     timestamp: u64,
     body: &[u8],
@@ -141,7 +141,7 @@ mod tests {
 
     #[test]
     fn signature_header_joins_with_spaces() {
-        let secrets = vec![SECRET.to_string(), "whsec_AAEC".to_string()];
+        let secrets = [SECRET, "whsec_AAEC"];
         let header = signature_header(&secrets, "msg_1", 1_700_000_000, b"{}").expect("valid");
         let parts: Vec<&str> = header.split(' ').collect();
         assert_eq!(parts.len(), 2);

@@ -16,7 +16,9 @@ use axum::http::HeaderMap;
 use axum::Router;
 use hookflow_operators::clock::{Clock, Wakeup};
 use hookflow_operators::deliver::{AddressPolicy, ClientConfig, DeliveryClient};
-use hookflow_schemas::{Delivery, Endpoint, Event, EventTypePattern, IngestedEvent, Millis};
+use hookflow_schemas::{
+    Delivery, Endpoint, Event, EventTypePattern, IngestedEvent, Millis, SigningSecret,
+};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
 /// The first signing secret of [`endpoint`]: the key is the 24 bytes 0, 1, …, 23.
@@ -32,7 +34,8 @@ pub fn endpoint(id: &str, url: &str) -> Endpoint {
         tenant: "acme".to_string(),
         url: url.to_string(),
         event_types: vec![EventTypePattern::parse("*").expect("valid pattern")],
-        secrets: vec![SECRET.to_string()],
+        secrets: vec![SigningSecret::new(SECRET)],
+        headers: Default::default(),
         timeout_ms: 5_000,
         connect_timeout_ms: 1_000,
         max_in_flight: 4,
