@@ -147,7 +147,10 @@ fn one_day_selection_reads_one_day() {
     let scan = plan.summary.scan;
     eprintln!("selection scan: {scan:?}");
     assert_eq!(plan.summary.events, EVENTS_PER_DAY - ALREADY_REPLAYED);
-    assert_eq!(plan.summary.skipped.payload_gone, 0, "the invalid row is no event");
+    assert_eq!(
+        plan.summary.skipped.payload_gone, 0,
+        "the invalid row is no event"
+    );
     assert_eq!(plan.summary.skipped.payload_changed, 0);
     assert!(plan
         .items
