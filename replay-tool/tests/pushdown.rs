@@ -203,3 +203,37 @@ fn one_day_stats_read_one_day() {
         vec![("http_status".to_string(), EVENTS_PER_DAY)]
     );
 }
+
+#[test]
+fn event_id_list_prunes_row_groups() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let archive = build_archive(dir.path());
+    let config = ToolConfig::parse(
+        "[[endpoints]]\nid = \"ep_a\"\ntenant = \"acme\"\nurl = \"http://x\"\nevent_types = [\"*\"]\n",
+        Path::new("test.toml"),
+    )
+    .expect("config");
+    let mut log = LocalLog::open(dir.path(), &LocalLogOptions::default()).expect("log");
+    let ids = [
+        format!("evt_{SELECTED_DAY}_00150"),
+        format!("evt_{SELECTED_DAY}_01999"),
+    ];
+    let selection = Selection {
+        event_ids: Some(ids.iter().cloned().collect()),
+        outcome: Some(OutcomeFilter::DeadLettered),
+        ..Selection::default()
+    };
+
+    let plan = build_plan(&selection, &config, &archive, &mut log).expect("plan");
+
+    let mut selected: Vec<&str> = plan.items.iter().map(|i| i.event_id.as_str()).collect();
+    selected.sort_unstable();
+    assert_eq!(selected, [ids[0].as_str(), ids[1].as_str()]);
+    let scan = plan.summary.scan;
+    eprintln!("event id scan: {scan:?}");
+    assert_eq!(scan.files_skipped_by_date, 0);
+    assert_eq!(
+        scan.row_groups_read, 2,
+        "only the two row groups whose id range holds an id"
+    );
+}
