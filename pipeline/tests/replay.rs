@@ -274,6 +274,10 @@ fn outage_replay_delivers_dead_letters_once() {
         20,
         "a dry run sends nothing"
     );
+    assert!(
+        !fixture.data_dir().join("replay").exists(),
+        "a dry run writes no ledger"
+    );
 
     let pipeline = hookflow()
         .args(["run", "--config"])

@@ -200,9 +200,16 @@ pub fn install_stop_handler(stop: Arc<AtomicBool>) -> anyhow::Result<()> {
 /// Fails on bad arguments, a replay that already ran (without `--force`), an interrupted
 /// run (naming how to resume it), or a failing archive, log or ledger.
 pub fn run_replay(args: &ReplayArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
-    let mut ledger = Ledger::open(&args.data_dir)?;
     if args.list {
-        return list_runs(&ledger, args.json);
+        return list_runs(&Ledger::open(&args.data_dir)?, args.json);
+    }
+    // Opening would create an empty log, and a dry run must change nothing.
+    let log_path = args.data_dir.join("log").join("events.sqlite");
+    if !log_path.exists() {
+        bail!(
+            "no local log at {}; pass the --data-dir that `hookflow run` uses",
+            log_path.display()
+        );
     }
     if args.rate.is_nan() || args.rate <= 0.0 {
         bail!(
@@ -230,6 +237,7 @@ pub fn run_replay(args: &ReplayArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()
     };
 
     if let Some(replay_id) = &args.resume {
+        let mut ledger = Ledger::open(&args.data_dir)?;
         let runs = ledger.runs(Some(replay_id))?;
         let Some(run) = runs.iter().rev().find(|run| run.finished_at_ms.is_none()) else {
             if runs.is_empty() {
@@ -271,6 +279,7 @@ pub fn run_replay(args: &ReplayArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()
         return Ok(());
     }
 
+    let mut ledger = Ledger::open(&args.data_dir)?;
     let _lock = lock_replays(&args.data_dir)?;
     let replay_id = args
         .id

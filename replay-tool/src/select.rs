@@ -645,7 +645,7 @@ impl PlanSummary {
     /// then what was skipped.
     pub fn render(&self) -> String {
         let mut out = format!(
-            "{} event(s), {} deliver(ies)\n",
+            "{} event(s), {} delivery(s)\n",
             self.events, self.deliveries
         );
         for (endpoint, plan) in &self.endpoints {
