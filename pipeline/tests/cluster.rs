@@ -518,12 +518,10 @@ fn rate_limit_is_global(root: &Path) {
         let total: usize = per_window.values().sum();
         assert_eq!(total, 200, "{endpoint}: deliveries");
 
-        // The limiter grants slots when the operator runs, but `started_at_ms` is read when
-        // the request's task runs on the HTTP runtime, later on a loaded machine: a window's
-        // requests can then start in the next window. So the strict per-window count is
-        // reported, and the checks allow one window of slip. A limit kept per worker instead
-        // of per endpoint would let 4 workers start 4 × LIMIT per window, and finish in a
-        // quarter of the windows.
+        // The attempt's own clock read (`started_at_ms`) must fall in a window with budget:
+        // a request task that runs after its granted window has ended sends nothing and takes
+        // a later slot. A limit kept per worker instead of per endpoint would let 4 workers
+        // start 4 × LIMIT per window, and finish in a quarter of the windows.
         let busiest = per_window.values().copied().max().unwrap_or(0);
         let (first, last) = (
             *per_window.keys().next().expect("a window"),
@@ -537,15 +535,10 @@ fn rate_limit_is_global(root: &Path) {
             windows >= 200 / LIMIT,
             "{endpoint}: 200 requests in {windows} windows of {WINDOW_MS} ms, limit {LIMIT}"
         );
-        const RUN: u64 = 5;
-        for start in first..=last {
-            let in_run: usize = per_window.range(start..start + RUN).map(|(_, n)| n).sum();
-            assert!(
-                in_run <= (RUN as usize + 1) * LIMIT,
-                "{endpoint}: {in_run} requests started in {RUN} windows from {}, limit {LIMIT} each",
-                start * WINDOW_MS
-            );
-        }
+        assert!(
+            busiest <= LIMIT,
+            "{endpoint}: {busiest} requests started in one window of {WINDOW_MS} ms, limit {LIMIT}: {per_window:?}"
+        );
     }
     let requests = receiver.requests();
     assert_eq!(requests.len(), 400, "requests received");
