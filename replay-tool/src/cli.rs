@@ -142,6 +142,13 @@ pub fn run_stats(args: &StatsArgs) -> anyhow::Result<()> {
         tenant: args.tenant.clone(),
         endpoint: args.endpoint.clone(),
     };
+    if !archive.is_dir() {
+        bail!(
+            "no archive at {}: check --data-dir (and --config, which may name another archive \
+             directory) or pass --archive",
+            archive.display()
+        );
+    }
     let report = compute_stats(&archive, &query)
         .with_context(|| format!("cannot compute statistics over {}", archive.display()))?;
     if args.json {
@@ -268,6 +275,16 @@ pub fn run_replay(args: &ReplayArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()
         event_ids: args.event_ids.as_deref().map(read_event_ids).transpose()?,
         to_endpoint: args.to_endpoint.clone(),
     };
+    // Replayed deliveries go only to configured endpoints, so a name outside the configuration
+    // is a mistake, not an empty selection.
+    if let Some(name) = &selection.endpoint {
+        if !config.endpoints.iter().any(|endpoint| &endpoint.id == name) {
+            bail!(
+                "endpoint `{name}` is not in the configuration; replays go only to configured \
+                 endpoints"
+            );
+        }
+    }
     let archive = config.archive_dir(&args.data_dir);
     let plan = build_plan(&selection, &config, &archive, &mut log)?;
     if args.dry_run {
@@ -276,6 +293,12 @@ pub fn run_replay(args: &ReplayArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()
         } else {
             print!("dry run, nothing changed: {}", plan.summary.render());
         }
+        return Ok(());
+    }
+
+    // An empty selection writes nothing; with no ledger yet, no earlier run can be refused.
+    if plan.items.is_empty() && !Ledger::exists(&args.data_dir) {
+        print!("nothing to replay: {}", plan.summary.render());
         return Ok(());
     }
 

@@ -86,6 +86,11 @@ pub struct Ledger {
 }
 
 impl Ledger {
+    /// Returns whether `data_dir` has a ledger, without creating one.
+    pub fn exists(data_dir: &Path) -> bool {
+        data_dir.join("replay").join("replays.sqlite").is_file()
+    }
+
     /// Opens the ledger under `data_dir`, creating it if needed.
     ///
     /// # Errors
