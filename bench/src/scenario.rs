@@ -274,9 +274,9 @@ fn prepare(spec: &ScenarioSpec) -> anyhow::Result<Plan> {
         }
         Kind::PendingRetries => {
             settings.retry_schedule_ms = vec![PENDING_RETRY_DELAY_MS];
-            // With the default breaker, the endpoint's queue would be held after its first 10
-            // failures and no further retry would be scheduled; this scenario measures the
-            // memory of retries waiting for their time, so the breaker must not open.
+            // This scenario measures the memory of retries waiting for their time. With the
+            // default breaker, the endpoint's queue would be held after its first 10 failures,
+            // and no further retry would be scheduled, so the breaker must not open.
             settings.breaker_min_requests = Some(u32::MAX);
             Topology::single(Mode::Fail)
         }

@@ -1051,6 +1051,10 @@ impl DeliverState {
 
     /// Puts `delivery` in `scheduled` at `time`, under a capability delayed from `base` when
     /// `time` has none yet.
+    // TODO: a scheduled retry keeps its whole `Delivery`, about 340 bytes of heap with its
+    // strings and its map entry. Keeping only the source position, endpoint, generation and
+    // attempt would cut that to under 100 bytes. The event would then be read back with the
+    // payload when the retry is due, so `PayloadSource` would have to return the whole event.
     fn schedule(
         &mut self,
         base: &Capability<u64>,
