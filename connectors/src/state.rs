@@ -885,6 +885,7 @@ mod tests {
             created_at: "2026-12-04T10:00:00Z".into(),
             read_at_ms: 5,
             appended_at_ms: Some(4),
+            replay_id: None,
         }
     }
 

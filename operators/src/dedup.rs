@@ -16,6 +16,9 @@
 //!   batching or the worker count.
 //! * A record at the same (partition, offset) as the first occurrence passes again: that is a
 //!   re-read of the record that won (after a restart), not a duplicate.
+//! * A replay record is keyed by its [`Event::dedup_id`](hookflow_schemas::Event::dedup_id),
+//!   (tenant, id, replay id, generation): it passes beside the original event, once per replay
+//!   run, and a copy that an interrupted replay appended again is dropped like any repeat.
 //! * Differential's `reduce` would not do here: when the first occurrence aged out of the
 //!   window, the reduction would promote a later duplicate still inside it and deliver it.
 
@@ -61,7 +64,7 @@ impl DedupIndex {
     /// Decides whether `event`, read at `now_ms`, is the first occurrence of its (tenant, id)
     /// within the window, recording it if so.
     pub fn admit(&mut self, event: &IngestedEvent, now_ms: Millis) -> bool {
-        let key = (event.event.tenant.clone(), event.event.id.clone());
+        let key = (event.event.tenant.clone(), event.event.dedup_id());
         let seen = Seen {
             at_ms: now_ms,
             partition: event.partition,
@@ -222,6 +225,7 @@ mod tests {
                 event_type: "t".into(),
                 created_at: "2026-12-04T10:00:00Z".into(),
                 payload: b"{}".to_vec(),
+                replay: None,
             },
         }
     }
@@ -241,6 +245,34 @@ mod tests {
         assert!(
             index.admit(&event("a", "1", 0, 0), 30),
             "a re-read of the first record passes"
+        );
+    }
+
+    #[test]
+    fn index_admits_replay_once_per_run() {
+        let mut index = DedupIndex::new(1_000);
+        assert!(index.admit(&event("a", "1", 0, 0), 10));
+        let mut replay = event("a", "1", 0, 9);
+        replay.event.replay = Some(hookflow_schemas::Replay {
+            id: "rp".into(),
+            generation: 1,
+            endpoints: vec!["ep".into()],
+            from_partition: Some(0),
+            from_offset: Some(0),
+        });
+        assert!(
+            index.admit(&replay, 20),
+            "a replay is not a repeat of the original"
+        );
+        let mut appended_again = replay.clone();
+        appended_again.offset = 10;
+        assert!(
+            !index.admit(&appended_again, 30),
+            "the same replay run appended twice is a repeat"
+        );
+        assert!(
+            index.admit(&replay, 40),
+            "a re-read of the first replay record passes"
         );
     }
 

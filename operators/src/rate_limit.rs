@@ -85,6 +85,11 @@ impl WindowLimiter {
         time_ms - time_ms % self.limit.window_ms
     }
 
+    /// Returns the end of the window that contains `time_ms`.
+    pub fn window_end(&self, time_ms: Millis) -> Millis {
+        self.window_of(time_ms) + self.limit.window_ms
+    }
+
     /// Reserves the earliest slot at or after `due_ms` and returns its time: `due_ms` itself
     /// when its window has budget left, otherwise the start of the first window that has.
     pub fn reserve(&mut self, due_ms: Millis) -> Millis {

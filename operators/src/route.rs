@@ -18,6 +18,10 @@
 //!   positive: a subscription added after `t` or retracted at or before `t` is not delivered.
 //! * A subscription change never re-delivers events routed before it.
 //! * An endpoint with several matching patterns gets one delivery per event.
+//! * A replay record (an event with a `replay` mark) goes only to the endpoints its mark
+//!   names that are subscribed as above, at the mark's generation. A named endpoint that is
+//!   not subscribed is skipped, and a record left with none is unrouted. An endpoint created after
+//!   the original event was published receives it this way (a backfill).
 
 use std::collections::BTreeMap;
 
@@ -175,9 +179,20 @@ fn lookup_all(
             current_tenant = Some(event.event.tenant.clone());
         }
 
+        // A replay record goes only to the endpoints it names, and to those only while they
+        // belong to its tenant and subscribe to its type.
+        let targets = event.event.replay.as_ref().map(|replay| &replay.endpoints);
+        let generation = event
+            .event
+            .replay
+            .as_ref()
+            .map_or(0, |replay| replay.generation);
         let mut matched: Vec<&str> = subscribed
             .iter()
             .filter(|subscription| subscription.matches(&event.event.event_type))
+            .filter(|subscription| {
+                targets.is_none_or(|targets| targets.contains(&subscription.endpoint_id))
+            })
             .map(|subscription| subscription.endpoint_id.as_str())
             .collect();
         matched.dedup();
@@ -188,7 +203,7 @@ fn lookup_all(
         for endpoint_id in matched {
             emit(Ok(Delivery {
                 endpoint_id: endpoint_id.to_string(),
-                generation: 0,
+                generation,
                 attempt: 1,
                 ingested: event.clone(),
             }));

@@ -1330,6 +1330,47 @@ mod operator {
         (read_at_ms + due_in_ms, delivery)
     }
 
+    /// A request task that runs after its rate-limit window has ended sends nothing and takes
+    /// a later slot, so no window starts more than its budget. A clock that moves 150 ms on
+    /// every read makes most tasks read a later time than the operator that granted them.
+    #[test]
+    fn late_task_waits_for_its_next_window() {
+        let runtime = runtime();
+        let (concurrency, address) = runtime.block_on(slow_receiver(Duration::ZERO));
+        let mut limited = endpoint("ep_limited", &format!("http://{address}/ep_limited"));
+        limited.max_in_flight = 8;
+        limited.rate_limit = Some(hookflow_schemas::RateLimit {
+            max_requests: 3,
+            window_ms: 1_000,
+        });
+        let start_ms = 1_700_000_000_000;
+        let clock = Arc::new(SteppingClock::new(start_ms, 150));
+
+        let deliveries: Vec<(u64, Delivery)> = (0..12u64)
+            .map(|n| {
+                let mut delivery =
+                    delivery_with_offset("ep_limited", &format!("evt_late_{n}"), b"{}", n);
+                delivery.ingested.read_at_ms = start_ms;
+                (start_ms, delivery)
+            })
+            .collect();
+        let context = deliver_context(&runtime, vec![limited], clock as Arc<dyn Clock>);
+        let run = run_dataflow(1, context, deliveries);
+
+        let mut per_window: std::collections::BTreeMap<u64, u32> = Default::default();
+        for (_, row) in &run.rows {
+            assert_eq!(row.outcome, "delivered", "{row:?}");
+            let started = row.started_at_ms.expect("a delivered row has a start");
+            *per_window.entry(started / 1_000).or_default() += 1;
+        }
+        assert_eq!(run.rows.len(), 12, "every delivery once");
+        assert!(
+            per_window.values().all(|count| *count <= 3),
+            "starts per window: {per_window:?}"
+        );
+        assert_eq!(concurrency.lock().expect("lock").total, 12);
+    }
+
     #[test]
     fn operator_caps_in_flight_per_endpoint() {
         let runtime = runtime();

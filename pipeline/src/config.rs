@@ -1001,19 +1001,29 @@ fn check_literal_address(url: &str, policy: &AddressPolicy) -> Result<(), String
     let address: std::net::IpAddr = match parsed.host() {
         Some(url::Host::Ipv4(address)) => address.into(),
         Some(url::Host::Ipv6(address)) => address.into(),
-        Some(url::Host::Domain(name)) if name == "localhost" || name.ends_with(".localhost") => {
-            std::net::Ipv4Addr::LOCALHOST.into()
-        }
+        Some(url::Host::Domain(name)) if is_localhost(name) => std::net::Ipv4Addr::LOCALHOST.into(),
         _ => return Ok(()),
     };
     policy.check(address).map_err(|range| {
+        let range = range.as_str();
+        let article = if range.starts_with(['a', 'e', 'i', 'o', 'u']) {
+            "an"
+        } else {
+            "a"
+        };
         format!(
-            "`{}` points at {address}, a {} address; list its network in \
+            "`{}` points at {address}, {article} {range} address; list its network in \
              `delivery.allowed_private_cidrs` if the endpoint is trusted",
-            redact_user_info(url),
-            range.as_str()
+            redact_user_info(url)
         )
     })
+}
+
+/// Returns whether a host name means this machine: `localhost` or a name under it, with or
+/// without the trailing dot of a fully qualified name, in any case.
+fn is_localhost(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    name == "localhost" || name.ends_with(".localhost")
 }
 
 /// Checks a Standard Webhooks secret: `whsec_` then base64 of 24 to 64 bytes.
@@ -1378,6 +1388,14 @@ mod tests {
             (
                 endpoint("").replace("https://example.com/hook", "http://localhost:9000/"),
                 "delivery.allowed_private_cidrs",
+            ),
+            (
+                endpoint("").replace("https://example.com/hook", "http://LOCALHOST.:9000/"),
+                "points at 127.0.0.1, a loopback address",
+            ),
+            (
+                endpoint("").replace("https://example.com/hook", "http://0.0.0.0:9000/"),
+                "an unspecified address",
             ),
             (
                 endpoint("").replace("https://example.com/hook", "http://[::ffff:127.0.0.1]/"),

@@ -516,8 +516,9 @@ fn run_worker(
         let events = events.dedup(dedup, shared.duplicates.clone());
         let first_seen = events.clone().map(|event| {
             Durable::FirstSeen(FirstSeen {
+                // Dedup restores its index from these, so they carry its key.
+                event_id: event.event.dedup_id(),
                 tenant: event.event.tenant,
-                event_id: event.event.id,
                 partition: event.partition,
                 offset: event.offset,
                 first_seen_ms: event.read_at_ms,

@@ -93,8 +93,9 @@ pub fn enable(data_dir: &Path, endpoint_id: &str) -> anyhow::Result<String> {
     let (was_disabled, parked) = store.enable_endpoint(endpoint_id)?;
     if !was_disabled {
         anyhow::bail!(
-            "endpoint `{endpoint_id}` was not disabled at run time; an endpoint with \
-             `enabled = false` is enabled in the configuration file"
+            "endpoint `{endpoint_id}` is not disabled at run time, so there is nothing to enable \
+             (`hookflow endpoints list` shows each endpoint's state; one with `enabled = false` \
+             is enabled in the configuration file)"
         );
     }
     Ok(format!(

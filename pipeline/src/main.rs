@@ -1,4 +1,4 @@
-//! The `hookflow` command line: `run`, `publish`, `endpoints` and `demo`.
+//! The `hookflow` command line: `run`, `publish`, `endpoints`, `replay`, `stats` and `demo`.
 
 use hookflow_operators::stop::StopSignal;
 use std::path::PathBuf;
@@ -75,6 +75,12 @@ enum Command {
         #[arg(value_name = "FILE")]
         input: PathBuf,
     },
+    /// Republish archived deliveries or events as a new delivery generation (see README,
+    /// Replay). Needs the pipeline running to deliver them.
+    Replay(hookflow_replay::cli::ReplayArgs),
+    /// Per-endpoint statistics over the attempt archive: deliveries, success ratio, latency
+    /// percentiles, top error kinds, first and last failure.
+    Stats(hookflow_replay::cli::StatsArgs),
     /// Show endpoints and their parked deliveries, or enable one that hookflow disabled.
     Endpoints {
         #[command(subcommand)]
@@ -270,6 +276,12 @@ fn execute(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Replay(args) => {
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            hookflow_replay::cli::install_stop_handler(stop.clone())?;
+            hookflow_replay::cli::run_replay(&args, stop)
+        }
+        Command::Stats(args) => hookflow_replay::cli::run_stats(&args),
         Command::Demo { dir, events, seed } => {
             let summary = run_demo(&DemoOptions { dir, events, seed })?;
             print!("{summary}");

@@ -699,7 +699,7 @@ fn gone_endpoint_parks_until_enabled() {
     let again = enable();
     assert!(!again.status.success());
     assert!(
-        stderr(&again).contains("was not disabled"),
+        stderr(&again).contains("is not disabled at run time"),
         "{}",
         stderr(&again)
     );

@@ -7,6 +7,8 @@
 //! (default 20000), `HOOKFLOW_KILL_COUNT` (default 10) and `HOOKFLOW_KILL_SETTLE_SECS`, the
 //! time the final run may take (default 300 s plus 20 ms per event).
 
+mod fleet;
+
 use std::collections::{BTreeMap, HashMap};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,11 +20,11 @@ use hookflow_operators::clock::{Clock, WallClock};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const SECRET: &str = "whsec_RTPHghziaKPNKV/Y78ALF6hfDn11pL7egmdm4fV+DaE=";
+use fleet::{endpoints, matches, SECRET, TENANTS};
+
 /// Requests in flight per worker, and results allowed to wait for their durable write.
 const MAX_IN_FLIGHT: usize = 16;
 const MAX_UNSYNCED: usize = 16;
-const TENANTS: [&str; 4] = ["acme", "globex", "initech", "umbrella"];
 const TYPES: [&str; 4] = [
     "charge.succeeded",
     "charge.refunded",
@@ -35,33 +37,6 @@ fn env_or(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// (endpoint id, tenant, path, pattern)
-fn endpoints() -> Vec<(String, &'static str, String, &'static str)> {
-    let mut endpoints = Vec::new();
-    for tenant in TENANTS {
-        endpoints.push((
-            format!("ep_{tenant}_all"),
-            tenant,
-            format!("/{tenant}/all"),
-            "*",
-        ));
-        endpoints.push((
-            format!("ep_{tenant}_charges"),
-            tenant,
-            format!("/{tenant}/charges"),
-            "charge.*",
-        ));
-    }
-    endpoints
-}
-
-fn matches(pattern: &str, event_type: &str) -> bool {
-    pattern == "*"
-        || pattern
-            .strip_suffix('*')
-            .is_some_and(|prefix| event_type.starts_with(prefix))
 }
 
 #[test]

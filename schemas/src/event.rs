@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::Millis;
+use crate::{Millis, Replay};
 
 /// The default limit on a payload's size in bytes (256 KiB).
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
@@ -35,6 +35,9 @@ pub struct Event {
     pub created_at: String,
     /// The payload exactly as the producer wrote it: valid JSON, stored as bytes.
     pub payload: Vec<u8>,
+    /// Set on a replay record: the replay run it belongs to and the endpoints it goes to.
+    #[serde(default)]
+    pub replay: Option<Replay>,
 }
 
 /// One record as read from a source partition, before decoding.
@@ -116,6 +119,10 @@ pub struct PendingDelivery {
     pub read_at_ms: Millis,
     /// When the record was appended to the source, if known.
     pub appended_at_ms: Option<Millis>,
+    /// The replay the delivery belongs to, if it comes from a replay record. Entries written
+    /// before replays existed decode with none.
+    #[serde(default)]
+    pub replay_id: Option<String>,
 }
 
 impl PendingDelivery {
@@ -144,6 +151,7 @@ impl PendingDelivery {
             created_at: ingested.event.created_at.clone(),
             read_at_ms: ingested.read_at_ms,
             appended_at_ms: ingested.appended_at_ms,
+            replay_id: ingested.event.replay_id().map(str::to_string),
         }
     }
 
@@ -164,6 +172,15 @@ impl PendingDelivery {
                     event_type: self.event_type.clone(),
                     created_at: self.created_at.clone(),
                     payload: Vec::new(),
+                    // Only the id and generation matter once routed: the attempt rows carry
+                    // them. The targets were used up by route.
+                    replay: self.replay_id.as_ref().map(|id| Replay {
+                        id: id.clone(),
+                        generation: self.generation,
+                        endpoints: vec![self.endpoint_id.clone()],
+                        from_partition: None,
+                        from_offset: None,
+                    }),
                 },
             },
         }
@@ -244,6 +261,8 @@ struct WireEvent<'a> {
     created_at: Option<&'a RawValue>,
     #[serde(borrow)]
     payload: Option<&'a RawValue>,
+    #[serde(borrow)]
+    replay: Option<&'a RawValue>,
 }
 
 /// Decodes and validates one record.
@@ -291,13 +310,46 @@ pub fn decode_event(bytes: &[u8], max_payload_bytes: usize) -> Result<Event, Dec
         });
     }
 
+    let replay = match wire.replay {
+        None => None,
+        Some(raw) => Some(replay_field(raw)?),
+    };
+
     Ok(Event {
         id,
         tenant,
         event_type,
         created_at,
         payload: payload.to_vec(),
+        replay,
     })
+}
+
+/// Decodes the `replay` mark of a replay record.
+fn replay_field(raw: &RawValue) -> Result<Replay, DecodeError> {
+    let invalid = |reason: String| DecodeError::InvalidField {
+        field: "replay",
+        reason,
+    };
+    let replay: Replay = serde_json::from_str(raw.get()).map_err(|e| invalid(e.to_string()))?;
+    let names = std::iter::once(&replay.id).chain(&replay.endpoints);
+    for name in names {
+        if name.is_empty() || name.len() > MAX_NAME_BYTES || name.chars().any(char::is_control) {
+            return Err(invalid(format!(
+                "`{}` is not a valid id (1 to {MAX_NAME_BYTES} bytes, no control characters)",
+                truncate(name, 40)
+            )));
+        }
+    }
+    if replay.generation == 0 {
+        return Err(invalid(
+            "generation must be above 0 (0 is the original delivery)".into(),
+        ));
+    }
+    if replay.endpoints.is_empty() {
+        return Err(invalid("endpoints must name at least one endpoint".into()));
+    }
+    Ok(replay)
 }
 
 fn string_field(field: &'static str, raw: Option<&RawValue>) -> Result<String, DecodeError> {
@@ -364,6 +416,10 @@ mod tests {
             (br#"{"id":"","tenant":"a","type":"t","created_at":"2026-12-04T10:00:00Z","payload":1}"#, "invalid_field"),
             (br#"{"id":"e","tenant":"a","type":"t","created_at":"yesterday","payload":1}"#, "invalid_field"),
             (br#"{"id":"e","tenant":"a","type":"t","created_at":"2026-12-04T10:00:00Z"}"#, "missing_field"),
+            (br#"{"id":"e","tenant":"a","type":"t","created_at":"2026-12-04T10:00:00Z","payload":1,"replay":{"id":"r","generation":0,"endpoints":["ep"]}}"#, "invalid_field"),
+            (br#"{"id":"e","tenant":"a","type":"t","created_at":"2026-12-04T10:00:00Z","payload":1,"replay":{"id":"r","generation":1,"endpoints":[]}}"#, "invalid_field"),
+            (br#"{"id":"e","tenant":"a","type":"t","created_at":"2026-12-04T10:00:00Z","payload":1,"replay":{"id":"","generation":1,"endpoints":["ep"]}}"#, "invalid_field"),
+            (br#"{"id":"e","tenant":"a","type":"t","created_at":"2026-12-04T10:00:00Z","payload":1,"replay":"rp"}"#, "invalid_field"),
         ];
         for (bytes, kind) in cases {
             let err = decode_event(bytes, DEFAULT_MAX_PAYLOAD_BYTES).expect_err("must be rejected");

@@ -12,6 +12,7 @@ mod attempt;
 mod endpoint;
 mod event;
 mod hash;
+mod replay;
 
 pub use attempt::{
     attempt_schema, attempts_to_record_batch, AttemptRow, ErrorKind, Outcome,
@@ -25,6 +26,7 @@ pub use event::{
     SourceRecord, DEFAULT_MAX_PAYLOAD_BYTES,
 };
 pub use hash::{fnv1a, fnv1a_extend, FNV1A_OFFSET};
+pub use replay::{encode_replay_record, Replay};
 
 /// Milliseconds since the Unix epoch, UTC. Dataflow timestamps use the same unit.
 pub type Millis = u64;

@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once, PoisonError};
 use std::time::Duration;
 
-use hookflow_schemas::{format_millis, redact_user_info, Delivery, Endpoint, ErrorKind, Event};
+use hookflow_schemas::{
+    format_millis, redact_user_info, Delivery, Endpoint, ErrorKind, Event, Millis,
+};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::header::{
     HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, LOCATION, RETRY_AFTER,
@@ -490,10 +492,44 @@ impl DeliveryClient {
         delivery: &Delivery,
         clock: &dyn Clock,
     ) -> AttemptResult {
+        let started_at_ms = clock.now_ms();
+        self.attempt_started(endpoint, delivery, clock, started_at_ms)
+            .await
+    }
+
+    /// Makes the attempt of [`DeliveryClient::attempt`] only if the clock read that starts it
+    /// is before `not_after_ms`, and returns `None` without sending anything otherwise.
+    ///
+    /// The deliver operator grants a rate-limit window before the request's task runs; this
+    /// keeps a task that runs late from starting its request in the next window.
+    pub async fn attempt_before(
+        &self,
+        endpoint: &Endpoint,
+        delivery: &Delivery,
+        clock: &dyn Clock,
+        not_after_ms: Millis,
+    ) -> Option<AttemptResult> {
+        let started_at_ms = clock.now_ms();
+        if started_at_ms >= not_after_ms {
+            return None;
+        }
+        Some(
+            self.attempt_started(endpoint, delivery, clock, started_at_ms)
+                .await,
+        )
+    }
+
+    /// Makes the attempt whose start time, read once by the caller, is `started_at_ms`.
+    async fn attempt_started(
+        &self,
+        endpoint: &Endpoint,
+        delivery: &Delivery,
+        clock: &dyn Clock,
+        started_at_ms: Millis,
+    ) -> AttemptResult {
         let event = &delivery.ingested.event;
         let body_sha256 = hex(&Sha256::digest(&event.payload));
         let url = Url::parse(&endpoint.url);
-        let started_at_ms = clock.now_ms();
 
         let exchange = match self.prepare(endpoint, event, started_at_ms, &url) {
             Ok((client, request)) => self.exchange(endpoint, client, request).await,

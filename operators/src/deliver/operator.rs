@@ -316,10 +316,34 @@ struct Waiting {
     held: Option<Capability<u64>>,
 }
 
-/// The result of one request task: its row, or `None` when the task ended without one.
+/// A delivery granted a start in this run of the operator, before its task is spawned.
+struct Starting {
+    delivery: Delivery,
+    /// Held until the request's row is emitted.
+    capability: Capability<u64>,
+    /// The time of its rate-limit slot (its due time when unlimited).
+    due_at_ms: Millis,
+    /// The end of the rate-limit window the start was counted in; the task sends nothing at
+    /// or after it. `None` for an endpoint without a rate limit.
+    window_end_ms: Option<Millis>,
+}
+
+/// How a request task ended.
+// Rows are the common end; boxing them would allocate once more per attempt.
+#[allow(clippy::large_enum_variant)]
+enum TaskEnd {
+    /// The attempt's row.
+    Row(AttemptRow),
+    /// The task ran after its rate-limit window had ended and sent nothing.
+    MissedWindow,
+    /// The task ended without a result (its runtime shut down, or it panicked).
+    Lost,
+}
+
+/// The end of one request task.
 struct Completion {
     ticket: u64,
-    row: Option<AttemptRow>,
+    end: TaskEnd,
 }
 
 /// One endpoint's share of the operator state.
@@ -654,7 +678,7 @@ impl DeliverState {
     /// Turns finished requests into rows, and failed ones with a retry left into a pending
     /// entry and the retry itself; feeds each result to its endpoint's health.
     fn collect_completions(&mut self, now: Millis) {
-        while let Ok(Completion { ticket, row }) = self.receiver.try_recv() {
+        while let Ok(Completion { ticket, end }) = self.receiver.try_recv() {
             self.context
                 .requests_in_flight
                 .fetch_sub(1, Ordering::SeqCst);
@@ -670,14 +694,22 @@ impl DeliverState {
                 );
                 continue;
             };
-            let Some(mut row) = row else {
-                self.release_place(&endpoint_id);
-                tracing::error!(
-                    endpoint_id = %endpoint_id,
-                    event_id = %delivery.ingested.event.id,
-                    "A delivery request ended without a result; no attempt row is written."
-                );
-                continue;
+            let mut row = match end {
+                TaskEnd::Row(row) => row,
+                TaskEnd::MissedWindow => {
+                    self.release_place(&endpoint_id);
+                    self.retake_slot(delivery, capability, now);
+                    continue;
+                }
+                TaskEnd::Lost => {
+                    self.release_place(&endpoint_id);
+                    tracing::error!(
+                        endpoint_id = %endpoint_id,
+                        event_id = %delivery.ingested.event.id,
+                        "A delivery request ended without a result; no attempt row is written."
+                    );
+                    continue;
+                }
             };
             if row.started_at_ms.is_some() {
                 self.context.unsynced_results.fetch_add(1, Ordering::SeqCst);
@@ -692,6 +724,28 @@ impl DeliverState {
             self.release_place(&endpoint_id);
             self.log_failure(&row, now);
             self.emitted.push((capability, Attempted::Row(row)));
+        }
+    }
+
+    /// Gives a delivery whose task missed its rate-limit window the first open slot from `now`
+    /// on. It sent nothing, so it keeps its attempt number; its window keeps the start it was
+    /// counted for, which only makes that window stricter.
+    fn retake_slot(&mut self, delivery: Delivery, capability: Capability<u64>, now: Millis) {
+        let slot_ms = self
+            .endpoints
+            .get_mut(&delivery.endpoint_id)
+            .and_then(|state| state.limiter.as_mut())
+            .map_or(now, |limiter| limiter.reserve(now));
+        let waiting = Waiting {
+            slot_ms,
+            delivery,
+            held: Some(capability),
+        };
+        if slot_ms > now {
+            self.reschedule(waiting, slot_ms, now);
+        } else {
+            self.unparked.insert(waiting.delivery.endpoint_id.clone());
+            self.enqueue(waiting);
         }
     }
 
@@ -720,10 +774,12 @@ impl DeliverState {
         let Some(next_ms) = next else {
             row.outcome = Outcome::DeadLettered.as_str().to_string();
             let gave_up = if client_error {
+                let retries = self.context.retry.client_error_retries;
+                let plural = if retries == 1 { "retry" } else { "retries" };
                 format!(
-                    "gave up after {} attempts: the endpoint refused the request (4xx); 4xx \
-                     answers get {} retries",
-                    delivery.attempt, self.context.retry.client_error_retries
+                    "gave up after {} attempts: the endpoint refused the request (4xx), and 4xx \
+                     answers get {retries} {plural}",
+                    delivery.attempt
                 )
             } else {
                 format!("gave up after {} attempts", delivery.attempt)
@@ -917,7 +973,7 @@ impl DeliverState {
             return 0;
         }
         let total_limit = self.context.max_in_flight_total.max(1);
-        let mut starting: Vec<(Delivery, Capability<u64>, Millis)> = Vec::new();
+        let mut starting: Vec<Starting> = Vec::new();
 
         loop {
             if self.in_flight.len() + starting.len() >= total_limit {
@@ -965,6 +1021,10 @@ impl DeliverState {
                 Some(limiter) => limiter.start(waiting.slot_ms, now),
                 None => StartDecision::Start,
             };
+            let window_end_ms = state
+                .limiter
+                .as_ref()
+                .map(|limiter| limiter.window_end(now));
             if let StartDecision::WaitUntil(slot_ms) = decision {
                 // The window filled while this delivery waited for a place: it moves to the
                 // next open window, and the endpoint's later deliveries keep their own slots.
@@ -1006,7 +1066,12 @@ impl DeliverState {
                 if let Some(state) = self.endpoints.get_mut(&endpoint_id) {
                     state.in_flight += 1;
                 }
-                starting.push((waiting.delivery, capability, due_at_ms));
+                starting.push(Starting {
+                    delivery: waiting.delivery,
+                    capability,
+                    due_at_ms,
+                    window_end_ms,
+                });
             }
             let in_flight = self
                 .endpoints
@@ -1020,8 +1085,8 @@ impl DeliverState {
         }
 
         let freed = self.load_payloads(&mut starting, now);
-        for (delivery, capability, due_at_ms) in starting {
-            self.start(delivery, capability, due_at_ms);
+        for granted in starting {
+            self.start(granted);
         }
         freed
     }
@@ -1122,15 +1187,12 @@ impl DeliverState {
 
     /// Reads back the payloads of retries about to start, in one batch; a delivery whose
     /// payload cannot be read is dead-lettered instead of started. Returns how many were.
-    fn load_payloads(
-        &mut self,
-        starting: &mut Vec<(Delivery, Capability<u64>, Millis)>,
-        now: Millis,
-    ) -> usize {
+    fn load_payloads(&mut self, starting: &mut Vec<Starting>, now: Millis) -> usize {
         let positions: Vec<(u32, u64)> = starting
             .iter()
-            .filter(|(delivery, _, _)| !delivery.has_payload())
-            .map(|(delivery, _, _)| (delivery.ingested.partition, delivery.ingested.offset))
+            .map(|granted| &granted.delivery)
+            .filter(|delivery| !delivery.has_payload())
+            .map(|delivery| (delivery.ingested.partition, delivery.ingested.offset))
             .collect();
         if positions.is_empty() {
             return 0;
@@ -1139,17 +1201,22 @@ impl DeliverState {
         let mut failed = 0;
 
         let mut kept = Vec::with_capacity(starting.len());
-        for (mut delivery, capability, due_at_ms) in starting.drain(..) {
-            if delivery.has_payload() {
-                kept.push((delivery, capability, due_at_ms));
+        for mut granted in starting.drain(..) {
+            if granted.delivery.has_payload() {
+                kept.push(granted);
                 continue;
             }
             match fetched.next() {
                 Some(Ok(payload)) if !payload.is_empty() => {
-                    delivery.ingested.event.payload = payload;
-                    kept.push((delivery, capability, due_at_ms));
+                    granted.delivery.ingested.event.payload = payload;
+                    kept.push(granted);
                 }
                 other => {
+                    let Starting {
+                        delivery,
+                        capability,
+                        ..
+                    } = granted;
                     let reason = match other {
                         Some(Err(reason)) => reason,
                         _ => "the source returned no payload".to_string(),
@@ -1174,9 +1241,19 @@ impl DeliverState {
         failed
     }
 
-    /// Spawns the request task for `delivery`, due at `due_at_ms`, holding `capability` until
-    /// its row is emitted.
-    fn start(&mut self, delivery: Delivery, capability: Capability<u64>, due_at_ms: Millis) {
+    /// Spawns the request task of a granted start, holding its capability until its row is
+    /// emitted.
+    ///
+    /// The rate-limit window is granted here, but the task reads its start time only when the
+    /// runtime polls it. A task that runs after its window has ended sends nothing and hands
+    /// the delivery back (see `collect_completions`), so no window starts more than its budget.
+    fn start(&mut self, granted: Starting) {
+        let Starting {
+            delivery,
+            capability,
+            due_at_ms,
+            window_end_ms,
+        } = granted;
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         let mut stripped = delivery.clone();
@@ -1195,7 +1272,7 @@ impl DeliverState {
 
         let completion = CompletionGuard {
             ticket,
-            row: None,
+            end: None,
             sender: self.sender.clone(),
             activator: Arc::clone(&self.activator),
         };
@@ -1203,14 +1280,22 @@ impl DeliverState {
         let endpoints = Arc::clone(&self.context.endpoints);
         let clock = Arc::clone(&self.context.clock);
         self.context.runtime.spawn(async move {
-            let row = match endpoints.get(&delivery.endpoint_id) {
-                Some(endpoint) => {
+            let end = match (endpoints.get(&delivery.endpoint_id), window_end_ms) {
+                (Some(endpoint), Some(window_end_ms)) => client
+                    .attempt_before(endpoint, &delivery, clock.as_ref(), window_end_ms)
+                    .await
+                    .map_or(TaskEnd::MissedWindow, |result| {
+                        TaskEnd::Row(result.to_row(&delivery, due_at_ms))
+                    }),
+                (Some(endpoint), None) => {
                     let result = client.attempt(endpoint, &delivery, clock.as_ref()).await;
-                    result.to_row(&delivery, due_at_ms)
+                    TaskEnd::Row(result.to_row(&delivery, due_at_ms))
                 }
-                None => vanished_endpoint_row(&delivery, due_at_ms, clock.now_ms()),
+                (None, _) => {
+                    TaskEnd::Row(vanished_endpoint_row(&delivery, due_at_ms, clock.now_ms()))
+                }
             };
-            completion.finish(row);
+            completion.finish(end);
         });
     }
 
@@ -1294,19 +1379,19 @@ fn vanished_endpoint_row(delivery: &Delivery, due_at_ms: Millis, now_ms: Millis)
     )
 }
 
-/// Reports a request task's end to the operator when dropped: with its row when the task
-/// finished, without one when the task was cancelled or panicked.
+/// Reports a request task's end to the operator when dropped: how it finished, or
+/// [`TaskEnd::Lost`] when the task was cancelled or panicked.
 struct CompletionGuard {
     ticket: u64,
-    row: Option<AttemptRow>,
+    end: Option<TaskEnd>,
     sender: Sender<Completion>,
     activator: Arc<SyncActivator>,
 }
 
 impl CompletionGuard {
-    /// Reports the task's row.
-    fn finish(mut self, row: AttemptRow) {
-        self.row = Some(row);
+    /// Reports how the task ended.
+    fn finish(mut self, end: TaskEnd) {
+        self.end = Some(end);
     }
 }
 
@@ -1314,7 +1399,7 @@ impl Drop for CompletionGuard {
     fn drop(&mut self) {
         let completion = Completion {
             ticket: self.ticket,
-            row: self.row.take(),
+            end: self.end.take().unwrap_or(TaskEnd::Lost),
         };
         // Both fail only after the operator or its worker has shut down, when no one reads the
         // result any more.

@@ -186,6 +186,7 @@ fn delivery_row(delivery: &Delivery, due_at_ms: Millis) -> AttemptRow {
         endpoint_id: Some(delivery.endpoint_id.clone()),
         event_type: Some(ingested.event.event_type.clone()),
         generation: delivery.generation,
+        replay_id: ingested.event.replay_id().map(str::to_string),
         attempt: 0,
         partition: ingested.partition,
         offset: ingested.offset,

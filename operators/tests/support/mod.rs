@@ -61,6 +61,7 @@ pub fn delivery(endpoint_id: &str, event_id: &str, payload: &[u8]) -> Delivery {
                 event_type: "charge.succeeded".to_string(),
                 created_at: "2026-12-04T10:00:00Z".to_string(),
                 payload: payload.to_vec(),
+                replay: None,
             },
         },
     }

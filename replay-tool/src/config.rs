@@ -1,0 +1,166 @@
+//! The parts of a `hookflow run` config file that replay and stats need: the archive
+//! directory, the partition count of a new log, and each endpoint's id, tenant and event
+//! types.
+//!
+//! Unknown tables and fields are ignored here, because `hookflow run` validates the whole
+//! file and this crate cannot depend on the pipeline crate that owns that validation.
+
+use std::path::{Path, PathBuf};
+
+use hookflow_schemas::EventTypePattern;
+use serde::Deserialize;
+
+use crate::{ReplayError, Result};
+
+/// An endpoint as replay sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointView {
+    /// The endpoint's id.
+    pub id: String,
+    /// The tenant whose events it receives.
+    pub tenant: String,
+    /// The event types it subscribes to.
+    pub event_types: Vec<EventTypePattern>,
+}
+
+impl EndpointView {
+    /// Returns whether the endpoint subscribes to `event_type`.
+    pub fn subscribes_to(&self, event_type: &str) -> bool {
+        self.event_types.iter().any(|p| p.matches(event_type))
+    }
+}
+
+/// What replay and stats read from the config file.
+#[derive(Debug, Clone, Default)]
+pub struct ToolConfig {
+    /// The archive directory, under the data directory when relative. Default `archive`.
+    pub archive_dir: Option<PathBuf>,
+    /// Partitions of a new local log. Default 4.
+    pub partitions: Option<u32>,
+    /// The configured endpoints.
+    pub endpoints: Vec<EndpointView>,
+}
+
+#[derive(Deserialize, Default)]
+struct FileView {
+    #[serde(default)]
+    archive: ArchiveView,
+    #[serde(default)]
+    local_log: LocalLogView,
+    #[serde(default)]
+    endpoints: Vec<EndpointFile>,
+}
+
+#[derive(Deserialize, Default)]
+struct ArchiveView {
+    dir: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+struct LocalLogView {
+    partitions: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct EndpointFile {
+    id: String,
+    tenant: String,
+    event_types: Vec<String>,
+}
+
+impl ToolConfig {
+    /// Reads the config file at `path`.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the file cannot be read, is not TOML of the expected shape, or an endpoint's
+    /// event-type pattern is invalid.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| ReplayError::Io {
+            action: "read config file",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses config text; `path` is used in messages only.
+    ///
+    /// # Errors
+    ///
+    /// See [`ToolConfig::load`].
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let file: FileView = toml::from_str(text).map_err(|e| {
+            ReplayError::Invalid(format!(
+                "invalid config file {}: {}",
+                path.display(),
+                e.to_string().trim_end()
+            ))
+        })?;
+        let mut endpoints = Vec::with_capacity(file.endpoints.len());
+        for (index, endpoint) in file.endpoints.into_iter().enumerate() {
+            let event_types = endpoint
+                .event_types
+                .iter()
+                .map(|pattern| EventTypePattern::parse(pattern))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    ReplayError::Invalid(format!(
+                        "invalid config file {}: field `endpoints[{index}].event_types`: {e}",
+                        path.display()
+                    ))
+                })?;
+            endpoints.push(EndpointView {
+                id: endpoint.id,
+                tenant: endpoint.tenant,
+                event_types,
+            });
+        }
+        Ok(ToolConfig {
+            archive_dir: file.archive.dir,
+            partitions: file.local_log.partitions,
+            endpoints,
+        })
+    }
+
+    /// Returns the archive directory for `data_dir`.
+    pub fn archive_dir(&self, data_dir: &Path) -> PathBuf {
+        match &self.archive_dir {
+            Some(dir) if dir.is_absolute() => dir.clone(),
+            Some(dir) => data_dir.join(dir),
+            None => data_dir.join("archive"),
+        }
+    }
+
+    /// Returns the endpoint with `id`, if configured.
+    pub fn endpoint(&self, id: &str) -> Option<&EndpointView> {
+        self.endpoints.iter().find(|endpoint| endpoint.id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_reads_the_example_config() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hookflow.toml");
+        let config = ToolConfig::load(&path).expect("the example config parses");
+        assert_eq!(config.partitions, Some(4));
+        assert_eq!(config.archive_dir(Path::new("/d")), Path::new("/d/archive"));
+        let billing = config.endpoint("ep_acme_billing").expect("ep_acme_billing");
+        assert_eq!(billing.tenant, "acme");
+        assert!(billing.subscribes_to("charge.succeeded"));
+        assert!(!billing.subscribes_to("user.created"));
+    }
+
+    #[test]
+    fn parse_names_bad_pattern() {
+        let text = "[[endpoints]]\nid = \"e\"\ntenant = \"t\"\nurl = \"http://x\"\nevent_types = [\"a*b\"]\n";
+        let error = ToolConfig::parse(text, Path::new("c.toml")).expect_err("bad pattern");
+        assert!(
+            error.to_string().contains("endpoints[0].event_types"),
+            "{error}"
+        );
+    }
+}
