@@ -370,6 +370,7 @@ fn scenario_notes(result: &ScenarioResult) -> String {
             .map(|(outcome, count)| format!("{outcome} {count}"))
             .collect();
         notes.push(format!("rows: {}", outcomes.join(", ")));
+        notes.push(format!("{} breakers opened", result.breakers_opened));
     }
     notes.push(format!(
         "run {:.2} s, {} receiver requests, receiver CPU {:.2} s",

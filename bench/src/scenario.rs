@@ -176,6 +176,9 @@ pub struct ScenarioResult {
     pub receiver_cpu_seconds: f64,
     /// Memory figures of [`Kind::PendingRetries`].
     pub pending: Option<PendingMemory>,
+    /// Circuit breakers the run opened, counting reopenings after a failed probe.
+    #[serde(default)]
+    pub breakers_opened: u64,
     /// The archive and receiver checked against the expected deliveries.
     pub tally: Tally,
 }
@@ -218,7 +221,8 @@ pub fn run_scenario(spec: &ScenarioSpec) -> anyhow::Result<ScenarioResult> {
     let mut result = match spec.kind {
         Kind::Steady => run_steady(spec, &plan, &control)?,
         Kind::PendingRetries => run_pending(spec, &plan, &control)?,
-        _ => run_until_idle(&plan, &control)?,
+        Kind::HealthyOnly | Kind::Unhealthy => run_until_healthy_delivered(spec, &plan, &control)?,
+        Kind::Single | Kind::FanOut => run_until_idle(&plan, &control)?,
     };
 
     let stats = control.stats()?;
@@ -250,6 +254,7 @@ fn prepare(spec: &ScenarioSpec) -> anyhow::Result<Plan> {
         endpoint_timeout_ms: None,
         // Nothing should fail in the healthy scenarios; a transient failure is retried soon.
         retry_schedule_ms: vec![1_000, 5_000],
+        breaker_min_requests: None,
     };
     let topology = match spec.kind {
         Kind::Single | Kind::Steady => Topology::single(Mode::Ok),
@@ -269,6 +274,10 @@ fn prepare(spec: &ScenarioSpec) -> anyhow::Result<Plan> {
         }
         Kind::PendingRetries => {
             settings.retry_schedule_ms = vec![PENDING_RETRY_DELAY_MS];
+            // This scenario measures the memory of retries waiting for their time. With the
+            // default breaker, the endpoint's queue would be held after its first 10 failures,
+            // and no further retry would be scheduled, so the breaker must not open.
+            settings.breaker_min_requests = Some(u32::MAX);
             Topology::single(Mode::Fail)
         }
     };
@@ -302,6 +311,7 @@ fn expected_deliveries(topology: &Topology, events: &[(usize, usize)], kind: Kin
     let routes = topology.routes();
     let mut expected = Expected {
         waiting_for_retry: kind == Kind::PendingRetries,
+        unhealthy_may_be_pending: matches!(kind, Kind::HealthyOnly | Kind::Unhealthy),
         ..Expected::default()
     };
     for (number, key) in events.iter().enumerate() {
@@ -419,6 +429,61 @@ fn run_until_idle(plan: &Plan, control: &ReceiverControl) -> anyhow::Result<Scen
     let report = run(run_options(plan, true, Arc::new(StopSignal::new())))?;
     let run_seconds = meter.started.elapsed().as_secs_f64();
     let cpu = process_cpu()?.saturating_sub(meter.cpu);
+    let peak_rss_bytes = peak_rss_bytes()?;
+
+    let arrivals = control.arrivals()?;
+    summarize(Summary {
+        plan,
+        report: &report,
+        arrivals: &arrivals,
+        published_us: &publisher.published_us,
+        timed_from_us: meter.started_us,
+        first_timed_event: 0,
+        run_seconds,
+        cpu,
+        peak_rss_bytes,
+    })
+}
+
+/// Scenarios (c0) and (c): publish everything, run until every delivery to a healthy endpoint
+/// got its 200, then stop. The failing and hanging endpoints open their circuit breakers with
+/// the default health rules, and an open breaker holds its endpoint's queue for 30 s, then
+/// for twice as long after each failed probe: waiting for those deliveries to be final would
+/// measure the cooldowns, not the pipeline. They stay durably pending when the run stops.
+fn run_until_healthy_delivered(
+    spec: &ScenarioSpec,
+    plan: &Plan,
+    control: &ReceiverControl,
+) -> anyhow::Result<ScenarioResult> {
+    let healthy = plan
+        .expected
+        .deliveries
+        .iter()
+        .filter(|(_, _, mode)| *mode == Mode::Ok)
+        .count() as u64;
+    let mut publisher = Publisher::open(plan)?;
+    publisher.publish(plan, plan.events.len())?;
+
+    let stop = Arc::new(StopSignal::new());
+    let _stop_on_return = StopOnDrop(stop.clone());
+    let meter = Meter::start()?;
+    let main_thread_cpu = thread_cpu()?;
+    let pipeline = {
+        let options = run_options(plan, false, stop.clone());
+        std::thread::Builder::new()
+            .name("pipeline".into())
+            .spawn(move || run(options))
+            .context("cannot start the pipeline thread")?
+    };
+    let waited = wait_for(control, 200, healthy, spec.wait_secs, &pipeline);
+    stop.stop();
+    let report = join_pipeline(pipeline)?;
+    waited?;
+    let run_seconds = meter.started.elapsed().as_secs_f64();
+    let waiting_cpu = thread_cpu()?.saturating_sub(main_thread_cpu);
+    let cpu = process_cpu()?
+        .saturating_sub(meter.cpu)
+        .saturating_sub(waiting_cpu);
     let peak_rss_bytes = peak_rss_bytes()?;
 
     let arrivals = control.arrivals()?;
@@ -679,6 +744,11 @@ fn summarize(summary: Summary<'_>) -> anyhow::Result<ScenarioResult> {
         receiver_requests: 0,
         receiver_cpu_seconds: 0.0,
         pending: None,
+        breakers_opened: summary
+            .report
+            .counters
+            .breakers_opened
+            .load(std::sync::atomic::Ordering::Relaxed),
         tally,
     })
 }

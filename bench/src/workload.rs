@@ -215,6 +215,8 @@ pub struct ConfigSettings {
     pub endpoint_timeout_ms: Option<u64>,
     /// `retry.schedule_ms`.
     pub retry_schedule_ms: Vec<u64>,
+    /// `health.breaker_min_requests`; the pipeline's default when `None`.
+    pub breaker_min_requests: Option<u32>,
 }
 
 /// Returns the TOML configuration of `topology` with `settings`, archiving to `archive_dir`.
@@ -230,6 +232,9 @@ pub fn config_text(topology: &Topology, settings: &ConfigSettings, archive_dir: 
          [archive]\ndir = {quoted_dir}\n",
         settings.workers, settings.max_in_flight_total, settings.retry_schedule_ms,
     );
+    if let Some(min_requests) = settings.breaker_min_requests {
+        let _ = write!(text, "\n[health]\nbreaker_min_requests = {min_requests}\n");
+    }
     for endpoint in &topology.endpoints {
         let types: Vec<&str> = if endpoint.event_types.is_empty() {
             vec![UNUSED_TYPE]
@@ -344,9 +349,14 @@ mod tests {
             endpoint_max_in_flight: Some(16),
             endpoint_timeout_ms: Some(250),
             retry_schedule_ms: vec![100, 200],
+            breaker_min_requests: None,
         };
         let text = config_text(&topology, &settings, Path::new("/tmp/a \"quoted\" dir"));
         let config = Config::parse(&text, Path::new("bench.toml")).expect("valid config");
+        assert_eq!(
+            config.health.policy(),
+            hookflow_operators::health::HealthPolicy::default()
+        );
         assert_eq!(config.endpoints().len(), 50);
         assert_eq!(config.pipeline.workers, 2);
         assert_eq!(config.delivery.max_in_flight, 64);
@@ -356,5 +366,13 @@ mod tests {
         assert_eq!(endpoint.max_in_flight, 16);
         assert_eq!(endpoint.timeout_ms, 250);
         assert!(endpoint.url.starts_with("http://127.0.0.1:9/e/0/"));
+
+        let held_open = ConfigSettings {
+            breaker_min_requests: Some(u32::MAX),
+            ..settings
+        };
+        let text = config_text(&topology, &held_open, Path::new("/tmp/archive"));
+        let config = Config::parse(&text, Path::new("bench.toml")).expect("valid config");
+        assert_eq!(config.health.breaker_min_requests, u32::MAX);
     }
 }

@@ -121,6 +121,11 @@ impl Archiver {
             if staged == 0 || !(due || full) {
                 break;
             }
+            // TODO: this reads a whole file's staged rows at once, about 2.3 KB of heap per
+            // row while the file is written, and the allocator keeps it afterwards (with
+            // 1,000,000 pending retries, 360 to 470 MB of resident memory). Reading and writing
+            // them in pages of `max_rows_per_row_group`, and unstaging the range once the
+            // files are complete, would bound it to one page.
             let mut rows = self
                 .store
                 .borrow()
