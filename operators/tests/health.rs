@@ -25,7 +25,7 @@ use support::*;
 /// 2023-11-14T22:13:20Z, the cases' `T0`, so that HTTP-dates in `Retry-After` mean something.
 const T0_MS: Millis = 1_700_000_000_000;
 
-/// A virtual clock at `T0_MS`, a runtime, and a receiver that answers as its script says.
+/// A virtual clock at `T0_MS`, a runtime, and a receiver that responds as its script decides.
 struct Setup {
     runtime: tokio::runtime::Runtime,
     clock: Arc<VirtualClock>,
@@ -45,8 +45,8 @@ impl Setup {
         }
     }
 
-    /// An endpoint on this receiver that takes one request at a time, so each answer is known
-    /// before the next request starts.
+    /// Creates an endpoint on this receiver that takes one request at a time, so each response
+    /// is known before the next request starts.
     fn endpoint(&self, endpoint_id: &str) -> Endpoint {
         let mut endpoint = endpoint(endpoint_id, &self.receiver.url(endpoint_id));
         endpoint.max_in_flight = 1;
@@ -73,8 +73,8 @@ impl Setup {
         (run, counters)
     }
 
-    /// The arrival times of every request to `endpoint_id`, in ms after `T0_MS`, with the
-    /// `webhook-id` of each.
+    /// Returns the arrival times of every request to `endpoint_id`, in ms after `T0_MS`, with
+    /// the `webhook-id` of each.
     fn arrivals(&self, endpoint_id: &str) -> Vec<(u64, String)> {
         self.receiver
             .arrivals()
@@ -96,7 +96,7 @@ fn queued(endpoint_id: &str, count: u64) -> Vec<(u64, Delivery)> {
         .collect()
 }
 
-/// A schedule of `retries` equal delays, without jitter.
+/// Builds a schedule of `retries` equal delays, without jitter.
 fn schedule(delay_ms: u64, retries: usize) -> RetryPolicy {
     RetryPolicy {
         schedule_ms: vec![delay_ms; retries],
@@ -105,7 +105,7 @@ fn schedule(delay_ms: u64, retries: usize) -> RetryPolicy {
     }
 }
 
-/// A health policy whose breaker never opens in these short runs.
+/// Builds a health policy whose breaker never opens in these short runs.
 fn no_breaker() -> HealthPolicy {
     HealthPolicy {
         breaker_min_requests: 10_000,

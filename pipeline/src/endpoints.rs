@@ -2,9 +2,9 @@
 //! endpoint that hookflow disabled at run time.
 //!
 //! In: the configuration and the data directory's state store. Out: a table of endpoints
-//! (enabled, disabled in the configuration, or disabled at run time with its reason and time)
-//! with their parked deliveries; or the state store with one endpoint enabled again, so that
-//! the next run resumes its parked deliveries. Both hold the data directory's lock, so they
+//! with their parked deliveries, each enabled, disabled in the configuration, or disabled at
+//! run time with its reason and time. Or: the state store with one endpoint enabled again, so
+//! that the next run resumes its parked deliveries. Both hold the data directory's lock, so they
 //! never race a running pipeline.
 //!
 //! TODO: enabling takes effect at the next start; a running pipeline learns of it only once
@@ -86,7 +86,7 @@ pub fn list(config: &Config, data_dir: &Path) -> anyhow::Result<String> {
 /// # Errors
 ///
 /// Fails if the data directory is in use by a running pipeline, the store cannot be written,
-/// or hookflow never disabled the endpoint (the message says where to look instead).
+/// or hookflow never disabled the endpoint (the message names where to look instead).
 pub fn enable(data_dir: &Path, endpoint_id: &str) -> anyhow::Result<String> {
     let _lock = lock_data_dir(data_dir)?;
     let mut store = open(data_dir)?;
