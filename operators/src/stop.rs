@@ -52,3 +52,49 @@ impl std::fmt::Debug for StopSignal {
             .finish_non_exhaustive()
     }
 }
+
+/// Calls `on_first` on the first SIGINT or SIGTERM, and exits the process with status 130 on
+/// the second, so that an operator who asks twice is not kept waiting. The signals are
+/// watched from a thread named `thread_name` with a runtime of its own.
+///
+/// # Errors
+///
+/// Fails if the thread or its runtime cannot start. A failure to register the handlers
+/// themselves is logged, and the process then stops only on SIGKILL.
+pub fn on_termination_signal(
+    thread_name: &str,
+    on_first: impl Fn() + Send + 'static,
+) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name(thread_name.to_string())
+        .spawn(move || {
+            runtime.block_on(async move {
+                use tokio::signal::unix::{signal, SignalKind};
+                let (Ok(mut interrupt), Ok(mut terminate)) = (
+                    signal(SignalKind::interrupt()),
+                    signal(SignalKind::terminate()),
+                ) else {
+                    tracing::error!(
+                        "Cannot install signal handlers; stop the process with SIGKILL."
+                    );
+                    return;
+                };
+                for count in 1.. {
+                    tokio::select! {
+                        _ = interrupt.recv() => {}
+                        _ = terminate.recv() => {}
+                    }
+                    if count == 1 {
+                        on_first();
+                    } else {
+                        tracing::warn!("Second signal: exiting at once.");
+                        std::process::exit(130);
+                    }
+                }
+            });
+        })?;
+    Ok(())
+}

@@ -330,39 +330,9 @@ fn cluster_from_args(
 
 /// On SIGINT or SIGTERM, stops the pipeline gracefully; a second signal exits at once.
 fn install_signal_handlers(stop: Arc<StopSignal>) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the signal handler")?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                use tokio::signal::unix::{signal, SignalKind};
-                let (Ok(mut interrupt), Ok(mut terminate)) = (
-                    signal(SignalKind::interrupt()),
-                    signal(SignalKind::terminate()),
-                ) else {
-                    tracing::error!("Cannot install signal handlers; stop hookflow with SIGKILL.");
-                    return;
-                };
-                for count in 1.. {
-                    tokio::select! {
-                        _ = interrupt.recv() => {}
-                        _ = terminate.recv() => {}
-                    }
-                    if count == 1 {
-                        tracing::info!(
-                            "Stopping: draining in-flight deliveries and flushing the archive."
-                        );
-                        stop.stop();
-                    } else {
-                        tracing::warn!("Second signal: exiting at once.");
-                        std::process::exit(130);
-                    }
-                }
-            });
-        })
-        .context("cannot start the signal handler thread")?;
-    Ok(())
+    hookflow_operators::stop::on_termination_signal("signals", move || {
+        tracing::info!("Stopping: draining in-flight deliveries and flushing the archive.");
+        stop.stop();
+    })
+    .context("cannot start the signal handler")
 }

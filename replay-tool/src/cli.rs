@@ -166,37 +166,10 @@ pub fn run_stats(args: &StatsArgs) -> anyhow::Result<()> {
 ///
 /// Fails if the signal handler cannot start.
 pub fn install_stop_handler(stop: Arc<AtomicBool>) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the signal handler")?;
-    std::thread::Builder::new()
-        .name("replay-signals".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                use tokio::signal::unix::{signal, SignalKind};
-                let (Ok(mut interrupt), Ok(mut terminate)) = (
-                    signal(SignalKind::interrupt()),
-                    signal(SignalKind::terminate()),
-                ) else {
-                    tracing::error!("Cannot install signal handlers.");
-                    return;
-                };
-                for count in 1.. {
-                    tokio::select! {
-                        _ = interrupt.recv() => {}
-                        _ = terminate.recv() => {}
-                    }
-                    if count == 1 {
-                        stop.store(true, Ordering::SeqCst);
-                    } else {
-                        std::process::exit(130);
-                    }
-                }
-            });
-        })
-        .context("cannot start the signal handler thread")?;
-    Ok(())
+    hookflow_operators::stop::on_termination_signal("replay-signals", move || {
+        stop.store(true, Ordering::SeqCst);
+    })
+    .context("cannot start the signal handler")
 }
 
 /// Runs `replay`: lists, plans (dry run), starts or resumes a replay. Progress goes to
