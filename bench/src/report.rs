@@ -174,9 +174,9 @@ impl Report {
             const TARGET_RETRIES: usize = 1_000_000;
             const TARGET_BYTES: f64 = 500.0 * 1e6;
             let measured_mb = pending.rss_holding_bytes as f64 / 1e6;
-            // Memory per retry falls as the count grows (2.6 KB at 100,000 and 1.3 KB at
-            // 1,000,000 on the 2-core VM of docs/performance.md), so a smaller run is not
-            // extrapolated.
+            // Memory per retry changes with the count (about 1.2 KB at 100,000 and 0.9 to
+            // 1.0 KB at 1,000,000 on the 2-core VM of docs/performance.md), so a smaller run
+            // is not extrapolated.
             let (measured, met) = if pending.held >= TARGET_RETRIES {
                 (
                     format!("{} held in {measured_mb:.0} MB", pending.held),
