@@ -19,6 +19,26 @@ use crate::select::{build_plan, OutcomeFilter, Selection};
 use crate::stats::{compute_stats, StatsQuery};
 use crate::timespec::parse_time;
 
+/// Writes `text` to standard output. A reader that closed the pipe (`| head`) ends the output
+/// quietly, where `print!` would panic.
+fn write_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        result => result.context("cannot write to standard output"),
+    }
+}
+
+/// `print!` through [`write_out`].
+macro_rules! out {
+    ($($arg:tt)*) => { write_out(&format!($($arg)*)) };
+}
+
+/// `println!` through [`write_out`].
+macro_rules! outln {
+    ($($arg:tt)*) => { write_out(&format!("{}\n", format_args!($($arg)*))) };
+}
+
 /// `replay`: select archived deliveries or events and republish them.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplayArgs {
@@ -152,9 +172,9 @@ pub fn run_stats(args: &StatsArgs) -> anyhow::Result<()> {
     let report = compute_stats(&archive, &query)
         .with_context(|| format!("cannot compute statistics over {}", archive.display()))?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        print!("{}", report.render());
+        out!("{}", report.render())?;
     }
     Ok(())
 }
@@ -262,16 +282,16 @@ pub fn run_replay(args: &ReplayArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()
     let plan = build_plan(&selection, &config, &archive, &mut log)?;
     if args.dry_run {
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&plan.summary)?);
+            outln!("{}", serde_json::to_string_pretty(&plan.summary)?)?;
         } else {
-            print!("dry run, nothing changed: {}", plan.summary.render());
+            out!("dry run, nothing changed: {}", plan.summary.render())?;
         }
         return Ok(());
     }
 
     // An empty selection writes nothing; with no ledger yet, no earlier run can be refused.
     if plan.items.is_empty() && !Ledger::exists(&args.data_dir) {
-        print!("nothing to replay: {}", plan.summary.render());
+        out!("nothing to replay: {}", plan.summary.render())?;
         return Ok(());
     }
 
@@ -314,7 +334,7 @@ pub fn run_replay(args: &ReplayArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()
         }
     }
     if plan.items.is_empty() {
-        print!("nothing to replay: {}", plan.summary.render());
+        out!("nothing to replay: {}", plan.summary.render())?;
         return Ok(());
     }
 
@@ -330,10 +350,10 @@ pub fn run_replay(args: &ReplayArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()
         &plan.items,
         now,
     )?;
-    println!(
+    outln!(
         "replay {replay_id} (generation {generation}): {}",
         plan.summary.render()
-    );
+    )?;
     let run = ledger
         .run(generation)?
         .context("the run just recorded is missing from the ledger")?;
@@ -358,7 +378,7 @@ fn send(
             run.replay_id
         );
     }
-    println!(
+    outln!(
         "replay {} (generation {}) appended {} event(s){}; the running pipeline delivers them \
          (hookflow run --data-dir {})",
         run.replay_id,
@@ -373,33 +393,37 @@ fn send(
             String::new()
         },
         args.data_dir.display()
-    );
+    )?;
     Ok(())
 }
 
 fn list_runs(ledger: &Ledger, json: bool) -> anyhow::Result<()> {
     let runs = ledger.runs(None)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&runs)?);
+        outln!("{}", serde_json::to_string_pretty(&runs)?)?;
         return Ok(());
     }
-    println!(
+    outln!(
         "{:<28} {:>10} {:>8} {:>8}  {:<24}  status",
-        "replay", "generation", "events", "appended", "created"
-    );
+        "replay",
+        "generation",
+        "events",
+        "appended",
+        "created"
+    )?;
     for run in runs {
         let status = match run.finished_at_ms {
             Some(at) => format!("finished {}", format_millis(at)),
             None => "unfinished (--resume)".to_string(),
         };
-        println!(
+        outln!(
             "{:<28} {:>10} {:>8} {:>8}  {:<24}  {status}",
             run.replay_id,
             run.generation,
             run.items,
             run.appended,
             format_millis(run.created_at_ms)
-        );
+        )?;
     }
     Ok(())
 }
