@@ -67,7 +67,7 @@ impl WindowLimiter {
         self.budget_shift = shift;
     }
 
-    /// The requests allowed per window with the halvings in force.
+    /// Returns the requests allowed per window with the halvings in force.
     pub fn budget(&self) -> u32 {
         self.limit
             .max_requests
@@ -246,7 +246,8 @@ mod tests {
         }
         limiter.set_budget_shift(2);
         assert_eq!(limiter.budget(), 2);
-        // The window already holds 3 of the halved budget's 2: the next slot is a window later.
+        // The window already contains 3 of the halved budget's 2, so the next slot is a window
+        // later.
         assert_eq!(limiter.reserve(0), 100);
         assert_eq!(limiter.reserve(0), 100);
         assert_eq!(limiter.reserve(0), 200);
@@ -274,7 +275,7 @@ mod tests {
         // One start fills the halved budget of 1: the rest of window 0 moves on.
         assert_eq!(limiter.start(0, 1), StartDecision::WaitUntil(200));
         assert_eq!(limiter.start(100, 100), StartDecision::Start);
-        // Window 200 holds the delivery moved there already.
+        // Window 200 already contains the delivery moved there.
         assert_eq!(limiter.start(100, 101), StartDecision::WaitUntil(300));
         assert_eq!(limiter.start(200, 200), StartDecision::Start);
         assert_eq!(limiter.start(300, 300), StartDecision::Start);

@@ -70,8 +70,8 @@ impl RetryPolicy {
         Some(now_ms.saturating_add(jittered.max(1)))
     }
 
-    /// Returns whether a delivery whose attempt number `attempt` got a `client_error` answer
-    /// has used up its retries for such answers.
+    /// Returns whether a delivery whose attempt number `attempt` got a `client_error` response
+    /// has used up its retries for such responses.
     pub fn client_errors_exhausted(&self, attempt: u32) -> bool {
         attempt > self.client_error_retries
     }

@@ -114,8 +114,8 @@ fn no_breaker() -> HealthPolicy {
     }
 }
 
-/// B05: five messages queued for one endpoint (5 requests per second); `m1` gets the answer in
-/// the table, the others 200. A valid `Retry-After` pauses the whole endpoint; an invalid one
+/// B05: five messages queued for one endpoint (5 requests per second). `m1` gets the response in
+/// the table, and the others get 200. A valid `Retry-After` pauses the whole endpoint; an invalid one
 /// counts as absent, never as zero.
 #[test]
 fn b05_retry_after_pauses_whole_endpoint() {
@@ -237,7 +237,7 @@ fn b05_retry_after_pauses_whole_endpoint() {
 }
 
 /// A 429 without `Retry-After` halves the endpoint's budget, for its queued backlog too, and
-/// successes restore it step by step; the throttled delivery waits at least the penalty floor.
+/// successes restore it step by step. The throttled delivery waits at least the penalty floor.
 #[test]
 fn throttling_halves_budget_until_successes_restore_it() {
     let script = |_: &str, webhook_id: &str, attempt: u32| {
@@ -361,7 +361,7 @@ fn gone_disables_endpoint_and_parks_its_deliveries() {
 }
 
 /// A 4xx other than 408, 410 and 429 is retried `client_error_retries` times, then
-/// dead-lettered with a message that says why.
+/// dead-lettered with a message that gives the reason.
 #[test]
 fn client_errors_get_limited_retries() {
     let setup = Setup::start(Arc::new(|_: &str, _: &str, _: u32| (404, None)));
@@ -389,8 +389,9 @@ fn client_errors_get_limited_retries() {
     assert_eq!(setup.arrivals("ep_404").len(), 3);
 }
 
-/// Sustained failure opens the breaker: the endpoint's queue is held, durably pending, until
-/// one probe after the cooldown; the probe's success closes the breaker and the queue drains.
+/// Sustained failure opens the breaker, which keeps the endpoint's queue waiting, durably
+/// pending, until one probe after the cooldown. The probe's success closes the breaker and the
+/// queue drains.
 #[test]
 fn breaker_holds_failing_endpoint_until_probe_succeeds() {
     let answered = Arc::new(AtomicUsize::new(0));

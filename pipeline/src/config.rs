@@ -299,7 +299,7 @@ pub struct HealthConfig {
     pub disable_after_secs: u64,
     /// The shortest pause a `Retry-After` causes, in ms. Default 1000.
     pub retry_after_min_ms: u64,
-    /// The longest pause a `Retry-After` causes, in ms; longer requests are capped.
+    /// The maximum pause a `Retry-After` causes, in ms. Longer requests are capped.
     /// Default 3600000.
     pub retry_after_max_ms: u64,
 }

@@ -597,8 +597,8 @@ fn restart_does_not_deliver_again() {
     );
 }
 
-/// An endpoint that answers 410 Gone is disabled: its other deliveries are parked across
-/// restarts, `endpoints list` says why, and after `endpoints enable` the next run delivers
+/// An endpoint that responds 410 Gone is disabled: its other deliveries are parked across
+/// restarts, `endpoints list` shows the reason, and after `endpoints enable` the next run delivers
 /// every parked one exactly once.
 #[test]
 fn gone_endpoint_parks_until_enabled() {

@@ -49,7 +49,7 @@ fn kill_and_restart_loses_nothing() {
 
     // Every endpoint fails each delivery 0 to 2 times (503), fewer than the three retries.
     // Half the attempts fail, which would keep the circuit breakers opening and the run
-    // crawling; the breaker has its own tests, so this one keeps it closed.
+    // crawling. The breaker has its own tests, so this one keeps it closed.
     let behaviours: HashMap<String, Behaviour> = endpoints()
         .into_iter()
         .map(|(_, _, path, _)| {

@@ -70,7 +70,7 @@ fn worker_counts_agree() {
         ("e4", "t3", receiver.url("/t3/all"), r#"["*"]"#),
         ("e5", "t4", receiver.url("/t4/users"), r#"["user.*"]"#),
     ];
-    // The circuit breaker decides by wall-clock windows, which differ between runs; it stays
+    // The circuit breaker decides by wall-clock windows, which differ between runs. It stays
     // closed here so that the two archives can be compared attempt for attempt.
     let config = config_text(
         &endpoints,

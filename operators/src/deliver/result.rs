@@ -75,7 +75,7 @@ pub fn is_retryable(kind: ErrorKind) -> bool {
     )
 }
 
-/// Returns whether a failure of `kind` tells that the endpoint is overloaded (429, or a
+/// Returns whether a failure of `kind` means that the endpoint is overloaded (429, or a
 /// timeout), which slows the endpoint down: see the module `health`.
 pub fn is_overload(kind: ErrorKind) -> bool {
     matches!(kind, ErrorKind::Throttled | ErrorKind::Timeout)

@@ -249,8 +249,8 @@ impl ScriptedReceiver {
         Self::start_with_replies(runtime, clock, Arc::new(replies))
     }
 
-    /// Starts the receiver on `runtime`, answering with the statuses and `Retry-After`
-    /// headers `script` picks.
+    /// Starts the receiver on `runtime`, responding with the statuses and `Retry-After`
+    /// headers that `script` picks.
     pub fn start_with_replies(
         runtime: &tokio::runtime::Runtime,
         clock: Arc<dyn Clock>,
