@@ -28,9 +28,9 @@
 //! * a failed attempt with a retry left emits, at the attempt's time, its row, the retry's
 //!   pending entry and the retry itself.
 //!
-//! Each endpoint's health (the `health` module) gates its starts: an open breaker or a
-//! `Retry-After` pause holds the endpoint's queue, which stays durably pending and does not
-//! hold the frontier, until a wake-up at the hold's end; a half-open breaker lets one probe
+//! Each endpoint's health (the `health` module) gates its starts. An open breaker or a
+//! `Retry-After` pause keeps the endpoint's queue waiting, durably pending and without holding
+//! back the frontier, until a wake-up at the pause's end. A half-open breaker lets one probe
 //! through. An endpoint that is disabled (in its configuration, or by a 410 Gone or by
 //! failing for too long) parks its deliveries: each is recorded as pending without a due time
 //! and leaves memory; a disabling is emitted as [`Attempted::EndpointDisabled`].
@@ -328,7 +328,7 @@ struct Starting {
     window_end_ms: Option<Millis>,
 }
 
-/// How a request task ended.
+/// The way a request task ended.
 // Rows are the common end; boxing them would allocate once more per attempt.
 #[allow(clippy::large_enum_variant)]
 enum TaskEnd {
@@ -618,13 +618,13 @@ impl DeliverState {
         }
     }
 
-    /// Holds `endpoint_id`'s queue until `until_ms`, when the clock wakes the operator.
+    /// Keeps `endpoint_id`'s queue waiting until `until_ms`. `refresh_hold`, which ends every
+    /// run of the operator, asks the clock to wake it then.
     fn hold(&mut self, endpoint_id: String, until_ms: Millis) {
         let holders = self.holds.entry(until_ms).or_default();
         if !holders.contains(&endpoint_id) {
             holders.push(endpoint_id);
         }
-        self.context.clock.wake_at(until_ms, &self.wakeup);
     }
 
     /// Gives the endpoints whose hold has ended a turn again.
