@@ -4,6 +4,7 @@
 //! * [`source`] defines [`Source`], a partitioned log of raw records read by offset.
 //! * [`local_log`] is the default source: an append-only log in one SQLite file under the data
 //!   directory, written by `hookflow publish` while `hookflow run` reads it.
+//! * [`fluvio`] reads a topic of a Fluvio cluster through the official client.
 //! * [`archive`] writes [`AttemptRow`](hookflow_schemas::AttemptRow)s to zstd-compressed Parquet
 //!   files partitioned by day, and reads them back.
 //!
@@ -15,6 +16,7 @@
 use std::path::PathBuf;
 
 pub mod archive;
+pub mod fluvio;
 pub mod local_log;
 pub mod source;
 pub mod state;
@@ -23,7 +25,8 @@ pub use archive::{
     list_archive_files, read_attempts, staged_ranges, ArchiveOptions, ArchiveWriter,
 };
 pub use local_log::{partition_for_key, LocalLog, LocalLogOptions};
-pub use source::Source;
+pub use fluvio::{FluvioOptions, FluvioSource};
+pub use source::{Source, SourceStatus};
 pub use state::{DisabledEndpoint, DurableBatch, StateStore, STATE_FORMAT_VERSION};
 
 /// The error type of every fallible operation in this crate.
@@ -128,6 +131,26 @@ pub enum ConnectorError {
         partition: u32,
         /// The source's partition count.
         partitions: u32,
+    },
+
+    /// A request to a Fluvio cluster failed.
+    #[error("Fluvio at {endpoint}: cannot {action}: {detail}")]
+    Fluvio {
+        /// What was tried.
+        action: &'static str,
+        /// The SC address.
+        endpoint: String,
+        /// The client's error.
+        detail: String,
+    },
+
+    /// A record asked for by position does not exist (it was never written or was removed).
+    #[error("partition {partition} has no record at offset {offset}")]
+    RecordMissing {
+        /// The partition.
+        partition: u32,
+        /// The offset.
+        offset: u64,
     },
 
     /// An option value outside its limits.

@@ -4,6 +4,12 @@
 //! A source takes a partition and a start offset and returns the records from there in offset
 //! order, as [`SourceRecord`]s. It keeps no read position: the caller stores the next offset of
 //! each partition (the pipeline keeps it in its checkpoint) and polls for records past it.
+//!
+//! [`SourceStatus`] is the up/down state a source's readers report, shared with whatever shows
+//! the pipeline's health.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use hookflow_schemas::SourceRecord;
 
@@ -11,7 +17,7 @@ use crate::ConnectorError;
 
 /// A partitioned log of raw records, read by offset.
 ///
-/// Implemented by [`LocalLog`](crate::LocalLog). Nothing here assumes that the records were
+/// Implemented by [`LocalLog`](crate::LocalLog) and [`FluvioSource`](crate::FluvioSource). Nothing here assumes that the records were
 /// appended by the same process: a reader learns of new records only by reading again.
 ///
 /// # Contract
@@ -49,4 +55,69 @@ pub trait Source: Send {
     /// Fails if `partition` is not below [`partitions`](Source::partitions) or the source cannot
     /// be read.
     fn end_offset(&mut self, partition: u32) -> Result<u64, ConnectorError>;
+
+    /// Reads the records at `positions` (partition, offset), for example the payloads of due
+    /// retries, and returns one result per position, in order. A source that can read many
+    /// records in one request overrides this; the default reads them one by one.
+    ///
+    /// A position whose record does not exist gives [`ConnectorError::RecordMissing`].
+    fn fetch(&mut self, positions: &[(u32, u64)]) -> Vec<Result<SourceRecord, ConnectorError>> {
+        positions
+            .iter()
+            .map(|&(partition, offset)| {
+                self.read(partition, offset, 1)?
+                    .into_iter()
+                    .find(|record| record.offset == offset)
+                    .ok_or(ConnectorError::RecordMissing { partition, offset })
+            })
+            .collect()
+    }
+
+    /// Tells the source that every record of each partition below the given next offset is
+    /// settled (the checkpoint has moved past it). A source with its own record of consumer
+    /// progress mirrors it there; the default does nothing. Nothing depends on it succeeding.
+    fn settled(&mut self, _offsets: &[(u32, u64)]) {}
+}
+
+/// Whether a source can be read, as its readers last found it, for the health endpoint.
+///
+/// Shared as `Arc<SourceStatus>` by every reader of one source. A new status is down with no
+/// error: nothing has been read yet.
+#[derive(Debug, Default)]
+pub struct SourceStatus {
+    up: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+impl SourceStatus {
+    /// Returns a new, shared status.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Returns whether the last read or connection attempt succeeded.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Returns the error of the last failure, kept after the source is up again.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .map_or_else(|poisoned| poisoned.into_inner().clone(), |error| error.clone())
+    }
+
+    /// Records a successful read.
+    pub fn set_up(&self) {
+        self.up.store(true, Ordering::Release);
+    }
+
+    /// Records a failure and its error.
+    pub fn set_down(&self, error: String) {
+        match self.last_error.lock() {
+            Ok(mut last) => *last = Some(error),
+            Err(poisoned) => *poisoned.into_inner() = Some(error),
+        }
+        self.up.store(false, Ordering::Release);
+    }
 }
