@@ -27,6 +27,9 @@ pub struct Config {
     /// Settings of the dataflow.
     #[serde(default)]
     pub pipeline: PipelineConfig,
+    /// Where events are read from: the local log (default) or a Fluvio topic.
+    #[serde(default)]
+    pub source: SourceConfig,
     /// The embedded local log.
     #[serde(default)]
     pub local_log: LocalLogConfig,
@@ -117,6 +120,105 @@ impl Default for LocalLogConfig {
             retention_secs: 7 * 24 * 3600,
         }
     }
+}
+
+/// Which source events are read from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// The embedded local log under the data directory.
+    #[default]
+    Local,
+    /// A topic of a Fluvio cluster, configured in `[source.fluvio]`.
+    Fluvio,
+}
+
+/// `[source]`: where events are read from.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    /// `"local"` (default) or `"fluvio"`. The `--source` flag overrides it.
+    pub kind: SourceKind,
+    /// The Fluvio topic; required when `kind` is `"fluvio"`.
+    pub fluvio: Option<FluvioConfig>,
+}
+
+/// `[source.fluvio]`: the Fluvio topic events are read from and published to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FluvioConfig {
+    /// The SC's public address, `host:port`.
+    pub endpoint: String,
+    /// The topic; its partition count is read from the cluster.
+    pub topic: String,
+    /// The Fluvio consumer whose offsets follow hookflow's checkpoint, so that Fluvio's tools
+    /// show the lag; `""` for none. Default `"hookflow"`.
+    #[serde(default = "default_consumer")]
+    pub consumer: String,
+    /// How long connecting or one request may take, in ms. Default 10000.
+    #[serde(default = "default_fluvio_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_consumer() -> String {
+    "hookflow".to_string()
+}
+
+fn default_fluvio_timeout_ms() -> u64 {
+    10_000
+}
+
+impl FluvioConfig {
+    /// The connector's options.
+    pub fn options(&self) -> hookflow_connectors::FluvioOptions {
+        hookflow_connectors::FluvioOptions {
+            endpoint: self.endpoint.clone(),
+            topic: self.topic.clone(),
+            consumer: self.consumer.clone(),
+            timeout_ms: self.timeout_ms,
+        }
+    }
+
+    /// Checks every field, returning the first bad one (a path under `source.fluvio`) and its
+    /// problem.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let field = |name: &str| format!("source.fluvio.{name}");
+        check_host_port(&self.endpoint).map_err(|problem| (field("endpoint"), problem))?;
+        check_fluvio_name(&self.topic).map_err(|problem| (field("topic"), problem))?;
+        if !self.consumer.is_empty() {
+            check_fluvio_name(&self.consumer).map_err(|problem| (field("consumer"), problem))?;
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > 600_000 {
+            return Err((field("timeout_ms"), "must be between 1 and 600000".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Checks a `host:port` address.
+fn check_host_port(address: &str) -> Result<(), String> {
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Err(format!("{address:?} is not host:port"));
+    };
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err(format!("{address:?} has no host"));
+    }
+    match port.parse::<u16>() {
+        Ok(port) if port > 0 => Ok(()),
+        _ => Err(format!("{address:?} has no port from 1 to 65535")),
+    }
+}
+
+/// Checks a Fluvio topic or consumer name: 1 to 63 lowercase letters, digits and `-`,
+/// starting and ending with a letter or digit.
+fn check_fluvio_name(name: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
+    if name.is_empty() || name.len() > 63 || !name.chars().all(allowed) || name.starts_with('-') || name.ends_with('-') {
+        return Err(format!(
+            "{name:?} is not a Fluvio name: 1 to 63 lowercase letters, digits and '-', not starting or ending with '-'"
+        ));
+    }
+    Ok(())
 }
 
 /// `[archive]`: the Parquet attempt archive.
@@ -609,6 +711,40 @@ impl Config {
         Ok(config)
     }
 
+    /// Sets the source kind (the `--source` flag) and checks the source again; `path` is the
+    /// file the config was loaded from, for the message.
+    ///
+    /// # Errors
+    ///
+    /// Names the field that the new kind needs and is missing or wrong.
+    pub fn set_source_kind(&mut self, kind: SourceKind, path: &Path) -> Result<(), ConfigError> {
+        self.source.kind = kind;
+        self.validate_source().map_err(|(field, problem)| ConfigError::Field {
+            path: path.to_path_buf(),
+            field,
+            problem,
+        })
+    }
+
+    /// The Fluvio settings when the source is Fluvio.
+    pub fn fluvio(&self) -> Option<&FluvioConfig> {
+        match self.source.kind {
+            SourceKind::Fluvio => self.source.fluvio.as_ref(),
+            SourceKind::Local => None,
+        }
+    }
+
+    fn validate_source(&self) -> Result<(), (String, String)> {
+        match (&self.source.kind, &self.source.fluvio) {
+            (SourceKind::Fluvio, None) => Err((
+                "source.fluvio".into(),
+                "is required when the source is fluvio: give endpoint and topic".into(),
+            )),
+            (_, Some(fluvio)) => fluvio.validate(),
+            (SourceKind::Local, None) => Ok(()),
+        }
+    }
+
     /// Checks every field and returns the endpoints, or the first bad field and its problem.
     fn validate(&self, base_dir: &Path, now_ms: Millis) -> Result<Vec<Endpoint>, (String, String)> {
         let p = &self.pipeline;
@@ -636,6 +772,7 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        self.validate_source()?;
         if self.local_log.partitions == 0 || self.local_log.partitions > 4096 {
             return Err((
                 "local_log.partitions".into(),

@@ -27,8 +27,10 @@ use std::time::Duration;
 use anyhow::Context;
 use differential_dataflow::input::Input as _;
 use hookflow_connectors::DisabledEndpoint;
-use hookflow_connectors::Source;
-use hookflow_connectors::{ArchiveOptions, ArchiveWriter, LocalLog, LocalLogOptions, StateStore};
+use hookflow_connectors::{
+    ArchiveOptions, ArchiveWriter, ConnectorError, FluvioSource, LocalLog, LocalLogOptions, Source,
+    SourceStatus, StateStore,
+};
 use hookflow_operators::clock::Clock;
 use hookflow_operators::dedup::{Dedup, DedupConfig};
 use hookflow_operators::deliver::{
@@ -69,6 +71,8 @@ pub struct RunOptions {
     pub stop: Arc<StopSignal>,
     /// The cluster this process belongs to; the default is a single process.
     pub cluster: Cluster,
+    /// Whether the source can be read, as its readers last found it; for the health endpoint.
+    pub source_status: Arc<SourceStatus>,
 }
 
 /// The report of a finished run.
@@ -125,7 +129,7 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
 
     // Check the data directory before any worker starts. A single process stops here. A
     // cluster process first sends the reason to its peers, so that the whole cluster stops.
-    let prepared = prepare_data_dir(config, &options.data_dir, &cluster);
+    let prepared = prepare_data_dir(config, &options.data_dir, &cluster, &options.source_status);
     let mut disabled = Vec::new();
     let readiness = match prepared {
         Ok((partitions, log_id, disabled_here)) => {
@@ -219,6 +223,7 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
         cluster: cluster.clone(),
         readiness,
         counters: counters.clone(),
+        source_status: options.source_status.clone(),
     });
 
     let timely_config = cluster.timely_config(workers);
@@ -268,23 +273,33 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
 }
 
 /// Checks that the data directory fits this process and its cluster: the state layout, the
-/// local log, and the worker and process counts its state store records. Returns the log's
+/// source, and the worker and process counts its state store records. Returns the source's
 /// partition count and id, and the endpoints this process's store records as disabled.
+///
+/// The source's id lets the processes of a cluster check that they read the same source: the
+/// local log's own id, or for Fluvio a hash of the SC address and the topic.
 fn prepare_data_dir(
     config: &Config,
     data_dir: &Path,
     cluster: &Cluster,
+    status: &Arc<SourceStatus>,
 ) -> anyhow::Result<(u32, i64, Vec<DisabledEndpoint>)> {
     cluster.check_layout(data_dir)?;
 
-    let log_options = LocalLogOptions {
-        partitions: config.local_log.partitions,
+    let (partitions, log_id) = if let Some(fluvio) = config.fluvio() {
+        let source = FluvioSource::connect(fluvio.options(), status.clone())
+            .with_context(|| format!("cannot open the Fluvio topic {:?}", fluvio.topic))?;
+        let id = hookflow_schemas::fnv1a(format!("fluvio {} {}", fluvio.endpoint, fluvio.topic).as_bytes()) as i64;
+        (source.partitions(), id)
+    } else {
+        let log_options = LocalLogOptions {
+            partitions: config.local_log.partitions,
+        };
+        let log = LocalLog::open(data_dir, &log_options)
+            .with_context(|| format!("cannot open the local log in {}", data_dir.display()))?;
+        tracing::info!(partitions = log.partitions(), log_id = log.log_id(), data_dir = %data_dir.display(), "Local log opened.");
+        (log.partitions(), log.log_id())
     };
-    let log = LocalLog::open(data_dir, &log_options)
-        .with_context(|| format!("cannot open the local log in {}", data_dir.display()))?;
-    let (partitions, log_id) = (log.partitions(), log.log_id());
-    tracing::info!(partitions, log_id, data_dir = %data_dir.display(), "Local log opened.");
-    drop(log);
 
     let state_dir = cluster.state_dir(data_dir);
     let mut store = StateStore::open_dir(&state_dir)
@@ -349,6 +364,7 @@ struct WorkerShared {
     /// The state of this process's part of the data directory, shared with the other processes.
     readiness: Readiness,
     counters: Arc<DeliverCounters>,
+    source_status: Arc<SourceStatus>,
 }
 
 /// The rows and files one worker archived.
@@ -399,8 +415,19 @@ fn run_worker(
         LocalLog::open(&shared.data_dir, &log_options)
             .with_context(|| format!("cannot open the local log in {}", shared.data_dir.display()))
     };
-    let mut log = open_log()?;
-    let retry_log = open_log()?;
+    // One source to read, one to read retries' payloads back from.
+    let open_source = || -> anyhow::Result<Box<dyn Source>> {
+        let status = shared.source_status.clone();
+        match config.fluvio() {
+            Some(fluvio) => Ok(Box::new(
+                FluvioSource::connect(fluvio.options(), status)
+                    .with_context(|| format!("cannot open the Fluvio topic {:?}", fluvio.topic))?,
+            )),
+            None => Ok(Box::new(open_log()?.with_status(status))),
+        }
+    };
+    let mut log = open_source()?;
+    let retry_log = open_source()?;
 
     // What earlier runs left: the checkpoint to resume reading from, the log end below which
     // re-read records must be checked against the journal, pending deliveries and first
@@ -497,7 +524,7 @@ fn run_worker(
 
         let records = read_source(
             scope,
-            Box::new(log),
+            log,
             checkpoint.clone(),
             store.clone(),
             clock.clone(),
@@ -536,6 +563,7 @@ fn run_worker(
         let payloads = LogPayloads {
             log: retry_log,
             max_payload_bytes: config.pipeline.max_payload_bytes,
+            stop: shared.stop.clone(),
         };
         let context = DeliverContext {
             runtime: shared.runtime.clone(),
@@ -596,8 +624,13 @@ fn run_worker(
     }
 
     // The first worker of each process prunes its process's store; worker 0 also truncates the
-    // log, which needs every process's checkpoint and pending deliveries.
-    let mut maintenance_log = if index == 0 { Some(open_log()?) } else { None };
+    // local log, which needs every process's checkpoint and pending deliveries. A Fluvio
+    // topic's retention is the cluster's.
+    let mut maintenance_log = if index == 0 && config.fluvio().is_none() {
+        Some(open_log()?)
+    } else {
+        None
+    };
     let other_stores = if index == 0 {
         cluster.other_state_dirs(&shared.data_dir)
     } else {
@@ -672,7 +705,7 @@ fn run_worker(
         )
     })?;
     if control.failed.get() {
-        anyhow::bail!("reading the local log failed (see the log above)");
+        anyhow::bail!("reading the source failed (see the log above)");
     }
     Ok(WorkerReport {
         rows_archived: archiver.writer.rows_written(),
@@ -786,22 +819,42 @@ fn unrouted_rows<'scope>(
     })
 }
 
-/// Reads retries' payloads back from the local log.
+/// Reads retries' payloads back from the source.
 struct LogPayloads {
-    log: LocalLog,
+    log: Box<dyn Source>,
     max_payload_bytes: usize,
+    stop: Arc<StopSignal>,
 }
+
+/// How long a payload fetch waits for an unreachable source before the retries it was for are
+/// dead-lettered.
+const PAYLOAD_FETCH_PATIENCE: Duration = Duration::from_secs(120);
 
 impl PayloadSource for LogPayloads {
     fn fetch(&mut self, positions: &[(u32, u64)]) -> Vec<Result<Vec<u8>, String>> {
-        positions
+        // An unreachable Fluvio cluster is waited for: the deliver operator dead-letters a
+        // retry whose payload cannot be had, and an outage must not do that.
+        // TODO: this blocks the worker meanwhile; letting the deliver operator hold the retries
+        // and ask again later would keep the worker stepping.
+        let started = std::time::Instant::now();
+        let mut wait = Duration::from_millis(200);
+        let mut records = self.log.fetch(positions);
+        while records
             .iter()
-            .map(|&(partition, offset)| {
-                let records = self.log.read(partition, offset, 1).map_err(|e| format!("{e:#}"))?;
-                let record = records
-                    .into_iter()
-                    .find(|record| record.offset == offset)
-                    .ok_or_else(|| format!("partition {partition} has no record at offset {offset}"))?;
+            .any(|record| matches!(record, Err(ConnectorError::Fluvio { .. })))
+            && started.elapsed() < PAYLOAD_FETCH_PATIENCE
+            && !self.stop.is_stopped()
+        {
+            tracing::warn!(retry_in_ms = wait.as_millis() as u64, "The source is unreachable; waiting to read retries' payloads back.");
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(Duration::from_secs(5));
+            records = self.log.fetch(positions);
+        }
+        records
+            .into_iter()
+            .zip(positions)
+            .map(|(record, &(partition, offset))| {
+                let record = record.map_err(|e| format!("{e:#}"))?;
                 decode_event(&record.value, self.max_payload_bytes)
                     .map(|event| event.payload)
                     .map_err(|e| format!("the record at partition {partition} offset {offset} no longer decodes: {e}"))

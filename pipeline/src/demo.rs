@@ -76,8 +76,10 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<String> {
         events.as_bytes(),
         "generated events",
         &PublishOptions {
-            data_dir: data_dir.clone(),
-            partitions: config.local_log.partitions,
+            target: crate::publish::PublishTarget::Local {
+                data_dir: data_dir.clone(),
+                partitions: config.local_log.partitions,
+            },
             raw: true,
             max_payload_bytes: config.pipeline.max_payload_bytes,
         },
@@ -92,6 +94,7 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<String> {
         clock,
         stop: Arc::new(StopSignal::new()),
         cluster: crate::cluster::Cluster::default(),
+        source_status: hookflow_connectors::SourceStatus::new(),
     })?;
     let elapsed = started.elapsed();
 

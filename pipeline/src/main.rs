@@ -8,10 +8,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 use hookflow::cluster::{read_hosts, Cluster};
-use hookflow::config::Config;
+use hookflow::config::{Config, FluvioConfig, SourceKind};
 use hookflow::dataflow::{run, RunOptions};
 use hookflow::demo::{run_demo, DemoOptions};
-use hookflow::publish::{publish_path, PublishOptions};
+use hookflow::publish::{publish_path, PublishOptions, PublishTarget};
 use hookflow_operators::clock::{Clock, WallClock};
 use hookflow_schemas::DEFAULT_MAX_PAYLOAD_BYTES;
 
@@ -28,11 +28,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Deliver events from the local log to the configured endpoints.
+    /// Deliver events from the local log or a Fluvio topic to the configured endpoints.
     Run {
         /// The configuration file (TOML); see examples/hookflow.toml.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// Where events are read from; overrides `source.kind`. `fluvio` needs a
+        /// `[source.fluvio]` table in the config.
+        #[arg(long, value_enum, value_name = "KIND")]
+        source: Option<SourceKind>,
         /// Directory of the local log and, by default, the archive.
         #[arg(long, value_name = "DIR")]
         data_dir: PathBuf,
@@ -57,11 +61,24 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         hosts: Option<PathBuf>,
     },
-    /// Append NDJSON events to the local log.
+    /// Append NDJSON events to the local log, or produce them to a Fluvio topic.
     Publish {
-        /// Directory of the local log (created if missing).
-        #[arg(long, value_name = "DIR")]
-        data_dir: PathBuf,
+        /// Where events go: the local log under --data-dir, or the Fluvio topic that
+        /// --config's `[source.fluvio]` or --endpoint and --topic name.
+        #[arg(long, value_enum, value_name = "KIND", default_value = "local")]
+        source: SourceKind,
+        /// Directory of the local log (created if missing); required for `--source local`.
+        #[arg(long, value_name = "DIR", required_if_eq("source", "local"))]
+        data_dir: Option<PathBuf>,
+        /// A configuration file whose `[source.fluvio]` names the Fluvio topic.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The Fluvio SC address, `host:port`; overrides the config's.
+        #[arg(long, value_name = "ADDR")]
+        endpoint: Option<String>,
+        /// The Fluvio topic; overrides the config's.
+        #[arg(long, value_name = "NAME")]
+        topic: Option<String>,
         /// Append lines as they are, without validation, as a raw stream producer would.
         #[arg(long)]
         raw: bool,
@@ -178,6 +195,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run {
             config,
+            source,
             data_dir,
             until_idle,
             workers,
@@ -187,6 +205,9 @@ fn execute(command: Command) -> anyhow::Result<()> {
         } => {
             let cluster = cluster_from_args(processes, process_index, hosts.as_deref())?;
             let mut loaded = Config::load(&config)?;
+            if let Some(source) = source {
+                loaded.set_source_kind(source, &config)?;
+            }
             if let Some(workers) = workers {
                 loaded.pipeline.workers = usize::from(workers);
             }
@@ -199,6 +220,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 clock: Arc::new(WallClock),
                 stop,
                 cluster,
+                source_status: hookflow_connectors::SourceStatus::new(),
             })?;
             let count = |outcome: &str| report.outcomes.get(outcome).copied().unwrap_or(0);
             let counter = |counter: &std::sync::atomic::AtomicU64| {
@@ -250,15 +272,28 @@ fn execute(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Publish {
+            source,
             data_dir,
+            config,
+            endpoint,
+            topic,
             raw,
             partitions,
             max_payload_bytes,
             input,
         } => {
+            let target = match source {
+                SourceKind::Local => PublishTarget::Local {
+                    // clap requires --data-dir with `--source local`.
+                    data_dir: data_dir.unwrap_or_default(),
+                    partitions,
+                },
+                SourceKind::Fluvio => PublishTarget::Fluvio(
+                    fluvio_target(config.as_deref(), endpoint, topic)?.options(),
+                ),
+            };
             let options = PublishOptions {
-                data_dir,
-                partitions,
+                target,
                 raw,
                 max_payload_bytes,
             };
@@ -266,7 +301,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             println!(
                 "published {} event(s) to {}",
                 report.appended,
-                options.data_dir.display()
+                options.target
             );
             if report.invalid_appended > 0 {
                 println!(
@@ -288,6 +323,47 @@ fn execute(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The Fluvio topic `publish --source fluvio` writes to: the config's `[source.fluvio]`, with
+/// --endpoint and --topic overriding its fields, or those two flags alone.
+fn fluvio_target(
+    config: Option<&std::path::Path>,
+    endpoint: Option<String>,
+    topic: Option<String>,
+) -> anyhow::Result<FluvioConfig> {
+    let from_file = match config {
+        Some(path) => Config::load(path)?.source.fluvio,
+        None => None,
+    };
+    let fluvio = match (from_file, endpoint, topic) {
+        (Some(mut fluvio), endpoint, topic) => {
+            if let Some(endpoint) = endpoint {
+                fluvio.endpoint = endpoint;
+            }
+            if let Some(topic) = topic {
+                fluvio.topic = topic;
+            }
+            fluvio
+        }
+        (None, Some(endpoint), Some(topic)) => FluvioConfig {
+            endpoint,
+            topic,
+            consumer: String::new(),
+            timeout_ms: 10_000,
+        },
+        (None, _, _) => {
+            let error = Cli::command().error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--source fluvio needs --config with a [source.fluvio] table, or --endpoint and --topic",
+            );
+            exit_with_usage(error)
+        }
+    };
+    fluvio
+        .validate()
+        .map_err(|(field, problem)| anyhow::anyhow!("{field}: {problem}"))?;
+    Ok(fluvio)
 }
 
 /// Builds the cluster description from `run`'s arguments; a wrong combination prints usage and

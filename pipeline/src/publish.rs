@@ -1,27 +1,52 @@
-//! `hookflow publish`: appends NDJSON events to the local log.
+//! `hookflow publish`: appends NDJSON events to the local log, or produces them to a Fluvio
+//! topic.
 //!
 //! Every line is validated before anything is written: if any line is invalid, each bad line
 //! is reported with its number and reason and nothing is appended. With `raw`, lines are
 //! appended as they are, as a producer writing straight to a stream would, and the pipeline
 //! dead-letters the bad ones. Records are keyed by tenant so that one tenant's events stay in
-//! one partition, in order. Blank lines are skipped.
+//! one partition, in order. Blank lines are skipped. Fluvio's producer is waited on until the
+//! SPU has acknowledged every record, so success means the events are in the topic.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use hookflow_connectors::{LocalLog, LocalLogOptions};
+use hookflow_connectors::{FluvioOptions, FluvioSource, LocalLog, LocalLogOptions, SourceStatus};
 use hookflow_schemas::{decode_event, Millis};
 
 /// Lines appended per transaction, so that a large file does not build one huge transaction.
 const APPEND_CHUNK: usize = 10_000;
 
+/// Where events are published.
+#[derive(Debug, Clone)]
+pub enum PublishTarget {
+    /// The local log under a data directory.
+    Local {
+        /// The data directory holding the local log.
+        data_dir: PathBuf,
+        /// Partitions, used only when the log is created.
+        partitions: u32,
+    },
+    /// A Fluvio topic.
+    Fluvio(FluvioOptions),
+}
+
+impl std::fmt::Display for PublishTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PublishTarget::Local { data_dir, .. } => write!(f, "{}", data_dir.display()),
+            PublishTarget::Fluvio(options) => {
+                write!(f, "Fluvio topic {} at {}", options.topic, options.endpoint)
+            }
+        }
+    }
+}
+
 /// What to publish and where.
 #[derive(Debug, Clone)]
 pub struct PublishOptions {
-    /// The data directory holding the local log.
-    pub data_dir: PathBuf,
-    /// Partitions, used only when the log is created.
-    pub partitions: u32,
+    /// Where the events go.
+    pub target: PublishTarget,
     /// Append lines without validating them.
     pub raw: bool,
     /// The payload limit lines are validated against.
@@ -47,11 +72,14 @@ pub enum PublishError {
         /// One message per bad line: `line N: reason`.
         errors: Vec<String>,
     },
-    /// The local log failed.
-    #[error("cannot append to the local log in {data_dir}")]
+    /// The local log or the Fluvio topic failed. Events of chunks acknowledged before the
+    /// failure stay published.
+    #[error("cannot publish to {target} ({published} event(s) published before the failure)")]
     Log {
-        /// The data directory.
-        data_dir: PathBuf,
+        /// The local log's data directory or the Fluvio topic.
+        target: String,
+        /// Events published before the failure.
+        published: usize,
         /// The log's error.
         source: Box<hookflow_connectors::ConnectorError>,
     },
@@ -141,28 +169,53 @@ pub fn publish_reader(
         });
     }
 
-    let log_error = |source: hookflow_connectors::ConnectorError| PublishError::Log {
-        data_dir: options.data_dir.clone(),
-        source: Box::new(source),
+    let mut published = 0;
+    let log_error = |published: usize| {
+        move |source: hookflow_connectors::ConnectorError| PublishError::Log {
+            target: options.target.to_string(),
+            published,
+            source: Box::new(source),
+        }
     };
-    let mut log = LocalLog::open(
-        &options.data_dir,
-        &LocalLogOptions {
-            partitions: options.partitions,
-        },
-    )
-    .map_err(log_error)?;
+    let mut sink = match &options.target {
+        PublishTarget::Local {
+            data_dir,
+            partitions,
+        } => Sink::Local(
+            LocalLog::open(
+                data_dir,
+                &LocalLogOptions {
+                    partitions: *partitions,
+                },
+            )
+            .map_err(log_error(0))?,
+        ),
+        PublishTarget::Fluvio(fluvio) => Sink::Fluvio(Box::new(
+            FluvioSource::connect(fluvio.clone(), SourceStatus::new()).map_err(log_error(0))?,
+        )),
+    };
     for chunk in lines.chunks(APPEND_CHUNK) {
         let records: Vec<(&[u8], &[u8])> = chunk
             .iter()
             .map(|(tenant, line)| (tenant.as_bytes(), line.as_slice()))
             .collect();
-        log.append(&records, now_ms).map_err(log_error)?;
+        match &mut sink {
+            Sink::Local(log) => log.append(&records, now_ms),
+            Sink::Fluvio(topic) => topic.produce(&records),
+        }
+        .map_err(log_error(published))?;
+        published += records.len();
     }
     Ok(PublishReport {
         appended: lines.len(),
         invalid_appended,
     })
+}
+
+/// An open publish target.
+enum Sink {
+    Local(LocalLog),
+    Fluvio(Box<FluvioSource>),
 }
 
 /// The tenant of a line that failed validation, if it has one, so that it still lands in

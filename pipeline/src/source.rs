@@ -11,6 +11,8 @@
 //! journaled or durably pending, so the checkpoint moves past it. Reading pauses while more
 //! than `max_read_ahead` records are in the dataflow. The capability is dropped when the
 //! pipeline stops, or, with `until_idle`, once a poll finds every owned partition at its end.
+//! After each checkpoint write the source is told the offsets written ([`Source::settled`]),
+//! so that a Fluvio consumer's offset follows the checkpoint.
 //!
 //! NOTE: a delivery parked as pending behind a slow endpoint leaves the dataflow's count, so
 //! `max_read_ahead` does not bound the deliver operator's in-memory backlog; counting parked
@@ -72,8 +74,9 @@ impl SourceProgress {
         }
     }
 
-    /// Writes the settled offsets to the checkpoint. With `all_done`, every batch read counts
-    /// as settled (the dataflow has completed).
+    /// Writes the settled offsets to the checkpoint and returns the (partition, next offset)
+    /// pairs written. With `all_done`, every batch read counts as settled (the dataflow has
+    /// completed).
     ///
     /// # Errors
     ///
@@ -83,7 +86,7 @@ impl SourceProgress {
         store: &mut StateStore,
         probe: &ProbeHandle<u64>,
         all_done: bool,
-    ) -> Result<(), ConnectorError> {
+    ) -> Result<Vec<(u32, u64)>, ConnectorError> {
         if all_done {
             for (_, partition, next) in self.in_dataflow.drain(..) {
                 let entry = self.settled.entry(partition).or_insert(next);
@@ -95,12 +98,12 @@ impl SourceProgress {
             self.settle(probe, &mut sizes);
         }
         if self.settled.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let offsets: Vec<(u32, u64)> = self.settled.iter().map(|(p, o)| (*p, *o)).collect();
         store.advance_checkpoint(&offsets)?;
         self.settled.clear();
-        Ok(())
+        Ok(offsets)
     }
 }
 
@@ -157,7 +160,10 @@ pub fn read_source<'scope>(
                 && !progress.settled.is_empty()
             {
                 match progress.write_checkpoint(&mut store.borrow_mut(), &probe, false) {
-                    Ok(()) => last_checkpoint = Instant::now(),
+                    Ok(written) => {
+                        last_checkpoint = Instant::now();
+                        log.settled(&written);
+                    }
                     Err(error) => tracing::error!(
                         error = %format!("{error:#}"),
                         "Writing the checkpoint failed; retrying, and a restart re-reads from the last one."

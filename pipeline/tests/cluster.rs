@@ -153,8 +153,10 @@ fn event_line(tenant: &str, id: &str, event_type: &str, payload: &str) -> String
 
 fn publish(data_dir: &Path, lines: &[String]) {
     let options = PublishOptions {
-        data_dir: data_dir.to_path_buf(),
-        partitions: 4,
+        target: hookflow::publish::PublishTarget::Local {
+            data_dir: data_dir.to_path_buf(),
+            partitions: 4,
+        },
         raw: true,
         max_payload_bytes: 1 << 20,
     };

@@ -118,8 +118,10 @@ fn kill_and_restart_loses_nothing() {
         let chunks: Vec<String> = lines.chunks(500).map(|chunk| chunk.join("\n")).collect();
         std::thread::spawn(move || {
             let options = PublishOptions {
-                data_dir,
-                partitions: 4,
+                target: hookflow::publish::PublishTarget::Local {
+                    data_dir,
+                    partitions: 4,
+                },
                 raw: false,
                 max_payload_bytes: 1 << 20,
             };

@@ -47,8 +47,10 @@ pub fn config_text(endpoints: &[(&str, &str, String, &str)], extra: &str) -> Str
 pub fn publish_lines(data_dir: &Path, lines: &[String], raw: bool) -> anyhow::Result<usize> {
     let text = lines.join("\n");
     let options = PublishOptions {
-        data_dir: data_dir.to_path_buf(),
-        partitions: 4,
+        target: hookflow::publish::PublishTarget::Local {
+            data_dir: data_dir.to_path_buf(),
+            partitions: 4,
+        },
         raw,
         max_payload_bytes: hookflow_schemas::DEFAULT_MAX_PAYLOAD_BYTES,
     };
@@ -70,6 +72,7 @@ pub fn run_until_idle(data_dir: &Path, text: &str, workers: usize) -> anyhow::Re
         clock: Arc::new(WallClock),
         stop: Arc::new(StopSignal::new()),
         cluster: hookflow::cluster::Cluster::default(),
+        source_status: hookflow_connectors::SourceStatus::new(),
     })
 }
 
