@@ -34,7 +34,7 @@ use fluvio_future::task::run_block_on;
 use futures_util::StreamExt;
 use hookflow_schemas::SourceRecord;
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::source::SourceStatus;
 use crate::{ConnectorError, Source};
@@ -45,6 +45,9 @@ const MIN_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// How often, at most, the named consumer's offset is written for one partition.
 const CONSUMER_COMMIT_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a stream may yield nothing before the partition's end is read to check that no
+/// records wait behind it.
+const STALL_CHECK: Duration = Duration::from_secs(1);
 /// Offsets further apart than this are fetched by separate streams when payloads are read
 /// back, instead of one stream reading every record between them.
 const FETCH_GAP: u64 = 256;
@@ -88,6 +91,8 @@ struct PartitionReader {
     next: u64,
     end_at_open: u64,
     stream: RecordStream,
+    /// When the stream last yielded a record, or the partition's end was last checked.
+    checked_at: Instant,
 }
 
 /// A topic of a Fluvio cluster, read by (partition, offset).
@@ -359,6 +364,7 @@ impl FluvioSource {
                     next: from_offset,
                     end_at_open,
                     stream,
+                    checked_at: Instant::now(),
                 },
             );
         }
@@ -385,6 +391,21 @@ impl FluvioSource {
         });
         if let Some(last) = records.last() {
             reader.next = last.offset + 1;
+            reader.checked_at = Instant::now();
+        }
+        let stalled = outcome.is_ok() && records.is_empty() && reader.checked_at.elapsed() >= STALL_CHECK;
+        if stalled {
+            reader.checked_at = Instant::now();
+            let next = reader.next;
+            // The client sends the SPU its read position with a `try_send` that drops the
+            // update when its channel is full, and the SPU then stops sending records. Such a
+            // stream is replaced by a new one from the same offset.
+            let end = self.fetch_end(partition)?;
+            if end > next {
+                debug!(partition, next, end, "The record stream stopped short of the partition's end; opening a new one.");
+                self.readers.remove(&partition);
+            }
+            return Ok(records);
         }
         match outcome {
             Ok(()) => Ok(records),

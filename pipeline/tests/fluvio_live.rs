@@ -238,7 +238,17 @@ fn fluvio_source_meets_the_contract() {
         ("large", contract::large_batch),
         ("malformed", contract::malformed_record),
     ];
+    let only = std::env::var("HOOKFLOW_CONTRACT_CASE").ok();
+    if std::env::var_os("HOOKFLOW_CONTRACT_TRACE").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(std::env::var("HOOKFLOW_CONTRACT_TRACE").unwrap_or_default())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     for (name, case) in cases {
+        if only.as_deref().is_some_and(|only| only != name) {
+            continue;
+        }
         let started = Instant::now();
         case(&mut FluvioLog::new(&cluster, &format!("contract-{name}")));
         println!("contract case {name}: passed in {} ms", started.elapsed().as_millis());

@@ -38,6 +38,9 @@ pub fn read_until(
         let read = source
             .read(partition, next, batch.min(want - records.len()))
             .expect("read");
+        if std::env::var_os("HOOKFLOW_CONTRACT_TRACE").is_some() {
+            eprintln!("read partition {partition} from {next}: {} records", read.len());
+        }
         match read.last() {
             Some(last) => next = last.offset + 1,
             None => std::thread::sleep(Duration::from_millis(20)),
@@ -167,6 +170,10 @@ pub fn large_batch(log: &mut dyn ContractLog) {
 
     let mut source = log.open();
     let read = read_until(source.as_mut(), partition, base, COUNT, 1024);
+    if std::env::var_os("HOOKFLOW_CONTRACT_TRACE").is_some() {
+        let last = positions.last().copied();
+        eprintln!("appended up to {last:?}; end offset {:?}", source.end_offset(partition));
+    }
     assert_eq!(read.len(), COUNT);
     for (i, record) in read.iter().enumerate() {
         assert_eq!(record.offset, base + i as u64);
