@@ -374,24 +374,38 @@ impl FluvioSource {
         };
         let mut records = Vec::new();
         let wait_first = reader.next < reader.end_at_open;
-        let outcome: Result<(), String> = run_block_on(async {
+        let mut expected = reader.next;
+        let outcome: Result<Taken, String> = run_block_on(async {
             if wait_first {
                 let item = timeout(limit, reader.stream.next())
                     .await
                     .map_err(|_| format!("no record within {} ms", limit.as_millis()))?;
-                take(item, partition, &mut records)?;
+                if take(item, partition, &mut expected, &mut records)? == Taken::Gap {
+                    return Ok(Taken::Gap);
+                }
             }
             while records.len() < max_records {
                 match poll_once(reader.stream.next()).await {
-                    None => return Ok(()),
-                    Some(item) => take(item, partition, &mut records)?,
+                    None => break,
+                    Some(item) => {
+                        if take(item, partition, &mut expected, &mut records)? == Taken::Gap {
+                            return Ok(Taken::Gap);
+                        }
+                    }
                 }
             }
-            Ok(())
+            Ok(Taken::Record)
         });
         if let Some(last) = records.last() {
             reader.next = last.offset + 1;
             reader.checked_at = Instant::now();
+        }
+        if outcome == Ok(Taken::Gap) {
+            // The stream skipped offsets (seen with fluvio 0.50.1 after a response cut short
+            // by its byte limit). Offsets are dense, so a new stream reads the skipped ones.
+            debug!(partition, next = reader.next, "The record stream skipped offsets; opening a new one.");
+            self.readers.remove(&partition);
+            return Ok(records);
         }
         let stalled = outcome.is_ok() && records.is_empty() && reader.checked_at.elapsed() >= STALL_CHECK;
         if stalled {
@@ -408,7 +422,7 @@ impl FluvioSource {
             return Ok(records);
         }
         match outcome {
-            Ok(()) => Ok(records),
+            Ok(_) => Ok(records),
             // Records that arrived before the failure are still good; the next read asks for
             // the offset after them and opens a new stream.
             Err(_) if !records.is_empty() => {
@@ -630,16 +644,34 @@ impl FluvioSource {
     }
 }
 
-/// Adds a stream's item to `records`, or turns it into the error it is.
+/// What [`take`] did with a stream's record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taken {
+    /// Added it, or dropped it as a repeat of one already read.
+    Record,
+    /// Found it past the offset expected next, and dropped it.
+    Gap,
+}
+
+/// Adds a stream's record to `records` if it has the `expected` offset, or turns the item
+/// into the error it is.
 fn take(
     item: Option<Result<Record, fluvio::dataplane::link::ErrorCode>>,
     partition: u32,
+    expected: &mut u64,
     records: &mut Vec<SourceRecord>,
-) -> Result<(), String> {
+) -> Result<Taken, String> {
     match item {
         Some(Ok(record)) => {
-            records.push(to_source_record(partition, &record));
-            Ok(())
+            let record = to_source_record(partition, &record);
+            if record.offset > *expected {
+                return Ok(Taken::Gap);
+            }
+            if record.offset == *expected {
+                *expected += 1;
+                records.push(record);
+            }
+            Ok(Taken::Record)
         }
         Some(Err(code)) => Err(format!("the SPU answered {code}")),
         None => Err("the SPU closed the stream".to_string()),
