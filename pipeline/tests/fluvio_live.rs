@@ -503,8 +503,13 @@ fn restarting_the_spu_loses_nothing() {
 
     let pairs = Pipeline::expected(&keys);
     let waited = wait_for_pairs(&pipeline, &pairs, Duration::from_secs(180));
-    run.kill().expect("stop hookflow");
-    run.wait().expect("reap hookflow");
+    // SIGTERM, so that hookflow completes its archive files before it exits.
+    let stopped = Command::new("kill")
+        .args(["-TERM", &run.id().to_string()])
+        .status()
+        .expect("send SIGTERM to hookflow");
+    assert!(stopped.success());
+    wait_exit(&mut run, Duration::from_secs(60));
     assert!(waited, "not every event was delivered after the SPU restarted");
     let duplicates = pipeline.check(&pairs);
     let log = pipeline.log("run.log");
