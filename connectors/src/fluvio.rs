@@ -132,7 +132,10 @@ impl FluvioSource {
     ///
     /// Fails with [`ConnectorError::Fluvio`], naming the address and the step that failed,
     /// if the SC cannot be reached in time, the topic does not exist, or an SPU cannot be read.
-    pub fn connect(options: FluvioOptions, status: Arc<SourceStatus>) -> Result<Self, ConnectorError> {
+    pub fn connect(
+        options: FluvioOptions,
+        status: Arc<SourceStatus>,
+    ) -> Result<Self, ConnectorError> {
         let mut source = Self {
             options,
             client: None,
@@ -188,7 +191,10 @@ impl FluvioSource {
     ///
     /// Fails if the producer cannot be made or a record is not acknowledged in time; records
     /// acknowledged before the failure stay in the topic.
-    pub fn produce(&mut self, records: &[(&[u8], &[u8])]) -> Result<Vec<(u32, u64)>, ConnectorError> {
+    pub fn produce(
+        &mut self,
+        records: &[(&[u8], &[u8])],
+    ) -> Result<Vec<(u32, u64)>, ConnectorError> {
         if records.is_empty() {
             return Ok(Vec::new());
         }
@@ -213,7 +219,12 @@ impl FluvioSource {
         let result = block_on_timeout(limit, async {
             let mut outputs = Vec::with_capacity(records.len());
             for (key, value) in records {
-                outputs.push(producer.send(key.to_vec(), value.to_vec()).await.map_err(describe)?);
+                outputs.push(
+                    producer
+                        .send(key.to_vec(), value.to_vec())
+                        .await
+                        .map_err(describe)?,
+                );
             }
             producer.flush().await.map_err(describe)?;
             let mut positions = Vec::with_capacity(outputs.len());
@@ -270,11 +281,19 @@ impl FluvioSource {
         let spec = topics
             .into_iter()
             .find(|meta| meta.name == self.options.topic)
-            .ok_or_else(|| error(format!("the SC has no topic {:?}; create it first", self.options.topic)))?
+            .ok_or_else(|| {
+                error(format!(
+                    "the SC has no topic {:?}; create it first",
+                    self.options.topic
+                ))
+            })?
             .spec;
         let partitions = spec.partitions();
         if partitions == 0 {
-            return Err(error(format!("topic {:?} has no partitions", self.options.topic)));
+            return Err(error(format!(
+                "topic {:?} has no partitions",
+                self.options.topic
+            )));
         }
         Ok(partitions)
     }
@@ -292,7 +311,12 @@ impl FluvioSource {
             Ok(Ok(spus)) if spus.is_empty() => "none".to_string(),
             Ok(Ok(spus)) => spus
                 .iter()
-                .map(|spu| format!("{} (id {}) at {}", spu.name, spu.spec.id, spu.spec.public_endpoint))
+                .map(|spu| {
+                    format!(
+                        "{} (id {}) at {}",
+                        spu.name, spu.spec.id, spu.spec.public_endpoint
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(", "),
             Ok(Err(e)) => format!("unknown ({e:#})"),
@@ -352,7 +376,11 @@ impl FluvioSource {
         from_offset: u64,
         max_records: usize,
     ) -> Result<Vec<SourceRecord>, String> {
-        if self.readers.get(&partition).is_none_or(|reader| reader.next != from_offset) {
+        if self
+            .readers
+            .get(&partition)
+            .is_none_or(|reader| reader.next != from_offset)
+        {
             self.readers.remove(&partition);
             let end_at_open = self.fetch_end(partition)?;
             let offset = Offset::absolute(i64::try_from(from_offset).unwrap_or(i64::MAX))
@@ -403,11 +431,16 @@ impl FluvioSource {
         if outcome == Ok(Taken::Gap) {
             // The stream skipped offsets (seen with fluvio 0.50.1 after a response cut short
             // by its byte limit). Offsets are dense, so a new stream reads the skipped ones.
-            debug!(partition, next = reader.next, "The record stream skipped offsets; opening a new one.");
+            debug!(
+                partition,
+                next = reader.next,
+                "The record stream skipped offsets; opening a new one."
+            );
             self.readers.remove(&partition);
             return Ok(records);
         }
-        let stalled = outcome.is_ok() && records.is_empty() && reader.checked_at.elapsed() >= STALL_CHECK;
+        let stalled =
+            outcome.is_ok() && records.is_empty() && reader.checked_at.elapsed() >= STALL_CHECK;
         if stalled {
             reader.checked_at = Instant::now();
             let next = reader.next;
@@ -416,7 +449,12 @@ impl FluvioSource {
             // stream is replaced by a new one from the same offset.
             let end = self.fetch_end(partition)?;
             if end > next {
-                debug!(partition, next, end, "The record stream stopped short of the partition's end; opening a new one.");
+                debug!(
+                    partition,
+                    next,
+                    end,
+                    "The record stream stopped short of the partition's end; opening a new one."
+                );
                 self.readers.remove(&partition);
             }
             return Ok(records);
@@ -437,7 +475,8 @@ impl FluvioSource {
     /// turns the status down and schedules the next attempt.
     fn connection_lost(&mut self, detail: &str) {
         let was_up = self.status.is_up();
-        self.status.set_down(format!("Fluvio at {}: {detail}", self.options.endpoint));
+        self.status
+            .set_down(format!("Fluvio at {}: {detail}", self.options.endpoint));
         self.readers.clear();
         self.producer = None;
         self.client = None;
@@ -484,7 +523,11 @@ impl FluvioSource {
 
     /// Reads the records of `partition` at `offsets` (sorted, distinct): one stream per run of
     /// offsets closer than [`FETCH_GAP`] to each other.
-    fn fetch_partition(&mut self, partition: u32, offsets: &[u64]) -> Result<HashMap<u64, SourceRecord>, String> {
+    fn fetch_partition(
+        &mut self,
+        partition: u32,
+        offsets: &[u64],
+    ) -> Result<HashMap<u64, SourceRecord>, String> {
         let limit = self.options.timeout();
         let mut found = HashMap::new();
         let mut start = 0;
@@ -495,7 +538,8 @@ impl FluvioSource {
             }
             let (first, last) = (offsets[start], offsets[end]);
             let wanted = &offsets[start..=end];
-            let offset = Offset::absolute(i64::try_from(first).unwrap_or(i64::MAX)).map_err(|e| e.to_string())?;
+            let offset = Offset::absolute(i64::try_from(first).unwrap_or(i64::MAX))
+                .map_err(|e| e.to_string())?;
             let mut stream = self.open_stream(partition, offset, false, None)?;
             let records: Result<Vec<SourceRecord>, String> = block_on_timeout(limit, async {
                 let mut records = Vec::new();
@@ -586,7 +630,10 @@ impl Source for FluvioSource {
             .map(|&(partition, offset)| {
                 self.check_partition(partition)?;
                 match found.get(&partition) {
-                    Some(Ok(records)) => records.get(&offset).cloned().ok_or(ConnectorError::RecordMissing { partition, offset }),
+                    Some(Ok(records)) => records
+                        .get(&offset)
+                        .cloned()
+                        .ok_or(ConnectorError::RecordMissing { partition, offset }),
                     Some(Err(detail)) => Err(self.unavailable(detail.clone())),
                     None => Err(ConnectorError::RecordMissing { partition, offset }),
                 }
@@ -627,18 +674,30 @@ impl FluvioSource {
     /// last record a stream yielded, so this reads that one record with the consumer's name.
     fn commit_consumer(&mut self, partition: u32, last_settled: u64) -> Result<(), String> {
         let limit = self.options.timeout();
-        let offset = Offset::absolute(i64::try_from(last_settled).unwrap_or(i64::MAX)).map_err(|e| e.to_string())?;
+        let offset = Offset::absolute(i64::try_from(last_settled).unwrap_or(i64::MAX))
+            .map_err(|e| e.to_string())?;
         let consumer = self.options.consumer.clone();
         let mut stream = self.open_stream(partition, offset, false, Some(consumer))?;
         block_on_timeout(limit, async {
             match stream.next().await {
                 Some(Ok(record)) if offset_u64(record.offset()) == last_settled => {}
-                Some(Ok(record)) => return Err(format!("expected offset {last_settled}, read {}", record.offset())),
+                Some(Ok(record)) => {
+                    return Err(format!(
+                        "expected offset {last_settled}, read {}",
+                        record.offset()
+                    ))
+                }
                 Some(Err(code)) => return Err(format!("the SPU answered {code}")),
                 None => return Err(format!("no record at offset {last_settled}")),
             }
-            stream.offset_commit().await.map_err(|code| format!("commit: {code}"))?;
-            stream.offset_flush().await.map_err(|code| format!("flush: {code}"))?;
+            stream
+                .offset_commit()
+                .await
+                .map_err(|code| format!("commit: {code}"))?;
+            stream
+                .offset_flush()
+                .await
+                .map_err(|code| format!("flush: {code}"))?;
             Ok(())
         })?
     }
@@ -679,8 +738,12 @@ fn take(
 }
 
 /// Runs `future` on Fluvio's executor, giving up after `limit`.
-fn block_on_timeout<T: Send + 'static>(limit: Duration, future: impl Future<Output = T>) -> Result<T, String> {
-    run_block_on(timeout(limit, future)).map_err(|_| format!("no answer within {} ms", limit.as_millis()))
+fn block_on_timeout<T: Send + 'static>(
+    limit: Duration,
+    future: impl Future<Output = T>,
+) -> Result<T, String> {
+    run_block_on(timeout(limit, future))
+        .map_err(|_| format!("no answer within {} ms", limit.as_millis()))
 }
 
 /// Formats a client error with its causes.

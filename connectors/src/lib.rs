@@ -24,8 +24,8 @@ pub mod state;
 pub use archive::{
     list_archive_files, read_attempts, staged_ranges, ArchiveOptions, ArchiveWriter,
 };
-pub use local_log::{partition_for_key, LocalLog, LocalLogOptions};
 pub use fluvio::{FluvioOptions, FluvioSource};
+pub use local_log::{partition_for_key, LocalLog, LocalLogOptions};
 pub use source::{Source, SourceStatus};
 pub use state::{DisabledEndpoint, DurableBatch, StateStore, STATE_FORMAT_VERSION};
 

@@ -353,7 +353,9 @@ impl Source for LocalLog {
         let result = self.read_records(partition, from_offset, max_records);
         match &result {
             Ok(_) => self.status.set_up(),
-            Err(error) => self.status.set_down(format!("local log {}: {error}", self.path.display())),
+            Err(error) => self
+                .status
+                .set_down(format!("local log {}: {error}", self.path.display())),
         }
         result
     }

@@ -102,9 +102,10 @@ impl SourceStatus {
 
     /// Returns the error of the last failure, kept after the source is up again.
     pub fn last_error(&self) -> Option<String> {
-        self.last_error
-            .lock()
-            .map_or_else(|poisoned| poisoned.into_inner().clone(), |error| error.clone())
+        self.last_error.lock().map_or_else(
+            |poisoned| poisoned.into_inner().clone(),
+            |error| error.clone(),
+        )
     }
 
     /// Records a successful read.

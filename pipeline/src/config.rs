@@ -213,7 +213,12 @@ fn check_host_port(address: &str) -> Result<(), String> {
 /// starting and ending with a letter or digit.
 fn check_fluvio_name(name: &str) -> Result<(), String> {
     let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
-    if name.is_empty() || name.len() > 63 || !name.chars().all(allowed) || name.starts_with('-') || name.ends_with('-') {
+    if name.is_empty()
+        || name.len() > 63
+        || !name.chars().all(allowed)
+        || name.starts_with('-')
+        || name.ends_with('-')
+    {
         return Err(format!(
             "{name:?} is not a Fluvio name: 1 to 63 lowercase letters, digits and '-', not starting or ending with '-'"
         ));
@@ -719,11 +724,12 @@ impl Config {
     /// Names the field that the new kind needs and is missing or wrong.
     pub fn set_source_kind(&mut self, kind: SourceKind, path: &Path) -> Result<(), ConfigError> {
         self.source.kind = kind;
-        self.validate_source().map_err(|(field, problem)| ConfigError::Field {
-            path: path.to_path_buf(),
-            field,
-            problem,
-        })
+        self.validate_source()
+            .map_err(|(field, problem)| ConfigError::Field {
+                path: path.to_path_buf(),
+                field,
+                problem,
+            })
     }
 
     /// The Fluvio settings when the source is Fluvio.

@@ -289,7 +289,9 @@ fn prepare_data_dir(
     let (partitions, log_id) = if let Some(fluvio) = config.fluvio() {
         let source = FluvioSource::connect(fluvio.options(), status.clone())
             .with_context(|| format!("cannot open the Fluvio topic {:?}", fluvio.topic))?;
-        let id = hookflow_schemas::fnv1a(format!("fluvio {} {}", fluvio.endpoint, fluvio.topic).as_bytes()) as i64;
+        let id = hookflow_schemas::fnv1a(
+            format!("fluvio {} {}", fluvio.endpoint, fluvio.topic).as_bytes(),
+        ) as i64;
         (source.partitions(), id)
     } else {
         let log_options = LocalLogOptions {
@@ -845,7 +847,10 @@ impl PayloadSource for LogPayloads {
             && started.elapsed() < PAYLOAD_FETCH_PATIENCE
             && !self.stop.is_stopped()
         {
-            tracing::warn!(retry_in_ms = wait.as_millis() as u64, "The source is unreachable; waiting to read retries' payloads back.");
+            tracing::warn!(
+                retry_in_ms = wait.as_millis() as u64,
+                "The source is unreachable; waiting to read retries' payloads back."
+            );
             std::thread::sleep(wait);
             wait = (wait * 2).min(Duration::from_secs(5));
             records = self.log.fetch(positions);

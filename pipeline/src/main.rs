@@ -300,8 +300,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             let report = publish_path(&input, &options, WallClock.now_ms())?;
             println!(
                 "published {} event(s) to {}",
-                report.appended,
-                options.target
+                report.appended, options.target
             );
             if report.invalid_appended > 0 {
                 println!(

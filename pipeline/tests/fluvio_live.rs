@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 
 use fluvio::metadata::customspu::CustomSpuSpec;
 use fluvio::metadata::spu::SpuSpec;
-use fluvio_controlplane_metadata::spu::{Endpoint, IngressAddr, IngressPort};
 use fluvio::metadata::topic::TopicSpec;
 use fluvio::{Fluvio, FluvioClusterConfig};
+use fluvio_controlplane_metadata::spu::{Endpoint, IngressAddr, IngressPort};
 use fluvio_future::task::run_block_on;
 use hookflow::receiver::{Behaviour, Receiver};
 use hookflow_connectors::{read_attempts, FluvioOptions, FluvioSource, Source, SourceStatus};
@@ -178,7 +178,11 @@ impl LiveCluster {
         run_block_on(async {
             let admin = client.admin().await;
             admin
-                .create(topic.to_string(), false, TopicSpec::new_computed(partitions, 1, None))
+                .create(
+                    topic.to_string(),
+                    false,
+                    TopicSpec::new_computed(partitions, 1, None),
+                )
                 .await
         })
         .expect("create the topic");
@@ -226,11 +230,14 @@ impl contract::ContractLog for FluvioLog {
     }
 }
 
+/// One case of the source contract.
+type ContractCase = fn(&mut dyn contract::ContractLog);
+
 #[test]
 #[ignore = "set FLUVIO_RUN=/path/to/fluvio-run to run"]
 fn fluvio_source_meets_the_contract() {
     let cluster = LiveCluster::start();
-    let cases: [(&str, fn(&mut dyn contract::ContractLog)); 6] = [
+    let cases: [(&str, ContractCase); 6] = [
         ("empty", contract::empty_log),
         ("offset", contract::read_from_offset),
         ("resume", contract::resume_from_checkpoint),
@@ -251,7 +258,10 @@ fn fluvio_source_meets_the_contract() {
         }
         let started = Instant::now();
         case(&mut FluvioLog::new(&cluster, &format!("contract-{name}")));
-        println!("contract case {name}: passed in {} ms", started.elapsed().as_millis());
+        println!(
+            "contract case {name}: passed in {} ms",
+            started.elapsed().as_millis()
+        );
     }
 }
 
@@ -362,11 +372,22 @@ impl Pipeline {
     /// Checks that every pair was delivered and archived; returns the duplicates.
     fn check(&self, pairs: &[(String, String)]) -> usize {
         let delivered = self.delivered();
-        let lost: Vec<_> = pairs.iter().filter(|pair| !delivered.contains_key(pair)).collect();
-        assert!(lost.is_empty(), "{} deliveries lost, first: {:?}", lost.len(), &lost[..lost.len().min(5)]);
+        let lost: Vec<_> = pairs
+            .iter()
+            .filter(|pair| !delivered.contains_key(pair))
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "{} deliveries lost, first: {:?}",
+            lost.len(),
+            &lost[..lost.len().min(5)]
+        );
         let duplicates: usize = delivered.values().map(|count| count - 1).sum();
 
-        let path_of: HashMap<String, String> = endpoints().into_iter().map(|(id, _, path, _)| (id, path)).collect();
+        let path_of: HashMap<String, String> = endpoints()
+            .into_iter()
+            .map(|(id, _, path, _)| (id, path))
+            .collect();
         let rows = read_attempts(&self.data_dir.join("archive")).expect("archive reads back");
         let mut rows_per_pair: HashMap<(String, String), usize> = HashMap::new();
         for row in rows.iter().filter(|row| row.outcome == "delivered") {
@@ -379,14 +400,22 @@ impl Pipeline {
         for pair in pairs {
             let rows = rows_per_pair.get(pair).copied().unwrap_or(0);
             assert!(rows >= 1, "{pair:?} was delivered but has no delivered row");
-            assert!(rows <= delivered[pair], "{pair:?}: {rows} rows for {} requests", delivered[pair]);
+            assert!(
+                rows <= delivered[pair],
+                "{pair:?}: {rows} rows for {} requests",
+                delivered[pair]
+            );
         }
         duplicates
     }
 }
 
 /// `count` events from `first` on, as NDJSON lines, and their (tenant, id, type).
-fn events(first: usize, count: usize, rng: &mut StdRng) -> (Vec<String>, Vec<(String, String, String)>) {
+fn events(
+    first: usize,
+    count: usize,
+    rng: &mut StdRng,
+) -> (Vec<String>, Vec<(String, String, String)>) {
     let mut lines = Vec::new();
     let mut keys = Vec::new();
     for n in first..first + count {
@@ -430,7 +459,11 @@ fn fluvio_events_are_delivered_and_archived() {
     wait_exit(&mut run, Duration::from_secs(180));
     let pairs = Pipeline::expected(&keys);
     let duplicates = pipeline.check(&pairs);
-    println!("end to end: {} events, {} deliveries, duplicates {duplicates}", keys.len(), pairs.len());
+    println!(
+        "end to end: {} events, {} deliveries, duplicates {duplicates}",
+        keys.len(),
+        pairs.len()
+    );
     assert_eq!(duplicates, 0);
 }
 
@@ -464,13 +497,24 @@ fn killing_hookflow_loses_nothing() {
         all.len(),
         pairs.len()
     );
-    assert!(duplicates <= bound, "{duplicates} duplicates exceed {bound}");
+    assert!(
+        duplicates <= bound,
+        "{duplicates} duplicates exceed {bound}"
+    );
 
     // The named consumer follows the checkpoint, so Fluvio's tools show hookflow's lag.
     let client = cluster.client();
     let offsets = run_block_on(client.consumer_offsets()).expect("consumer offsets");
-    let ours: Vec<_> = offsets.iter().filter(|o| o.consumer_id == "hookflow-live").collect();
-    println!("Fluvio consumer offsets of hookflow-live: {:?}", ours.iter().map(|o| (o.partition, o.offset)).collect::<Vec<_>>());
+    let ours: Vec<_> = offsets
+        .iter()
+        .filter(|o| o.consumer_id == "hookflow-live")
+        .collect();
+    println!(
+        "Fluvio consumer offsets of hookflow-live: {:?}",
+        ours.iter()
+            .map(|o| (o.partition, o.offset))
+            .collect::<Vec<_>>()
+    );
     assert!(!ours.is_empty(), "no consumer offset was committed");
 }
 
@@ -486,18 +530,27 @@ fn restarting_the_spu_loses_nothing() {
 
     let mut run = pipeline.run(false, "run.log");
     let first_pairs = Pipeline::expected(&keys);
-    wait_for("the first events to be delivered", Duration::from_secs(120), || {
-        let delivered = pipeline.delivered();
-        first_pairs.iter().all(|pair| delivered.contains_key(pair)).then_some(())
-    });
+    wait_for(
+        "the first events to be delivered",
+        Duration::from_secs(120),
+        || {
+            let delivered = pipeline.delivered();
+            first_pairs
+                .iter()
+                .all(|pair| delivered.contains_key(pair))
+                .then_some(())
+        },
+    );
 
     cluster.kill_spu();
     std::thread::sleep(Duration::from_secs(5));
     cluster.start_spu();
     let (after, more) = events(300, 300, &mut rng);
-    wait_for("the topic to take records again", Duration::from_secs(60), || {
-        FluvioSource::connect(cluster.options("events"), SourceStatus::new()).ok()
-    });
+    wait_for(
+        "the topic to take records again",
+        Duration::from_secs(60),
+        || FluvioSource::connect(cluster.options("events"), SourceStatus::new()).ok(),
+    );
     pipeline.publish(&after);
     keys.extend(more);
 
@@ -510,7 +563,10 @@ fn restarting_the_spu_loses_nothing() {
         .expect("send SIGTERM to hookflow");
     assert!(stopped.success());
     wait_exit(&mut run, Duration::from_secs(60));
-    assert!(waited, "not every event was delivered after the SPU restarted");
+    assert!(
+        waited,
+        "not every event was delivered after the SPU restarted"
+    );
     let duplicates = pipeline.check(&pairs);
     let log = pipeline.log("run.log");
     let lost_logged = log.contains("Lost the connection to Fluvio");
@@ -520,7 +576,10 @@ fn restarting_the_spu_loses_nothing() {
         keys.len(),
         pairs.len()
     );
-    assert!(lost_logged && reconnected, "hookflow's log does not show the reconnection:\n{log}");
+    assert!(
+        lost_logged && reconnected,
+        "hookflow's log does not show the reconnection:\n{log}"
+    );
     assert_eq!(duplicates, 0);
 }
 
@@ -555,7 +614,10 @@ fn an_unreachable_sc_fails_the_start_naming_it() {
         .output()
         .expect("run hookflow");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "hookflow run started without an SC");
+    assert!(
+        !output.status.success(),
+        "hookflow run started without an SC"
+    );
     assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
     assert!(stderr.contains("connect to the SC"), "{stderr}");
 }

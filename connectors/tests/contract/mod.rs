@@ -39,7 +39,10 @@ pub fn read_until(
             .read(partition, next, batch.min(want - records.len()))
             .expect("read");
         if std::env::var_os("HOOKFLOW_CONTRACT_TRACE").is_some() {
-            eprintln!("read partition {partition} from {next}: {} records", read.len());
+            eprintln!(
+                "read partition {partition} from {next}: {} records",
+                read.len()
+            );
         }
         match read.last() {
             Some(last) => next = last.offset + 1,
@@ -76,7 +79,10 @@ pub fn read_from_offset(log: &mut dyn ContractLog) {
     let positions = log.append(&records);
     let partition = positions[0].0;
     let first = positions[0].1;
-    assert!(positions.iter().all(|(p, _)| *p == partition), "{positions:?}");
+    assert!(
+        positions.iter().all(|(p, _)| *p == partition),
+        "{positions:?}"
+    );
     let offsets: Vec<u64> = positions.iter().map(|(_, o)| *o).collect();
     assert_eq!(offsets, (first..first + 10).collect::<Vec<_>>());
 
@@ -97,7 +103,9 @@ pub fn read_from_offset(log: &mut dyn ContractLog) {
 /// A reader opened again (a restart) resumes from the offset the first one checkpointed and
 /// sees the records appended in between.
 pub fn resume_from_checkpoint(log: &mut dyn ContractLog) {
-    let first_batch: Vec<(&[u8], &[u8])> = (0..6).map(|_| (b"t".as_slice(), b"one".as_slice())).collect();
+    let first_batch: Vec<(&[u8], &[u8])> = (0..6)
+        .map(|_| (b"t".as_slice(), b"one".as_slice()))
+        .collect();
     let positions = log.append(&first_batch);
     let (partition, base) = positions[0];
 
@@ -107,7 +115,9 @@ pub fn resume_from_checkpoint(log: &mut dyn ContractLog) {
         assert_eq!(read.len(), 3);
         read[2].offset + 1
     };
-    let later: Vec<(&[u8], &[u8])> = (0..2).map(|_| (b"t".as_slice(), b"two".as_slice())).collect();
+    let later: Vec<(&[u8], &[u8])> = (0..2)
+        .map(|_| (b"t".as_slice(), b"two".as_slice()))
+        .collect();
     log.append(&later);
 
     let mut source = log.open();
@@ -134,7 +144,10 @@ pub fn batched_fetch(log: &mut dyn ContractLog) {
     let mut source = log.open();
     // Wait until the last record is readable, so that fetch finds every one.
     let (last_partition, last_offset) = positions[positions.len() - 1];
-    assert_eq!(read_until(source.as_mut(), last_partition, last_offset, 1, 1).len(), 1);
+    assert_eq!(
+        read_until(source.as_mut(), last_partition, last_offset, 1, 1).len(),
+        1
+    );
 
     let mut asked: Vec<(u32, u64)> = positions.iter().rev().step_by(3).copied().collect();
     asked.push(positions[0]);
@@ -151,7 +164,10 @@ pub fn batched_fetch(log: &mut dyn ContractLog) {
             continue;
         }
         let record = result.as_ref().expect("fetched record");
-        let index = positions.iter().position(|p| p == position).expect("asked for an appended position");
+        let index = positions
+            .iter()
+            .position(|p| p == position)
+            .expect("asked for an appended position");
         assert_eq!((record.partition, record.offset), *position);
         assert_eq!(record.value, values[index].as_bytes());
     }
@@ -172,7 +188,10 @@ pub fn large_batch(log: &mut dyn ContractLog) {
     let read = read_until(source.as_mut(), partition, base, COUNT, 1024);
     if std::env::var_os("HOOKFLOW_CONTRACT_TRACE").is_some() {
         let last = positions.last().copied();
-        eprintln!("appended up to {last:?}; end offset {:?}", source.end_offset(partition));
+        eprintln!(
+            "appended up to {last:?}; end offset {:?}",
+            source.end_offset(partition)
+        );
     }
     assert_eq!(read.len(), COUNT);
     for (i, record) in read.iter().enumerate() {
