@@ -1205,6 +1205,67 @@ mod tests {
     }
 
     #[test]
+    fn source_defaults_to_local() {
+        let config = parse(&endpoint("")).expect("valid");
+        assert_eq!(config.source.kind, SourceKind::Local);
+        assert!(config.fluvio().is_none());
+    }
+
+    #[test]
+    fn fluvio_source_parses() {
+        let text = format!(
+            "[source]\nkind = \"fluvio\"\n[source.fluvio]\nendpoint = \"127.0.0.1:9003\"\ntopic = \"events\"\n{}",
+            endpoint("")
+        );
+        let config = parse(&text).expect("valid");
+        let fluvio = config.fluvio().expect("fluvio settings");
+        assert_eq!(fluvio.endpoint, "127.0.0.1:9003");
+        assert_eq!(fluvio.topic, "events");
+        assert_eq!(fluvio.consumer, "hookflow");
+        assert_eq!(fluvio.timeout_ms, 10_000);
+    }
+
+    #[test]
+    fn bad_source_values_name_the_field() {
+        let cases = [
+            ("[source]\nkind = \"kafka\"\n", "kind"),
+            ("[source]\nkind = \"fluvio\"\n", "source.fluvio"),
+            (
+                "[source.fluvio]\nendpoint = \"localhost\"\ntopic = \"events\"\n",
+                "source.fluvio.endpoint",
+            ),
+            (
+                "[source.fluvio]\nendpoint = \"127.0.0.1:9003\"\ntopic = \"Events!\"\n",
+                "source.fluvio.topic",
+            ),
+            (
+                "[source.fluvio]\nendpoint = \"127.0.0.1:9003\"\ntopic = \"events\"\ntimeout_ms = 0\n",
+                "source.fluvio.timeout_ms",
+            ),
+            (
+                "[source.fluvio]\nendpoint = \"127.0.0.1:9003\"\ntopic = \"events\"\nbroker = \"x\"\n",
+                "broker",
+            ),
+        ];
+        for (source, field) in cases {
+            let text = format!("{source}{}", endpoint(""));
+            let message = parse(&text).expect_err("must be rejected").to_string();
+            assert!(message.contains(field), "{source:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn source_flag_needs_the_fluvio_table() {
+        let mut config = parse(&endpoint("")).expect("valid");
+        let message = config
+            .set_source_kind(SourceKind::Fluvio, Path::new("test.toml"))
+            .expect_err("no [source.fluvio]")
+            .to_string();
+        assert!(message.contains("source.fluvio"), "{message}");
+        assert!(message.contains("test.toml"), "{message}");
+    }
+
+    #[test]
     fn example_config_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hookflow.toml");
         let config = Config::load(&path).expect("examples/hookflow.toml must be valid");
