@@ -16,4 +16,5 @@ pub mod durable;
 pub mod endpoints;
 pub mod publish;
 pub mod receiver;
+pub mod registry;
 pub mod source;
