@@ -1,13 +1,13 @@
 //! The endpoint registry: creates, changes and deletes endpoints while the pipeline runs.
 //!
-//! In: [`EndpointChange`]s from the management API or an embedding program. Out: the change
+//! In: [`EndpointChange`]s from the management API or an embedding program. Out: the change,
 //! written to the `endpoints` table of the state store of the process that serves the
-//! management API, then sent to worker 0 of that process, which feeds it into the dataflow at
-//! the time its inputs stand at (T): into the subscriptions collection that route half-joins
-//! with, and into the endpoint-changes stream broadcast to every worker's deliver operator.
-//! [`EndpointRegistry::apply`] returns once a probe on both has passed T, so an event read
-//! after it returns is routed and delivered with the change. Events read before are not
-//! routed again.
+//! management API and then sent to worker 0 of that process. That worker feeds it into the
+//! dataflow at the current time T of its inputs: into the subscriptions collection that route
+//! half-joins with, and into the endpoint-updates stream broadcast to every worker's deliver
+//! operator. [`EndpointRegistry::apply`] returns once a probe on both has passed T, so an
+//! event read after it returns is routed and delivered with the change. Events read before
+//! are not routed again.
 //!
 //! State: one SQLite connection of its own (WAL, busy timeout, as every state-store
 //! connection), and the sending end of the channel to worker 0. A mutex spans the write and
@@ -46,7 +46,7 @@ impl EndpointChange {
     }
 }
 
-/// What [`EndpointRegistry::apply`] did.
+/// The result of [`EndpointRegistry::apply`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
     /// For an upsert, whether the endpoint was created (`false`: it replaced a stored one).
@@ -57,7 +57,7 @@ pub struct Applied {
     pub effective_at_ms: Millis,
 }
 
-/// Why a change was not applied.
+/// The reason a change was not applied.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     /// A delete named an endpoint the directory does not hold.

@@ -1783,6 +1783,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn owner_matches_the_exchange() {
+        use timely::dataflow::operators::{Exchange as _, Inspect, ToStream};
+
+        for workers in [3, 4] {
+            let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let sink = Arc::clone(&seen);
+            timely::execute(timely::Config::process(workers), move |worker| {
+                let index = worker.index();
+                let peers = worker.peers();
+                let sink = Arc::clone(&sink);
+                worker.dataflow::<u64, _, _>(|scope| {
+                    let ids: Vec<String> = if index == 0 {
+                        (0..40).map(|n| format!("ep_{n}")).collect()
+                    } else {
+                        Vec::new()
+                    };
+                    ids.to_stream(scope)
+                        .container::<Vec<String>>()
+                        .exchange(|id: &String| endpoint_hash(id))
+                        .inspect(move |id: &String| {
+                            let owner = Owner { index, peers };
+                            sink.lock().expect("lock").push((id.clone(), owner.owns(id)));
+                        });
+                });
+            })
+            .expect("timely");
+            let seen = seen.lock().expect("lock");
+            assert_eq!(seen.len(), 40, "{workers} workers");
+            for (id, owned) in seen.iter() {
+                assert!(owned, "{workers} workers: {id} reached a worker that does not own it");
+            }
+        }
+    }
+
+    #[test]
     fn endpoint_hash_is_fixed() {
         // FNV-1a test vectors; a change here moves endpoints between workers.
         assert_eq!(endpoint_hash(""), 0xcbf2_9ce4_8422_2325);
