@@ -673,9 +673,7 @@ impl StateStore {
                 params![endpoint.id, endpoint.tenant, encoded, now_ms],
             )
             .map_err(&error)?;
-        transaction
-            .commit()
-            .map_err(&error)?;
+        transaction.commit().map_err(&error)?;
         Ok(!existed)
     }
 
@@ -705,9 +703,7 @@ impl StateStore {
                 params![id],
             )
             .map_err(&error)?;
-        transaction
-            .commit()
-            .map_err(&error)?;
+        transaction.commit().map_err(&error)?;
         Ok(removed > 0)
     }
 
@@ -749,9 +745,7 @@ impl StateStore {
                 inserted.push(endpoint.id.clone());
             }
         }
-        transaction
-            .commit()
-            .map_err(&error)?;
+        transaction.commit().map_err(&error)?;
         Ok(inserted)
     }
 
@@ -1448,7 +1442,10 @@ mod tests {
             endpoint("ep1", "http://127.0.0.1:1/config"),
             endpoint("ep2", "http://127.0.0.1:1/new"),
         ];
-        assert_eq!(store.seed_endpoints(&from_config, 20)?, vec!["ep2".to_string()]);
+        assert_eq!(
+            store.seed_endpoints(&from_config, 20)?,
+            vec!["ep2".to_string()]
+        );
         assert_eq!(store.endpoint("ep1")?, Some(stored));
         assert_eq!(store.endpoint("ep2")?, Some(from_config[1].clone()));
         assert!(store.seed_endpoints(&from_config, 30)?.is_empty());

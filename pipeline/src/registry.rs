@@ -339,12 +339,18 @@ mod tests {
 
         let runtime = runtime();
         let created = runtime
-            .block_on(registry.apply(EndpointChange::Upsert(endpoint("ep1", "http://127.0.0.1:9/a"))))
+            .block_on(registry.apply(EndpointChange::Upsert(endpoint(
+                "ep1",
+                "http://127.0.0.1:9/a",
+            ))))
             .expect("create");
         assert!(created.created);
         assert_eq!(created.effective_at_ms, 100);
         let updated = runtime
-            .block_on(registry.apply(EndpointChange::Upsert(endpoint("ep1", "http://127.0.0.1:9/b"))))
+            .block_on(registry.apply(EndpointChange::Upsert(endpoint(
+                "ep1",
+                "http://127.0.0.1:9/b",
+            ))))
             .expect("update");
         assert!(!updated.created);
         assert_eq!(updated.effective_at_ms, 101);
@@ -353,7 +359,8 @@ mod tests {
             Some("http://127.0.0.1:9/b".to_string())
         );
 
-        let missing = runtime.block_on(registry.apply(EndpointChange::Delete { id: "nope".into() }));
+        let missing =
+            runtime.block_on(registry.apply(EndpointChange::Delete { id: "nope".into() }));
         assert!(matches!(missing, Err(RegistryError::NotFound { id }) if id == "nope"));
         runtime
             .block_on(registry.apply(EndpointChange::Delete { id: "ep1".into() }))
@@ -362,7 +369,11 @@ mod tests {
 
         drop(registry);
         let fed = worker.join().expect("worker");
-        assert_eq!(fed, vec!["ep1", "ep1", "ep1"], "a rejected delete is not fed in");
+        assert_eq!(
+            fed,
+            vec!["ep1", "ep1", "ep1"],
+            "a rejected delete is not fed in"
+        );
     }
 
     #[test]
@@ -370,13 +381,21 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let (registry, feed) = EndpointRegistry::open(dir.path()).expect("open");
         drop(feed);
-        let result = runtime()
-            .block_on(registry.apply(EndpointChange::Upsert(endpoint("ep1", "http://127.0.0.1:9/a"))));
-        assert!(matches!(result, Err(RegistryError::PipelineStopped { .. })), "{result:?}");
+        let result = runtime().block_on(registry.apply(EndpointChange::Upsert(endpoint(
+            "ep1",
+            "http://127.0.0.1:9/a",
+        ))));
+        assert!(
+            matches!(result, Err(RegistryError::PipelineStopped { .. })),
+            "{result:?}"
+        );
         drop(registry);
 
         let store = StateStore::open_dir(dir.path()).expect("reopen");
-        assert_eq!(store.endpoint("ep1").expect("read").map(|e| e.id), Some("ep1".to_string()));
+        assert_eq!(
+            store.endpoint("ep1").expect("read").map(|e| e.id),
+            Some("ep1".to_string())
+        );
     }
 
     #[test]
@@ -386,8 +405,20 @@ mod tests {
         let cases = [
             ("id", endpoint(" ", "http://127.0.0.1:9/a")),
             ("url", endpoint("ep1", "ftp://127.0.0.1/a")),
-            ("max_in_flight", Endpoint { max_in_flight: 0, ..endpoint("ep1", "http://127.0.0.1:9/a") }),
-            ("secrets", Endpoint { secrets: Vec::new(), ..endpoint("ep1", "http://127.0.0.1:9/a") }),
+            (
+                "max_in_flight",
+                Endpoint {
+                    max_in_flight: 0,
+                    ..endpoint("ep1", "http://127.0.0.1:9/a")
+                },
+            ),
+            (
+                "secrets",
+                Endpoint {
+                    secrets: Vec::new(),
+                    ..endpoint("ep1", "http://127.0.0.1:9/a")
+                },
+            ),
         ];
         let runtime = runtime();
         for (field, invalid) in cases {
