@@ -14,6 +14,8 @@ pub mod dataflow;
 pub mod demo;
 pub mod durable;
 pub mod endpoints;
+pub mod metrics;
+pub mod monitor;
 pub mod publish;
 pub mod receiver;
 pub mod source;
