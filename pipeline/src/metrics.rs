@@ -111,22 +111,24 @@ impl LatencyHistogram {
         self.sum_ms.fetch_add(ms, Ordering::Relaxed);
     }
 
-    /// Returns the observation count, the sum in seconds and the cumulative buckets with
-    /// their upper bounds in seconds, the last one `+Inf`.
+    /// Returns the observation count, the sum in seconds and each bucket's own count (not
+    /// cumulative, as `prometheus-client` adds them up when encoding) with its upper bound in
+    /// seconds, the last one `+Inf`.
     pub fn snapshot(&self) -> (u64, f64, Vec<(f64, u64)>) {
-        let mut cumulative = 0u64;
+        let mut count = 0u64;
         let mut buckets = Vec::with_capacity(self.buckets.len());
         for (index, bucket) in self.buckets.iter().enumerate() {
-            cumulative += bucket.load(Ordering::Relaxed);
+            let observed = bucket.load(Ordering::Relaxed);
+            count += observed;
             let bound = self
                 .bounds_ms
                 .get(index)
                 .map_or(f64::INFINITY, |ms| *ms as f64 / 1000.0);
-            buckets.push((bound, cumulative));
+            buckets.push((bound, observed));
         }
         let sum = self.sum_ms.load(Ordering::Relaxed) as f64 / 1000.0;
-        // The count is the last cumulative bucket, so the two always agree in one scrape.
-        (cumulative, sum, buckets)
+        // The count is the buckets' total, so the two always agree in one scrape.
+        (count, sum, buckets)
     }
 }
 
@@ -845,7 +847,7 @@ mod tests {
     }
 
     #[test]
-    fn histogram_buckets_cumulative() {
+    fn histogram_buckets_by_bound() {
         let histogram = LatencyHistogram::new(DELIVERY_LATENCY_BOUNDS_MS);
         for ms in [1, 5, 6, 40_000] {
             histogram.observe_ms(ms);
@@ -855,9 +857,34 @@ mod tests {
         assert_eq!(count, 4);
         assert!((sum - 40.012).abs() < 1e-9);
         assert_eq!(buckets[0], (0.005, 2));
-        assert_eq!(buckets[1], (0.01, 3));
-        assert_eq!(buckets.last().map(|b| b.1), Some(4));
+        assert_eq!(buckets[1], (0.01, 1));
+        assert_eq!(buckets.last().map(|b| b.1), Some(1));
         assert!(buckets.last().is_some_and(|b| b.0.is_infinite()));
+    }
+
+    #[test]
+    fn histogram_scrape_is_cumulative() {
+        let metrics = Arc::new(Metrics::default());
+        for ms in [1, 5, 6, 40_000] {
+            metrics.delivery_latency.observe_ms(ms);
+        }
+        let scrape = scrape(&metrics);
+        let buckets = scrape
+            .samples
+            .iter()
+            .find_map(|sample| match (&sample.metric[..], &sample.value) {
+                ("hookflow_delivery_latency_seconds", prometheus_parse::Value::Histogram(buckets)) => {
+                    Some(buckets.clone())
+                }
+                _ => None,
+            })
+            .expect("a delivery latency histogram");
+
+        assert_eq!(buckets[0].less_than, 0.005);
+        assert_eq!(buckets[0].count, 2.0);
+        assert_eq!(buckets[1].count, 3.0);
+        assert_eq!(buckets.last().map(|b| b.count), Some(4.0));
+        assert_eq!(value(&scrape, "hookflow_delivery_latency_seconds_count", &[]), Some(4.0));
     }
 
     #[test]
