@@ -202,6 +202,18 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
     })
     .context("cannot build the HTTP client")?;
 
+    // The server starts before the workers so that a bad `http.listen` fails the run at once.
+    crate::http::start(
+        crate::http::HttpState {
+            config: Arc::new(config.clone()),
+            data_dir: options.data_dir.clone(),
+            cluster: cluster.clone(),
+            clock: options.clock.clone(),
+            stop: options.stop.clone(),
+        },
+        runtime.handle(),
+    )?;
+
     let duplicates = Arc::new(AtomicU64::new(0));
     let shared = Arc::new(WorkerShared {
         config: config.clone(),

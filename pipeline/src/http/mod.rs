@@ -1,0 +1,178 @@
+//! The HTTP server inside `hookflow run`: health and metrics for every process, and on
+//! process 0 the management API (admin token) and the ingest route (producer token).
+//!
+//! [`start`] binds the configured address before the workers start, serves on the process's
+//! shared tokio runtime, writes the bound address to `<data-dir>/http.addr` (process 0) or
+//! `<data-dir>/http-process-N.addr`, and stops accepting once the pipeline's stop signal is
+//! set. [`router`] is the one place where every route group is merged; a group whose token
+//! is not configured is not mounted, so its paths answer 404. [`HttpState`] is what handlers
+//! share: the configuration, the data directory, the cluster, the clock and the stop signal.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::routing::get;
+use axum::{Json, Router};
+use hookflow_operators::clock::Clock;
+use hookflow_operators::stop::StopSignal;
+use serde::Serialize;
+
+pub use self::config::{ApiToken, HttpConfig, Listen};
+pub use self::error::{ApiError, ErrorBody};
+use crate::cluster::Cluster;
+use crate::config::Config;
+
+/// What the handlers share. Cheap to clone.
+#[derive(Clone)]
+pub struct HttpState {
+    /// The validated configuration of the run.
+    pub config: Arc<Config>,
+    /// The data directory of the run.
+    pub data_dir: PathBuf,
+    /// The cluster this process belongs to.
+    pub cluster: Cluster,
+    /// The run's clock.
+    pub clock: Arc<dyn Clock>,
+    /// The pipeline's stop signal.
+    pub stop: Arc<StopSignal>,
+}
+
+impl HttpState {
+    /// Whether this process mounts the management routes (admin token set, process 0).
+    pub fn serves_management(&self) -> bool {
+        self.cluster.serves_management_api() && self.config.http.admin_token().is_some()
+    }
+
+    /// Whether this process mounts `POST /v1/events` (producer token set, process 0).
+    pub fn serves_ingest(&self) -> bool {
+        self.cluster.serves_management_api() && self.config.http.producer_token().is_some()
+    }
+}
+
+/// Every route this process serves, with JSON fallbacks for unknown routes and methods.
+pub fn router(state: HttpState) -> Router {
+    let app: Router<HttpState> = Router::new().route("/health/live", get(live));
+    app.fallback(error::no_route)
+        .method_not_allowed_fallback(error::wrong_method)
+        .with_state(state)
+}
+
+/// The body of `/health/live`.
+#[derive(Debug, Serialize)]
+pub struct LiveBody {
+    /// Always `ok`: the process answers.
+    pub status: &'static str,
+}
+
+// TODO: the `monitor` branch replaces this placeholder with the real live and ready checks.
+async fn live() -> Json<LiveBody> {
+    Json(LiveBody { status: "ok" })
+}
+
+/// A running server.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpServer {
+    /// The address it accepts connections on.
+    pub local_addr: SocketAddr,
+}
+
+/// The file a process writes its bound address to.
+pub fn addr_file(data_dir: &Path, cluster: &Cluster) -> PathBuf {
+    if cluster.process_index() == 0 {
+        data_dir.join("http.addr")
+    } else {
+        data_dir.join(format!("http-process-{}.addr", cluster.process_index()))
+    }
+}
+
+/// Binds the configured address and serves [`router`] on `runtime` until `state.stop` is set.
+/// Returns `None` when HTTP is off, or when the default address is taken.
+///
+/// # Errors
+///
+/// Fails if a configured address cannot be bound or the address file cannot be written.
+pub fn start(
+    state: HttpState,
+    runtime: &tokio::runtime::Handle,
+) -> anyhow::Result<Option<HttpServer>> {
+    let listen = state
+        .config
+        .http
+        .listen()
+        .map_err(|(field, problem)| anyhow::anyhow!("{field}: {problem}"))?;
+    let address_file = addr_file(&state.data_dir, &state.cluster);
+    match std::fs::remove_file(&address_file) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => {
+            return Err(error)
+                .with_context(|| format!("cannot remove {}", address_file.display()))
+        }
+    }
+    let (address, configured) = match listen {
+        Listen::Off => {
+            tracing::info!("HTTP server is off (`http.enabled = false`).");
+            return Ok(None);
+        }
+        Listen::Configured(address) => (address, true),
+        Listen::Default(address) => (address, false),
+    };
+    let listener = match std::net::TcpListener::bind(address) {
+        Ok(listener) => listener,
+        Err(error) if !configured => {
+            tracing::warn!(%address, %error, "Cannot listen on the default HTTP address; running without metrics, health and API. Set `http.listen` to choose one.");
+            return Ok(None);
+        }
+        Err(error) => {
+            return Err(error).with_context(|| format!("http.listen: cannot listen on {address}"))
+        }
+    };
+    listener
+        .set_nonblocking(true)
+        .context("cannot make the HTTP listener non-blocking")?;
+    let local_addr = listener.local_addr().context("cannot read the HTTP address")?;
+    let listener = {
+        let _entered = runtime.enter();
+        tokio::net::TcpListener::from_std(listener).context("cannot register the HTTP listener")?
+    };
+    write_addr_file(&address_file, local_addr)?;
+
+    tracing::info!(
+        address = %local_addr,
+        management = state.serves_management(),
+        ingest = state.serves_ingest(),
+        "HTTP server listening on {local_addr}."
+    );
+    let stop = state.stop.clone();
+    let app = router(state);
+    runtime.spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                // TODO: the stop signal wakes timely activators only; an async waker on it
+                // would end this polling.
+                while !stop.is_stopped() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "HTTP server stopped with an error.");
+        }
+    });
+    Ok(Some(HttpServer { local_addr }))
+}
+
+/// Writes the address atomically, so a reader never sees half of it.
+fn write_addr_file(path: &Path, address: SocketAddr) -> anyhow::Result<()> {
+    let partial = path.with_extension("addr.partial");
+    std::fs::write(&partial, format!("{address}\n"))
+        .and_then(|()| std::fs::rename(&partial, path))
+        .with_context(|| format!("cannot write the HTTP address to {}", path.display()))
+}
