@@ -203,16 +203,14 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
     .context("cannot build the HTTP client")?;
 
     // The server starts before the workers so that a bad `http.listen` fails the run at once.
-    crate::http::start(
-        crate::http::HttpState {
-            config: Arc::new(config.clone()),
-            data_dir: options.data_dir.clone(),
-            cluster: cluster.clone(),
-            clock: options.clock.clone(),
-            stop: options.stop.clone(),
-        },
-        runtime.handle(),
+    let http_state = crate::http::HttpState::new(
+        Arc::new(config.clone()),
+        options.data_dir.clone(),
+        cluster.clone(),
+        options.clock.clone(),
+        options.stop.clone(),
     )?;
+    crate::http::start(http_state, runtime.handle())?;
 
     let duplicates = Arc::new(AtomicU64::new(0));
     let shared = Arc::new(WorkerShared {

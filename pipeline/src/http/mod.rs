@@ -11,6 +11,8 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod ingest;
+pub mod openapi;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,7 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::routing::get;
+use axum::http::Method;
+use axum::routing::{get, post, MethodRouter};
 use axum::{Json, Router};
 use hookflow_operators::clock::Clock;
 use hookflow_operators::stop::StopSignal;
@@ -42,9 +45,44 @@ pub struct HttpState {
     pub clock: Arc<dyn Clock>,
     /// The pipeline's stop signal.
     pub stop: Arc<StopSignal>,
+    /// The acceptances of `POST /v1/events`, when this process serves it.
+    pub ingest: Option<Arc<ingest::IngestLedger>>,
 }
 
 impl HttpState {
+    /// The state of a run; opens the ingest ledger when this process serves ingest.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the ledger or the source cannot be opened.
+    pub fn new(
+        config: Arc<Config>,
+        data_dir: PathBuf,
+        cluster: Cluster,
+        clock: Arc<dyn Clock>,
+        stop: Arc<StopSignal>,
+    ) -> anyhow::Result<Self> {
+        let mut state = HttpState {
+            config,
+            data_dir,
+            cluster,
+            clock,
+            stop,
+            ingest: None,
+        };
+        if state.serves_ingest() {
+            let keep_ms = state.config.pipeline.dedup_window_secs.saturating_mul(1000);
+            let ledger = ingest::IngestLedger::open(
+                &state.data_dir,
+                state.config.local_log.partitions,
+                keep_ms,
+            )
+            .context("cannot open the ingest ledger of POST /v1/events")?;
+            state.ingest = Some(Arc::new(ledger));
+        }
+        Ok(state)
+    }
+
     /// Whether this process mounts the management routes (admin token set, process 0).
     pub fn serves_management(&self) -> bool {
         self.cluster.serves_management_api() && self.config.http.admin_token().is_some()
@@ -58,21 +96,70 @@ impl HttpState {
 
 /// Every route this process serves, with JSON fallbacks for unknown routes and methods.
 pub fn router(state: HttpState) -> Router {
-    let app: Router<HttpState> = Router::new().route("/health/live", get(live));
-    app.fallback(error::no_route)
+    let (router, _) = routes(&state);
+    router
+        .fallback(error::no_route)
         .method_not_allowed_fallback(error::wrong_method)
         .with_state(state)
 }
 
+/// The (method, path) of every route [`router`] mounts for `state`, for the OpenAPI test.
+pub fn served_routes(state: &HttpState) -> Vec<(Method, String)> {
+    routes(state).1.into_iter().map(|(m, p)| (m, p.to_string())).collect()
+}
+
+/// Builds the routes and records each one, so that the list cannot drift from the router.
+fn routes(state: &HttpState) -> (Router<HttpState>, Vec<(Method, &'static str)>) {
+    let mut table = RouteTable::default();
+    table.add(Method::GET, "/health/live", get(live));
+    table.add(Method::GET, "/openapi.json", get(openapi_json));
+    if state.serves_ingest() {
+        table.add(Method::POST, "/v1/events", post(ingest::post_event));
+    }
+    (table.router, table.served)
+}
+
+#[derive(Default)]
+struct RouteTable {
+    router: Router<HttpState>,
+    served: Vec<(Method, &'static str)>,
+}
+
+impl RouteTable {
+    fn add(&mut self, method: Method, path: &'static str, handler: MethodRouter<HttpState>) {
+        let router = std::mem::take(&mut self.router);
+        self.router = router.route(path, handler);
+        self.served.push((method, path));
+    }
+}
+
+/// The OpenAPI document of this API.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operations",
+    responses((status = 200, description = "the OpenAPI 3.1 document", content_type = "application/json"))
+)]
+pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(openapi::document())
+}
+
 /// The body of `/health/live`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct LiveBody {
     /// Always `ok`: the process answers.
     pub status: &'static str,
 }
 
+/// Whether the process answers.
 // TODO: the `monitor` branch replaces this placeholder with the real live and ready checks.
-async fn live() -> Json<LiveBody> {
+#[utoipa::path(
+    get,
+    path = "/health/live",
+    tag = "operations",
+    responses((status = 200, description = "the process answers", body = LiveBody))
+)]
+pub async fn live() -> Json<LiveBody> {
     Json(LiveBody { status: "ok" })
 }
 
