@@ -48,6 +48,9 @@ pub struct Config {
     /// The endpoints to deliver to.
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
+    /// The HTTP server: listen address and the tokens of the management and ingest routes.
+    #[serde(default)]
+    pub http: crate::http::HttpConfig,
     /// `endpoints` validated, with their secrets read from the environment and files once,
     /// at load.
     #[serde(skip)]
@@ -660,6 +663,14 @@ impl Config {
                     field,
                     problem,
                 })?;
+        config
+            .http
+            .validate(base_dir)
+            .map_err(|(field, problem)| ConfigError::Field {
+                path: path.to_path_buf(),
+                field,
+                problem,
+            })?;
         Ok(config)
     }
 

@@ -218,6 +218,20 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
     })
     .context("cannot build the HTTP client")?;
 
+    // The server starts before the workers so that a bad `http.listen` fails the run at once.
+    let http_state = crate::http::HttpState::new(
+        Arc::new(config.clone()),
+        options.data_dir.clone(),
+        cluster.clone(),
+        options.clock.clone(),
+        options.stop.clone(),
+    )?;
+    let http_state = crate::http::HttpState {
+        monitor: crate::monitor::Monitor::new(metrics.clone(), archive_dir.clone()),
+        ..http_state
+    };
+    crate::http::start(http_state, runtime.handle())?;
+
     let duplicates = metrics.events_deduplicated.clone();
     let shared = Arc::new(WorkerShared {
         config: config.clone(),

@@ -14,6 +14,7 @@ pub mod dataflow;
 pub mod demo;
 pub mod durable;
 pub mod endpoints;
+pub mod http;
 pub mod metrics;
 pub mod monitor;
 pub mod publish;

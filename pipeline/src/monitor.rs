@@ -25,7 +25,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -41,7 +41,7 @@ pub struct Monitor {
 }
 
 /// The result of one readiness check.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Check {
     /// `source`, `archive` or `dataflow`.
     pub name: &'static str,
@@ -53,7 +53,7 @@ pub struct Check {
 }
 
 /// The body of `/health/ready`.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Readiness {
     /// `ready` or `not_ready`.
     pub status: &'static str,
@@ -169,6 +169,13 @@ fn probe_writable(dir: &Path) -> Result<(), String> {
     std::fs::remove_file(&path).map_err(|error| format!("cannot remove {}: {error}", path.display()))
 }
 
+/// The (method, path) of every route [`routes`] serves.
+pub const ROUTES: [(Method, &str); 3] = [
+    (Method::GET, "/metrics"),
+    (Method::GET, "/health/live"),
+    (Method::GET, "/health/ready"),
+];
+
 /// The monitoring routes: `GET /metrics`, `GET /health/live` and `GET /health/ready`. The
 /// router is generic over the state of the router it is merged into.
 pub fn routes<S>(monitor: Monitor) -> Router<S>
@@ -182,7 +189,14 @@ where
         .with_state(monitor)
 }
 
-async fn metrics(State(monitor): State<Monitor>) -> Response {
+/// Every metric of this process in the Prometheus text format 0.0.4.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "the metrics in the Prometheus text format 0.0.4", content_type = "text/plain; version=0.0.4; charset=utf-8", body = String))
+)]
+pub async fn metrics(State(monitor): State<Monitor>) -> Response {
     // The readiness checks write a file, so they run off the runtime's worker threads; they
     // refresh the `hookflow_ready` gauge that the scrape then reads.
     let checked = monitor.clone();
@@ -206,11 +220,36 @@ async fn metrics(State(monitor): State<Monitor>) -> Response {
     }
 }
 
-async fn live() -> Response {
-    Json(serde_json::json!({ "status": "live" })).into_response()
+/// The body of `/health/live`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct LiveBody {
+    /// Always `live`.
+    pub status: &'static str,
 }
 
-async fn ready(State(monitor): State<Monitor>) -> Response {
+/// Liveness: 200 while the process serves HTTP.
+#[utoipa::path(
+    get,
+    path = "/health/live",
+    tag = "operations",
+    responses((status = 200, description = "the process is running", body = LiveBody))
+)]
+pub async fn live() -> Json<LiveBody> {
+    Json(LiveBody { status: "live" })
+}
+
+/// Readiness: 200 when the source, the archive directory and the dataflow pass their checks,
+/// 503 naming the failing check otherwise.
+#[utoipa::path(
+    get,
+    path = "/health/ready",
+    tag = "operations",
+    responses(
+        (status = 200, description = "every check passed", body = Readiness),
+        (status = 503, description = "a check failed; `failing` names the first", body = Readiness)
+    )
+)]
+pub async fn ready(State(monitor): State<Monitor>) -> Response {
     match tokio::task::spawn_blocking(move || monitor.readiness()).await {
         Ok(readiness) => {
             let status = if readiness.is_ready() {
