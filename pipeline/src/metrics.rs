@@ -564,6 +564,9 @@ impl Collector for MetricsCollector {
     }
 }
 
+/// Picks one counter out of an endpoint's stats.
+type StatsField = fn(&EndpointStats) -> &AtomicU64;
+
 impl MetricsCollector {
     fn encode_events(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
         let m = &self.metrics;
@@ -605,7 +608,7 @@ impl MetricsCollector {
         series.sort_by(|a, b| a.0.cmp(&b.0));
         series.push((OTHER_ENDPOINT.to_string(), table.other.clone()));
 
-        let simple: [(&str, &str, fn(&EndpointStats) -> &AtomicU64); 4] = [
+        let simple: [(&str, &str, StatsField); 4] = [
             (
                 "hookflow_delivery_attempts",
                 "Delivery attempts that sent a request, by endpoint.",
