@@ -57,7 +57,7 @@ pub struct SourceProgress {
     outstanding: usize,
     /// The settled next offset of each partition, not yet written.
     settled: HashMap<u32, u64>,
-    /// Where the settled offsets and the reads are counted.
+    /// The metrics that receive the settled offsets and the read counts.
     pub metrics: Arc<Metrics>,
 }
 

@@ -69,7 +69,8 @@ fn start_run(dir: &Path, config: &str) -> Run {
     }
 }
 
-/// Sends one `GET path` over HTTP/1.1 and returns the status and the body.
+/// Sends one `GET path` over HTTP/1.1 and returns the status, the headers (lower-case names)
+/// and the body.
 fn get(address: SocketAddr, path: &str) -> (u16, HashMap<String, String>, String) {
     let mut stream = TcpStream::connect(address).expect("connecting to hookflow's HTTP server");
     stream
@@ -141,7 +142,7 @@ fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)])
 /// Scrapes until `done` holds for a scrape, and returns that scrape.
 fn scrape_until(
     address: SocketAddr,
-    what: &str,
+    condition: &str,
     done: impl Fn(&prometheus_parse::Scrape) -> bool,
 ) -> prometheus_parse::Scrape {
     let started = Instant::now();
@@ -150,7 +151,7 @@ fn scrape_until(
         if done(&scrape) {
             return scrape;
         }
-        assert!(started.elapsed() < PATIENCE, "{what}: not reached in {PATIENCE:?}");
+        assert!(started.elapsed() < PATIENCE, "{condition}: not reached in {PATIENCE:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
 }
