@@ -23,7 +23,7 @@ pub use archive::{
     list_archive_files, read_attempts, staged_ranges, ArchiveOptions, ArchiveWriter,
 };
 pub use local_log::{partition_for_key, LocalLog, LocalLogOptions};
-pub use source::Source;
+pub use source::{Source, SourceStatus};
 pub use state::{DisabledEndpoint, DurableBatch, StateStore, STATE_FORMAT_VERSION};
 
 /// The error type of every fallible operation in this crate.

@@ -50,3 +50,48 @@ pub trait Source: Send {
     /// be read.
     fn end_offset(&mut self, partition: u32) -> Result<u64, ConnectorError>;
 }
+
+/// Whether the source can be read right now, shared between the reader and the health checks.
+///
+/// The reader marks it up after every successful read or end-offset query and down, with the
+/// error, when one fails. It starts up: a source that cannot be opened stops the pipeline
+/// before anything reads this.
+#[derive(Debug)]
+pub struct SourceStatus {
+    up: std::sync::atomic::AtomicBool,
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl Default for SourceStatus {
+    fn default() -> Self {
+        SourceStatus {
+            up: std::sync::atomic::AtomicBool::new(true),
+            last_error: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl SourceStatus {
+    /// Records a successful read. Cheap: one atomic store when the source was already up.
+    pub fn mark_up(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Records a failed read and its error.
+    pub fn mark_down(&self, error: impl std::fmt::Display) {
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(error.to_string());
+        }
+        self.up.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Returns whether the last read succeeded.
+    pub fn is_up(&self) -> bool {
+        self.up.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Returns the error of the last failed read, kept after the source is up again.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|last| last.clone())
+    }
+}

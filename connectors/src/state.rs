@@ -512,6 +512,21 @@ impl StateStore {
             .map_err(self.error("count pending deliveries"))
     }
 
+    /// Counts the pending deliveries and, among them, the parked ones, in one scan.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read.
+    pub fn pending_counts(&self) -> Result<(u64, u64), ConnectorError> {
+        self.connection
+            .query_row(
+                "SELECT count(*), count(*) - count(due_ms) FROM pending",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .map_err(self.error("count pending deliveries"))
+    }
+
     /// Counts the parked deliveries: pending without a due time, their endpoint disabled.
     ///
     /// # Errors

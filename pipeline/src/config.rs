@@ -42,9 +42,15 @@ pub struct Config {
     /// The circuit breaker, `Retry-After` pauses and disabling of failing endpoints.
     #[serde(default)]
     pub health: HealthConfig,
+    /// The Prometheus metrics and the readiness check.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// The endpoints to deliver to.
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
+    /// The HTTP server: listen address and the tokens of the management and ingest routes.
+    #[serde(default)]
+    pub http: crate::http::HttpConfig,
     /// `endpoints` validated, with their secrets read from the environment and files once,
     /// at load.
     #[serde(skip)]
@@ -372,6 +378,57 @@ impl HealthConfig {
     }
 }
 
+/// `[metrics]`: the Prometheus metrics served at `/metrics` and the readiness check.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Endpoints whose metrics carry their own `endpoint` label: the first ones configured,
+    /// then the first ones seen. Every later endpoint is counted under `endpoint="other"`.
+    /// Default 1000, at most 100000.
+    pub max_endpoint_series: usize,
+    /// A worker whose dataflow frontier stands still this long while records are
+    /// outstanding makes `/health/ready` fail, in seconds. Default 60, at least 1.
+    pub ready_stall_secs: u64,
+    /// How often the pending and parked deliveries in the state store are counted for
+    /// `hookflow_retries_pending` and `hookflow_parked_deliveries`, in seconds. Each count
+    /// scans the pending table. Default 10, at least 1.
+    pub pending_refresh_secs: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            max_endpoint_series: crate::metrics::DEFAULT_MAX_ENDPOINT_SERIES,
+            ready_stall_secs: 60,
+            pending_refresh_secs: 10,
+        }
+    }
+}
+
+impl MetricsConfig {
+    fn validate(&self) -> Result<(), (String, String)> {
+        if self.max_endpoint_series > 100_000 {
+            return Err((
+                "metrics.max_endpoint_series".into(),
+                "must be at most 100000".into(),
+            ));
+        }
+        if self.ready_stall_secs == 0 {
+            return Err((
+                "metrics.ready_stall_secs".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.pending_refresh_secs == 0 {
+            return Err((
+                "metrics.pending_refresh_secs".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// `rate_limit = { max_requests = 10, window_ms = 1000 }` of an endpoint.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -606,6 +663,14 @@ impl Config {
                     field,
                     problem,
                 })?;
+        config
+            .http
+            .validate(base_dir)
+            .map_err(|(field, problem)| ConfigError::Field {
+                path: path.to_path_buf(),
+                field,
+                problem,
+            })?;
         Ok(config)
     }
 
@@ -667,6 +732,7 @@ impl Config {
             return Err(("delivery.max_in_flight".into(), "must be at least 1".into()));
         }
         self.health.validate()?;
+        self.metrics.validate()?;
         let policy = AddressPolicy::new(self.allowed_networks()?);
         self.delivery
             .proxy_url()

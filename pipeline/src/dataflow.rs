@@ -62,8 +62,9 @@ use crate::durable::{
     maintain, persist, restore_pending, skip_decided_rows, skip_settled_deliveries, ArchivePolicy,
     Archiver, Durable, ResumeBounds,
 };
+use crate::metrics::Metrics;
 use crate::registry::{ChangeFeed, EndpointChange, EndpointRegistry, PendingChange};
-use crate::source::{read_source, SourceControl, SourceOptions};
+use crate::source::{read_source, SourceControl, SourceOptions, SourceProgress};
 
 /// The inputs of `run` besides the configuration.
 #[derive(Clone)]
@@ -104,6 +105,8 @@ pub struct RunReport {
     pub disabled_endpoints: Vec<DisabledEndpoint>,
     /// The deliver operator's decisions about endpoints (breakers, pauses, disabling).
     pub counters: Arc<DeliverCounters>,
+    /// The run's metrics as they stood at its end.
+    pub metrics: Arc<Metrics>,
 }
 
 /// The archive directory: the configured one, under the data directory when relative.
@@ -208,7 +211,20 @@ pub fn run_with_registry(
     } else {
         None
     };
-    let counters = Arc::new(DeliverCounters::default());
+    let metrics = Arc::new(Metrics::new(
+        config.metrics.max_endpoint_series,
+        workers,
+        config.metrics.ready_stall_secs.saturating_mul(1000),
+    ));
+    metrics.set_partitions(readiness.partitions);
+    // The configured endpoints get the first series, in configuration order.
+    for endpoint in config.endpoints() {
+        metrics.endpoints.stats(&endpoint.id);
+    }
+    for endpoint_id in &disabled {
+        DeliverCounters::set_member(&metrics.deliver.disabled_endpoints, endpoint_id, true);
+    }
+    let counters = metrics.deliver.clone();
 
     if cluster.is_multi_process() {
         tracing::info!(
@@ -242,7 +258,21 @@ pub fn run_with_registry(
     })
     .context("cannot build the HTTP client")?;
 
-    let duplicates = Arc::new(AtomicU64::new(0));
+    // The server starts before the workers so that a bad `http.listen` fails the run at once.
+    let http_state = crate::http::HttpState::new(
+        Arc::new(config.clone()),
+        options.data_dir.clone(),
+        cluster.clone(),
+        options.clock.clone(),
+        options.stop.clone(),
+    )?;
+    let http_state = crate::http::HttpState {
+        monitor: crate::monitor::Monitor::new(metrics.clone(), archive_dir.clone()),
+        ..http_state
+    };
+    crate::http::start(http_state, runtime.handle())?;
+
+    let duplicates = metrics.events_deduplicated.clone();
     let shared = Arc::new(WorkerShared {
         config: config.clone(),
         data_dir: options.data_dir.clone(),
@@ -256,11 +286,12 @@ pub fn run_with_registry(
         runtime: runtime.handle().clone(),
         client,
         duplicates: duplicates.clone(),
-        requests_in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        requests_in_flight: metrics.requests_in_flight.clone(),
         run_id: options.clock.now_ms(),
         cluster: cluster.clone(),
         readiness,
         counters: counters.clone(),
+        metrics: metrics.clone(),
     });
 
     let timely_config = cluster.timely_config(workers);
@@ -298,6 +329,7 @@ pub fn run_with_registry(
     report.duplicates = duplicates.load(Ordering::Relaxed);
     report.files.sort();
     report.counters = counters;
+    report.metrics = metrics;
     if !failures.is_empty() {
         anyhow::bail!("the pipeline failed: {}", failures.join("; "));
     }
@@ -445,6 +477,7 @@ struct WorkerShared {
     /// The state of this process's part of the data directory, shared with the other processes.
     readiness: Readiness,
     counters: Arc<DeliverCounters>,
+    metrics: Arc<Metrics>,
 }
 
 /// The rows and files one worker archived.
@@ -558,6 +591,7 @@ fn run_worker(
         &shared.archive_dir,
         policy,
         started_ms,
+        shared.metrics.clone(),
     )
     .with_context(|| {
         format!(
@@ -570,6 +604,7 @@ fn run_worker(
     let probe = ProbeHandle::new();
     let control = SourceControl {
         stop: shared.stop.clone(),
+        progress: Rc::new(RefCell::new(SourceProgress::new(shared.metrics.clone()))),
         ..SourceControl::default()
     };
     let source_options = SourceOptions {
@@ -679,6 +714,7 @@ fn run_worker(
             archiver.clone(),
             clock.clone(),
             unsynced_results.clone(),
+            shared.metrics.clone(),
         )
         .probe_with(&probe);
 
@@ -723,6 +759,11 @@ fn run_worker(
         .saturating_mul(1000)
         .max(1);
     let mut next_maintenance_ms = started_ms;
+    let pending_refresh_ms = config.metrics.pending_refresh_secs.saturating_mul(1000);
+    let mut next_pending_count_ms = started_ms;
+    let progress_gauge = shared
+        .metrics
+        .worker(index.saturating_sub(cluster.first_worker(workers)));
 
     let mut subscriptions = Some(subscriptions);
     let park = Duration::from_millis(config.pipeline.poll_interval_ms);
@@ -753,8 +794,16 @@ fn run_worker(
         if let Some(directory) = directory.as_mut() {
             directory.acknowledge(&absorbed, subscriptions.is_some());
         }
+        if let Some(gauge) = progress_gauge {
+            let frontier = probe.with_frontier(|frontier| frontier.first().copied());
+            gauge.observe(frontier, control.progress.borrow().outstanding(), clock.now_ms());
+        }
         if first_of_process {
             let now = clock.now_ms();
+            if now >= next_pending_count_ms {
+                next_pending_count_ms = now.saturating_add(pending_refresh_ms);
+                count_pending(&store.borrow(), &shared.metrics);
+            }
             if now >= next_maintenance_ms {
                 next_maintenance_ms = now.saturating_add(maintenance_every_ms);
                 run_maintenance(
@@ -844,6 +893,23 @@ fn run_maintenance(
         Err(error) => tracing::error!(
             error = %format!("{error:#}"),
             "Log retention or state pruning failed; retrying at the next pass."
+        ),
+    }
+}
+
+/// Counts the pending and parked deliveries of this process's state store into `metrics`;
+/// a failure is logged and the gauges keep their last values.
+fn count_pending(store: &StateStore, metrics: &Metrics) {
+    match store.pending_counts() {
+        Ok((pending, parked)) => {
+            metrics
+                .retries_pending
+                .store(pending.saturating_sub(parked), Ordering::Relaxed);
+            metrics.deliveries_parked.store(parked, Ordering::Relaxed);
+        }
+        Err(error) => tracing::warn!(
+            error = %format!("{error:#}"),
+            "Counting pending deliveries for the metrics failed; retrying at the next count."
         ),
     }
 }

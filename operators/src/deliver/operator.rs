@@ -131,11 +131,33 @@ pub struct DeliverCounters {
     pub retry_after_invalid: AtomicU64,
     /// Valid `Retry-After` values that asked for more than the maximum pause.
     pub retry_after_capped: AtomicU64,
+    /// Ids of the endpoints whose breaker is open or half-open. Locked only when a breaker
+    /// opens or closes, and when metrics are scraped.
+    pub open_breakers: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Ids of the disabled endpoints: disabled at run time, or before it when the pipeline
+    /// adds them at start. Locked only when an endpoint is disabled or enabled, and when
+    /// metrics are scraped.
+    pub disabled_endpoints: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl DeliverCounters {
     fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds or removes `endpoint_id` in one of the id sets; a poisoned lock is taken over,
+    /// because a set of ids cannot be left half-changed.
+    pub fn set_member(
+        set: &std::sync::Mutex<std::collections::BTreeSet<String>>,
+        endpoint_id: &str,
+        member: bool,
+    ) {
+        let mut ids = set.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if member {
+            ids.insert(endpoint_id.to_string());
+        } else {
+            ids.remove(endpoint_id);
+        }
     }
 }
 
@@ -968,6 +990,7 @@ impl DeliverState {
             return;
         }
         DeliverCounters::bump(&self.context.counters.endpoints_disabled);
+        DeliverCounters::set_member(&self.context.counters.disabled_endpoints, endpoint_id, true);
         tracing::warn!(
             endpoint_id = %endpoint_id,
             %reason,
@@ -1273,6 +1296,7 @@ impl DeliverState {
                 attempts,
             }) => {
                 DeliverCounters::bump(&self.context.counters.breakers_opened);
+                DeliverCounters::set_member(&self.context.counters.open_breakers, endpoint_id, true);
                 tracing::warn!(
                     endpoint_id = %endpoint_id,
                     failures,
@@ -1283,6 +1307,7 @@ impl DeliverState {
             }
             Some(Transition::BreakerClosed) => {
                 DeliverCounters::bump(&self.context.counters.breakers_closed);
+                DeliverCounters::set_member(&self.context.counters.open_breakers, endpoint_id, false);
                 tracing::info!(
                     endpoint_id = %endpoint_id,
                     "Probe delivered; circuit breaker closed."
