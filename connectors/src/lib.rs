@@ -24,7 +24,9 @@ pub use archive::{
 };
 pub use local_log::{partition_for_key, LocalLog, LocalLogOptions};
 pub use source::Source;
-pub use state::{DisabledEndpoint, DurableBatch, StateStore, STATE_FORMAT_VERSION};
+pub use state::{
+    DisabledEndpoint, DurableBatch, EventRecord, JournalEntry, StateStore, STATE_FORMAT_VERSION,
+};
 
 /// The error type of every fallible operation in this crate.
 ///

@@ -55,6 +55,30 @@ pub struct DisabledEndpoint {
     pub reason: String,
 }
 
+/// One journal entry: a delivery that reached its final outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    /// The endpoint delivered to.
+    pub endpoint_id: String,
+    /// The delivery's generation (0 for the original, more for resends and replays).
+    pub generation: u32,
+    /// `delivered`, `dead_lettered` or `expired`.
+    pub outcome: String,
+    /// When the outcome was journaled (ms since epoch).
+    pub settled_at_ms: Millis,
+}
+
+/// What the store knows about one event, from [`StateStore::event_record`].
+#[derive(Debug, Clone, Default)]
+pub struct EventRecord {
+    /// Its first occurrence, while inside the dedup window.
+    pub first_seen: Option<FirstSeen>,
+    /// Its settled deliveries.
+    pub journal: Vec<JournalEntry>,
+    /// Its deliveries waiting for a retry, or parked.
+    pub pending: Vec<PendingDelivery>,
+}
+
 /// Everything one dataflow step must make durable at once.
 #[derive(Debug, Clone, Default)]
 pub struct DurableBatch {
@@ -634,6 +658,62 @@ impl StateStore {
                 })
             })
             .collect()
+    }
+
+    /// Reads what the store knows about one event: its first occurrence, the journal entries
+    /// of its deliveries (every generation) and its pending deliveries, for the inspect API.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read or a pending entry does not decode.
+    pub fn event_record(&self, tenant: &str, event_id: &str) -> Result<EventRecord, ConnectorError> {
+        let first_seen = self
+            .connection
+            .query_row(
+                "SELECT partition, offset, first_seen_ms FROM first_seen WHERE tenant = ?1 AND event_id = ?2",
+                params![tenant, event_id],
+                |row| {
+                    Ok(FirstSeen {
+                        tenant: tenant.to_string(),
+                        event_id: event_id.to_string(),
+                        partition: row.get(0)?,
+                        offset: row.get(1)?,
+                        first_seen_ms: row.get(2)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(self.error("read first occurrences"))?;
+        let mut statement = self
+            .connection
+            .prepare_cached(
+                "SELECT endpoint_id, generation, outcome, settled_at_ms FROM journal \
+                 WHERE tenant = ?1 AND event_id = ?2 ORDER BY generation, endpoint_id",
+            )
+            .map_err(self.error("read the journal"))?;
+        let journal = statement
+            .query_map(params![tenant, event_id], |row| {
+                Ok(JournalEntry {
+                    endpoint_id: row.get(0)?,
+                    generation: row.get(1)?,
+                    outcome: row.get(2)?,
+                    settled_at_ms: row.get(3)?,
+                })
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(self.error("read the journal"))?;
+        // Pending deliveries are keyed by record position, so the first occurrence and the
+        // replay records of later generations are found through their entries.
+        let pending = self
+            .pending()?
+            .into_iter()
+            .filter(|entry| entry.tenant == tenant && entry.event_id == event_id)
+            .collect();
+        Ok(EventRecord {
+            first_seen,
+            journal,
+            pending,
+        })
     }
 
     /// Reads the first occurrences seen at or after `since_ms`.

@@ -232,10 +232,13 @@ where
                     .to_string();
                 let mut error =
                     ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", message.clone());
-                error.body.field = field_of(".", &message).or_else(|| {
-                    // serde_urlencoded says only what was wrong, not where, for a bad value.
-                    None
+                // The deserializer prefixes the parameter's name: `limit: invalid digit ...`.
+                let named = message.split_once(": ").and_then(|(name, _)| {
+                    let simple = !name.is_empty()
+                        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                    simple.then(|| name.to_string())
                 });
+                error.body.field = named.or_else(|| field_of(".", &message));
                 error
             })
     }

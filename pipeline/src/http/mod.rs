@@ -12,7 +12,9 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod ingest;
+pub mod inspect;
 pub mod openapi;
+pub mod resend;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -47,6 +49,8 @@ pub struct HttpState {
     pub stop: Arc<StopSignal>,
     /// The acceptances of `POST /v1/events`, when this process serves it.
     pub ingest: Option<Arc<ingest::IngestLedger>>,
+    /// Held while a resend plans and appends, one at a time.
+    pub resend_lock: Arc<std::sync::Mutex<()>>,
 }
 
 impl HttpState {
@@ -69,6 +73,7 @@ impl HttpState {
             clock,
             stop,
             ingest: None,
+            resend_lock: Arc::default(),
         };
         if state.serves_ingest() {
             let keep_ms = state.config.pipeline.dedup_window_secs.saturating_mul(1000);
@@ -115,6 +120,24 @@ fn routes(state: &HttpState) -> (Router<HttpState>, Vec<(Method, &'static str)>)
     table.add(Method::GET, "/openapi.json", get(openapi_json));
     if state.serves_ingest() {
         table.add(Method::POST, "/v1/events", post(ingest::post_event));
+    }
+    if state.serves_management() {
+        table.add(Method::GET, "/v1/events/{tenant}/{id}", get(inspect::get_event));
+        table.add(
+            Method::POST,
+            "/v1/events/{tenant}/{id}/resend",
+            post(resend::resend_event),
+        );
+        table.add(
+            Method::GET,
+            "/v1/endpoints/{id}/failures",
+            get(inspect::endpoint_failures),
+        );
+        table.add(
+            Method::POST,
+            "/v1/endpoints/{id}/resend-failed",
+            post(resend::resend_failed),
+        );
     }
     (table.router, table.served)
 }

@@ -16,11 +16,28 @@ use super::ingest::Acceptance;
         title = "hookflow",
         description = "Management, ingest, health and metrics of a hookflow run. Errors are JSON with a stable `code`, a `message` and, for bad input, the `field`."
     ),
-    paths(super::live, super::openapi_json, super::ingest::post_event),
-    components(schemas(ErrorBody, Acceptance, super::LiveBody)),
+    paths(
+        super::live,
+        super::openapi_json,
+        super::ingest::post_event,
+        super::inspect::get_event,
+        super::inspect::endpoint_failures,
+        super::resend::resend_event,
+        super::resend::resend_failed,
+    ),
+    components(schemas(
+        ErrorBody,
+        Acceptance,
+        super::LiveBody,
+        super::inspect::EventView,
+        super::inspect::FailuresView,
+        super::resend::Resend,
+        super::resend::ResendEventRequest,
+    )),
     modifiers(&BearerTokens),
     tags(
-        (name = "events", description = "ingest and inspect events"),
+        (name = "events", description = "ingest, inspect and resend events"),
+        (name = "endpoints", description = "endpoints: failures and resends"),
         (name = "operations", description = "health, metrics and this document"),
     )
 )]
