@@ -11,10 +11,13 @@
 //! * `first_seen` contains the first occurrence of each (tenant, event id) inside the dedup window;
 //! * a parked delivery (its endpoint is disabled) is in `pending` with no due time, and
 //!   `disabled_endpoints` names the endpoints disabled at run time (410 Gone, or failing for
-//!   too long) until an operator enables them again.
+//!   too long) until an operator enables them again;
+//! * `endpoints` is the endpoint directory, kept only in the store of the process that serves
+//!   the management API (process 0). It is the truth once written: a configuration file only
+//!   inserts the endpoints whose id it lacks.
 //!
 //! ```text
-//! meta        (key TEXT PK, value TEXT)                format_version = 2
+//! meta        (key TEXT PK, value TEXT)                format_version = 3
 //! checkpoint  (partition PK, next_offset)              next offset to read; all below settled
 //! journal     (tenant, event_id, endpoint_id, generation PK, outcome, settled_at_ms)
 //! pending     (partition, offset, endpoint_id, generation PK, attempt, due_ms or NULL when
@@ -23,10 +26,16 @@
 //! decided     (partition, offset PK, outcome, settled_at_ms)   invalid and unrouted records
 //! staged_rows (seq INTEGER PK AUTOINCREMENT, writer TEXT, row JSON)
 //! disabled_endpoints (endpoint_id PK, disabled_at_ms, reason)
+//! endpoints   (id PK, tenant, endpoint JSON, updated_at_ms)
 //! ```
 //!
-//! Version 1 differed only in `pending.due_ms` being `NOT NULL` and had no
-//! `disabled_endpoints`; opening it migrates it.
+//! Version 2 had no `endpoints` table; version 1 also kept `pending.due_ms` `NOT NULL` and had
+//! no `disabled_endpoints`. Opening either migrates it.
+//!
+//! NOTE: an endpoint's signing secrets and any credentials in its URL or headers are stored in
+//! plain text in `endpoints.endpoint`, protected only by the file's permissions. Encrypting
+//! them at rest would take a key kept outside the data directory (a file or a KMS), an
+//! envelope per row, and a way to rotate that key.
 //!
 //! Every connection may write; SQLite serialises the writers, and each [`StateStore::commit`]
 //! is one transaction.
@@ -34,7 +43,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use hookflow_schemas::{AttemptRow, FirstSeen, Millis, Outcome, PendingDelivery};
+use hookflow_schemas::{AttemptRow, Endpoint, FirstSeen, Millis, Outcome, PendingDelivery};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 
@@ -42,7 +51,7 @@ use crate::local_log::{open_connection, sqlite_disk_bytes};
 use crate::ConnectorError;
 
 /// The on-disk format version of the state store.
-pub const STATE_FORMAT_VERSION: i64 = 2;
+pub const STATE_FORMAT_VERSION: i64 = 3;
 
 /// An endpoint disabled at run time, as the state store records it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -611,6 +620,211 @@ impl StateStore {
         Ok((removed > 0, parked))
     }
 
+    /// Reads every endpoint of the directory, by id.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read or an endpoint does not decode.
+    pub fn endpoints(&self) -> Result<Vec<Endpoint>, ConnectorError> {
+        let mut statement = self
+            .connection
+            .prepare_cached("SELECT endpoint FROM endpoints ORDER BY id")
+            .map_err(self.error("read endpoints"))?;
+        let encoded = statement
+            .query_map([], |row| row.get::<_, String>(0))
+            .map_err(self.error("read endpoints"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.error("read endpoints"))?;
+        encoded
+            .iter()
+            .map(|endpoint| self.decode_endpoint(endpoint))
+            .collect()
+    }
+
+    /// Reads the endpoint `id` of the directory.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read or the endpoint does not decode.
+    pub fn endpoint(&self, id: &str) -> Result<Option<Endpoint>, ConnectorError> {
+        let encoded: Option<String> = self
+            .connection
+            .query_row(
+                "SELECT endpoint FROM endpoints WHERE id = ?1",
+                params![id],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(self.error("read an endpoint"))?;
+        encoded
+            .map(|endpoint| self.decode_endpoint(&endpoint))
+            .transpose()
+    }
+
+    /// Creates or replaces `endpoint` in the directory. Returns whether it was created.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be written.
+    pub fn put_endpoint(
+        &mut self,
+        endpoint: &Endpoint,
+        now_ms: Millis,
+    ) -> Result<bool, ConnectorError> {
+        let encoded = self.encode_endpoint(endpoint)?;
+        let path = self.path.clone();
+        let error = move |source| ConnectorError::Sqlite {
+            action: "write an endpoint",
+            path: path.clone(),
+            source,
+        };
+        let transaction = self
+            .connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&error)?;
+        let existed: bool = transaction
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM endpoints WHERE id = ?1)",
+                params![endpoint.id],
+                |row| row.get(0),
+            )
+            .map_err(&error)?;
+        transaction
+            .execute(
+                "INSERT INTO endpoints (id, tenant, endpoint, updated_at_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant,
+                     endpoint = excluded.endpoint, updated_at_ms = excluded.updated_at_ms",
+                params![endpoint.id, endpoint.tenant, encoded, now_ms],
+            )
+            .map_err(&error)?;
+        transaction
+            .commit()
+            .map_err(&error)?;
+        Ok(!existed)
+    }
+
+    /// Deletes the endpoint `id` from the directory, with its run-time disable mark. Returns
+    /// whether it existed. Its parked deliveries stay until the pipeline dead-letters them.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be written.
+    pub fn delete_endpoint(&mut self, id: &str) -> Result<bool, ConnectorError> {
+        let path = self.path.clone();
+        let error = move |source| ConnectorError::Sqlite {
+            action: "delete an endpoint",
+            path: path.clone(),
+            source,
+        };
+        let transaction = self
+            .connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&error)?;
+        let removed = transaction
+            .execute("DELETE FROM endpoints WHERE id = ?1", params![id])
+            .map_err(&error)?;
+        transaction
+            .execute(
+                "DELETE FROM disabled_endpoints WHERE endpoint_id = ?1",
+                params![id],
+            )
+            .map_err(&error)?;
+        transaction
+            .commit()
+            .map_err(&error)?;
+        Ok(removed > 0)
+    }
+
+    /// Inserts each of `endpoints` whose id the directory lacks, in one transaction, and leaves
+    /// the others as stored. Returns the ids inserted.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be written.
+    pub fn seed_endpoints(
+        &mut self,
+        endpoints: &[Endpoint],
+        now_ms: Millis,
+    ) -> Result<Vec<String>, ConnectorError> {
+        let encoded = endpoints
+            .iter()
+            .map(|endpoint| self.encode_endpoint(endpoint))
+            .collect::<Result<Vec<_>, _>>()?;
+        let path = self.path.clone();
+        let error = move |source| ConnectorError::Sqlite {
+            action: "seed endpoints",
+            path: path.clone(),
+            source,
+        };
+        let transaction = self
+            .connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&error)?;
+        let mut inserted = Vec::new();
+        for (endpoint, encoded) in endpoints.iter().zip(encoded) {
+            let changed = transaction
+                .execute(
+                    "INSERT OR IGNORE INTO endpoints (id, tenant, endpoint, updated_at_ms)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![endpoint.id, endpoint.tenant, encoded, now_ms],
+                )
+                .map_err(&error)?;
+            if changed > 0 {
+                inserted.push(endpoint.id.clone());
+            }
+        }
+        transaction
+            .commit()
+            .map_err(&error)?;
+        Ok(inserted)
+    }
+
+    /// Reads the deliveries of `endpoint_id` parked while it was disabled.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read or an entry does not decode.
+    pub fn parked_of(&self, endpoint_id: &str) -> Result<Vec<PendingDelivery>, ConnectorError> {
+        let mut statement = self
+            .connection
+            .prepare_cached(
+                "SELECT entry FROM pending WHERE endpoint_id = ?1 AND due_ms IS NULL \
+                 ORDER BY partition, offset, generation",
+            )
+            .map_err(self.error("read parked deliveries"))?;
+        let entries = statement
+            .query_map(params![endpoint_id], |row| row.get::<_, String>(0))
+            .map_err(self.error("read parked deliveries"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.error("read parked deliveries"))?;
+        entries
+            .iter()
+            .map(|entry| {
+                serde_json::from_str(entry).map_err(|e| ConnectorError::CorruptState {
+                    path: self.path.clone(),
+                    what: "parked delivery",
+                    detail: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    fn encode_endpoint(&self, endpoint: &Endpoint) -> Result<String, ConnectorError> {
+        serde_json::to_string(endpoint).map_err(|e| ConnectorError::CorruptState {
+            path: self.path.clone(),
+            what: "endpoint",
+            detail: e.to_string(),
+        })
+    }
+
+    fn decode_endpoint(&self, encoded: &str) -> Result<Endpoint, ConnectorError> {
+        serde_json::from_str(encoded).map_err(|e| ConnectorError::CorruptState {
+            path: self.path.clone(),
+            what: "endpoint",
+            detail: e.to_string(),
+        })
+    }
+
     /// Returns the size in bytes of the store's database file and its write-ahead log.
     pub fn disk_bytes(&self) -> u64 {
         sqlite_disk_bytes(&self.path)
@@ -882,7 +1096,10 @@ fn initialize(connection: &mut Connection, path: &Path) -> Result<(), ConnectorE
                  partition INTEGER NOT NULL, offset INTEGER NOT NULL, outcome TEXT NOT NULL,
                  settled_at_ms INTEGER NOT NULL, PRIMARY KEY (partition, offset));
              CREATE TABLE IF NOT EXISTS staged_rows (
-                 seq INTEGER PRIMARY KEY AUTOINCREMENT, writer TEXT NOT NULL, row TEXT NOT NULL);",
+                 seq INTEGER PRIMARY KEY AUTOINCREMENT, writer TEXT NOT NULL, row TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS endpoints (
+                 id TEXT PRIMARY KEY, tenant TEXT NOT NULL, endpoint TEXT NOT NULL,
+                 updated_at_ms INTEGER NOT NULL);",
         )
         .map_err(error("create the state tables"))?;
     let version: Option<String> = transaction
@@ -917,10 +1134,19 @@ fn initialize(connection: &mut Connection, path: &Path) -> Result<(), ConnectorE
                          INSERT INTO pending_v2 SELECT partition, offset, endpoint_id, generation,
                              attempt, due_ms, entry FROM pending;
                          DROP TABLE pending;
-                         ALTER TABLE pending_v2 RENAME TO pending;
-                         UPDATE meta SET value = '2' WHERE key = 'format_version';",
+                         ALTER TABLE pending_v2 RENAME TO pending;",
                     )
                     .map_err(error("migrate the state store from format 1"))?;
+            }
+            if found == 1 || found == 2 {
+                // Version 3 only adds the `endpoints` table, created above; it starts empty,
+                // so the next start seeds it from the configuration.
+                transaction
+                    .execute(
+                        "UPDATE meta SET value = ?1 WHERE key = 'format_version'",
+                        params![STATE_FORMAT_VERSION.to_string()],
+                    )
+                    .map_err(error("migrate the state store to format 3"))?;
             } else if found != STATE_FORMAT_VERSION {
                 return Err(ConnectorError::UnsupportedStateVersion {
                     path: path.to_path_buf(),
@@ -930,6 +1156,13 @@ fn initialize(connection: &mut Connection, path: &Path) -> Result<(), ConnectorE
             }
         }
     }
+    // Reading one endpoint's parked deliveries (enabling or deleting it while running) must
+    // not scan every pending delivery.
+    transaction
+        .execute_batch(
+            "CREATE INDEX IF NOT EXISTS pending_parked ON pending (endpoint_id) WHERE due_ms IS NULL;",
+        )
+        .map_err(error("create the state tables"))?;
     transaction
         .commit()
         .map_err(error("create the state tables"))
@@ -1138,7 +1371,7 @@ mod tests {
         store
             .connection
             .execute(
-                "UPDATE meta SET value = '3' WHERE key = 'format_version'",
+                "UPDATE meta SET value = '4' WHERE key = 'format_version'",
                 [],
             )
             .map_err(store.error("test update"))?;
@@ -1146,7 +1379,7 @@ mod tests {
         let Err(error) = StateStore::open(dir.path()) else {
             panic!("a newer format must be refused");
         };
-        assert!(error.to_string().contains("format version 3"), "{error}");
+        assert!(error.to_string().contains("format version 4"), "{error}");
         Ok(())
     }
 
@@ -1246,6 +1479,98 @@ mod tests {
         drop(store);
         // Reopening a migrated store finds the current version.
         StateStore::open(dir.path())?;
+        Ok(())
+    }
+
+    fn endpoint(id: &str, url: &str) -> Endpoint {
+        Endpoint {
+            id: id.to_string(),
+            tenant: "acme".to_string(),
+            url: url.to_string(),
+            event_types: vec![hookflow_schemas::EventTypePattern::parse("*").expect("pattern")],
+            secrets: vec![hookflow_schemas::SigningSecret::new("whsec_c2VjcmV0")],
+            headers: std::collections::BTreeMap::new(),
+            timeout_ms: 1000,
+            connect_timeout_ms: 500,
+            max_in_flight: 4,
+            enabled: true,
+            rate_limit: None,
+        }
+    }
+
+    #[test]
+    fn endpoints_round_trip() -> Result<(), ConnectorError> {
+        let dir = temp_dir()?;
+        let mut store = StateStore::open(dir.path())?;
+        let first = endpoint("ep1", "http://127.0.0.1:1/a");
+        assert!(store.put_endpoint(&first, 10)?, "first write creates");
+        let mut changed = first.clone();
+        changed.url = "http://127.0.0.1:1/b".to_string();
+        assert!(!store.put_endpoint(&changed, 20)?, "second write updates");
+        drop(store);
+
+        let mut store = StateStore::open(dir.path())?;
+        assert_eq!(store.endpoint("ep1")?, Some(changed.clone()));
+        assert_eq!(store.endpoints()?, vec![changed]);
+        assert!(store.delete_endpoint("ep1")?);
+        assert!(!store.delete_endpoint("ep1")?);
+        assert_eq!(store.endpoint("ep1")?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn seeding_keeps_stored_endpoints() -> Result<(), ConnectorError> {
+        let dir = temp_dir()?;
+        let mut store = StateStore::open(dir.path())?;
+        let stored = endpoint("ep1", "http://127.0.0.1:1/stored");
+        store.put_endpoint(&stored, 10)?;
+        let from_config = vec![
+            endpoint("ep1", "http://127.0.0.1:1/config"),
+            endpoint("ep2", "http://127.0.0.1:1/new"),
+        ];
+        assert_eq!(store.seed_endpoints(&from_config, 20)?, vec!["ep2".to_string()]);
+        assert_eq!(store.endpoint("ep1")?, Some(stored));
+        assert_eq!(store.endpoint("ep2")?, Some(from_config[1].clone()));
+        assert!(store.seed_endpoints(&from_config, 30)?.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn parked_of_reads_one_endpoint() -> Result<(), ConnectorError> {
+        let dir = temp_dir()?;
+        let mut store = StateStore::open(dir.path())?;
+        let batch = DurableBatch {
+            pending: vec![
+                pending(1, "ep", PendingDelivery::PARKED),
+                pending(2, "ep", 500),
+                pending(3, "other", PendingDelivery::PARKED),
+            ],
+            ..DurableBatch::default()
+        };
+        store.commit("w0", &batch, 60)?;
+        let parked = store.parked_of("ep")?;
+        assert_eq!(parked.len(), 1);
+        assert_eq!(parked[0].offset, 1);
+        Ok(())
+    }
+
+    #[test]
+    fn format_2_is_migrated() -> Result<(), ConnectorError> {
+        let dir = temp_dir()?;
+        let store = StateStore::open(dir.path())?;
+        store
+            .connection
+            .execute_batch(
+                "DROP TABLE endpoints; UPDATE meta SET value = '2' WHERE key = 'format_version';",
+            )
+            .map_err(store.error("test downgrade"))?;
+        drop(store);
+
+        let mut store = StateStore::open(dir.path())?;
+        assert!(store.endpoints()?.is_empty());
+        store.put_endpoint(&endpoint("ep1", "http://127.0.0.1:1/a"), 1)?;
+        let version = store.read_meta("format_version")?;
+        assert_eq!(version.as_deref(), Some("3"));
         Ok(())
     }
 }

@@ -17,4 +17,5 @@ pub mod endpoints;
 pub mod http;
 pub mod publish;
 pub mod receiver;
+pub mod registry;
 pub mod source;
