@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod endpoints;
 pub mod error;
 pub mod ingest;
 pub mod inspect;
@@ -23,7 +24,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::http::Method;
-use axum::routing::{get, post, MethodRouter};
+use axum::routing::{get, patch, post, MethodRouter};
 use axum::{Json, Router};
 use hookflow_operators::clock::Clock;
 use hookflow_operators::stop::StopSignal;
@@ -51,6 +52,11 @@ pub struct HttpState {
     pub ingest: Option<Arc<ingest::IngestLedger>>,
     /// Held while a resend plans and appends, one at a time.
     pub resend_lock: Arc<std::sync::Mutex<()>>,
+    /// The endpoint directory of the running pipeline, on the process that serves the
+    /// management API; without it the endpoint routes answer 503.
+    pub registry: Option<crate::registry::EndpointRegistry>,
+    /// Resolves endpoint host names for the registration check.
+    pub resolver: endpoints::SharedResolver,
 }
 
 impl HttpState {
@@ -74,6 +80,8 @@ impl HttpState {
             stop,
             ingest: None,
             resend_lock: Arc::default(),
+            registry: None,
+            resolver: Arc::new(endpoints::SystemResolver),
         };
         if state.serves_ingest() {
             let keep_ms = state.config.pipeline.dedup_window_secs.saturating_mul(1000);
@@ -122,6 +130,15 @@ fn routes(state: &HttpState) -> (Router<HttpState>, Vec<(Method, &'static str)>)
         table.add(Method::POST, "/v1/events", post(ingest::post_event));
     }
     if state.serves_management() {
+        table.add(Method::POST, "/v1/endpoints", post(endpoints::create));
+        table.add(Method::GET, "/v1/endpoints", get(endpoints::list));
+        table.add(Method::GET, "/v1/endpoints/{id}", get(endpoints::get_one));
+        table.add(Method::PATCH, "/v1/endpoints/{id}", patch(endpoints::update));
+        table.add(
+            Method::DELETE,
+            "/v1/endpoints/{id}",
+            axum::routing::delete(endpoints::delete),
+        );
         table.add(Method::GET, "/v1/events/{tenant}/{id}", get(inspect::get_event));
         table.add(
             Method::POST,

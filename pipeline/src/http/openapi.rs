@@ -24,6 +24,11 @@ use super::ingest::Acceptance;
         super::inspect::endpoint_failures,
         super::resend::resend_event,
         super::resend::resend_failed,
+        super::endpoints::create,
+        super::endpoints::list,
+        super::endpoints::get_one,
+        super::endpoints::update,
+        super::endpoints::delete,
     ),
     components(schemas(
         ErrorBody,
@@ -33,11 +38,16 @@ use super::ingest::Acceptance;
         super::inspect::FailuresView,
         super::resend::Resend,
         super::resend::ResendEventRequest,
+        super::endpoints::EndpointView,
+        super::endpoints::EndpointList,
+        super::endpoints::EndpointWithSecret,
+        super::endpoints::CreateEndpoint,
+        super::endpoints::UpdateEndpoint,
     )),
     modifiers(&BearerTokens),
     tags(
         (name = "events", description = "ingest, inspect and resend events"),
-        (name = "endpoints", description = "endpoints: failures and resends"),
+        (name = "endpoints", description = "manage endpoints, list their failures, resend"),
         (name = "operations", description = "health, metrics and this document"),
     )
 )]
