@@ -303,3 +303,6 @@ fn write_addr_file(path: &Path, address: SocketAddr) -> anyhow::Result<()> {
         .and_then(|()| std::fs::rename(&partial, path))
         .with_context(|| format!("cannot write the HTTP address to {}", path.display()))
 }
+
+#[cfg(test)]
+mod tests;
