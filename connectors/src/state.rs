@@ -880,7 +880,11 @@ impl StateStore {
     /// # Errors
     ///
     /// Fails if the store cannot be read or a pending entry does not decode.
-    pub fn event_record(&self, tenant: &str, event_id: &str) -> Result<EventRecord, ConnectorError> {
+    pub fn event_record(
+        &self,
+        tenant: &str,
+        event_id: &str,
+    ) -> Result<EventRecord, ConnectorError> {
         let first_seen = self
             .connection
             .query_row(

@@ -36,8 +36,11 @@ impl Running {
     /// `acme`, and `[http]` lines `http`.
     fn start(http: &str) -> Running {
         let dir = tempfile::tempdir().expect("temporary directory");
-        let receiver = Receiver::start(HashMap::from([("/fail".to_string(), Behaviour::Status(500))]))
-            .expect("receiver on 127.0.0.1");
+        let receiver = Receiver::start(HashMap::from([(
+            "/fail".to_string(),
+            Behaviour::Status(500),
+        )]))
+        .expect("receiver on 127.0.0.1");
         let mut config = format!(
             "[delivery]\nallowed_private_cidrs = [\"127.0.0.1/32\"]\n\
              [retry]\nschedule_ms = []\n\
@@ -74,15 +77,31 @@ impl Running {
         }
     }
 
-    fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, Value) {
-        call(&self.address, method, path, token, body.map(|b| ("application/json", b)))
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, Value) {
+        call(
+            &self.address,
+            method,
+            path,
+            token,
+            body.map(|b| ("application/json", b)),
+        )
     }
 
     fn deliveries_to(&self, path: &str, event_id: &str) -> usize {
         self.receiver
             .requests_to(path)
             .iter()
-            .filter(|request| request.header("webhook-id").is_some_and(|id| id.contains(event_id)))
+            .filter(|request| {
+                request
+                    .header("webhook-id")
+                    .is_some_and(|id| id.contains(event_id))
+            })
             .count()
     }
 }
@@ -95,7 +114,11 @@ fn wait_for_file(path: &Path) -> String {
                 return text.trim().to_string();
             }
         }
-        assert!(Instant::now() < deadline, "{} did not appear", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -113,7 +136,8 @@ fn call(
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("read timeout");
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
     if let Some(token) = token {
         request.push_str(&format!("Authorization: Bearer {token}\r\n"));
     }
@@ -126,7 +150,9 @@ fn call(
     let mut response = Vec::new();
     stream.read_to_end(&mut response).expect("read response");
     let response = String::from_utf8_lossy(&response).to_string();
-    let (head, body) = response.split_once("\r\n\r\n").expect("a complete response");
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .expect("a complete response");
     let status: u16 = head
         .split(' ')
         .nth(1)
@@ -139,7 +165,10 @@ fn call(
 
 /// Undoes chunked transfer encoding, which hyper uses for bodies of unknown length.
 fn decode_body(head: &str, body: &str) -> String {
-    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         return body.to_string();
     }
     let mut out = String::new();
@@ -185,36 +214,58 @@ fn tokens() -> String {
 fn posted_event_is_delivered_inspected_and_resent_once() {
     let run = Running::start(&tokens());
 
-    let (status, first) = run.call("POST", "/v1/events", Some(PRODUCER), Some(&event("evt_1", "invoice.paid")));
+    let (status, first) = run.call(
+        "POST",
+        "/v1/events",
+        Some(PRODUCER),
+        Some(&event("evt_1", "invoice.paid")),
+    );
     assert_eq!(status, 202, "{first}");
     assert_eq!(first["id"], "evt_1");
     assert_eq!(first["tenant"], "acme");
-    let (status, again) = run.call("POST", "/v1/events", Some(PRODUCER), Some(&event("evt_1", "invoice.paid")));
+    let (status, again) = run.call(
+        "POST",
+        "/v1/events",
+        Some(PRODUCER),
+        Some(&event("evt_1", "invoice.paid")),
+    );
     assert_eq!(status, 200, "a repeat returns the original acceptance");
     assert_eq!(again, first);
 
     eventually("evt_1 delivered to ok and dead-lettered at fail", || {
-        (run.deliveries_to("/ok", "evt_1") == 1 && run.deliveries_to("/fail", "evt_1") == 1).then_some(())
+        (run.deliveries_to("/ok", "evt_1") == 1 && run.deliveries_to("/fail", "evt_1") == 1)
+            .then_some(())
     });
 
     // Attempts reach the archive within `archive.max_file_age_secs`.
     let view = eventually("evt_1's attempts in the archive", || {
         let (status, view) = run.call("GET", "/v1/events/acme/evt_1", Some(ADMIN), None);
         assert_eq!(status, 200, "{view}");
-        (view["attempts"].as_array()?.len() == 2 && view["deliveries"].as_array()?.len() == 2).then_some(view)
+        (view["attempts"].as_array()?.len() == 2 && view["deliveries"].as_array()?.len() == 2)
+            .then_some(view)
     });
     let statuses: HashMap<String, String> = view["deliveries"]
         .as_array()
         .expect("deliveries")
         .iter()
-        .map(|d| (d["endpoint_id"].as_str().unwrap_or("").to_string(), d["status"].as_str().unwrap_or("").to_string()))
+        .map(|d| {
+            (
+                d["endpoint_id"].as_str().unwrap_or("").to_string(),
+                d["status"].as_str().unwrap_or("").to_string(),
+            )
+        })
         .collect();
     assert_eq!(statuses["ok"], "delivered", "{view}");
     assert_eq!(statuses["fail"], "dead_lettered", "{view}");
     assert_eq!(view["scope"]["complete"], true);
     assert!(view["first_seen"]["offset"].is_u64(), "{view}");
 
-    let (status, failures) = run.call("GET", "/v1/endpoints/fail/failures?since=1h&limit=10", Some(ADMIN), None);
+    let (status, failures) = run.call(
+        "GET",
+        "/v1/endpoints/fail/failures?since=1h&limit=10",
+        Some(ADMIN),
+        None,
+    );
     assert_eq!(status, 200, "{failures}");
     let rows = failures["failures"].as_array().expect("failures");
     assert_eq!(rows.len(), 1, "{failures}");
@@ -234,14 +285,23 @@ fn posted_event_is_delivered_inspected_and_resent_once() {
     assert_eq!(resend["generation"], 1, "{resend}");
     assert_eq!(resend["events"], 1);
     assert_eq!(resend["endpoints"], json!({ "ok": 1 }));
-    eventually("the resend delivered", || (run.deliveries_to("/ok", "evt_1") == 2).then_some(()));
+    eventually("the resend delivered", || {
+        (run.deliveries_to("/ok", "evt_1") == 2).then_some(())
+    });
 
     // Resend every failed delivery of `fail`: generation 2, one more attempt there.
-    let (status, resend) = run.call("POST", "/v1/endpoints/fail/resend-failed?since=1h", Some(ADMIN), None);
+    let (status, resend) = run.call(
+        "POST",
+        "/v1/endpoints/fail/resend-failed?since=1h",
+        Some(ADMIN),
+        None,
+    );
     assert_eq!(status, 202, "{resend}");
     assert_eq!(resend["generation"], 2, "{resend}");
     assert_eq!(resend["endpoints"], json!({ "fail": 1 }));
-    eventually("the failed delivery resent", || (run.deliveries_to("/fail", "evt_1") == 2).then_some(()));
+    eventually("the failed delivery resent", || {
+        (run.deliveries_to("/fail", "evt_1") == 2).then_some(())
+    });
 
     // The journal lets each generation through once: nothing more arrives.
     let view = eventually("the resends archived", || {
@@ -254,11 +314,33 @@ fn posted_event_is_delivered_inspected_and_resent_once() {
 
     // Unknown events and endpoints.
     let (status, body) = run.call("GET", "/v1/events/acme/evt_unknown", Some(ADMIN), None);
-    assert_eq!((status, body["code"].as_str()), (404, Some("event_not_found")), "{body}");
-    let (status, body) = run.call("POST", "/v1/endpoints/nope/resend-failed", Some(ADMIN), None);
-    assert_eq!((status, body["code"].as_str()), (404, Some("endpoint_not_found")), "{body}");
-    let (status, body) = run.call("POST", "/v1/events/acme/evt_unknown/resend", Some(ADMIN), None);
-    assert_eq!((status, body["code"].as_str()), (404, Some("nothing_to_resend")), "{body}");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("event_not_found")),
+        "{body}"
+    );
+    let (status, body) = run.call(
+        "POST",
+        "/v1/endpoints/nope/resend-failed",
+        Some(ADMIN),
+        None,
+    );
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("endpoint_not_found")),
+        "{body}"
+    );
+    let (status, body) = run.call(
+        "POST",
+        "/v1/events/acme/evt_unknown/resend",
+        Some(ADMIN),
+        None,
+    );
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("nothing_to_resend")),
+        "{body}"
+    );
 }
 
 #[test]
@@ -269,38 +351,88 @@ fn concurrent_identical_posts_append_once() {
         let handles: Vec<_> = (0..8)
             .map(|_| scope.spawn(|| run.call("POST", "/v1/events", Some(PRODUCER), Some(&body))))
             .collect();
-        handles.into_iter().map(|h| h.join().expect("poster")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("poster"))
+            .collect()
     });
     let accepted = answers.iter().filter(|(status, _)| *status == 202).count();
     let repeats = answers.iter().filter(|(status, _)| *status == 200).count();
     assert_eq!((accepted, repeats), (1, 7), "{answers:?}");
-    assert!(answers.iter().all(|(_, body)| *body == answers[0].1), "{answers:?}");
-    eventually("evt_race delivered", || (run.deliveries_to("/ok", "evt_race") == 1).then_some(()));
+    assert!(
+        answers.iter().all(|(_, body)| *body == answers[0].1),
+        "{answers:?}"
+    );
+    eventually("evt_race delivered", || {
+        (run.deliveries_to("/ok", "evt_race") == 1).then_some(())
+    });
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(run.deliveries_to("/ok", "evt_race"), 1);
 }
+
+/// (answer, expected status, expected code, expected field).
+type Case<'a> = ((u16, Value), u16, &'a str, Option<&'a str>);
 
 #[test]
 fn bad_input_and_tokens_get_json_errors() {
     let run = Running::start(&tokens());
     let post = |token: Option<&str>, content_type: &str, body: &str| {
-        call(&run.address, "POST", "/v1/events", token, Some((content_type, body)))
+        call(
+            &run.address,
+            "POST",
+            "/v1/events",
+            token,
+            Some((content_type, body)),
+        )
     };
     let good = event("evt_bad", "invoice.paid");
-    let cases: Vec<((u16, Value), u16, &str, Option<&str>)> = vec![
-        (post(None, "application/json", &good), 401, "unauthorized", None),
-        (post(Some("wrong-token-0123456789"), "application/json", &good), 403, "forbidden", None),
-        (post(Some(ADMIN), "application/json", &good), 403, "forbidden", None),
-        (post(Some(PRODUCER), "text/plain", &good), 415, "unsupported_media_type", None),
-        (post(Some(PRODUCER), "application/json", "{not json"), 400, "invalid_json", None),
+    let cases: Vec<Case<'_>> = vec![
         (
-            post(Some(PRODUCER), "application/json", r#"{"id":"x","tenant":"acme","type":"t","created_at":"2026-01-01T00:00:00Z"}"#),
+            post(None, "application/json", &good),
+            401,
+            "unauthorized",
+            None,
+        ),
+        (
+            post(Some("wrong-token-0123456789"), "application/json", &good),
+            403,
+            "forbidden",
+            None,
+        ),
+        (
+            post(Some(ADMIN), "application/json", &good),
+            403,
+            "forbidden",
+            None,
+        ),
+        (
+            post(Some(PRODUCER), "text/plain", &good),
+            415,
+            "unsupported_media_type",
+            None,
+        ),
+        (
+            post(Some(PRODUCER), "application/json", "{not json"),
+            400,
+            "invalid_json",
+            None,
+        ),
+        (
+            post(
+                Some(PRODUCER),
+                "application/json",
+                r#"{"id":"x","tenant":"acme","type":"t","created_at":"2026-01-01T00:00:00Z"}"#,
+            ),
             400,
             "invalid_field",
             Some("payload"),
         ),
         (
-            post(Some(PRODUCER), "application/json", r#"{"id":"x","tenant":"acme","type":"t","created_at":"yesterday","payload":1}"#),
+            post(
+                Some(PRODUCER),
+                "application/json",
+                r#"{"id":"x","tenant":"acme","type":"t","created_at":"yesterday","payload":1}"#,
+            ),
             400,
             "invalid_field",
             Some("created_at"),
@@ -315,21 +447,106 @@ fn bad_input_and_tokens_get_json_errors() {
             "invalid_field",
             Some("replay"),
         ),
-        (run.call("GET", "/v1/events/acme/evt_1", None, None), 401, "unauthorized", None),
-        (run.call("GET", "/v1/events/acme/evt_1", Some(PRODUCER), None), 403, "forbidden", None),
-        (run.call("GET", "/v1/endpoints/ok/failures?limit=0", Some(ADMIN), None), 400, "invalid_field", Some("limit")),
-        (run.call("GET", "/v1/endpoints/ok/failures?limit=many", Some(ADMIN), None), 400, "invalid_query", Some("limit")),
-        (run.call("GET", "/v1/endpoints/ok/failures?since=someday", Some(ADMIN), None), 400, "invalid_field", Some("since")),
-        (run.call("GET", "/v1/endpoints/ok/failures?color=red", Some(ADMIN), None), 400, "invalid_query", Some("color")),
-        (run.call("POST", "/v1/events/acme/evt_1/resend", Some(ADMIN), Some(r#"{"endpoint": "ok"}"#)), 400, "invalid_field", Some("endpoint")),
-        (run.call("POST", "/v1/events/acme/evt_1/resend", Some(ADMIN), Some(r#"{"endpoint_id": "nope"}"#)), 404, "endpoint_not_found", Some("endpoint_id")),
-        (run.call("GET", "/v1/nothing-here", Some(ADMIN), None), 404, "not_found", None),
-        (run.call("DELETE", "/v1/events", Some(PRODUCER), None), 405, "method_not_allowed", None),
+        (
+            run.call("GET", "/v1/events/acme/evt_1", None, None),
+            401,
+            "unauthorized",
+            None,
+        ),
+        (
+            run.call("GET", "/v1/events/acme/evt_1", Some(PRODUCER), None),
+            403,
+            "forbidden",
+            None,
+        ),
+        (
+            run.call(
+                "GET",
+                "/v1/endpoints/ok/failures?limit=0",
+                Some(ADMIN),
+                None,
+            ),
+            400,
+            "invalid_field",
+            Some("limit"),
+        ),
+        (
+            run.call(
+                "GET",
+                "/v1/endpoints/ok/failures?limit=many",
+                Some(ADMIN),
+                None,
+            ),
+            400,
+            "invalid_query",
+            Some("limit"),
+        ),
+        (
+            run.call(
+                "GET",
+                "/v1/endpoints/ok/failures?since=someday",
+                Some(ADMIN),
+                None,
+            ),
+            400,
+            "invalid_field",
+            Some("since"),
+        ),
+        (
+            run.call(
+                "GET",
+                "/v1/endpoints/ok/failures?color=red",
+                Some(ADMIN),
+                None,
+            ),
+            400,
+            "invalid_query",
+            Some("color"),
+        ),
+        (
+            run.call(
+                "POST",
+                "/v1/events/acme/evt_1/resend",
+                Some(ADMIN),
+                Some(r#"{"endpoint": "ok"}"#),
+            ),
+            400,
+            "invalid_field",
+            Some("endpoint"),
+        ),
+        (
+            run.call(
+                "POST",
+                "/v1/events/acme/evt_1/resend",
+                Some(ADMIN),
+                Some(r#"{"endpoint_id": "nope"}"#),
+            ),
+            404,
+            "endpoint_not_found",
+            Some("endpoint_id"),
+        ),
+        (
+            run.call("GET", "/v1/nothing-here", Some(ADMIN), None),
+            404,
+            "not_found",
+            None,
+        ),
+        (
+            run.call("DELETE", "/v1/events", Some(PRODUCER), None),
+            405,
+            "method_not_allowed",
+            None,
+        ),
     ];
-    for (index, ((status, body), want_status, want_code, want_field)) in cases.into_iter().enumerate() {
+    for (index, ((status, body), want_status, want_code, want_field)) in
+        cases.into_iter().enumerate()
+    {
         assert_eq!(status, want_status, "case {index}: {body}");
         assert_eq!(body["code"], want_code, "case {index}: {body}");
-        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "case {index}: {body}");
+        assert!(
+            body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "case {index}: {body}"
+        );
         assert_eq!(body["field"].as_str(), want_field, "case {index}: {body}");
     }
     // Nothing bad was appended: the only event the pipeline sees is none at all.
@@ -344,10 +561,21 @@ fn without_tokens_only_health_and_the_document_are_served() {
     assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
     let (status, document) = run.call("GET", "/openapi.json", None, None);
     assert_eq!(status, 200);
-    assert!(document["paths"]["/v1/events"]["post"].is_object(), "{document}");
-    for (method, path) in [("POST", "/v1/events"), ("GET", "/v1/events/acme/e"), ("GET", "/v1/endpoints/ok/failures")] {
+    assert!(
+        document["paths"]["/v1/events"]["post"].is_object(),
+        "{document}"
+    );
+    for (method, path) in [
+        ("POST", "/v1/events"),
+        ("GET", "/v1/events/acme/e"),
+        ("GET", "/v1/endpoints/ok/failures"),
+    ] {
         let (status, body) = run.call(method, path, Some(ADMIN), Some("{}"));
-        assert_eq!((status, body["code"].as_str()), (404, Some("not_found")), "{method} {path}");
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (404, Some("not_found")),
+            "{method} {path}"
+        );
     }
 }
 

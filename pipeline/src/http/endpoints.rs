@@ -18,7 +18,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
 use hookflow_operators::deliver::{AddressPolicy, RefusedRange};
-use hookflow_schemas::{redact_user_info, Endpoint, EventTypePattern, Millis, RateLimit, SigningSecret};
+use hookflow_schemas::{
+    redact_user_info, Endpoint, EventTypePattern, Millis, RateLimit, SigningSecret,
+};
 use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 
@@ -189,7 +191,11 @@ fn view(endpoint: &Endpoint) -> EndpointView {
         id: endpoint.id.clone(),
         tenant: endpoint.tenant.clone(),
         url: redact_user_info(&endpoint.url),
-        event_types: endpoint.event_types.iter().map(|p| p.as_str().to_string()).collect(),
+        event_types: endpoint
+            .event_types
+            .iter()
+            .map(|p| p.as_str().to_string())
+            .collect(),
         rate_limit: endpoint.rate_limit.map(|limit| RateLimitBody {
             max_requests: limit.max_requests,
             window_ms: limit.window_ms,
@@ -266,7 +272,12 @@ pub async fn create(
         Some(id) => id,
         None => format!("ep_{}", random_token(12)),
     };
-    if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+    if id.is_empty()
+        || id.len() > 128
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
         return Err(ApiError::invalid_field(
             "id",
             "use 1 to 128 letters, digits, `-`, `_` or `.`",
@@ -276,7 +287,8 @@ pub async fn create(
     let event_types = patterns(&body.event_types)?;
     let secret = match body.secret {
         Some(secret) => {
-            crate::config::check_secret(&secret).map_err(|p| ApiError::invalid_field("secret", p))?;
+            crate::config::check_secret(&secret)
+                .map_err(|p| ApiError::invalid_field("secret", p))?;
             secret
         }
         None => generate_secret(),
@@ -337,7 +349,10 @@ pub async fn create(
     ),
     security(("admin_token" = []))
 )]
-pub async fn list(_admin: Admin, State(state): State<HttpState>) -> Result<Json<EndpointList>, ApiError> {
+pub async fn list(
+    _admin: Admin,
+    State(state): State<HttpState>,
+) -> Result<Json<EndpointList>, ApiError> {
     let registry = registry(&state)?.clone();
     let endpoints = tokio::task::spawn_blocking(move || registry.list())
         .await
@@ -463,10 +478,17 @@ pub async fn update(
 
 /// The secrets after a rotation: the new one first, then the old ones that have not expired,
 /// each ending at `expires_at_ms` at the latest.
-fn rotate(old: &[SigningSecret], new: &str, expires_at_ms: Millis, now: Millis) -> Vec<SigningSecret> {
+fn rotate(
+    old: &[SigningSecret],
+    new: &str,
+    expires_at_ms: Millis,
+    now: Millis,
+) -> Vec<SigningSecret> {
     let mut secrets = vec![SigningSecret::new(new)];
     for secret in old {
-        let until = secret.expires_at_ms.map_or(expires_at_ms, |at| at.min(expires_at_ms));
+        let until = secret
+            .expires_at_ms
+            .map_or(expires_at_ms, |at| at.min(expires_at_ms));
         if until > now && secret.value != new {
             secrets.push(SigningSecret::expiring(secret.value.clone(), until));
         }
@@ -513,8 +535,9 @@ fn patterns(texts: &[String]) -> Result<Vec<EventTypePattern>, ApiError> {
         .iter()
         .enumerate()
         .map(|(index, text)| {
-            EventTypePattern::parse(text)
-                .map_err(|e| ApiError::invalid_field(format!("event_types[{index}]"), e.to_string()))
+            EventTypePattern::parse(text).map_err(|e| {
+                ApiError::invalid_field(format!("event_types[{index}]"), e.to_string())
+            })
         })
         .collect()
 }
@@ -525,16 +548,20 @@ async fn check_url(state: &HttpState, url: &str) -> Result<(), ApiError> {
     let parsed = url::Url::parse(url)
         .ok()
         .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
-        .ok_or_else(|| ApiError::invalid_field("url", "must be an http or https URL with a host"))?;
+        .ok_or_else(|| {
+            ApiError::invalid_field("url", "must be an http or https URL with a host")
+        })?;
     if state.config.delivery.https_only && parsed.scheme() != "https" {
-        return Err(unsafe_url("https_required", "`delivery.https_only` is set; use an https URL"));
+        return Err(unsafe_url(
+            "https_required",
+            "`delivery.https_only` is set; use an https URL",
+        ));
     }
-    let policy = AddressPolicy::new(
-        state
-            .config
-            .allowed_networks()
-            .map_err(|(field, problem)| ApiError::internal("bad allowed networks", &format!("{field}: {problem}")))?,
-    );
+    let policy = AddressPolicy::new(state.config.allowed_networks().map_err(
+        |(field, problem)| {
+            ApiError::internal("bad allowed networks", &format!("{field}: {problem}"))
+        },
+    )?);
     let port = parsed.port_or_known_default().unwrap_or(443);
     let addresses: Vec<IpAddr> = match parsed.host() {
         Some(url::Host::Ipv4(address)) => vec![address.into()],
@@ -594,14 +621,20 @@ fn reason(range: RefusedRange) -> &'static str {
 
 fn parse_rfc3339(text: &str) -> Result<Millis, String> {
     let time = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
-        .map_err(|e| format!("`{text}` is not an RFC 3339 time such as 2026-01-31T00:00:00Z ({e})"))?;
-    Millis::try_from(time.unix_timestamp_nanos() / 1_000_000).map_err(|_| format!("`{text}` is before 1970"))
+        .map_err(|e| {
+            format!("`{text}` is not an RFC 3339 time such as 2026-01-31T00:00:00Z ({e})")
+        })?;
+    Millis::try_from(time.unix_timestamp_nanos() / 1_000_000)
+        .map_err(|_| format!("`{text}` is before 1970"))
 }
 
 /// A new `whsec_` secret of 32 random bytes.
 fn generate_secret() -> String {
     let key: [u8; 32] = rand::random();
-    format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(key))
+    format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    )
 }
 
 fn random_token(bytes: usize) -> String {

@@ -91,10 +91,9 @@ impl IntoResponse for ApiError {
         let unauthorized = self.status == StatusCode::UNAUTHORIZED;
         let mut response = (self.status, axum::Json(self.body)).into_response();
         if unauthorized {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer"),
-            );
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -159,7 +158,11 @@ pub async fn json_body<S: Send + Sync>(
                     rejection.body_text(),
                 )
             } else {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", rejection.body_text())
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_body",
+                    rejection.body_text(),
+                )
             }
         })
 }
@@ -260,7 +263,11 @@ where
             .await
             .map(|path| ApiPath(path.0))
             .map_err(|rejection: PathRejection| {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid_path", rejection.body_text())
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_path",
+                    rejection.body_text(),
+                )
             })
     }
 }
@@ -274,7 +281,12 @@ mod mime_type {
         type Err = ();
 
         fn from_str(text: &str) -> Result<Self, ()> {
-            let essence = text.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            let essence = text
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
             if essence.contains('/') {
                 Ok(Essence(essence))
             } else {
@@ -315,7 +327,11 @@ mod tests {
         let cases = [
             (r#"{"url": 5}"#, "invalid_field", Some("url")),
             (r#"{}"#, "invalid_field", Some("url")),
-            (r#"{"url": "x", "color": 1}"#, "invalid_field", Some("color")),
+            (
+                r#"{"url": "x", "color": 1}"#,
+                "invalid_field",
+                Some("color"),
+            ),
             (
                 r#"{"url": "x", "rate_limit": {"max_requests": -1}}"#,
                 "invalid_field",
@@ -330,7 +346,7 @@ mod tests {
             (r#"{"url": "x"} trailing"#, "invalid_json", None),
         ];
         for (body, code, field) in cases {
-            let error = parse_json::<Sample>(body.as_bytes()).unwrap_err();
+            let error = parse_json::<Sample>(body.as_bytes()).expect_err(body);
             assert_eq!(error.status, StatusCode::BAD_REQUEST, "{body}");
             assert_eq!(error.body.code, code, "{body}");
             assert_eq!(error.body.field.as_deref(), field, "{body}: {error:?}");

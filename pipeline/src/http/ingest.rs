@@ -210,7 +210,13 @@ impl IngestLedger {
                 "SELECT accepted_at_ms, partition, log_offset FROM acceptances
                  WHERE tenant = ?1 AND id = ?2",
                 params![tenant, id],
-                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, i64>(2)?)),
+                |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, i64>(1)?,
+                        row.get::<_, i64>(2)?,
+                    ))
+                },
             )
             .optional()
             .map_err(sqlite("look up an acceptance"))?;
@@ -259,7 +265,10 @@ pub fn rfc3339_ms(at_ms: u64) -> String {
     let nanos = i128::from(at_ms) * 1_000_000;
     time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
 
@@ -293,7 +302,8 @@ pub async fn post_event(
     };
     let body = json_body(request, &state).await?;
     let record = body.trim_ascii();
-    let event = decode_event(record, state.config.pipeline.max_payload_bytes).map_err(decode_error)?;
+    let event =
+        decode_event(record, state.config.pipeline.max_payload_bytes).map_err(decode_error)?;
     if event.replay.is_some() {
         return Err(ApiError::invalid_field(
             "replay",

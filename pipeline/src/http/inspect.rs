@@ -195,20 +195,37 @@ fn event_view(state: &HttpState, tenant: String, id: String) -> Result<EventView
             due_at: None,
         })
         .collect();
-    deliveries.extend(record.pending.iter().map(|entry| DeliveryView {
-        endpoint_id: entry.endpoint_id.clone(),
-        generation: entry.generation,
-        status: if entry.is_parked() { "parked" } else { "pending" }.to_string(),
-        settled_at: None,
-        next_attempt: Some(entry.attempt),
-        due_at: (!entry.is_parked()).then(|| rfc3339_ms(entry.due_ms)),
+    deliveries.extend(record.pending.iter().map(|entry| {
+        DeliveryView {
+            endpoint_id: entry.endpoint_id.clone(),
+            generation: entry.generation,
+            status: if entry.is_parked() {
+                "parked"
+            } else {
+                "pending"
+            }
+            .to_string(),
+            settled_at: None,
+            next_attempt: Some(entry.attempt),
+            due_at: (!entry.is_parked()).then(|| rfc3339_ms(entry.due_ms)),
+        }
     }));
     deliveries.sort_by(|a, b| (a.generation, &a.endpoint_id).cmp(&(b.generation, &b.endpoint_id)));
 
     let archive = crate::dataflow::archive_dir(&state.config, &state.data_dir);
-    let mut attempts = read_attempts(&archive, &Filter::Event { tenant: &tenant, id: &id })?;
+    let mut attempts = read_attempts(
+        &archive,
+        &Filter::Event {
+            tenant: &tenant,
+            id: &id,
+        },
+    )?;
     attempts.sort_by(|a, b| {
-        (a.generation, a.finished_at_ms, a.attempt).cmp(&(b.generation, b.finished_at_ms, b.attempt))
+        (a.generation, a.finished_at_ms, a.attempt).cmp(&(
+            b.generation,
+            b.finished_at_ms,
+            b.attempt,
+        ))
     });
     if record.first_seen.is_none() && deliveries.is_empty() && attempts.is_empty() {
         return Err(ApiError::new(
@@ -272,7 +289,7 @@ pub async fn endpoint_failures(
                 since_ms,
             },
         )?;
-        failures.sort_by(|a, b| b.finished_at_ms.cmp(&a.finished_at_ms));
+        failures.sort_by_key(|attempt| std::cmp::Reverse(attempt.finished_at_ms));
         let truncated = failures.len() > limit;
         failures.truncate(limit);
         Ok::<_, ApiError>(FailuresView {
@@ -291,7 +308,9 @@ pub async fn endpoint_failures(
 pub fn parse_since(since: Option<&str>, now_ms: Millis) -> Result<Millis, ApiError> {
     match since {
         None => Ok(now_ms.saturating_sub(24 * 3600 * 1000)),
-        Some(text) => parse_time(text, now_ms).map_err(|e| ApiError::invalid_field("since", e.to_string())),
+        Some(text) => {
+            parse_time(text, now_ms).map_err(|e| ApiError::invalid_field("since", e.to_string()))
+        }
     }
 }
 
@@ -311,8 +330,14 @@ fn scope(state: &HttpState) -> Scope {
 
 /// Which attempts to read.
 enum Filter<'a> {
-    Event { tenant: &'a str, id: &'a str },
-    Failures { endpoint_id: &'a str, since_ms: Millis },
+    Event {
+        tenant: &'a str,
+        id: &'a str,
+    },
+    Failures {
+        endpoint_id: &'a str,
+        since_ms: Millis,
+    },
 }
 
 const ATTEMPT_COLUMNS: &[&str] = &[

@@ -118,7 +118,11 @@ pub fn router(state: HttpState) -> Router {
 
 /// The (method, path) of every route [`router`] mounts for `state`, for the OpenAPI test.
 pub fn served_routes(state: &HttpState) -> Vec<(Method, String)> {
-    routes(state).1.into_iter().map(|(m, p)| (m, p.to_string())).collect()
+    routes(state)
+        .1
+        .into_iter()
+        .map(|(m, p)| (m, p.to_string()))
+        .collect()
 }
 
 /// Builds the routes and records each one, so that the list cannot drift from the router.
@@ -133,13 +137,21 @@ fn routes(state: &HttpState) -> (Router<HttpState>, Vec<(Method, &'static str)>)
         table.add(Method::POST, "/v1/endpoints", post(endpoints::create));
         table.add(Method::GET, "/v1/endpoints", get(endpoints::list));
         table.add(Method::GET, "/v1/endpoints/{id}", get(endpoints::get_one));
-        table.add(Method::PATCH, "/v1/endpoints/{id}", patch(endpoints::update));
+        table.add(
+            Method::PATCH,
+            "/v1/endpoints/{id}",
+            patch(endpoints::update),
+        );
         table.add(
             Method::DELETE,
             "/v1/endpoints/{id}",
             axum::routing::delete(endpoints::delete),
         );
-        table.add(Method::GET, "/v1/events/{tenant}/{id}", get(inspect::get_event));
+        table.add(
+            Method::GET,
+            "/v1/events/{tenant}/{id}",
+            get(inspect::get_event),
+        );
         table.add(
             Method::POST,
             "/v1/events/{tenant}/{id}/resend",
@@ -239,8 +251,7 @@ pub fn start(
         Ok(()) => {}
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
         Err(error) => {
-            return Err(error)
-                .with_context(|| format!("cannot remove {}", address_file.display()))
+            return Err(error).with_context(|| format!("cannot remove {}", address_file.display()))
         }
     }
     let (address, configured) = match listen {
@@ -264,7 +275,9 @@ pub fn start(
     listener
         .set_nonblocking(true)
         .context("cannot make the HTTP listener non-blocking")?;
-    let local_addr = listener.local_addr().context("cannot read the HTTP address")?;
+    let local_addr = listener
+        .local_addr()
+        .context("cannot read the HTTP address")?;
     let listener = {
         let _entered = runtime.enter();
         tokio::net::TcpListener::from_std(listener).context("cannot register the HTTP listener")?

@@ -116,7 +116,10 @@ pub async fn resend_event(
     request: Request,
 ) -> Result<Response, ApiError> {
     let body = read_optional_body(request, &state).await?;
-    let config = tool_config(&state);
+    let reader = state.clone();
+    let config = tokio::task::spawn_blocking(move || tool_config(&reader))
+        .await
+        .map_err(|e| ApiError::internal("the resend task failed", &e))??;
     if let Some(endpoint_id) = &body.endpoint_id {
         check_endpoint(&config, endpoint_id, Some(&tenant))?;
     }
@@ -129,7 +132,10 @@ pub async fn resend_event(
         ..Selection::default()
     };
     // Redeliver mode needs an outcome; an event is resent whatever its deliveries ended as.
-    let selections = vec![selection(OutcomeFilter::Delivered), selection(OutcomeFilter::Failed)];
+    let selections = vec![
+        selection(OutcomeFilter::Delivered),
+        selection(OutcomeFilter::Failed),
+    ];
     let resend = run_blocking(state, config, selections, now).await?;
     if resend.generation.is_none() {
         return Err(ApiError::new(
@@ -173,7 +179,10 @@ pub async fn resend_failed(
 ) -> Result<Response, ApiError> {
     let now = state.clock.now_ms();
     let since_ms = parse_since(query.since.as_deref(), now)?;
-    let config = tool_config(&state);
+    let reader = state.clone();
+    let config = tokio::task::spawn_blocking(move || tool_config(&reader))
+        .await
+        .map_err(|e| ApiError::internal("the resend task failed", &e))??;
     check_endpoint(&config, &endpoint_id, None)?;
     let selections = vec![Selection {
         since_ms: Some(since_ms),
@@ -190,16 +199,19 @@ pub async fn resend_failed(
     Ok((status, Json(resend)).into_response())
 }
 
-/// The endpoints resends may go to, as replay sees them.
-// TODO: read the endpoints from `EndpointRegistry` once the `live` branch lands, so that
-// endpoints created through the API can be resent to.
-fn tool_config(state: &HttpState) -> ToolConfig {
-    ToolConfig {
+/// The endpoints resends may go to, as replay sees them: the registry's when this process
+/// has one (the store is the truth for endpoints), the configuration's otherwise.
+fn tool_config(state: &HttpState) -> Result<ToolConfig, ApiError> {
+    let endpoints = match &state.registry {
+        Some(registry) => registry
+            .list()
+            .map_err(|e| ApiError::internal("cannot read the endpoints", &e))?,
+        None => state.config.endpoints(),
+    };
+    Ok(ToolConfig {
         archive_dir: Some(crate::dataflow::archive_dir(&state.config, &state.data_dir)),
         partitions: Some(state.config.local_log.partitions),
-        endpoints: state
-            .config
-            .endpoints()
+        endpoints: endpoints
             .into_iter()
             .map(|endpoint| EndpointView {
                 id: endpoint.id,
@@ -207,7 +219,7 @@ fn tool_config(state: &HttpState) -> ToolConfig {
                 event_types: endpoint.event_types,
             })
             .collect(),
-    }
+    })
 }
 
 fn check_endpoint(config: &ToolConfig, id: &str, tenant: Option<&str>) -> Result<(), ApiError> {
@@ -218,10 +230,12 @@ fn check_endpoint(config: &ToolConfig, id: &str, tenant: Option<&str>) -> Result
             format!("no endpoint `{id}`"),
         )
         .with_field("endpoint_id")),
-        Some(endpoint) if tenant.is_some_and(|t| t != endpoint.tenant) => Err(ApiError::invalid_field(
-            "endpoint_id",
-            format!("endpoint `{id}` belongs to another tenant"),
-        )),
+        Some(endpoint) if tenant.is_some_and(|t| t != endpoint.tenant) => {
+            Err(ApiError::invalid_field(
+                "endpoint_id",
+                format!("endpoint `{id}` belongs to another tenant"),
+            ))
+        }
         Some(_) => Ok(()),
     }
 }
@@ -248,7 +262,9 @@ fn queue(
     selections: &[Selection],
     now: Millis,
 ) -> Result<Resend, ApiError> {
-    let internal = |context: &'static str| move |e: hookflow_replay::ReplayError| ApiError::internal(context, &e);
+    let internal = |context: &'static str| {
+        move |e: hookflow_replay::ReplayError| ApiError::internal(context, &e)
+    };
     let mut log = LocalLog::open(
         &state.data_dir,
         &LocalLogOptions {
@@ -280,10 +296,10 @@ fn queue(
         });
     }
 
-    let mut ledger = Ledger::open(&state.data_dir).map_err(internal("cannot open the replay ledger"))?;
-    let _lock = hookflow_replay::cli::lock_replays(&state.data_dir).map_err(|e| {
-        ApiError::new(StatusCode::CONFLICT, "replay_running", format!("{e:#}"))
-    })?;
+    let mut ledger =
+        Ledger::open(&state.data_dir).map_err(internal("cannot open the replay ledger"))?;
+    let _lock = hookflow_replay::cli::lock_replays(&state.data_dir)
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, "replay_running", format!("{e:#}")))?;
     let generation = ledger
         .max_generation()
         .map_err(internal("cannot read the replay ledger"))?
@@ -292,7 +308,14 @@ fn queue(
     let replay_id = format!("api-resend-g{generation}");
     let selection = selections.first().cloned().unwrap_or_default();
     ledger
-        .create_run(&replay_id, generation, &selection, &plan.summary, &plan.items, now)
+        .create_run(
+            &replay_id,
+            generation,
+            &selection,
+            &plan.summary,
+            &plan.items,
+            now,
+        )
         .map_err(internal("cannot record the resend"))?;
     let options = RepublishOptions {
         rate_per_sec: f64::INFINITY,
@@ -300,8 +323,10 @@ fn queue(
         stop: Arc::new(AtomicBool::new(false)),
     };
     let clock = state.clock.clone();
-    let report = republish(&mut ledger, generation, &mut log, &options, &|| clock.now_ms())
-        .map_err(internal("cannot append the resend"))?;
+    let report = republish(&mut ledger, generation, &mut log, &options, &|| {
+        clock.now_ms()
+    })
+    .map_err(internal("cannot append the resend"))?;
     tracing::info!(
         replay_id = %replay_id,
         generation,
@@ -347,12 +372,26 @@ fn merge(mut into: Plan, other: Plan) -> Plan {
         entry.deliveries += endpoint.deliveries;
         entry.samples.extend(endpoint.samples);
     }
-    summary.max_generation_seen = summary.max_generation_seen.max(other.summary.max_generation_seen);
+    summary.max_generation_seen = summary
+        .max_generation_seen
+        .max(other.summary.max_generation_seen);
     // Both plans read the same rows, so their skip counts are the same deliveries.
-    summary.skipped.not_subscribed = summary.skipped.not_subscribed.max(other.summary.skipped.not_subscribed);
-    summary.skipped.still_retrying = summary.skipped.still_retrying.max(other.summary.skipped.still_retrying);
-    summary.skipped.payload_gone = summary.skipped.payload_gone.max(other.summary.skipped.payload_gone);
-    summary.skipped.payload_changed = summary.skipped.payload_changed.max(other.summary.skipped.payload_changed);
+    summary.skipped.not_subscribed = summary
+        .skipped
+        .not_subscribed
+        .max(other.summary.skipped.not_subscribed);
+    summary.skipped.still_retrying = summary
+        .skipped
+        .still_retrying
+        .max(other.summary.skipped.still_retrying);
+    summary.skipped.payload_gone = summary
+        .skipped
+        .payload_gone
+        .max(other.summary.skipped.payload_gone);
+    summary.skipped.payload_changed = summary
+        .skipped
+        .payload_changed
+        .max(other.summary.skipped.payload_changed);
     into
 }
 
@@ -366,15 +405,26 @@ fn add_endpoints(known: &mut PlanItem, item: &PlanItem) {
 }
 
 /// Reads the optional body; a non-empty one must be declared JSON.
-async fn read_optional_body(request: Request, state: &HttpState) -> Result<ResendEventRequest, ApiError> {
-    let declared_json = request.headers().contains_key(axum::http::header::CONTENT_TYPE);
+async fn read_optional_body(
+    request: Request,
+    state: &HttpState,
+) -> Result<ResendEventRequest, ApiError> {
+    let declared_json = request
+        .headers()
+        .contains_key(axum::http::header::CONTENT_TYPE);
     let bytes = if declared_json {
         json_body(request, state).await?
     } else {
         use axum::extract::FromRequest;
         axum::body::Bytes::from_request(request, state)
             .await
-            .map_err(|rejection| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", rejection.body_text()))?
+            .map_err(|rejection| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_body",
+                    rejection.body_text(),
+                )
+            })?
     };
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(ResendEventRequest::default());

@@ -65,11 +65,20 @@ fn serve(state: HttpState) -> (String, tokio::runtime::Runtime) {
     (address, runtime)
 }
 
-fn call(address: &str, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
+fn call(
+    address: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
     let mut stream = TcpStream::connect(address).expect("connect");
-    stream.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
     let text = body.map(|b| b.to_string()).unwrap_or_default();
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
     if let Some(token) = token {
         request.push_str(&format!("Authorization: Bearer {token}\r\n"));
     }
@@ -81,7 +90,11 @@ fn call(address: &str, method: &str, path: &str, token: Option<&str>, body: Opti
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("read");
     let (head, body) = response.split_once("\r\n\r\n").expect("response");
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
@@ -89,7 +102,9 @@ fn call(address: &str, method: &str, path: &str, token: Option<&str>, body: Opti
 fn every_served_route_is_documented_and_every_documented_route_is_served() {
     let dir = tempfile::tempdir().expect("dir");
     let state = state(
-        &format!("[http]\nadmin_token = \"{ADMIN}\"\nproducer_token = \"producer-token-0123456789\"\n"),
+        &format!(
+            "[http]\nadmin_token = \"{ADMIN}\"\nproducer_token = \"producer-token-0123456789\"\n"
+        ),
         dir.path(),
     );
     let served: BTreeSet<(String, String)> = served_routes(&state)
@@ -107,11 +122,15 @@ fn every_served_route_is_documented_and_every_documented_route_is_served() {
     assert_eq!(served.len(), 12, "{served:?}");
 
     // Every documented error is the shared shape, and every protected route names a token.
-    for ((method, path), operation) in documented.iter().map(|key| {
-        (key, &document["paths"][&key.1][&key.0])
-    }) {
+    for ((method, path), operation) in documented
+        .iter()
+        .map(|key| (key, &document["paths"][&key.1][&key.0]))
+    {
         if path.starts_with("/v1/") {
-            assert!(operation["security"].is_array(), "{method} {path} has no security");
+            assert!(
+                operation["security"].is_array(),
+                "{method} {path} has no security"
+            );
         }
     }
 }
@@ -144,11 +163,19 @@ fn endpoint_routes_create_list_update_rotate_and_delete() {
     });
     state.registry = Some(registry);
     state.resolver = Arc::new(TableResolver(HashMap::from([
-        ("hooks.internal".to_string(), vec!["10.1.2.3".parse().expect("ip")]),
-        ("localhost".to_string(), vec!["127.0.0.1".parse().expect("ip")]),
+        (
+            "hooks.internal".to_string(),
+            vec!["10.1.2.3".parse().expect("ip")],
+        ),
+        (
+            "localhost".to_string(),
+            vec!["127.0.0.1".parse().expect("ip")],
+        ),
     ])));
     let (address, runtime) = serve(state.clone());
-    let call = |method: &str, path: &str, body: Option<Value>| call(&address, method, path, Some(ADMIN), body);
+    let call = |method: &str, path: &str, body: Option<Value>| {
+        call(&address, method, path, Some(ADMIN), body)
+    };
 
     // Create with a generated id and secret; the secret is shown this once.
     let (status, created) = call(
@@ -166,18 +193,29 @@ fn endpoint_routes_create_list_update_rotate_and_delete() {
     assert!(id.starts_with("ep_"), "{id}");
     let secret = created["secret"].as_str().expect("secret").to_string();
     assert!(secret.starts_with("whsec_"), "{secret}");
-    assert_eq!(created["rate_limit"], json!({ "max_requests": 5, "window_ms": 1000 }));
+    assert_eq!(
+        created["rate_limit"],
+        json!({ "max_requests": 5, "window_ms": 1000 })
+    );
 
     // Create with a given id; a second create of the id conflicts.
     let given = json!({ "id": "billing", "tenant": "acme", "url": "http://127.0.0.1:9/b", "event_types": ["*"] });
     assert_eq!(call("POST", "/v1/endpoints", Some(given.clone())).0, 201);
     let (status, body) = call("POST", "/v1/endpoints", Some(given));
-    assert_eq!((status, body["code"].as_str()), (409, Some("endpoint_exists")), "{body}");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (409, Some("endpoint_exists")),
+        "{body}"
+    );
 
     // List and get never show a secret's value.
     let (status, list) = call("GET", "/v1/endpoints", None);
     assert_eq!(status, 200);
-    assert_eq!(list["endpoints"].as_array().map(Vec::len), Some(2), "{list}");
+    assert_eq!(
+        list["endpoints"].as_array().map(Vec::len),
+        Some(2),
+        "{list}"
+    );
     assert!(!list.to_string().contains(&secret), "{list}");
     let (status, one) = call("GET", &format!("/v1/endpoints/{id}"), None);
     assert_eq!(status, 200);
@@ -219,23 +257,159 @@ fn endpoint_routes_create_list_update_rotate_and_delete() {
 
     // Bad input names the field; refused destinations give a reason.
     for (method, path, body, want_status, code, field, reason) in [
-        ("POST", "/v1/endpoints".to_string(), json!({ "tenant": "acme", "url": "http://10.0.0.7/h", "event_types": ["*"] }), 400, "unsafe_url", Some("url"), Some("private_address")),
-        ("POST", "/v1/endpoints".to_string(), json!({ "tenant": "acme", "url": "https://hooks.internal/h", "event_types": ["*"] }), 400, "unsafe_url", Some("url"), Some("private_address")),
-        ("POST", "/v1/endpoints".to_string(), json!({ "tenant": "acme", "url": "https://unknown.invalid/h", "event_types": ["*"] }), 400, "unsafe_url", Some("url"), Some("unresolvable")),
-        ("POST", "/v1/endpoints".to_string(), json!({ "tenant": "acme", "url": "http://[::1]:9/h", "event_types": ["*"] }), 400, "unsafe_url", Some("url"), Some("loopback_address")),
-        ("POST", "/v1/endpoints".to_string(), json!({ "tenant": "acme", "url": "ftp://x/h", "event_types": ["*"] }), 400, "invalid_field", Some("url"), None),
-        ("POST", "/v1/endpoints".to_string(), json!({ "tenant": "acme", "url": "http://127.0.0.1/h", "event_types": ["in*voice"] }), 400, "invalid_field", Some("event_types[0]"), None),
-        ("POST", "/v1/endpoints".to_string(), json!({ "tenant": "acme", "url": "http://127.0.0.1/h", "event_types": [] }), 400, "invalid_field", Some("event_types"), None),
-        ("POST", "/v1/endpoints".to_string(), json!({ "tenant": "acme", "url": "http://127.0.0.1/h", "event_types": ["*"], "rate_limit": { "max_requests": 0 } }), 400, "invalid_field", Some("rate_limit.max_requests"), None),
-        ("POST", "/v1/endpoints".to_string(), json!({ "tenant": "acme", "url": "http://127.0.0.1/h", "event_types": ["*"], "rate_limit": { "max_requests": -1 } }), 400, "invalid_field", Some("rate_limit.max_requests"), None),
-        ("POST", "/v1/endpoints".to_string(), json!({ "tenant": "acme", "url": "http://127.0.0.1/h", "event_types": ["*"], "secret": "whsec_short" }), 400, "invalid_field", Some("secret"), None),
-        ("POST", "/v1/endpoints".to_string(), json!({ "url": "http://127.0.0.1/h", "event_types": ["*"] }), 400, "invalid_field", Some("tenant"), None),
-        ("POST", "/v1/endpoints".to_string(), json!({ "id": "has space", "tenant": "acme", "url": "http://127.0.0.1/h", "event_types": ["*"] }), 400, "invalid_field", Some("id"), None),
-        ("PATCH", format!("/v1/endpoints/{id}"), json!({ "url": "http://169.254.169.254/latest" }), 400, "unsafe_url", Some("url"), Some("link_local_address")),
-        ("PATCH", format!("/v1/endpoints/{id}"), json!({ "rotate_secret": { "old_secret_expires_at": "soon" } }), 400, "invalid_field", Some("rotate_secret.old_secret_expires_at"), None),
-        ("PATCH", format!("/v1/endpoints/{id}"), json!({ "max_in_flight": 0 }), 400, "invalid_field", Some("max_in_flight"), None),
-        ("PATCH", format!("/v1/endpoints/{id}"), json!({ "colour": "red" }), 400, "invalid_field", Some("colour"), None),
-        ("PATCH", "/v1/endpoints/missing".to_string(), json!({ "enabled": true }), 404, "endpoint_not_found", None, None),
+        (
+            "POST",
+            "/v1/endpoints".to_string(),
+            json!({ "tenant": "acme", "url": "http://10.0.0.7/h", "event_types": ["*"] }),
+            400,
+            "unsafe_url",
+            Some("url"),
+            Some("private_address"),
+        ),
+        (
+            "POST",
+            "/v1/endpoints".to_string(),
+            json!({ "tenant": "acme", "url": "https://hooks.internal/h", "event_types": ["*"] }),
+            400,
+            "unsafe_url",
+            Some("url"),
+            Some("private_address"),
+        ),
+        (
+            "POST",
+            "/v1/endpoints".to_string(),
+            json!({ "tenant": "acme", "url": "https://unknown.invalid/h", "event_types": ["*"] }),
+            400,
+            "unsafe_url",
+            Some("url"),
+            Some("unresolvable"),
+        ),
+        (
+            "POST",
+            "/v1/endpoints".to_string(),
+            json!({ "tenant": "acme", "url": "http://[::1]:9/h", "event_types": ["*"] }),
+            400,
+            "unsafe_url",
+            Some("url"),
+            Some("loopback_address"),
+        ),
+        (
+            "POST",
+            "/v1/endpoints".to_string(),
+            json!({ "tenant": "acme", "url": "ftp://x/h", "event_types": ["*"] }),
+            400,
+            "invalid_field",
+            Some("url"),
+            None,
+        ),
+        (
+            "POST",
+            "/v1/endpoints".to_string(),
+            json!({ "tenant": "acme", "url": "http://127.0.0.1/h", "event_types": ["in*voice"] }),
+            400,
+            "invalid_field",
+            Some("event_types[0]"),
+            None,
+        ),
+        (
+            "POST",
+            "/v1/endpoints".to_string(),
+            json!({ "tenant": "acme", "url": "http://127.0.0.1/h", "event_types": [] }),
+            400,
+            "invalid_field",
+            Some("event_types"),
+            None,
+        ),
+        (
+            "POST",
+            "/v1/endpoints".to_string(),
+            json!({ "tenant": "acme", "url": "http://127.0.0.1/h", "event_types": ["*"], "rate_limit": { "max_requests": 0 } }),
+            400,
+            "invalid_field",
+            Some("rate_limit.max_requests"),
+            None,
+        ),
+        (
+            "POST",
+            "/v1/endpoints".to_string(),
+            json!({ "tenant": "acme", "url": "http://127.0.0.1/h", "event_types": ["*"], "rate_limit": { "max_requests": -1 } }),
+            400,
+            "invalid_field",
+            Some("rate_limit.max_requests"),
+            None,
+        ),
+        (
+            "POST",
+            "/v1/endpoints".to_string(),
+            json!({ "tenant": "acme", "url": "http://127.0.0.1/h", "event_types": ["*"], "secret": "whsec_short" }),
+            400,
+            "invalid_field",
+            Some("secret"),
+            None,
+        ),
+        (
+            "POST",
+            "/v1/endpoints".to_string(),
+            json!({ "url": "http://127.0.0.1/h", "event_types": ["*"] }),
+            400,
+            "invalid_field",
+            Some("tenant"),
+            None,
+        ),
+        (
+            "POST",
+            "/v1/endpoints".to_string(),
+            json!({ "id": "has space", "tenant": "acme", "url": "http://127.0.0.1/h", "event_types": ["*"] }),
+            400,
+            "invalid_field",
+            Some("id"),
+            None,
+        ),
+        (
+            "PATCH",
+            format!("/v1/endpoints/{id}"),
+            json!({ "url": "http://169.254.169.254/latest" }),
+            400,
+            "unsafe_url",
+            Some("url"),
+            Some("link_local_address"),
+        ),
+        (
+            "PATCH",
+            format!("/v1/endpoints/{id}"),
+            json!({ "rotate_secret": { "old_secret_expires_at": "soon" } }),
+            400,
+            "invalid_field",
+            Some("rotate_secret.old_secret_expires_at"),
+            None,
+        ),
+        (
+            "PATCH",
+            format!("/v1/endpoints/{id}"),
+            json!({ "max_in_flight": 0 }),
+            400,
+            "invalid_field",
+            Some("max_in_flight"),
+            None,
+        ),
+        (
+            "PATCH",
+            format!("/v1/endpoints/{id}"),
+            json!({ "colour": "red" }),
+            400,
+            "invalid_field",
+            Some("colour"),
+            None,
+        ),
+        (
+            "PATCH",
+            "/v1/endpoints/missing".to_string(),
+            json!({ "enabled": true }),
+            404,
+            "endpoint_not_found",
+            None,
+            None,
+        ),
     ] {
         let (status, body) = call(method, &path, Some(body.clone()));
         assert_eq!(status, want_status, "{method} {path} {body}");
@@ -248,14 +422,26 @@ fn endpoint_routes_create_list_update_rotate_and_delete() {
     let (status, _) = call("DELETE", &format!("/v1/endpoints/{id}"), None);
     assert_eq!(status, 204);
     let (status, body) = call("GET", &format!("/v1/endpoints/{id}"), None);
-    assert_eq!((status, body["code"].as_str()), (404, Some("endpoint_not_found")));
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("endpoint_not_found"))
+    );
     let (status, body) = call("DELETE", &format!("/v1/endpoints/{id}"), None);
-    assert_eq!((status, body["code"].as_str()), (404, Some("endpoint_not_found")));
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("endpoint_not_found"))
+    );
 
     // Tokens: missing → 401, wrong → 403.
     let (status, body) = super::tests::call(&address, "GET", "/v1/endpoints", None, None);
     assert_eq!((status, body["code"].as_str()), (401, Some("unauthorized")));
-    let (status, body) = super::tests::call(&address, "GET", "/v1/endpoints", Some("not-the-admin-token"), None);
+    let (status, body) = super::tests::call(
+        &address,
+        "GET",
+        "/v1/endpoints",
+        Some("not-the-admin-token"),
+        None,
+    );
     assert_eq!((status, body["code"].as_str()), (403, Some("forbidden")));
 
     drop(runtime);
