@@ -77,7 +77,7 @@ pub struct JournalEntry {
     pub settled_at_ms: Millis,
 }
 
-/// What the store knows about one event, from [`StateStore::event_record`].
+/// The store's record of one event, from [`StateStore::event_record`].
 #[derive(Debug, Clone, Default)]
 pub struct EventRecord {
     /// Its first occurrence, while inside the dedup window.
@@ -874,7 +874,7 @@ impl StateStore {
             .collect()
     }
 
-    /// Reads what the store knows about one event: its first occurrence, the journal entries
+    /// Reads the store's record of one event: its first occurrence, the journal entries
     /// of its deliveries (every generation) and its pending deliveries, for the inspect API.
     ///
     /// # Errors

@@ -123,8 +123,8 @@ fn wait_for_file(path: &Path) -> String {
     }
 }
 
-/// One HTTP/1.1 request on a fresh connection; returns the status and the JSON body (or the
-/// text as a JSON string when it is not JSON).
+/// Sends one HTTP/1.1 request on a fresh connection and returns the status and the JSON body.
+/// A body that is not JSON is returned as a JSON string.
 fn call(
     address: &str,
     method: &str,
@@ -370,7 +370,7 @@ fn concurrent_identical_posts_append_once() {
     assert_eq!(run.deliveries_to("/ok", "evt_race"), 1);
 }
 
-/// (answer, expected status, expected code, expected field).
+/// (response, expected status, expected code, expected field).
 type Case<'a> = ((u16, Value), u16, &'a str, Option<&'a str>);
 
 #[test]
@@ -549,13 +549,13 @@ fn bad_input_and_tokens_get_json_errors() {
         );
         assert_eq!(body["field"].as_str(), want_field, "case {index}: {body}");
     }
-    // Nothing bad was appended: the only event the pipeline sees is none at all.
+    // No rejected event was appended, so nothing reaches the receiver.
     std::thread::sleep(Duration::from_millis(500));
     assert!(run.receiver.requests().is_empty());
 }
 
 #[test]
-fn without_tokens_only_health_and_the_document_are_served() {
+fn tokenless_run_serves_only_operations() {
     let run = Running::start("");
     let (status, body) = run.call("GET", "/health/live", None, None);
     assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
@@ -580,7 +580,7 @@ fn without_tokens_only_health_and_the_document_are_served() {
 }
 
 #[test]
-fn a_configured_address_in_use_fails_the_run_naming_the_field() {
+fn listen_address_in_use_fails_run() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
     let address = taken.local_addr().expect("address");
     let dir = tempfile::tempdir().expect("temporary directory");

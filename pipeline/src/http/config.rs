@@ -92,7 +92,7 @@ impl fmt::Debug for ApiToken {
     }
 }
 
-/// Where the server listens.
+/// The address the server listens on, and whether it was configured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listen {
     /// Do not serve HTTP.
@@ -126,7 +126,7 @@ impl HttpConfig {
         Ok(())
     }
 
-    /// Where to listen, or the field and problem.
+    /// Returns the address to listen on, or the field and problem.
     pub fn listen(&self) -> Result<Listen, (String, String)> {
         if !self.enabled {
             return Ok(Listen::Off);
@@ -145,12 +145,12 @@ impl HttpConfig {
         }
     }
 
-    /// The admin token, when the management API is on.
+    /// Returns the admin token, when the management API is on.
     pub fn admin_token(&self) -> Option<&ApiToken> {
         self.resolved.admin.as_ref()
     }
 
-    /// The producer token, when `POST /v1/events` is on.
+    /// Returns the producer token, when `POST /v1/events` is on.
     pub fn producer_token(&self) -> Option<&ApiToken> {
         self.resolved.producer.as_ref()
     }

@@ -2,7 +2,7 @@
 //! delete, on top of [`EndpointRegistry`], which stores each change and returns once the
 //! running dataflow has absorbed it.
 //!
-//! A signing secret is returned only by create and by a rotation, once; every other answer
+//! A signing secret is returned only by create and by a rotation, once. Every other response
 //! describes secrets by expiry only. A URL is refused at registration when delivery would
 //! refuse its destination: an address literal, `localhost`, or a host name resolved through
 //! the injected [`Resolver`] that lands in a range the SSRF rules refuse (see
@@ -33,7 +33,7 @@ use crate::registry::{EndpointChange, EndpointRegistry, RegistryError};
 /// Resolves a host name to addresses for the registration check. Injected so that tests
 /// resolve nothing but `localhost`.
 pub trait Resolver: Send + Sync {
-    /// The addresses of `host`, or why there are none.
+    /// Resolves `host` to its addresses, or returns why there are none.
     fn resolve(&self, host: &str, port: u16) -> std::io::Result<Vec<IpAddr>>;
 }
 
@@ -55,7 +55,7 @@ pub struct EndpointView {
     pub id: String,
     /// The tenant whose events it receives.
     pub tenant: String,
-    /// Where deliveries go, without user info.
+    /// The URL deliveries are sent to, without user info.
     pub url: String,
     /// Event-type patterns: `*`, `prefix.*` or exact.
     pub event_types: Vec<String>,
@@ -167,7 +167,7 @@ where
     Option::<T>::deserialize(deserializer).map(Some)
 }
 
-/// The answer of create and of an update that rotated the secret.
+/// The response of create and of an update that rotated the secret.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct EndpointWithSecret {
     /// The endpoint.
@@ -179,7 +179,7 @@ pub struct EndpointWithSecret {
     pub effective_at: String,
 }
 
-/// The list answer.
+/// The response of the list route.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct EndpointList {
     /// Every endpoint, by id.
@@ -323,8 +323,8 @@ pub async fn create(
             window_ms: limit.window_ms,
         }),
     };
-    // TODO: two creates of one id racing past the lookup above both succeed, the second as
-    // an update; closing that needs a create-only change in `EndpointRegistry`.
+    // TODO: two creates of one id that both pass the lookup above both succeed, and the
+    // second acts as an update. A create-only change in `EndpointRegistry` would close this.
     let applied = registry
         .apply(EndpointChange::Upsert(endpoint.clone()))
         .await
@@ -476,8 +476,8 @@ pub async fn update(
     }))
 }
 
-/// The secrets after a rotation: the new one first, then the old ones that have not expired,
-/// each ending at `expires_at_ms` at the latest.
+/// Builds the secrets after a rotation: the new one first, then the old ones that have not
+/// expired, each ending at `expires_at_ms` at the latest.
 fn rotate(
     old: &[SigningSecret],
     new: &str,
@@ -604,7 +604,7 @@ fn unsafe_url(reason: &str, message: &str) -> ApiError {
         .with_reason(reason)
 }
 
-/// The machine-readable name of a refused range.
+/// Returns the machine-readable name of a refused range.
 fn reason(range: RefusedRange) -> &'static str {
     match range {
         RefusedRange::Unspecified => "unspecified_address",
@@ -628,7 +628,7 @@ fn parse_rfc3339(text: &str) -> Result<Millis, String> {
         .map_err(|_| format!("`{text}` is before 1970"))
 }
 
-/// A new `whsec_` secret of 32 random bytes.
+/// Generates a `whsec_` secret of 32 random bytes.
 fn generate_secret() -> String {
     let key: [u8; 32] = rand::random();
     format!(

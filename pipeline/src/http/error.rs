@@ -20,7 +20,7 @@ use serde::Serialize;
 pub struct ErrorBody {
     /// Stable machine-readable code, such as `invalid_field` or `unauthorized`.
     pub code: String,
-    /// What went wrong, for people.
+    /// A description of the problem, for people.
     pub message: String,
     /// The bad part of the input, when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -40,7 +40,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    /// An error with `status`, `code` and `message` and no field.
+    /// Creates an error with `status`, `code` and `message` and no field.
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
         ApiError {
             status,
@@ -53,17 +53,18 @@ impl ApiError {
         }
     }
 
-    /// A 400 `invalid_field` naming `field`.
+    /// Creates a 400 `invalid_field` naming `field`.
     pub fn invalid_field(field: impl Into<String>, message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", message).with_field(field)
     }
 
-    /// A 404 `not_found`.
+    /// Creates a 404 `not_found`.
     pub fn not_found(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
-    /// A 500 `internal`: hookflow failed, not the request. The cause is logged, not sent.
+    /// Creates a 500 `internal`, for a failure of hookflow rather than of the request. The
+    /// cause is logged, not sent.
     pub fn internal(context: &str, error: &dyn std::fmt::Display) -> Self {
         tracing::error!(%error, context, "A request failed inside hookflow.");
         ApiError::new(
@@ -99,7 +100,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The router's fallback: no such route.
+/// Returns the 404 of a path that matches no route.
 pub async fn no_route() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
@@ -192,8 +193,8 @@ fn invalid_json(error: &serde_json::Error) -> ApiError {
     )
 }
 
-/// The field a serde data error is about: the path, or for a missing or unknown field the
-/// field's own name under the path.
+/// Returns the field a serde data error is about: the path, or for a missing or unknown field
+/// the field's own name under the path.
 fn field_of(path: &str, message: &str) -> Option<String> {
     let named = ["missing field `", "unknown field `"]
         .iter()

@@ -1,5 +1,5 @@
 //! `POST /v1/events`: validates one event exactly as `hookflow publish` does, appends it to
-//! the configured source and answers 202 with its acceptance; a repeated (tenant, id) gets
+//! the configured source and returns 202 with its acceptance. A repeated (tenant, id) gets
 //! 200 with the original acceptance.
 //!
 //! Acceptances are kept in a SQLite file of their own, `<data-dir>/api/ingest.sqlite`:
@@ -35,13 +35,13 @@ use super::auth::Producer;
 use super::error::{json_body, ApiError, ErrorBody};
 use super::HttpState;
 
-/// Why the ingest ledger or the source failed.
+/// An error of the ingest ledger or the source.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     /// The ledger database failed.
     #[error("ingest ledger {path}: {action}")]
     Ledger {
-        /// What was being done.
+        /// The action that failed.
         action: &'static str,
         /// The database file.
         path: PathBuf,
@@ -61,7 +61,7 @@ pub enum IngestError {
     },
 }
 
-/// The answer to an accepted event, the first time and every repeat.
+/// The acceptance of an event, returned the first time and on every repeat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Acceptance {
     /// The event's id.
@@ -78,7 +78,7 @@ pub struct Acceptance {
     pub offset: u64,
 }
 
-/// Where accepted events go. One function dispatches on the configured source.
+/// The destination of accepted events. One function dispatches on the configured source.
 pub enum EventSink {
     /// The embedded local log.
     LocalLog(LocalLog),

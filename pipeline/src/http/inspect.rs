@@ -2,7 +2,7 @@
 //! attempts of an endpoint.
 //!
 //! Deliveries come from the state store (the journal for settled ones, `pending` for those
-//! waiting), found through the event's first occurrence; attempts come from the Parquet
+//! waiting), found through the event's first occurrence. Attempts come from the Parquet
 //! archive, read with `hookflow-replay`'s scanner so that row groups whose statistics rule
 //! out the tenant, event or endpoint are skipped. In a cluster only process 0's state store
 //! is read, and the answer says so in `scope`; the archive is shared and read whole.
@@ -29,7 +29,7 @@ use super::HttpState;
 /// The largest `limit` of a failures listing.
 pub const MAX_FAILURES_LIMIT: usize = 1000;
 
-/// Which part of the cluster an answer covers.
+/// The part of the cluster a response covers.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Scope {
     /// The process whose state store was read (always 0).
@@ -40,7 +40,7 @@ pub struct Scope {
     pub complete: bool,
 }
 
-/// Where the event's first record is.
+/// The source position of the event's first record.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct FirstSeenView {
     /// Source partition.
@@ -111,7 +111,7 @@ pub struct AttemptView {
     pub latency_ms: Option<u64>,
 }
 
-/// The answer of `GET /v1/events/{tenant}/{id}`.
+/// The response of `GET /v1/events/{tenant}/{id}`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct EventView {
     /// The event's tenant.
@@ -124,11 +124,11 @@ pub struct EventView {
     pub deliveries: Vec<DeliveryView>,
     /// Its archived attempts, oldest first.
     pub attempts: Vec<AttemptView>,
-    /// What part of the cluster this covers.
+    /// The part of the cluster this response covers.
     pub scope: Scope,
 }
 
-/// The answer of `GET /v1/endpoints/{id}/failures`.
+/// The response of `GET /v1/endpoints/{id}/failures`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct FailuresView {
     /// The endpoint.
@@ -328,7 +328,7 @@ fn scope(state: &HttpState) -> Scope {
     }
 }
 
-/// Which attempts to read.
+/// The attempts to read: one event's, or one endpoint's recent failures.
 enum Filter<'a> {
     Event {
         tenant: &'a str,

@@ -4,8 +4,8 @@
 //! [`start`] binds the configured address before the workers start, serves on the process's
 //! shared tokio runtime, writes the bound address to `<data-dir>/http.addr` (process 0) or
 //! `<data-dir>/http-process-N.addr`, and stops accepting once the pipeline's stop signal is
-//! set. [`router`] is the one place where every route group is merged; a group whose token
-//! is not configured is not mounted, so its paths answer 404. [`HttpState`] is what handlers
+//! set. [`router`] is the one place where every route group is merged. A group whose token
+//! is not configured is not mounted, so its paths return 404. [`HttpState`] is what handlers
 //! share: the configuration, the data directory, the cluster, the clock and the stop signal.
 
 pub mod auth;
@@ -35,7 +35,7 @@ pub use self::error::{ApiError, ErrorBody};
 use crate::cluster::Cluster;
 use crate::config::Config;
 
-/// What the handlers share. Cheap to clone.
+/// The state shared by every handler. Cheap to clone.
 #[derive(Clone)]
 pub struct HttpState {
     /// The validated configuration of the run.
@@ -53,14 +53,14 @@ pub struct HttpState {
     /// Held while a resend plans and appends, one at a time.
     pub resend_lock: Arc<std::sync::Mutex<()>>,
     /// The endpoint directory of the running pipeline, on the process that serves the
-    /// management API; without it the endpoint routes answer 503.
+    /// management API. Without it the endpoint routes return 503.
     pub registry: Option<crate::registry::EndpointRegistry>,
     /// Resolves endpoint host names for the registration check.
     pub resolver: endpoints::SharedResolver,
 }
 
 impl HttpState {
-    /// The state of a run; opens the ingest ledger when this process serves ingest.
+    /// Builds the state of a run and opens the ingest ledger when this process serves ingest.
     ///
     /// # Errors
     ///
@@ -96,18 +96,18 @@ impl HttpState {
         Ok(state)
     }
 
-    /// Whether this process mounts the management routes (admin token set, process 0).
+    /// Returns whether this process mounts the management routes (admin token set, process 0).
     pub fn serves_management(&self) -> bool {
         self.cluster.serves_management_api() && self.config.http.admin_token().is_some()
     }
 
-    /// Whether this process mounts `POST /v1/events` (producer token set, process 0).
+    /// Returns whether this process mounts `POST /v1/events` (producer token set, process 0).
     pub fn serves_ingest(&self) -> bool {
         self.cluster.serves_management_api() && self.config.http.producer_token().is_some()
     }
 }
 
-/// Every route this process serves, with JSON fallbacks for unknown routes and methods.
+/// Builds every route this process serves, with JSON fallbacks for unknown routes and methods.
 pub fn router(state: HttpState) -> Router {
     let (router, _) = routes(&state);
     router
@@ -116,7 +116,7 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
-/// The (method, path) of every route [`router`] mounts for `state`, for the OpenAPI test.
+/// Lists the (method, path) of every route [`router`] mounts for `state`, for the OpenAPI test.
 pub fn served_routes(state: &HttpState) -> Vec<(Method, String)> {
     routes(state)
         .1
@@ -199,7 +199,7 @@ pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
 /// The body of `/health/live`.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct LiveBody {
-    /// Always `ok`: the process answers.
+    /// Always `ok`, because a response means the process is live.
     pub status: &'static str,
 }
 
@@ -209,7 +209,7 @@ pub struct LiveBody {
     get,
     path = "/health/live",
     tag = "operations",
-    responses((status = 200, description = "the process answers", body = LiveBody))
+    responses((status = 200, description = "the process is live", body = LiveBody))
 )]
 pub async fn live() -> Json<LiveBody> {
     Json(LiveBody { status: "ok" })
@@ -222,7 +222,7 @@ pub struct HttpServer {
     pub local_addr: SocketAddr,
 }
 
-/// The file a process writes its bound address to.
+/// Returns the path of the file a process writes its bound address to.
 pub fn addr_file(data_dir: &Path, cluster: &Cluster) -> PathBuf {
     if cluster.process_index() == 0 {
         data_dir.join("http.addr")

@@ -68,7 +68,7 @@ impl Modify for BearerTokens {
     }
 }
 
-/// The document as JSON.
+/// Builds the document.
 pub fn document() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
 }

@@ -51,7 +51,7 @@ pub struct ResendFailedQuery {
     pub since: Option<String>,
 }
 
-/// What a resend queued.
+/// The summary of what a resend queued.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Resend {
     /// The replay id the ledger records (`hookflow replay --list` shows it).
@@ -199,8 +199,9 @@ pub async fn resend_failed(
     Ok((status, Json(resend)).into_response())
 }
 
-/// The endpoints resends may go to, as replay sees them: the registry's when this process
-/// has one (the store is the truth for endpoints), the configuration's otherwise.
+/// Builds replay's view of the endpoints a resend may go to. It reads the registry when this
+/// process has one, because the store is the truth for endpoints, and the configuration
+/// otherwise.
 fn tool_config(state: &HttpState) -> Result<ToolConfig, ApiError> {
     let endpoints = match &state.registry {
         Some(registry) => registry
