@@ -683,9 +683,21 @@ impl Config {
             .proxy_url()
             .map_err(|problem| ("delivery.proxy".to_string(), problem))?;
 
+        self.validate_endpoints(&self.endpoints, base_dir, now_ms, &policy)
+    }
+
+    /// Checks `[[endpoints]]` entries against this configuration's delivery settings and
+    /// returns them resolved, or the first bad field and its problem.
+    fn validate_endpoints(
+        &self,
+        entries: &[EndpointConfig],
+        base_dir: &Path,
+        now_ms: Millis,
+        policy: &AddressPolicy,
+    ) -> Result<Vec<Endpoint>, (String, String)> {
         let mut ids = HashSet::new();
-        let mut endpoints = Vec::with_capacity(self.endpoints.len());
-        for (index, endpoint) in self.endpoints.iter().enumerate() {
+        let mut endpoints = Vec::with_capacity(entries.len());
+        for (index, endpoint) in entries.iter().enumerate() {
             let field = |name: &str| format!("endpoints[{index}].{name}");
             if !ids.insert(endpoint.id.as_str()) {
                 return Err((
@@ -696,7 +708,7 @@ impl Config {
             let resolved = endpoint
                 .to_endpoint(base_dir, now_ms)
                 .map_err(|(name, problem)| (field(&name), problem))?;
-            check_literal_address(&endpoint.url, &policy)
+            check_literal_address(&endpoint.url, policy)
                 .map_err(|problem| (field("url"), problem))?;
             if self.delivery.https_only && !endpoint.url.starts_with("https:") {
                 return Err((
@@ -734,6 +746,36 @@ impl Config {
     /// Returns the configured endpoints as validated at load, secrets resolved.
     pub fn endpoints(&self) -> Vec<Endpoint> {
         self.resolved_endpoints.clone()
+    }
+
+    /// Parses and validates an endpoints file: `[[endpoints]]` tables in this file's format,
+    /// checked against this configuration's delivery settings (allowed networks,
+    /// `https_only`). Other top-level tables are ignored, so a configuration file is an
+    /// endpoints file too. `path` is used in messages and to find relative secret files.
+    ///
+    /// # Errors
+    ///
+    /// See [`ConfigError`]; a field error names the field as `endpoints[i].name`.
+    pub fn parse_endpoints(&self, text: &str, path: &Path) -> Result<Vec<Endpoint>, ConfigError> {
+        /// The `[[endpoints]]` of an endpoints file.
+        #[derive(Deserialize)]
+        struct EndpointsFile {
+            #[serde(default)]
+            endpoints: Vec<EndpointConfig>,
+        }
+        let file: EndpointsFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let field_error = |(field, problem)| ConfigError::Field {
+            path: path.to_path_buf(),
+            field,
+            problem,
+        };
+        let policy = AddressPolicy::new(self.allowed_networks().map_err(field_error)?);
+        let base_dir = path.parent().unwrap_or(Path::new(""));
+        self.validate_endpoints(&file.endpoints, base_dir, now_ms(), &policy)
+            .map_err(field_error)
     }
 }
 

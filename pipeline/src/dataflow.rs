@@ -14,6 +14,14 @@
 //! its partitions of the source and writes its own archive files (prefix `w<index>`). The
 //! subscriptions input advances with the clock on every worker at every step, so events are
 //! routed as soon as their time passes.
+//!
+//! The endpoint directory lives in the state store of process 0 (the one serving the
+//! management API). At start, process 0 inserts the configured endpoints whose id the store
+//! lacks, then worker 0 feeds every stored endpoint into the subscriptions collection and into
+//! the endpoint-updates stream, broadcast to the deliver operator of every worker. While running,
+//! worker 0 drains the [`EndpointRegistry`]'s changes at the top of each loop turn and feeds them
+//! the same way, at the time both inputs stand at; it reports a change absorbed once a probe on
+//! the arranged subscriptions and on the broadcast updates has passed that time.
 
 use hookflow_operators::stop::StopSignal;
 use std::cell::RefCell;
@@ -33,16 +41,18 @@ use hookflow_operators::clock::Clock;
 use hookflow_operators::dedup::{Dedup, DedupConfig};
 use hookflow_operators::deliver::{
     AddressPolicy, Attempted, ClientConfig, Deliver, DeliverContext, DeliverCounters,
-    DeliveryClient, PayloadSource,
+    DeliveryClient, EndpointUpdate, LiveDirectory, ParkedDeliveries, PayloadSource,
 };
 use hookflow_operators::route::{Route, Subscription};
 use hookflow_schemas::{
-    decode_event, AttemptRow, Delivery, Endpoint, FirstSeen, IngestedEvent, SourceRecord,
+    decode_event, AttemptRow, Delivery, Endpoint, FirstSeen, IngestedEvent, PendingDelivery,
+    SourceRecord,
 };
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::{Concat, ConnectLoop, Feedback, OkErr, Probe};
 use timely::dataflow::Stream;
 
@@ -52,6 +62,7 @@ use crate::durable::{
     maintain, persist, restore_pending, skip_decided_rows, skip_settled_deliveries, ArchivePolicy,
     Archiver, Durable, ResumeBounds,
 };
+use crate::registry::{ChangeFeed, EndpointChange, EndpointRegistry, PendingChange};
 use crate::source::{read_source, SourceControl, SourceOptions};
 
 /// The inputs of `run` besides the configuration.
@@ -112,6 +123,20 @@ pub fn archive_dir(config: &Config, data_dir: &Path) -> PathBuf {
 /// Fails if the log or the archive cannot be opened or written, or the HTTP client cannot be
 /// built; what was archived before the failure stays archived.
 pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
+    run_with_registry(options, |_| {})
+}
+
+/// Runs the pipeline like [`run`], and hands `on_registry` the endpoint registry once the
+/// directory is loaded, before the workers start. Only the process that serves the management
+/// API (process 0) has a registry; the others never call `on_registry`.
+///
+/// # Errors
+///
+/// As [`run`].
+pub fn run_with_registry(
+    options: RunOptions,
+    on_registry: impl FnOnce(EndpointRegistry),
+) -> anyhow::Result<RunReport> {
     let config = &options.config;
     let archive_dir = archive_dir(config, &options.data_dir);
 
@@ -127,9 +152,16 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
     // cluster process first sends the reason to its peers, so that the whole cluster stops.
     let prepared = prepare_data_dir(config, &options.data_dir, &cluster);
     let mut disabled = Vec::new();
+    let mut endpoints = Vec::new();
     let readiness = match prepared {
-        Ok((partitions, log_id, disabled_here)) => {
+        Ok(Prepared {
+            partitions,
+            log_id,
+            disabled: disabled_here,
+            endpoints: stored,
+        }) => {
             disabled = disabled_here;
+            endpoints = stored;
             Readiness {
                 process_index: cluster.process_index(),
                 partitions,
@@ -151,23 +183,26 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
     // Endpoints disabled by an earlier run (410 Gone, failing too long) stay disabled until
     // an operator enables them; their parked deliveries wait in the state store of the process
     // that owns the endpoint, the only process that delivers to it.
-    let mut endpoints: HashMap<String, Endpoint> = config
-        .endpoints()
-        .into_iter()
-        .map(|e| (e.id.clone(), e))
-        .collect();
     for entry in &disabled {
-        if let Some(endpoint) = endpoints.get_mut(&entry.endpoint_id) {
-            tracing::warn!(
-                endpoint_id = %entry.endpoint_id,
-                reason = %entry.reason,
-                disabled_at_ms = entry.disabled_at_ms,
-                "Endpoint is disabled; its deliveries stay parked until `hookflow endpoints enable` names it."
-            );
-            endpoint.enabled = false;
-        }
+        tracing::warn!(
+            endpoint_id = %entry.endpoint_id,
+            reason = %entry.reason,
+            disabled_at_ms = entry.disabled_at_ms,
+            "Endpoint is disabled; its deliveries stay parked until it is enabled (`hookflow endpoints enable`, or an endpoint change with `enabled = true`)."
+        );
     }
-    let endpoints = Arc::new(endpoints);
+    let disabled: std::collections::HashSet<String> =
+        disabled.into_iter().map(|entry| entry.endpoint_id).collect();
+    let feed = if cluster.serves_management_api() && readiness.problem.is_none() {
+        let state_dir = cluster.state_dir(&options.data_dir);
+        let (registry, feed) = EndpointRegistry::open(&state_dir).with_context(|| {
+            format!("cannot open the endpoint registry in {}", state_dir.display())
+        })?;
+        on_registry(registry);
+        Some(feed)
+    } else {
+        None
+    };
     let counters = Arc::new(DeliverCounters::default());
 
     if cluster.is_multi_process() {
@@ -221,6 +256,8 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
         clock: options.clock.clone(),
         stop: options.stop.clone(),
         endpoints,
+        disabled,
+        feed: std::sync::Mutex::new(feed),
         runtime: runtime.handle().clone(),
         client,
         duplicates: duplicates.clone(),
@@ -277,14 +314,25 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
     Ok(report)
 }
 
+/// What [`prepare_data_dir`] found.
+struct Prepared {
+    partitions: u32,
+    log_id: i64,
+    /// The endpoints this process's store records as disabled at run time.
+    disabled: Vec<DisabledEndpoint>,
+    /// The endpoint directory, after seeding; empty on processes other than 0.
+    endpoints: Vec<Endpoint>,
+}
+
 /// Checks that the data directory fits this process and its cluster: the state layout, the
-/// local log, and the worker and process counts its state store records. Returns the log's
-/// partition count and id, and the endpoints this process's store records as disabled.
+/// local log, and the worker and process counts its state store records. On the process that
+/// serves the management API, also inserts the configured endpoints whose id the store lacks
+/// and reads the directory.
 fn prepare_data_dir(
     config: &Config,
     data_dir: &Path,
     cluster: &Cluster,
-) -> anyhow::Result<(u32, i64, Vec<DisabledEndpoint>)> {
+) -> anyhow::Result<Prepared> {
     cluster.check_layout(data_dir)?;
 
     let log_options = LocalLogOptions {
@@ -304,7 +352,45 @@ fn prepare_data_dir(
         cluster.processes(),
         cluster.process_index(),
     )?;
-    Ok((partitions, log_id, store.disabled_endpoints()?))
+    let mut endpoints = Vec::new();
+    if cluster.serves_management_api() {
+        // The store is the truth: a configured endpoint only fills a missing id, so a change
+        // made while running survives a restart with an older configuration file.
+        let configured = config.endpoints();
+        let seeded = store.seed_endpoints(&configured, wall_clock_ms())?;
+        endpoints = store.endpoints()?;
+        tracing::info!(
+            endpoints = endpoints.len(),
+            seeded_from_config = seeded.len(),
+            "Endpoint directory loaded from the state store."
+        );
+        for stored in &endpoints {
+            let differs = configured
+                .iter()
+                .any(|endpoint| endpoint.id == stored.id && endpoint != stored);
+            if differs {
+                tracing::info!(
+                    endpoint_id = %stored.id,
+                    "The configuration file's endpoint differs from the stored one; the stored one is used (`hookflow endpoints apply FILE` replaces it)."
+                );
+            }
+        }
+    }
+    Ok(Prepared {
+        partitions,
+        log_id,
+        disabled: store.disabled_endpoints()?,
+        endpoints,
+    })
+}
+
+/// Returns the wall clock's time in ms since the Unix epoch, for the directory's
+/// `updated_at_ms`.
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// Takes the exclusive lock on `<data_dir>/hookflow.lock`, the lock of a single process,
@@ -349,7 +435,12 @@ struct WorkerShared {
     until_idle: bool,
     clock: Arc<dyn Clock>,
     stop: Arc<StopSignal>,
-    endpoints: Arc<HashMap<String, Endpoint>>,
+    /// The endpoint directory at start; only worker 0 of process 0 feeds it in.
+    endpoints: Vec<Endpoint>,
+    /// Endpoints this process's store records as disabled at run time.
+    disabled: std::collections::HashSet<String>,
+    /// The registry's changes, taken by worker 0 of process 0.
+    feed: std::sync::Mutex<Option<ChangeFeed>>,
     runtime: tokio::runtime::Handle,
     client: DeliveryClient,
     duplicates: Arc<AtomicU64>,
@@ -431,19 +522,13 @@ fn run_worker(
     }
     let dedup_window_ms = config.pipeline.dedup_window_secs.saturating_mul(1000);
     let restored_first_seen = store.first_seen_since(started_ms.saturating_sub(dedup_window_ms))?;
-    // A parked delivery stays in the store while its endpoint is disabled, and resumes when
-    // the endpoint is enabled again.
+    // A parked delivery stays in the store while its endpoint is disabled. The deliver
+    // operator resumes it when the directory loads or enables its endpoint.
     let restored_pending = if first_of_process {
-        let endpoints = &shared.endpoints;
         store
             .pending()?
             .into_iter()
-            .filter(|entry| {
-                !entry.is_parked()
-                    || endpoints
-                        .get(&entry.endpoint_id)
-                        .is_none_or(|endpoint| endpoint.enabled)
-            })
+            .filter(|entry| !entry.is_parked())
             .collect()
     } else {
         Vec::new()
@@ -501,9 +586,15 @@ fn run_worker(
     };
     let unsynced_results = Arc::new(std::sync::atomic::AtomicUsize::new(0));
 
-    let mut subscriptions = worker.dataflow::<u64, _, _>(|scope| {
+    let absorbed = ProbeHandle::new();
+    let (mut subscriptions, updates_input) = worker.dataflow::<u64, _, _>(|scope| {
         let (input, subscriptions) = scope.new_collection::<(String, Subscription), isize>();
         let subscriptions = subscriptions.arrange_by_key();
+        subscriptions.stream.clone().probe_with(&absorbed);
+        let (updates_input, updates) =
+            timely::dataflow::operators::core::Input::new_input::<Vec<EndpointUpdate>>(&scope);
+        let updates = updates.broadcast();
+        let updates = updates.probe_with(&absorbed);
 
         let records = read_source(
             scope,
@@ -547,10 +638,18 @@ fn run_worker(
             log: retry_log,
             max_payload_bytes: config.pipeline.max_payload_bytes,
         };
+        let directory = LiveDirectory {
+            updates,
+            disabled: shared.disabled.clone(),
+            parked: Box::new(StoreParked {
+                store: store.clone(),
+            }),
+        };
         let context = DeliverContext {
             runtime: shared.runtime.clone(),
             client: shared.client.clone(),
-            endpoints: shared.endpoints.clone(),
+            // The directory arrives on the updates input.
+            endpoints: Arc::new(HashMap::new()),
             clock: clock.clone(),
             max_in_flight_total: config.delivery.max_in_flight,
             retry: config.retry.policy(),
@@ -564,7 +663,7 @@ fn run_worker(
         let (durable, retries) = deliveries
             .concat(restored)
             .concat(retries)
-            .deliver(context, Box::new(payloads))
+            .deliver_live(directory, context, Box::new(payloads))
             .ok_err(|attempted| match attempted {
                 Attempted::Row(row) => Ok(Durable::Row(row)),
                 Attempted::Pending(pending) => Ok(Durable::Pending(pending)),
@@ -588,22 +687,32 @@ fn run_worker(
         )
         .probe_with(&probe);
 
-        input
+        (input, updates_input)
     });
 
     // Endpoint changes enter the dataflow once, through the process that serves the
     // management API.
-    if cluster.serves_management_api() && first_of_process {
-        for endpoint in shared.endpoints.values() {
-            subscriptions.insert((
-                endpoint.tenant.clone(),
-                Subscription {
-                    endpoint_id: endpoint.id.clone(),
-                    event_types: endpoint.event_types.clone(),
-                },
-            ));
+    let mut updates_input = Some(updates_input);
+    let mut directory = if cluster.serves_management_api() && first_of_process {
+        let feed = shared
+            .feed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let mut directory = DirectoryFeed {
+            subscribed: HashMap::new(),
+            feed,
+            absorbing: Vec::new(),
+        };
+        if let Some(updates) = updates_input.as_mut() {
+            for endpoint in &shared.endpoints {
+                directory.load(&mut subscriptions, updates, endpoint.clone());
+            }
         }
-    }
+        Some(directory)
+    } else {
+        None
+    };
 
     // The first worker of each process prunes its process's store; worker 0 also truncates the
     // log, which needs every process's checkpoint and pending deliveries.
@@ -626,14 +735,28 @@ fn run_worker(
     let mut stopped_at: Option<u64> = None;
     let mut abandoned = false;
     loop {
-        if let Some(input) = subscriptions.as_mut() {
-            // One ms ahead of now, so that events read at `now` can be routed at once.
+        if let (Some(input), Some(updates), Some(directory)) = (
+            subscriptions.as_mut(),
+            updates_input.as_mut(),
+            directory.as_mut(),
+        ) {
+            directory.drain(input, updates);
+        }
+        if let (Some(input), Some(updates)) = (subscriptions.as_mut(), updates_input.as_mut()) {
+            // One ms ahead of now, so that events read at `now` can be routed at once. Both
+            // inputs stand at the same time, at which the next endpoint changes are fed in.
             let next = clock.now_ms().saturating_add(1).max(*input.time());
             input.advance_to(next);
             input.flush();
+            updates.advance_to(next);
+            updates.flush();
             if control.finished.get() {
                 subscriptions = None;
+                updates_input = None;
             }
+        }
+        if let Some(directory) = directory.as_mut() {
+            directory.acknowledge(&absorbed, subscriptions.is_some());
         }
         if first_of_process {
             let now = clock.now_ms();
@@ -794,6 +917,131 @@ fn unrouted_rows<'scope>(
             });
         }
     })
+}
+
+/// The input of endpoint updates for the deliver operators.
+type UpdatesInput =
+    timely::dataflow::InputHandle<u64, timely::container::CapacityContainerBuilder<Vec<EndpointUpdate>>>;
+
+/// The input of the subscriptions collection.
+type SubscriptionsInput =
+    differential_dataflow::input::InputSession<u64, (String, Subscription), isize>;
+
+/// Worker 0's side of the endpoint directory: the subscriptions it fed in, by endpoint id, so
+/// that a change retracts the old one, and the changes fed in but not yet absorbed.
+struct DirectoryFeed {
+    subscribed: HashMap<String, (String, Subscription)>,
+    feed: Option<ChangeFeed>,
+    /// Changes fed in, each with its time and where to report it absorbed.
+    absorbing: Vec<(u64, tokio::sync::oneshot::Sender<u64>)>,
+}
+
+impl DirectoryFeed {
+    /// Feeds in an endpoint of the directory at start.
+    fn load(
+        &mut self,
+        subscriptions: &mut SubscriptionsInput,
+        updates: &mut UpdatesInput,
+        endpoint: Endpoint,
+    ) {
+        self.subscribe(subscriptions, &endpoint);
+        updates.send(EndpointUpdate::Load(endpoint));
+    }
+
+    /// Feeds in the registry's waiting changes at the inputs' current time.
+    fn drain(
+        &mut self,
+        subscriptions: &mut SubscriptionsInput,
+        updates: &mut UpdatesInput,
+    ) {
+        let Some(feed) = self.feed.as_ref() else {
+            return;
+        };
+        let mut received = Vec::new();
+        while let Ok(pending) = feed.try_recv() {
+            received.push(pending);
+        }
+        for PendingChange { change, fed } in received {
+            let time = *updates.time();
+            match change {
+                EndpointChange::Upsert(endpoint) => {
+                    self.subscribe(subscriptions, &endpoint);
+                    updates.send(EndpointUpdate::Apply(endpoint));
+                }
+                EndpointChange::Delete { id } => {
+                    if let Some(old) = self.subscribed.remove(&id) {
+                        subscriptions.remove(old);
+                    }
+                    updates.send(EndpointUpdate::Delete(id));
+                }
+            }
+            self.absorbing.push((time, fed));
+        }
+    }
+
+    /// Makes `endpoint`'s subscription the one in the collection, retracting the one it had.
+    fn subscribe(
+        &mut self,
+        subscriptions: &mut SubscriptionsInput,
+        endpoint: &Endpoint,
+    ) {
+        let entry = (
+            endpoint.tenant.clone(),
+            Subscription {
+                endpoint_id: endpoint.id.clone(),
+                event_types: endpoint.event_types.clone(),
+            },
+        );
+        match self.subscribed.insert(endpoint.id.clone(), entry.clone()) {
+            Some(old) if old == entry => {}
+            Some(old) => {
+                subscriptions.remove(old);
+                subscriptions.insert(entry);
+            }
+            None => subscriptions.insert(entry),
+        }
+    }
+
+    /// Reports the changes whose time the probe has passed as absorbed. Once the inputs are
+    /// closed (`open` false), changes still arriving can no longer be fed in; dropping them
+    /// tells their caller the pipeline stopped.
+    fn acknowledge(&mut self, absorbed: &ProbeHandle<u64>, open: bool) {
+        let mut index = 0;
+        while index < self.absorbing.len() {
+            if absorbed.less_equal(&self.absorbing[index].0) {
+                index += 1;
+                continue;
+            }
+            let (time, fed) = self.absorbing.swap_remove(index);
+            // The caller may have stopped waiting; the change is in effect either way.
+            let _ = fed.send(time);
+        }
+        if !open {
+            self.feed = None;
+        }
+    }
+}
+
+/// Reads parked deliveries back from this process's state store for the deliver operator.
+struct StoreParked {
+    store: Rc<RefCell<StateStore>>,
+}
+
+impl ParkedDeliveries for StoreParked {
+    fn parked(&mut self, endpoint_id: &str) -> Result<Vec<PendingDelivery>, String> {
+        self.store
+            .borrow()
+            .parked_of(endpoint_id)
+            .map_err(|error| format!("{error:#}"))
+    }
+
+    fn clear_disabled(&mut self, endpoint_id: &str) -> Result<(), String> {
+        self.store
+            .borrow_mut()
+            .enable_endpoint(endpoint_id)
+            .map(|_| ())
+            .map_err(|error| format!("{error:#}"))
+    }
 }
 
 /// Reads retries' payloads back from the local log.
