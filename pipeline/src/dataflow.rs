@@ -193,11 +193,13 @@ pub fn run_with_registry(
     }
     let disabled: std::collections::HashSet<String> =
         disabled.into_iter().map(|entry| entry.endpoint_id).collect();
+    let mut http_registry = None;
     let feed = if cluster.serves_management_api() && readiness.problem.is_none() {
         let state_dir = cluster.state_dir(&options.data_dir);
         let (registry, feed) = EndpointRegistry::open(&state_dir).with_context(|| {
             format!("cannot open the endpoint registry in {}", state_dir.display())
         })?;
+        http_registry = Some(registry.clone());
         on_registry(registry);
         Some(feed)
     } else {
@@ -238,13 +240,14 @@ pub fn run_with_registry(
     .context("cannot build the HTTP client")?;
 
     // The server starts before the workers so that a bad `http.listen` fails the run at once.
-    let http_state = crate::http::HttpState::new(
+    let mut http_state = crate::http::HttpState::new(
         Arc::new(config.clone()),
         options.data_dir.clone(),
         cluster.clone(),
         options.clock.clone(),
         options.stop.clone(),
     )?;
+    http_state.registry = http_registry;
     crate::http::start(http_state, runtime.handle())?;
 
     let duplicates = Arc::new(AtomicU64::new(0));

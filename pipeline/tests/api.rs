@@ -448,6 +448,16 @@ fn bad_input_and_tokens_get_json_errors() {
             Some("replay"),
         ),
         (
+            post(
+                Some(PRODUCER),
+                "application/json",
+                &json!({"id": "big", "tenant": "acme", "type": "t", "created_at": "2026-01-01T00:00:00Z", "payload": "x".repeat(300_000)}).to_string(),
+            ),
+            413,
+            "payload_too_large",
+            Some("payload"),
+        ),
+        (
             run.call("GET", "/v1/events/acme/evt_1", None, None),
             401,
             "unauthorized",
@@ -596,4 +606,82 @@ fn listen_address_in_use_fails_run() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("http.listen"), "{stderr}");
+}
+
+#[test]
+fn endpoint_created_over_api_receives_events() {
+    let run = Running::start(&tokens());
+    let url = run.receiver.url("/created");
+    let (status, created) = run.call(
+        "POST",
+        "/v1/endpoints",
+        Some(ADMIN),
+        Some(
+            &json!({ "id": "created", "tenant": "acme", "url": url, "event_types": ["order.*"] })
+                .to_string(),
+        ),
+    );
+    assert_eq!(status, 201, "{created}");
+    assert!(created["secret"]
+        .as_str()
+        .is_some_and(|s| s.starts_with("whsec_")));
+
+    // The change is absorbed when create returns, so the next event is routed to it.
+    let (status, _) = run.call(
+        "POST",
+        "/v1/events",
+        Some(PRODUCER),
+        Some(&event("evt_order", "order.placed")),
+    );
+    assert_eq!(status, 202);
+    eventually("evt_order delivered to the new endpoint", || {
+        (run.deliveries_to("/created", "evt_order") == 1).then_some(())
+    });
+    let request = run
+        .receiver
+        .requests_to("/created")
+        .pop()
+        .expect("one request");
+    assert!(request
+        .header("webhook-signature")
+        .is_some_and(|s| s.starts_with("v1,")));
+
+    // The stored endpoints include the configured ones, seeded at start.
+    let (status, list) = run.call("GET", "/v1/endpoints", Some(ADMIN), None);
+    assert_eq!(status, 200);
+    let ids: Vec<&str> = list["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .filter_map(|e| e["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["created", "fail", "ok"], "{list}");
+    assert!(!list.to_string().contains("whsec_"), "{list}");
+
+    // Disabled: later events are not delivered to it.
+    let (status, updated) = run.call(
+        "PATCH",
+        "/v1/endpoints/created",
+        Some(ADMIN),
+        Some(r#"{"enabled": false}"#),
+    );
+    assert_eq!(status, 200, "{updated}");
+    let (status, _) = run.call(
+        "POST",
+        "/v1/events",
+        Some(PRODUCER),
+        Some(&event("evt_order_2", "order.placed")),
+    );
+    assert_eq!(status, 202);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(run.deliveries_to("/created", "evt_order_2"), 0);
+
+    // Deleted: gone from the directory.
+    let (status, _) = run.call("DELETE", "/v1/endpoints/created", Some(ADMIN), None);
+    assert_eq!(status, 204);
+    let (status, body) = run.call("GET", "/v1/endpoints/created", Some(ADMIN), None);
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("endpoint_not_found"))
+    );
 }

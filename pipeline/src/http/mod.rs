@@ -110,7 +110,16 @@ impl HttpState {
 /// Builds every route this process serves, with JSON fallbacks for unknown routes and methods.
 pub fn router(state: HttpState) -> Router {
     let (router, _) = routes(&state);
+    // An event may carry `pipeline.max_payload_bytes` of payload plus its envelope; a larger
+    // body is rejected with 413 before it is read whole.
+    let body_limit = state
+        .config
+        .pipeline
+        .max_payload_bytes
+        .saturating_add(64 * 1024)
+        .max(2 * 1024 * 1024);
     router
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .fallback(error::no_route)
         .method_not_allowed_fallback(error::wrong_method)
         .with_state(state)

@@ -2,8 +2,8 @@
 //! endpoint routes against a real registry on a real state store.
 //!
 //! A thread stands in for worker 0 of the dataflow and reports each registry change as
-//! absorbed at once. The registry is not yet wired into `hookflow run`, so the endpoint
-//! routes are tested here and the other routes end to end in `tests/api.rs`.
+//! absorbed at once, so that every field and error of the endpoint routes is checked without
+//! a pipeline. `tests/api.rs` checks the routes against a running `hookflow run`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Write};
