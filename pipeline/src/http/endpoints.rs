@@ -238,6 +238,20 @@ fn registry_error(error: RegistryError) -> ApiError {
     }
 }
 
+/// Applies a change through the registry and counts it once the dataflow has absorbed it.
+async fn apply(
+    state: &HttpState,
+    registry: &EndpointRegistry,
+    change: EndpointChange,
+) -> Result<crate::registry::Applied, ApiError> {
+    let applied = registry.apply(change).await.map_err(registry_error)?;
+    state
+        .counters
+        .endpoint_changes
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(applied)
+}
+
 fn endpoint_not_found(id: &str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -325,10 +339,7 @@ pub async fn create(
     };
     // TODO: two creates of one id that both pass the lookup above both succeed, and the
     // second acts as an update. A create-only change in `EndpointRegistry` would close this.
-    let applied = registry
-        .apply(EndpointChange::Upsert(endpoint.clone()))
-        .await
-        .map_err(registry_error)?;
+    let applied = apply(&state, &registry, EndpointChange::Upsert(endpoint.clone())).await?;
     let answer = EndpointWithSecret {
         endpoint: view(&endpoint),
         secret: Some(secret),
@@ -465,10 +476,7 @@ pub async fn update(
         shown = Some(secret);
     }
     let registry = registry(&state)?.clone();
-    let applied = registry
-        .apply(EndpointChange::Upsert(endpoint.clone()))
-        .await
-        .map_err(registry_error)?;
+    let applied = apply(&state, &registry, EndpointChange::Upsert(endpoint.clone())).await?;
     Ok(Json(EndpointWithSecret {
         endpoint: view(&endpoint),
         secret: shown,
@@ -517,10 +525,7 @@ pub async fn delete(
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
     let registry = registry(&state)?.clone();
-    registry
-        .apply(EndpointChange::Delete { id })
-        .await
-        .map_err(registry_error)?;
+    apply(&state, &registry, EndpointChange::Delete { id }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -19,7 +19,8 @@
 //! itself remembers a (tenant, id).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
 
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
@@ -300,15 +301,20 @@ pub async fn post_event(
     let Some(ledger) = state.ingest.clone() else {
         return Err(ApiError::not_found("no such route"));
     };
-    let body = json_body(request, &state).await?;
+    let counters = state.counters.clone();
+    let rejected = |error: ApiError| {
+        counters.ingest_rejected.fetch_add(1, Ordering::Relaxed);
+        error
+    };
+    let body = json_body(request, &state).await.map_err(rejected)?;
     let record = body.trim_ascii();
-    let event =
-        decode_event(record, state.config.pipeline.max_payload_bytes).map_err(decode_error)?;
+    let event = decode_event(record, state.config.pipeline.max_payload_bytes)
+        .map_err(|e| rejected(decode_error(e)))?;
     if event.replay.is_some() {
-        return Err(ApiError::invalid_field(
+        return Err(rejected(ApiError::invalid_field(
             "replay",
             "`replay` is set by hookflow's own resend and replay, not by producers",
-        ));
+        )));
     }
     let record = record.to_vec();
     let now_ms = state.clock.now_ms();
@@ -320,9 +326,17 @@ pub async fn post_event(
     .map_err(|e| ApiError::internal("cannot accept the event", &error_chain(&e)))?;
     let (acceptance, new) = accepted;
     let status = if new {
+        state
+            .counters
+            .ingest_accepted
+            .fetch_add(1, Ordering::Relaxed);
         tracing::debug!(tenant = %acceptance.tenant, id = %acceptance.id, "Event accepted.");
         StatusCode::ACCEPTED
     } else {
+        state
+            .counters
+            .ingest_repeated
+            .fetch_add(1, Ordering::Relaxed);
         StatusCode::OK
     };
     Ok((status, Json(acceptance)).into_response())
@@ -355,6 +369,3 @@ fn decode_error(error: DecodeError) -> ApiError {
         }
     }
 }
-
-/// Shares the ledger.
-pub type SharedLedger = Arc<IngestLedger>;

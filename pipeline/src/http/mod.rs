@@ -19,6 +19,7 @@ pub mod resend;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,6 +58,24 @@ pub struct HttpState {
     pub registry: Option<crate::registry::EndpointRegistry>,
     /// Resolves endpoint host names for the registration check.
     pub resolver: endpoints::SharedResolver,
+    /// Counts of what the API did, for `/metrics`.
+    pub counters: Arc<ApiCounters>,
+}
+
+/// Counts of what the API did since the process started. `/metrics` reads them at scrape
+/// time; each is a monotonic counter.
+#[derive(Debug, Default)]
+pub struct ApiCounters {
+    /// Events accepted by `POST /v1/events` and appended to the source.
+    pub ingest_accepted: AtomicU64,
+    /// Posts of a (tenant, id) accepted before, answered with the original acceptance.
+    pub ingest_repeated: AtomicU64,
+    /// Posts rejected as invalid (4xx), nothing appended.
+    pub ingest_rejected: AtomicU64,
+    /// Events appended by resends (each a delivery generation of its own).
+    pub resent_events: AtomicU64,
+    /// Endpoint changes (create, update, delete) absorbed by the dataflow.
+    pub endpoint_changes: AtomicU64,
 }
 
 impl HttpState {
@@ -82,6 +101,7 @@ impl HttpState {
             resend_lock: Arc::default(),
             registry: None,
             resolver: Arc::new(endpoints::SystemResolver),
+            counters: Arc::default(),
         };
         if state.serves_ingest() {
             let keep_ms = state.config.pipeline.dedup_window_secs.saturating_mul(1000);

@@ -328,6 +328,10 @@ fn queue(
         clock.now_ms()
     })
     .map_err(internal("cannot append the resend"))?;
+    state
+        .counters
+        .resent_events
+        .fetch_add(report.appended, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(
         replay_id = %replay_id,
         generation,

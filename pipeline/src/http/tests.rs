@@ -443,6 +443,13 @@ fn endpoint_routes_create_list_update_rotate_and_delete() {
     );
     assert_eq!((status, body["code"].as_str()), (403, Some("forbidden")));
 
+    // Five changes were absorbed: two creates, two updates and one delete.
+    let changes = state
+        .counters
+        .endpoint_changes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(changes, 5);
+
     drop(runtime);
     state.registry = None;
     assert!(absorber.join().is_ok());
