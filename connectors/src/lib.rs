@@ -25,7 +25,8 @@ pub use archive::{
 pub use local_log::{partition_for_key, LocalLog, LocalLogOptions};
 pub use source::Source;
 pub use state::{
-    DisabledEndpoint, DurableBatch, EventRecord, JournalEntry, StateStore, STATE_FORMAT_VERSION,
+    DisabledEndpoint, DurableBatch, EventRecord, JournalEntry, StagedFilter, StateStore,
+    STATE_FORMAT_VERSION,
 };
 
 /// The error type of every fallible operation in this crate.

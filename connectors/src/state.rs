@@ -77,6 +77,25 @@ pub struct JournalEntry {
     pub settled_at_ms: Millis,
 }
 
+/// The staged rows [`StateStore::staged_rows_matching`] reads.
+#[derive(Debug, Clone, Copy)]
+pub enum StagedFilter<'a> {
+    /// The attempts of one event.
+    Event {
+        /// The event's tenant.
+        tenant: &'a str,
+        /// The event's id.
+        event_id: &'a str,
+    },
+    /// The attempts of one endpoint finished at or after `since_ms`.
+    Endpoint {
+        /// The endpoint's id.
+        endpoint_id: &'a str,
+        /// The earliest finish time, in ms since the Unix epoch.
+        since_ms: Millis,
+    },
+}
+
 /// The store's record of one event, from [`StateStore::event_record`].
 #[derive(Debug, Clone, Default)]
 pub struct EventRecord {
@@ -995,6 +1014,54 @@ impl StateStore {
                         what: "staged attempt row",
                         detail: e.to_string(),
                     })
+            })
+            .collect()
+    }
+
+    /// Reads the staged rows (attempts not yet in a complete Parquet file) of one event, or of
+    /// one endpoint finished at or after `since_ms`, for the inspect API. Staged rows are few:
+    /// at most `archive.max_file_age_secs` of attempts.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read or a row does not decode.
+    pub fn staged_rows_matching(
+        &self,
+        filter: StagedFilter<'_>,
+    ) -> Result<Vec<AttemptRow>, ConnectorError> {
+        let (sql, first, second) = match filter {
+            StagedFilter::Event { tenant, event_id } => (
+                "SELECT row FROM staged_rows WHERE json_extract(row, '$.tenant') = ?1 \
+                 AND json_extract(row, '$.event_id') = ?2 ORDER BY seq",
+                rusqlite::types::Value::Text(tenant.to_string()),
+                rusqlite::types::Value::Text(event_id.to_string()),
+            ),
+            StagedFilter::Endpoint {
+                endpoint_id,
+                since_ms,
+            } => (
+                "SELECT row FROM staged_rows WHERE json_extract(row, '$.endpoint_id') = ?1 \
+                 AND json_extract(row, '$.finished_at_ms') >= ?2 ORDER BY seq",
+                rusqlite::types::Value::Text(endpoint_id.to_string()),
+                rusqlite::types::Value::Integer(i64::try_from(since_ms).unwrap_or(i64::MAX)),
+            ),
+        };
+        let mut statement = self
+            .connection
+            .prepare_cached(sql)
+            .map_err(self.error("read staged rows"))?;
+        let rows = statement
+            .query_map(params![first, second], |row| row.get::<_, String>(0))
+            .map_err(self.error("read staged rows"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.error("read staged rows"))?;
+        rows.iter()
+            .map(|row| {
+                serde_json::from_str(row).map_err(|e| ConnectorError::CorruptState {
+                    path: self.path.clone(),
+                    what: "staged attempt row",
+                    detail: e.to_string(),
+                })
             })
             .collect()
     }

@@ -35,6 +35,11 @@ impl Running {
     /// Starts a pipeline with endpoints `ok` (200) and `fail` (500, no retries) of tenant
     /// `acme`, and `[http]` lines `http`.
     fn start(http: &str) -> Running {
+        Running::start_with(http, 1)
+    }
+
+    /// Starts like [`Running::start`], completing archive files after `archive_age_secs`.
+    fn start_with(http: &str, archive_age_secs: u64) -> Running {
         let dir = tempfile::tempdir().expect("temporary directory");
         let receiver = Receiver::start(HashMap::from([(
             "/fail".to_string(),
@@ -44,7 +49,7 @@ impl Running {
         let mut config = format!(
             "[delivery]\nallowed_private_cidrs = [\"127.0.0.1/32\"]\n\
              [retry]\nschedule_ms = []\n\
-             [archive]\nmax_file_age_secs = 1\n\
+             [archive]\nmax_file_age_secs = {archive_age_secs}\n\
              [health]\nbreaker_min_requests = 1000\n\
              [http]\nlisten = \"127.0.0.1:0\"\n{http}\n"
         );
@@ -274,14 +279,23 @@ fn posted_event_is_delivered_inspected_and_resent_once() {
     let (_, none) = run.call("GET", "/v1/endpoints/ok/failures", Some(ADMIN), None);
     assert_eq!(none["failures"], json!([]), "{none}");
 
-    // Resend to one endpoint: one more delivery there, none elsewhere.
-    let (status, resend) = run.call(
-        "POST",
-        "/v1/events/acme/evt_1/resend",
-        Some(ADMIN),
-        Some(r#"{"endpoint_id": "ok"}"#),
-    );
-    assert_eq!(status, 202, "{resend}");
+    // Resend to one endpoint: one more delivery there, none elsewhere. A resend plans from
+    // the archive, so it finds nothing until the attempt's Parquet file is complete, and a
+    // 404 queues nothing.
+    let resend = eventually("the delivery archived and resent", || {
+        let (status, resend) = run.call(
+            "POST",
+            "/v1/events/acme/evt_1/resend",
+            Some(ADMIN),
+            Some(r#"{"endpoint_id": "ok"}"#),
+        );
+        if status == 404 {
+            assert_eq!(resend["code"], "nothing_to_resend", "{resend}");
+            return None;
+        }
+        assert_eq!(status, 202, "{resend}");
+        Some(resend)
+    });
     assert_eq!(resend["generation"], 1, "{resend}");
     assert_eq!(resend["events"], 1);
     assert_eq!(resend["endpoints"], json!({ "ok": 1 }));
@@ -290,13 +304,20 @@ fn posted_event_is_delivered_inspected_and_resent_once() {
     });
 
     // Resend every failed delivery of `fail`: generation 2, one more attempt there.
-    let (status, resend) = run.call(
-        "POST",
-        "/v1/endpoints/fail/resend-failed?since=1h",
-        Some(ADMIN),
-        None,
-    );
-    assert_eq!(status, 202, "{resend}");
+    let resend = eventually("the failed delivery archived and resent", || {
+        let (status, resend) = run.call(
+            "POST",
+            "/v1/endpoints/fail/resend-failed?since=1h",
+            Some(ADMIN),
+            None,
+        );
+        if status == 200 {
+            assert_eq!(resend["generation"], Value::Null, "{resend}");
+            return None;
+        }
+        assert_eq!(status, 202, "{resend}");
+        Some(resend)
+    });
     assert_eq!(resend["generation"], 2, "{resend}");
     assert_eq!(resend["endpoints"], json!({ "fail": 1 }));
     eventually("the failed delivery resent", || {
@@ -684,4 +705,47 @@ fn endpoint_created_over_api_receives_events() {
         (status, body["code"].as_str()),
         (404, Some("endpoint_not_found"))
     );
+}
+
+#[test]
+fn staged_attempts_are_inspected() {
+    // Archive files complete only after an hour, so the attempts are read from staging.
+    let run = Running::start_with(&tokens(), 3600);
+    let (status, _) = run.call(
+        "POST",
+        "/v1/events",
+        Some(PRODUCER),
+        Some(&event("evt_staged", "invoice.sent")),
+    );
+    assert_eq!(status, 202);
+    eventually("evt_staged delivered and dead-lettered", || {
+        (run.deliveries_to("/ok", "evt_staged") == 1
+            && run.deliveries_to("/fail", "evt_staged") == 1)
+            .then_some(())
+    });
+    let view = eventually("evt_staged's attempts", || {
+        let (_, view) = run.call("GET", "/v1/events/acme/evt_staged", Some(ADMIN), None);
+        (view["attempts"].as_array()?.len() == 2).then_some(view)
+    });
+    let outcomes: Vec<&str> = view["attempts"]
+        .as_array()
+        .expect("attempts")
+        .iter()
+        .filter_map(|a| a["outcome"].as_str())
+        .collect();
+    assert!(
+        outcomes.contains(&"delivered") && outcomes.contains(&"dead_lettered"),
+        "{view}"
+    );
+    let (status, failures) = run.call("GET", "/v1/endpoints/fail/failures", Some(ADMIN), None);
+    assert_eq!(status, 200);
+    assert_eq!(
+        failures["failures"].as_array().map(Vec::len),
+        Some(1),
+        "{failures}"
+    );
+    let archive_files = std::fs::read_dir(run._dir.path().join("data/archive"))
+        .map(|entries| entries.count())
+        .unwrap_or(0);
+    assert_eq!(archive_files, 0, "no archive file is complete yet");
 }

@@ -7,17 +7,18 @@
 //! out the tenant, event or endpoint are skipped. In a cluster only process 0's state store
 //! is read, and the answer says so in `scope`; the archive is shared and read whole.
 //!
-//! Attempts appear once their Parquet file is complete (`archive.max_file_age_secs` at the
-//! latest); deliveries appear as soon as the journal or `pending` has them.
+//! Attempts not yet in a complete Parquet file are read from the state store's staging
+//! table, so an attempt appears as soon as its result is durable. Deliveries appear as soon
+//! as the journal or `pending` has them.
 
 use std::path::Path;
 
 use axum::extract::State;
 use axum::Json;
-use hookflow_connectors::StateStore;
+use hookflow_connectors::{StagedFilter, StateStore};
 use hookflow_replay::scan::{scan_archive, text, value, Columns, ScanOptions};
 use hookflow_replay::timespec::{parse_time, utc_date};
-use hookflow_schemas::{Millis, Outcome};
+use hookflow_schemas::{AttemptRow, Millis, Outcome};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -220,6 +221,13 @@ fn event_view(state: &HttpState, tenant: String, id: String) -> Result<EventView
             id: &id,
         },
     )?;
+    let staged = store
+        .staged_rows_matching(StagedFilter::Event {
+            tenant: &tenant,
+            event_id: &id,
+        })
+        .map_err(|e| ApiError::internal("cannot read staged attempts", &e))?;
+    add_staged(&mut attempts, &staged);
     attempts.sort_by(|a, b| {
         (a.generation, a.finished_at_ms, a.attempt).cmp(&(
             b.generation,
@@ -289,6 +297,17 @@ pub async fn endpoint_failures(
                 since_ms,
             },
         )?;
+        let staged = open_store(&state)?
+            .staged_rows_matching(StagedFilter::Endpoint {
+                endpoint_id: &endpoint_id,
+                since_ms,
+            })
+            .map_err(|e| ApiError::internal("cannot read staged attempts", &e))?;
+        let failed: Vec<AttemptRow> = staged
+            .into_iter()
+            .filter(|row| row.outcome != Outcome::Delivered.as_str())
+            .collect();
+        add_staged(&mut failures, &failed);
         failures.sort_by_key(|attempt| std::cmp::Reverse(attempt.finished_at_ms));
         let truncated = failures.len() > limit;
         failures.truncate(limit);
@@ -302,6 +321,44 @@ pub async fn endpoint_failures(
     .await
     .map_err(|e| ApiError::internal("the inspect task failed", &e))??;
     Ok(Json(view))
+}
+
+/// Adds the staged rows that are not also in `attempts`: a row stays staged until just after
+/// its Parquet file is complete, so it can be in both for a moment.
+fn add_staged(attempts: &mut Vec<AttemptView>, staged: &[AttemptRow]) {
+    for row in staged {
+        let view = AttemptView {
+            tenant: row.tenant.clone(),
+            event_id: row.event_id.clone(),
+            endpoint_id: row.endpoint_id.clone(),
+            generation: row.generation,
+            replay_id: row.replay_id.clone(),
+            attempt: row.attempt,
+            outcome: row.outcome.clone(),
+            http_status: row.http_status,
+            error_kind: row.error_kind.clone(),
+            error_message: row.error_message.clone(),
+            started_at: row.started_at_ms.map(rfc3339_ms),
+            finished_at: rfc3339_ms(row.finished_at_ms),
+            finished_at_ms: row.finished_at_ms,
+            latency_ms: row.latency_ms,
+        };
+        let known = attempts.iter().any(|seen| {
+            (
+                seen.tenant.as_ref(),
+                seen.event_id.as_ref(),
+                seen.endpoint_id.as_ref(),
+            ) == (
+                view.tenant.as_ref(),
+                view.event_id.as_ref(),
+                view.endpoint_id.as_ref(),
+            ) && (seen.generation, seen.attempt, seen.finished_at_ms)
+                == (view.generation, view.attempt, view.finished_at_ms)
+        });
+        if !known {
+            attempts.push(view);
+        }
+    }
 }
 
 /// Parses a `since` query value (default 24 hours back), naming the field when bad.

@@ -143,7 +143,8 @@ pub async fn resend_event(
             "nothing_to_resend",
             format!(
                 "event `{id}` of tenant `{tenant}` has no settled delivery in the archive{} \
-                 (a delivery still retrying is not resent)",
+                 (a delivery still retrying is not resent, and a settled one reaches the \
+                 archive within `archive.max_file_age_secs`)",
                 body.endpoint_id
                     .as_deref()
                     .map(|e| format!(" to endpoint `{e}`"))
