@@ -749,3 +749,32 @@ fn staged_attempts_are_inspected() {
         .unwrap_or(0);
     assert_eq!(archive_files, 0, "no archive file is complete yet");
 }
+
+#[test]
+fn sigterm_stops_server_and_run() {
+    let mut run = Running::start(&tokens());
+    let (status, _) = run.call("GET", "/health/live", None, None);
+    assert_eq!(status, 200);
+    let pid = run.child.id().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill -TERM");
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = run.child.try_wait().expect("wait for hookflow") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "hookflow run did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert!(
+        TcpStream::connect(&run.address).is_err(),
+        "the server still accepts connections"
+    );
+}

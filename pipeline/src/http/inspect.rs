@@ -5,7 +5,7 @@
 //! waiting), found through the event's first occurrence. Attempts come from the Parquet
 //! archive, read with `hookflow-replay`'s scanner so that row groups whose statistics rule
 //! out the tenant, event or endpoint are skipped. In a cluster only process 0's state store
-//! is read, and the answer says so in `scope`; the archive is shared and read whole.
+//! is read, and the response says so in `scope`. The archive is shared and read whole.
 //!
 //! Attempts not yet in a complete Parquet file are read from the state store's staging
 //! table, so an attempt appears as soon as its result is durable. Deliveries appear as soon
