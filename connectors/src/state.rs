@@ -716,9 +716,7 @@ impl StateStore {
                 params![endpoint.id, endpoint.tenant, encoded, now_ms],
             )
             .map_err(&error)?;
-        transaction
-            .commit()
-            .map_err(&error)?;
+        transaction.commit().map_err(&error)?;
         Ok(!existed)
     }
 
@@ -748,9 +746,7 @@ impl StateStore {
                 params![id],
             )
             .map_err(&error)?;
-        transaction
-            .commit()
-            .map_err(&error)?;
+        transaction.commit().map_err(&error)?;
         Ok(removed > 0)
     }
 
@@ -792,9 +788,7 @@ impl StateStore {
                 inserted.push(endpoint.id.clone());
             }
         }
-        transaction
-            .commit()
-            .map_err(&error)?;
+        transaction.commit().map_err(&error)?;
         Ok(inserted)
     }
 
@@ -1599,7 +1593,10 @@ mod tests {
             endpoint("ep1", "http://127.0.0.1:1/config"),
             endpoint("ep2", "http://127.0.0.1:1/new"),
         ];
-        assert_eq!(store.seed_endpoints(&from_config, 20)?, vec!["ep2".to_string()]);
+        assert_eq!(
+            store.seed_endpoints(&from_config, 20)?,
+            vec!["ep2".to_string()]
+        );
         assert_eq!(store.endpoint("ep1")?, Some(stored));
         assert_eq!(store.endpoint("ep2")?, Some(from_config[1].clone()));
         assert!(store.seed_endpoints(&from_config, 30)?.is_empty());

@@ -51,8 +51,8 @@ use hookflow_schemas::{
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
-use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::vec::Broadcast;
+use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Concat, ConnectLoop, Feedback, OkErr, Probe};
 use timely::dataflow::Stream;
 
@@ -191,13 +191,18 @@ pub fn run_with_registry(
             "Endpoint is disabled; its deliveries stay parked until it is enabled (`hookflow endpoints enable`, or an endpoint change with `enabled = true`)."
         );
     }
-    let disabled: std::collections::HashSet<String> =
-        disabled.into_iter().map(|entry| entry.endpoint_id).collect();
+    let disabled: std::collections::HashSet<String> = disabled
+        .into_iter()
+        .map(|entry| entry.endpoint_id)
+        .collect();
     let mut http_registry = None;
     let feed = if cluster.serves_management_api() && readiness.problem.is_none() {
         let state_dir = cluster.state_dir(&options.data_dir);
         let (registry, feed) = EndpointRegistry::open(&state_dir).with_context(|| {
-            format!("cannot open the endpoint registry in {}", state_dir.display())
+            format!(
+                "cannot open the endpoint registry in {}",
+                state_dir.display()
+            )
         })?;
         http_registry = Some(registry.clone());
         on_registry(registry);
@@ -923,8 +928,10 @@ fn unrouted_rows<'scope>(
 }
 
 /// The input of endpoint updates for the deliver operators.
-type UpdatesInput =
-    timely::dataflow::InputHandle<u64, timely::container::CapacityContainerBuilder<Vec<EndpointUpdate>>>;
+type UpdatesInput = timely::dataflow::InputHandle<
+    u64,
+    timely::container::CapacityContainerBuilder<Vec<EndpointUpdate>>,
+>;
 
 /// The input of the subscriptions collection.
 type SubscriptionsInput =
@@ -952,11 +959,7 @@ impl DirectoryFeed {
     }
 
     /// Feeds in the registry's waiting changes at the inputs' current time.
-    fn drain(
-        &mut self,
-        subscriptions: &mut SubscriptionsInput,
-        updates: &mut UpdatesInput,
-    ) {
+    fn drain(&mut self, subscriptions: &mut SubscriptionsInput, updates: &mut UpdatesInput) {
         let Some(feed) = self.feed.as_ref() else {
             return;
         };
@@ -983,11 +986,7 @@ impl DirectoryFeed {
     }
 
     /// Makes `endpoint`'s subscription the one in the collection, retracting the one it had.
-    fn subscribe(
-        &mut self,
-        subscriptions: &mut SubscriptionsInput,
-        endpoint: &Endpoint,
-    ) {
+    fn subscribe(&mut self, subscriptions: &mut SubscriptionsInput, endpoint: &Endpoint) {
         let entry = (
             endpoint.tenant.clone(),
             Subscription {

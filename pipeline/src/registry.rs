@@ -1,13 +1,13 @@
 //! The endpoint registry: creates, changes and deletes endpoints while the pipeline runs.
 //!
-//! In: [`EndpointChange`]s from the management API or an embedding program. Out: the change
+//! In: [`EndpointChange`]s from the management API or an embedding program. Out: the change,
 //! written to the `endpoints` table of the state store of the process that serves the
-//! management API, then sent to worker 0 of that process, which feeds it into the dataflow at
-//! the time its inputs stand at (T): into the subscriptions collection that route half-joins
-//! with, and into the endpoint-changes stream broadcast to every worker's deliver operator.
-//! [`EndpointRegistry::apply`] returns once a probe on both has passed T, so an event read
-//! after it returns is routed and delivered with the change. Events read before are not
-//! routed again.
+//! management API and then sent to worker 0 of that process. That worker feeds it into the
+//! dataflow at the current time T of its inputs: into the subscriptions collection that route
+//! half-joins with, and into the endpoint-updates stream broadcast to every worker's deliver
+//! operator. [`EndpointRegistry::apply`] returns once a probe on both has passed T, so an
+//! event read after it returns is routed and delivered with the change. Events read before
+//! are not routed again.
 //!
 //! State: one SQLite connection of its own (WAL, busy timeout, as every state-store
 //! connection), and the sending end of the channel to worker 0. A mutex spans the write and
@@ -46,7 +46,7 @@ impl EndpointChange {
     }
 }
 
-/// What [`EndpointRegistry::apply`] did.
+/// The result of [`EndpointRegistry::apply`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
     /// For an upsert, whether the endpoint was created (`false`: it replaced a stored one).
@@ -57,7 +57,7 @@ pub struct Applied {
     pub effective_at_ms: Millis,
 }
 
-/// Why a change was not applied.
+/// The reason a change was not applied.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     /// A delete named an endpoint the directory does not hold.
@@ -339,12 +339,18 @@ mod tests {
 
         let runtime = runtime();
         let created = runtime
-            .block_on(registry.apply(EndpointChange::Upsert(endpoint("ep1", "http://127.0.0.1:9/a"))))
+            .block_on(registry.apply(EndpointChange::Upsert(endpoint(
+                "ep1",
+                "http://127.0.0.1:9/a",
+            ))))
             .expect("create");
         assert!(created.created);
         assert_eq!(created.effective_at_ms, 100);
         let updated = runtime
-            .block_on(registry.apply(EndpointChange::Upsert(endpoint("ep1", "http://127.0.0.1:9/b"))))
+            .block_on(registry.apply(EndpointChange::Upsert(endpoint(
+                "ep1",
+                "http://127.0.0.1:9/b",
+            ))))
             .expect("update");
         assert!(!updated.created);
         assert_eq!(updated.effective_at_ms, 101);
@@ -353,7 +359,8 @@ mod tests {
             Some("http://127.0.0.1:9/b".to_string())
         );
 
-        let missing = runtime.block_on(registry.apply(EndpointChange::Delete { id: "nope".into() }));
+        let missing =
+            runtime.block_on(registry.apply(EndpointChange::Delete { id: "nope".into() }));
         assert!(matches!(missing, Err(RegistryError::NotFound { id }) if id == "nope"));
         runtime
             .block_on(registry.apply(EndpointChange::Delete { id: "ep1".into() }))
@@ -362,7 +369,11 @@ mod tests {
 
         drop(registry);
         let fed = worker.join().expect("worker");
-        assert_eq!(fed, vec!["ep1", "ep1", "ep1"], "a rejected delete is not fed in");
+        assert_eq!(
+            fed,
+            vec!["ep1", "ep1", "ep1"],
+            "a rejected delete is not fed in"
+        );
     }
 
     #[test]
@@ -370,13 +381,21 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let (registry, feed) = EndpointRegistry::open(dir.path()).expect("open");
         drop(feed);
-        let result = runtime()
-            .block_on(registry.apply(EndpointChange::Upsert(endpoint("ep1", "http://127.0.0.1:9/a"))));
-        assert!(matches!(result, Err(RegistryError::PipelineStopped { .. })), "{result:?}");
+        let result = runtime().block_on(registry.apply(EndpointChange::Upsert(endpoint(
+            "ep1",
+            "http://127.0.0.1:9/a",
+        ))));
+        assert!(
+            matches!(result, Err(RegistryError::PipelineStopped { .. })),
+            "{result:?}"
+        );
         drop(registry);
 
         let store = StateStore::open_dir(dir.path()).expect("reopen");
-        assert_eq!(store.endpoint("ep1").expect("read").map(|e| e.id), Some("ep1".to_string()));
+        assert_eq!(
+            store.endpoint("ep1").expect("read").map(|e| e.id),
+            Some("ep1".to_string())
+        );
     }
 
     #[test]
@@ -386,8 +405,20 @@ mod tests {
         let cases = [
             ("id", endpoint(" ", "http://127.0.0.1:9/a")),
             ("url", endpoint("ep1", "ftp://127.0.0.1/a")),
-            ("max_in_flight", Endpoint { max_in_flight: 0, ..endpoint("ep1", "http://127.0.0.1:9/a") }),
-            ("secrets", Endpoint { secrets: Vec::new(), ..endpoint("ep1", "http://127.0.0.1:9/a") }),
+            (
+                "max_in_flight",
+                Endpoint {
+                    max_in_flight: 0,
+                    ..endpoint("ep1", "http://127.0.0.1:9/a")
+                },
+            ),
+            (
+                "secrets",
+                Endpoint {
+                    secrets: Vec::new(),
+                    ..endpoint("ep1", "http://127.0.0.1:9/a")
+                },
+            ),
         ];
         let runtime = runtime();
         for (field, invalid) in cases {

@@ -126,7 +126,10 @@ fn endpoint_changes_apply_while_running() {
         ("paused", "t4", receiver.url("/paused"), r#"["*"]"#),
     ];
     // `moving` retries quickly; `doomed` waits a minute, so its retry is pending when deleted.
-    let mut text = config_text(&endpoints, "[retry]\nschedule_ms = [300, 300, 300, 300, 300, 300, 300, 300]\njitter_percent = 0\n");
+    let mut text = config_text(
+        &endpoints,
+        "[retry]\nschedule_ms = [300, 300, 300, 300, 300, 300, 300, 300]\njitter_percent = 0\n",
+    );
     text = text.replace(
         "id = \"doomed\"",
         "id = \"doomed\"\nrate_limit = { max_requests = 1, window_ms = 60000 }",
@@ -136,43 +139,72 @@ fn endpoint_changes_apply_while_running() {
 
     // Created: an event read before the change is not delivered to the new endpoint, one
     // read after it is.
-    publish_lines(dir.path(), &[event_line("t1", "evt_before", "a.b", "{}")], false)
-        .expect("publish");
+    publish_lines(
+        dir.path(),
+        &[event_line("t1", "evt_before", "a.b", "{}")],
+        false,
+    )
+    .expect("publish");
     wait_for("evt_before at /base", || {
-        ids_at(&receiver, "/base").iter().any(|id| id.contains("evt_before"))
+        ids_at(&receiver, "/base")
+            .iter()
+            .any(|id| id.contains("evt_before"))
     });
     let mut created = configured(&text, "base");
     created.id = "new".to_string();
     created.url = receiver.url("/new");
     running.apply(EndpointChange::Upsert(created));
-    publish_lines(dir.path(), &[event_line("t1", "evt_after", "a.b", "{}")], false)
-        .expect("publish");
-    wait_for("evt_after at /new", || !ids_at(&receiver, "/new").is_empty());
+    publish_lines(
+        dir.path(),
+        &[event_line("t1", "evt_after", "a.b", "{}")],
+        false,
+    )
+    .expect("publish");
+    wait_for("evt_after at /new", || {
+        !ids_at(&receiver, "/new").is_empty()
+    });
 
     // Updated URL: the next attempt of a failing delivery goes to the new URL.
-    publish_lines(dir.path(), &[event_line("t2", "evt_move", "a.b", "{}")], false)
-        .expect("publish");
-    wait_for("a failed attempt at /fail", || !receiver.requests_to("/fail").is_empty());
+    publish_lines(
+        dir.path(),
+        &[event_line("t2", "evt_move", "a.b", "{}")],
+        false,
+    )
+    .expect("publish");
+    wait_for("a failed attempt at /fail", || {
+        !receiver.requests_to("/fail").is_empty()
+    });
     let mut moved = configured(&text, "moving");
     moved.url = receiver.url("/moved");
     running.apply(EndpointChange::Upsert(moved));
     let failed_before_move = receiver.requests_to("/fail").len();
-    wait_for("the retry at /moved", || !receiver.requests_to("/moved").is_empty());
+    wait_for("the retry at /moved", || {
+        !receiver.requests_to("/moved").is_empty()
+    });
 
     // Disabled: a new event is parked, not sent; enabled: it resumes without a restart.
     let mut paused = configured(&text, "paused");
     paused.enabled = false;
     running.apply(EndpointChange::Upsert(paused.clone()));
-    publish_lines(dir.path(), &[event_line("t4", "evt_parked", "a.b", "{}")], false)
-        .expect("publish");
+    publish_lines(
+        dir.path(),
+        &[event_line("t4", "evt_parked", "a.b", "{}")],
+        false,
+    )
+    .expect("publish");
     let store = StateStore::open(dir.path()).expect("state store");
     wait_for("evt_parked parked", || {
         !store.parked_of("paused").expect("read parked").is_empty()
     });
-    assert!(receiver.requests_to("/paused").is_empty(), "a disabled endpoint got a request");
+    assert!(
+        receiver.requests_to("/paused").is_empty(),
+        "a disabled endpoint got a request"
+    );
     paused.enabled = true;
     running.apply(EndpointChange::Upsert(paused));
-    wait_for("evt_parked at /paused", || !receiver.requests_to("/paused").is_empty());
+    wait_for("evt_parked at /paused", || {
+        !receiver.requests_to("/paused").is_empty()
+    });
 
     // Deleted: the delivery waiting for its retry is dead-lettered as `endpoint_deleted`.
     publish_lines(
@@ -184,7 +216,9 @@ fn endpoint_changes_apply_while_running() {
         false,
     )
     .expect("publish");
-    wait_for("a failed attempt at /doomed", || !receiver.requests_to("/doomed").is_empty());
+    wait_for("a failed attempt at /doomed", || {
+        !receiver.requests_to("/doomed").is_empty()
+    });
     running.apply(EndpointChange::Delete {
         id: "doomed".to_string(),
     });
@@ -196,7 +230,9 @@ fn endpoint_changes_apply_while_running() {
     assert_eq!(new_ids.len(), 1, "{new_ids:?}");
     assert!(new_ids[0].contains("evt_after"), "{new_ids:?}");
     assert!(
-        ids_at(&receiver, "/moved").iter().all(|id| id.contains("evt_move")),
+        ids_at(&receiver, "/moved")
+            .iter()
+            .all(|id| id.contains("evt_move")),
         "only the moved delivery goes to /moved"
     );
     assert!(
@@ -215,10 +251,17 @@ fn endpoint_changes_apply_while_running() {
         .filter(|row| row.error_kind.as_deref() == Some("endpoint_deleted"))
         .collect();
     assert_eq!(deleted.len(), 2, "{doomed:#?}");
-    assert!(deleted.iter().all(|row| row.outcome == "dead_lettered"), "{deleted:#?}");
+    assert!(
+        deleted.iter().all(|row| row.outcome == "dead_lettered"),
+        "{deleted:#?}"
+    );
     assert_eq!(report.parked, 0, "nothing stays parked");
     let store = StateStore::open(dir.path()).expect("state store");
-    assert_eq!(store.pending().expect("pending").len(), 0, "nothing stays pending");
+    assert_eq!(
+        store.pending().expect("pending").len(),
+        0,
+        "nothing stays pending"
+    );
 }
 
 #[test]

@@ -87,8 +87,8 @@ use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::operator::empty;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
-use timely::progress::frontier::MutableAntichain;
 use timely::dataflow::Stream;
+use timely::progress::frontier::MutableAntichain;
 use timely::scheduling::SyncActivator;
 
 use super::client::DeliveryClient;
@@ -351,72 +351,78 @@ impl<'scope> Deliver<'scope> for Stream<'scope, u64, Vec<Delivery>> {
             parked,
         } = directory;
 
-        self.binary_frontier(updates, exchange, Pipeline, "Deliver", move |_capability, info| {
-            let wakeup = Wakeup::new(scope.worker(), info.address);
-            context.stop.watch(wakeup.sync_activator());
-            let (sender, receiver) = mpsc::channel();
-            let owner = Owner {
-                index: scope.index(),
-                peers: scope.peers(),
-            };
-            let mut state = DeliverState::new(context, payloads, sender, receiver, wakeup);
-            state.disabled = disabled;
-            state.parked = parked;
-            state.owner = owner;
+        self.binary_frontier(
+            updates,
+            exchange,
+            Pipeline,
+            "Deliver",
+            move |_capability, info| {
+                let wakeup = Wakeup::new(scope.worker(), info.address);
+                context.stop.watch(wakeup.sync_activator());
+                let (sender, receiver) = mpsc::channel();
+                let owner = Owner {
+                    index: scope.index(),
+                    peers: scope.peers(),
+                };
+                let mut state = DeliverState::new(context, payloads, sender, receiver, wakeup);
+                state.disabled = disabled;
+                state.parked = parked;
+                state.owner = owner;
 
-            move |(input, _), (updates, update_frontier), output| {
-                let now = state.context.clock.now_ms();
-                let port = output.output_index();
+                move |(input, _), (updates, update_frontier), output| {
+                    let now = state.context.clock.now_ms();
+                    let port = output.output_index();
 
-                // Updates first: a delivery at a time the updates input has passed must see
-                // every update up to that time.
-                updates.for_each_stamp(|capability, containers| {
-                    let Some(time) = capability.least().copied() else {
-                        return;
-                    };
-                    let held = capability.delayed(&time, port);
-                    for container in containers {
-                        for update in container.drain(..) {
-                            state.update(&held, update, now);
+                    // Updates first: a delivery at a time the updates input has passed must see
+                    // every update up to that time.
+                    updates.for_each_stamp(|capability, containers| {
+                        let Some(time) = capability.least().copied() else {
+                            return;
+                        };
+                        let held = capability.delayed(&time, port);
+                        for container in containers {
+                            for update in container.drain(..) {
+                                state.update(&held, update, now);
+                            }
                         }
-                    }
-                });
+                    });
 
-                input.for_each_stamp(|capability, containers| {
-                    let Some(time) = capability.least().copied() else {
-                        return;
-                    };
-                    let held = capability.delayed(&time, port);
-                    for container in containers {
-                        for delivery in container.drain(..) {
-                            state.accept(&held, delivery, now, update_frontier);
+                    input.for_each_stamp(|capability, containers| {
+                        let Some(time) = capability.least().copied() else {
+                            return;
+                        };
+                        let held = capability.delayed(&time, port);
+                        for container in containers {
+                            for delivery in container.drain(..) {
+                                state.accept(&held, delivery, now, update_frontier);
+                            }
                         }
-                    }
-                });
-                state.release_unknown(now, update_frontier);
+                    });
+                    state.release_unknown(now, update_frontier);
 
-                state.release_scheduled(now);
-                state.release_holds(now);
-                state.collect_completions(now);
-                state.start_requests(now);
-                state.park_waiting(now);
+                    state.release_scheduled(now);
+                    state.release_holds(now);
+                    state.collect_completions(now);
+                    state.start_requests(now);
+                    state.park_waiting(now);
 
-                let mut emitted = std::mem::take(&mut state.emitted);
-                emitted.sort_by_key(|(capability, _)| *capability.time());
-                let mut emitted = emitted.into_iter().peekable();
-                while let Some((capability, record)) = emitted.next() {
-                    let mut session = output.session(&capability);
-                    session.give(record);
-                    while let Some((_, record)) =
-                        emitted.next_if(|(next, _)| next.time() == capability.time())
-                    {
+                    let mut emitted = std::mem::take(&mut state.emitted);
+                    emitted.sort_by_key(|(capability, _)| *capability.time());
+                    let mut emitted = emitted.into_iter().peekable();
+                    while let Some((capability, record)) = emitted.next() {
+                        let mut session = output.session(&capability);
                         session.give(record);
+                        while let Some((_, record)) =
+                            emitted.next_if(|(next, _)| next.time() == capability.time())
+                        {
+                            session.give(record);
+                        }
                     }
-                }
 
-                state.refresh_hold(now);
-            }
-        })
+                    state.refresh_hold(now);
+                }
+            },
+        )
     }
 }
 
@@ -791,7 +797,9 @@ impl DeliverState {
     fn apply_endpoint(&mut self, held: &Capability<u64>, endpoint: Endpoint, now: Millis) {
         let id = endpoint.id.clone();
         let was_disabled = self.is_disabled(&id) || !self.directory.contains_key(&id);
-        let previous = self.directory.insert(id.clone(), Arc::new(endpoint.clone()));
+        let previous = self
+            .directory
+            .insert(id.clone(), Arc::new(endpoint.clone()));
         self.deleted.remove(&id);
         self.reported_unknown.remove(&id);
         tracing::info!(
@@ -852,10 +860,17 @@ impl DeliverState {
             }
             None => VecDeque::new(),
         };
-        for Waiting { delivery, held: own, .. } in waiting {
+        for Waiting {
+            delivery,
+            held: own,
+            ..
+        } in waiting
+        {
             match own.or_else(|| self.current_at(now)) {
                 Some(capability) => dropped.push((capability, delivery)),
-                None => tracing::error!("A pending delivery has no held capability; it stays pending."),
+                None => {
+                    tracing::error!("A pending delivery has no held capability; it stays pending.")
+                }
             }
         }
         for (capability, deliveries) in self.scheduled.values_mut() {
@@ -863,9 +878,13 @@ impl DeliverState {
                 .into_iter()
                 .partition(|(_, delivery)| delivery.endpoint_id == id);
             *deliveries = kept;
-            dropped.extend(gone.into_iter().map(|(_, delivery)| (capability.clone(), delivery)));
+            dropped.extend(
+                gone.into_iter()
+                    .map(|(_, delivery)| (capability.clone(), delivery)),
+            );
         }
-        self.scheduled.retain(|_, (_, deliveries)| !deliveries.is_empty());
+        self.scheduled
+            .retain(|_, (_, deliveries)| !deliveries.is_empty());
 
         if self.owner.owns(id) {
             match self.parked.parked(id) {
@@ -874,7 +893,9 @@ impl DeliverState {
                         .iter()
                         .map(|entry| (held.clone(), entry.to_delivery())),
                 ),
-                Err(error) => tracing::error!(endpoint_id = %id, %error, "Cannot read the deleted endpoint's parked deliveries; they stay parked."),
+                Err(error) => {
+                    tracing::error!(endpoint_id = %id, %error, "Cannot read the deleted endpoint's parked deliveries; they stay parked.")
+                }
             }
             if let Err(error) = self.parked.clear_disabled(id) {
                 tracing::error!(endpoint_id = %id, %error, "Cannot clear the deleted endpoint's run-time disabling in the state store.");
@@ -1781,6 +1802,46 @@ impl Drop for CompletionGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owner_matches_the_exchange() {
+        use timely::dataflow::operators::{Exchange as _, Inspect, ToStream};
+
+        for workers in [3, 4] {
+            let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let sink = Arc::clone(&seen);
+            timely::execute(timely::Config::process(workers), move |worker| {
+                let index = worker.index();
+                let peers = worker.peers();
+                let sink = Arc::clone(&sink);
+                worker.dataflow::<u64, _, _>(|scope| {
+                    let ids: Vec<String> = if index == 0 {
+                        (0..40).map(|n| format!("ep_{n}")).collect()
+                    } else {
+                        Vec::new()
+                    };
+                    ids.to_stream(scope)
+                        .container::<Vec<String>>()
+                        .exchange(|id: &String| endpoint_hash(id))
+                        .inspect(move |id: &String| {
+                            let owner = Owner { index, peers };
+                            sink.lock()
+                                .expect("lock")
+                                .push((id.clone(), owner.owns(id)));
+                        });
+                });
+            })
+            .expect("timely");
+            let seen = seen.lock().expect("lock");
+            assert_eq!(seen.len(), 40, "{workers} workers");
+            for (id, owned) in seen.iter() {
+                assert!(
+                    owned,
+                    "{workers} workers: {id} reached a worker that does not own it"
+                );
+            }
+        }
+    }
 
     #[test]
     fn endpoint_hash_is_fixed() {
