@@ -24,7 +24,10 @@ pub use archive::{
 };
 pub use local_log::{partition_for_key, LocalLog, LocalLogOptions};
 pub use source::{Source, SourceStatus};
-pub use state::{DisabledEndpoint, DurableBatch, StateStore, STATE_FORMAT_VERSION};
+pub use state::{
+    DisabledEndpoint, DurableBatch, EventRecord, JournalEntry, StagedFilter, StateStore,
+    STATE_FORMAT_VERSION,
+};
 
 /// The error type of every fallible operation in this crate.
 ///

@@ -64,6 +64,49 @@ pub struct DisabledEndpoint {
     pub reason: String,
 }
 
+/// One journal entry: a delivery that reached its final outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    /// The endpoint delivered to.
+    pub endpoint_id: String,
+    /// The delivery's generation (0 for the original, more for resends and replays).
+    pub generation: u32,
+    /// `delivered`, `dead_lettered` or `expired`.
+    pub outcome: String,
+    /// When the outcome was journaled (ms since epoch).
+    pub settled_at_ms: Millis,
+}
+
+/// The staged rows [`StateStore::staged_rows_matching`] reads.
+#[derive(Debug, Clone, Copy)]
+pub enum StagedFilter<'a> {
+    /// The attempts of one event.
+    Event {
+        /// The event's tenant.
+        tenant: &'a str,
+        /// The event's id.
+        event_id: &'a str,
+    },
+    /// The attempts of one endpoint finished at or after `since_ms`.
+    Endpoint {
+        /// The endpoint's id.
+        endpoint_id: &'a str,
+        /// The earliest finish time, in ms since the Unix epoch.
+        since_ms: Millis,
+    },
+}
+
+/// The store's record of one event, from [`StateStore::event_record`].
+#[derive(Debug, Clone, Default)]
+pub struct EventRecord {
+    /// Its first occurrence, while inside the dedup window.
+    pub first_seen: Option<FirstSeen>,
+    /// Its settled deliveries.
+    pub journal: Vec<JournalEntry>,
+    /// Its deliveries waiting for a retry, or parked.
+    pub pending: Vec<PendingDelivery>,
+}
+
 /// Everything one dataflow step must make durable at once.
 #[derive(Debug, Clone, Default)]
 pub struct DurableBatch {
@@ -859,6 +902,66 @@ impl StateStore {
             .collect()
     }
 
+    /// Reads the store's record of one event: its first occurrence, the journal entries
+    /// of its deliveries (every generation) and its pending deliveries, for the inspect API.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read or a pending entry does not decode.
+    pub fn event_record(
+        &self,
+        tenant: &str,
+        event_id: &str,
+    ) -> Result<EventRecord, ConnectorError> {
+        let first_seen = self
+            .connection
+            .query_row(
+                "SELECT partition, offset, first_seen_ms FROM first_seen WHERE tenant = ?1 AND event_id = ?2",
+                params![tenant, event_id],
+                |row| {
+                    Ok(FirstSeen {
+                        tenant: tenant.to_string(),
+                        event_id: event_id.to_string(),
+                        partition: row.get(0)?,
+                        offset: row.get(1)?,
+                        first_seen_ms: row.get(2)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(self.error("read first occurrences"))?;
+        let mut statement = self
+            .connection
+            .prepare_cached(
+                "SELECT endpoint_id, generation, outcome, settled_at_ms FROM journal \
+                 WHERE tenant = ?1 AND event_id = ?2 ORDER BY generation, endpoint_id",
+            )
+            .map_err(self.error("read the journal"))?;
+        let journal = statement
+            .query_map(params![tenant, event_id], |row| {
+                Ok(JournalEntry {
+                    endpoint_id: row.get(0)?,
+                    generation: row.get(1)?,
+                    outcome: row.get(2)?,
+                    settled_at_ms: row.get(3)?,
+                })
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(self.error("read the journal"))?;
+        // Pending deliveries are keyed by record position, so the first occurrence and the
+        // replay records of later generations are found through their entries.
+        let pending = self
+            .pending()?
+            .into_iter()
+            .filter(|entry| entry.tenant == tenant && entry.event_id == event_id)
+            .collect();
+        Ok(EventRecord {
+            first_seen,
+            journal,
+            pending,
+        })
+    }
+
     /// Reads the first occurrences seen at or after `since_ms`.
     ///
     /// # Errors
@@ -920,6 +1023,54 @@ impl StateStore {
                         what: "staged attempt row",
                         detail: e.to_string(),
                     })
+            })
+            .collect()
+    }
+
+    /// Reads the staged rows (attempts not yet in a complete Parquet file) of one event, or of
+    /// one endpoint finished at or after `since_ms`, for the inspect API. Staged rows are few:
+    /// at most `archive.max_file_age_secs` of attempts.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read or a row does not decode.
+    pub fn staged_rows_matching(
+        &self,
+        filter: StagedFilter<'_>,
+    ) -> Result<Vec<AttemptRow>, ConnectorError> {
+        let (sql, first, second) = match filter {
+            StagedFilter::Event { tenant, event_id } => (
+                "SELECT row FROM staged_rows WHERE json_extract(row, '$.tenant') = ?1 \
+                 AND json_extract(row, '$.event_id') = ?2 ORDER BY seq",
+                rusqlite::types::Value::Text(tenant.to_string()),
+                rusqlite::types::Value::Text(event_id.to_string()),
+            ),
+            StagedFilter::Endpoint {
+                endpoint_id,
+                since_ms,
+            } => (
+                "SELECT row FROM staged_rows WHERE json_extract(row, '$.endpoint_id') = ?1 \
+                 AND json_extract(row, '$.finished_at_ms') >= ?2 ORDER BY seq",
+                rusqlite::types::Value::Text(endpoint_id.to_string()),
+                rusqlite::types::Value::Integer(i64::try_from(since_ms).unwrap_or(i64::MAX)),
+            ),
+        };
+        let mut statement = self
+            .connection
+            .prepare_cached(sql)
+            .map_err(self.error("read staged rows"))?;
+        let rows = statement
+            .query_map(params![first, second], |row| row.get::<_, String>(0))
+            .map_err(self.error("read staged rows"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.error("read staged rows"))?;
+        rows.iter()
+            .map(|row| {
+                serde_json::from_str(row).map_err(|e| ConnectorError::CorruptState {
+                    path: self.path.clone(),
+                    what: "staged attempt row",
+                    detail: e.to_string(),
+                })
             })
             .collect()
     }

@@ -1135,7 +1135,7 @@ fn is_localhost(name: &str) -> bool {
 }
 
 /// Checks a Standard Webhooks secret: `whsec_` then base64 of 24 to 64 bytes.
-fn check_secret(secret: &str) -> Result<(), String> {
+pub(crate) fn check_secret(secret: &str) -> Result<(), String> {
     let Some(encoded) = secret.strip_prefix("whsec_") else {
         return Err("must start with `whsec_` followed by base64".into());
     };

@@ -198,6 +198,7 @@ pub fn run_with_registry(
         .into_iter()
         .map(|entry| entry.endpoint_id)
         .collect();
+    let mut http_registry = None;
     let feed = if cluster.serves_management_api() && readiness.problem.is_none() {
         let state_dir = cluster.state_dir(&options.data_dir);
         let (registry, feed) = EndpointRegistry::open(&state_dir).with_context(|| {
@@ -206,6 +207,7 @@ pub fn run_with_registry(
                 state_dir.display()
             )
         })?;
+        http_registry = Some(registry.clone());
         on_registry(registry);
         Some(feed)
     } else {
@@ -268,6 +270,7 @@ pub fn run_with_registry(
     )?;
     let http_state = crate::http::HttpState {
         monitor: crate::monitor::Monitor::new(metrics.clone(), archive_dir.clone()),
+        registry: http_registry,
         ..http_state
     };
     crate::http::start(http_state, runtime.handle())?;

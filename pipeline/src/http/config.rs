@@ -92,7 +92,7 @@ impl fmt::Debug for ApiToken {
     }
 }
 
-/// Where the server listens.
+/// The address the server listens on, and whether it was configured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listen {
     /// Do not serve HTTP.
@@ -126,7 +126,7 @@ impl HttpConfig {
         Ok(())
     }
 
-    /// Where to listen, or the field and problem.
+    /// Returns the address to listen on, or the field and problem.
     pub fn listen(&self) -> Result<Listen, (String, String)> {
         if !self.enabled {
             return Ok(Listen::Off);
@@ -145,12 +145,12 @@ impl HttpConfig {
         }
     }
 
-    /// The admin token, when the management API is on.
+    /// Returns the admin token, when the management API is on.
     pub fn admin_token(&self) -> Option<&ApiToken> {
         self.resolved.admin.as_ref()
     }
 
-    /// The producer token, when `POST /v1/events` is on.
+    /// Returns the producer token, when `POST /v1/events` is on.
     pub fn producer_token(&self) -> Option<&ApiToken> {
         self.resolved.producer.as_ref()
     }
@@ -185,7 +185,11 @@ fn resolve_token(
                     format!("environment variable `{variable}` is not set or not UTF-8"),
                 )
             })?;
-            (name, text, format!(" (in environment variable `{variable}`)"))
+            (
+                name,
+                text,
+                format!(" (in environment variable `{variable}`)"),
+            )
         }
         (_, _, Some(path)) => {
             let name = format!("{field}_file");
@@ -225,39 +229,58 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<HttpConfig, (String, String)> {
-        let mut config: HttpConfig = toml::from_str(text).map_err(|e| ("toml".into(), e.to_string()))?;
+        let mut config: HttpConfig =
+            toml::from_str(text).map_err(|e| ("toml".into(), e.to_string()))?;
         config.validate(Path::new("/nonexistent-base"))?;
         Ok(config)
     }
 
     #[test]
     fn default_listens_on_loopback_without_tokens() {
-        let config = parse("").unwrap();
+        let config = parse("").expect("defaults");
         assert_eq!(
-            config.listen().unwrap(),
-            Listen::Default("127.0.0.1:9464".parse().unwrap())
+            config.listen().expect("listen"),
+            Listen::Default("127.0.0.1:9464".parse().expect("address"))
         );
         assert!(config.admin_token().is_none());
         assert!(config.producer_token().is_none());
-        assert_eq!(parse("enabled = false").unwrap().listen().unwrap(), Listen::Off);
+        assert_eq!(
+            parse("enabled = false")
+                .expect("off")
+                .listen()
+                .expect("listen"),
+            Listen::Off
+        );
     }
 
     #[test]
     fn tokens_from_value_env_and_file() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("dir");
         let file = dir.path().join("producer.token");
-        std::fs::write(&file, "producer-token-0123456789\n").unwrap();
+        std::fs::write(&file, "producer-token-0123456789\n").expect("write");
         std::env::set_var("HOOKFLOW_TEST_ADMIN_TOKEN", "admin-token-from-env-0123");
         let mut config: HttpConfig = toml::from_str(&format!(
             "listen = \"127.0.0.1:0\"\nadmin_token_env = \"HOOKFLOW_TEST_ADMIN_TOKEN\"\nproducer_token_file = \"{}\"",
             file.display()
         ))
-        .unwrap();
-        config.validate(dir.path()).unwrap();
-        assert!(config.admin_token().unwrap().matches("admin-token-from-env-0123"));
-        assert!(!config.admin_token().unwrap().matches("admin-token-from-env-0124"));
-        assert!(config.producer_token().unwrap().matches("producer-token-0123456789"));
-        assert_eq!(format!("{:?}", config.admin_token()), "Some(\"<redacted>\")");
+        .expect("toml");
+        config.validate(dir.path()).expect("valid");
+        assert!(config
+            .admin_token()
+            .expect("admin")
+            .matches("admin-token-from-env-0123"));
+        assert!(!config
+            .admin_token()
+            .expect("admin")
+            .matches("admin-token-from-env-0124"));
+        assert!(config
+            .producer_token()
+            .expect("producer")
+            .matches("producer-token-0123456789"));
+        assert_eq!(
+            format!("{:?}", config.admin_token()),
+            "Some(\"<redacted>\")"
+        );
         let debug = format!("{config:?}");
         assert!(!debug.contains("admin-token-from-env"), "{debug}");
     }
@@ -265,8 +288,16 @@ mod tests {
     #[test]
     fn bad_values_name_the_field() {
         for (text, field, problem) in [
-            ("listen = \"localhost:80\"", "http.listen", "is not an address"),
-            ("admin_token = \"short\"", "http.admin_token", "shorter than 16"),
+            (
+                "listen = \"localhost:80\"",
+                "http.listen",
+                "is not an address",
+            ),
+            (
+                "admin_token = \"short\"",
+                "http.admin_token",
+                "shorter than 16",
+            ),
             (
                 "producer_token = \"has a space in the token\"",
                 "http.producer_token",
@@ -288,7 +319,7 @@ mod tests {
                 "cannot read token file",
             ),
         ] {
-            let (got_field, got_problem) = parse(text).unwrap_err();
+            let (got_field, got_problem) = parse(text).expect_err(text);
             assert_eq!(got_field, field, "{text}");
             assert!(got_problem.contains(problem), "{text}: {got_problem}");
             assert!(!got_problem.contains("has a space"), "{got_problem}");

@@ -20,7 +20,7 @@ use serde::Serialize;
 pub struct ErrorBody {
     /// Stable machine-readable code, such as `invalid_field` or `unauthorized`.
     pub code: String,
-    /// What went wrong, for people.
+    /// A description of the problem, for people.
     pub message: String,
     /// The bad part of the input, when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -40,7 +40,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    /// An error with `status`, `code` and `message` and no field.
+    /// Creates an error with `status`, `code` and `message` and no field.
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
         ApiError {
             status,
@@ -53,17 +53,18 @@ impl ApiError {
         }
     }
 
-    /// A 400 `invalid_field` naming `field`.
+    /// Creates a 400 `invalid_field` naming `field`.
     pub fn invalid_field(field: impl Into<String>, message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", message).with_field(field)
     }
 
-    /// A 404 `not_found`.
+    /// Creates a 404 `not_found`.
     pub fn not_found(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
-    /// A 500 `internal`: hookflow failed, not the request. The cause is logged, not sent.
+    /// Creates a 500 `internal`, for a failure of hookflow rather than of the request. The
+    /// cause is logged, not sent.
     pub fn internal(context: &str, error: &dyn std::fmt::Display) -> Self {
         tracing::error!(%error, context, "A request failed inside hookflow.");
         ApiError::new(
@@ -91,16 +92,15 @@ impl IntoResponse for ApiError {
         let unauthorized = self.status == StatusCode::UNAUTHORIZED;
         let mut response = (self.status, axum::Json(self.body)).into_response();
         if unauthorized {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer"),
-            );
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
 }
 
-/// The router's fallback: no such route.
+/// Returns the 404 of a path that matches no route.
 pub async fn no_route() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
@@ -159,7 +159,11 @@ pub async fn json_body<S: Send + Sync>(
                     rejection.body_text(),
                 )
             } else {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", rejection.body_text())
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_body",
+                    rejection.body_text(),
+                )
             }
         })
 }
@@ -189,8 +193,8 @@ fn invalid_json(error: &serde_json::Error) -> ApiError {
     )
 }
 
-/// The field a serde data error is about: the path, or for a missing or unknown field the
-/// field's own name under the path.
+/// Returns the field a serde data error is about: the path, or for a missing or unknown field
+/// the field's own name under the path.
 fn field_of(path: &str, message: &str) -> Option<String> {
     let named = ["missing field `", "unknown field `"]
         .iter()
@@ -232,10 +236,13 @@ where
                     .to_string();
                 let mut error =
                     ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", message.clone());
-                error.body.field = field_of(".", &message).or_else(|| {
-                    // serde_urlencoded says only what was wrong, not where, for a bad value.
-                    None
+                // The deserializer prefixes the parameter's name: `limit: invalid digit ...`.
+                let named = message.split_once(": ").and_then(|(name, _)| {
+                    let simple = !name.is_empty()
+                        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                    simple.then(|| name.to_string())
                 });
+                error.body.field = named.or_else(|| field_of(".", &message));
                 error
             })
     }
@@ -257,7 +264,11 @@ where
             .await
             .map(|path| ApiPath(path.0))
             .map_err(|rejection: PathRejection| {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid_path", rejection.body_text())
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_path",
+                    rejection.body_text(),
+                )
             })
     }
 }
@@ -271,7 +282,12 @@ mod mime_type {
         type Err = ();
 
         fn from_str(text: &str) -> Result<Self, ()> {
-            let essence = text.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            let essence = text
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
             if essence.contains('/') {
                 Ok(Essence(essence))
             } else {
@@ -312,7 +328,11 @@ mod tests {
         let cases = [
             (r#"{"url": 5}"#, "invalid_field", Some("url")),
             (r#"{}"#, "invalid_field", Some("url")),
-            (r#"{"url": "x", "color": 1}"#, "invalid_field", Some("color")),
+            (
+                r#"{"url": "x", "color": 1}"#,
+                "invalid_field",
+                Some("color"),
+            ),
             (
                 r#"{"url": "x", "rate_limit": {"max_requests": -1}}"#,
                 "invalid_field",
@@ -327,7 +347,7 @@ mod tests {
             (r#"{"url": "x"} trailing"#, "invalid_json", None),
         ];
         for (body, code, field) in cases {
-            let error = parse_json::<Sample>(body.as_bytes()).unwrap_err();
+            let error = parse_json::<Sample>(body.as_bytes()).expect_err(body);
             assert_eq!(error.status, StatusCode::BAD_REQUEST, "{body}");
             assert_eq!(error.body.code, code, "{body}");
             assert_eq!(error.body.field.as_deref(), field, "{body}: {error:?}");

@@ -1,5 +1,5 @@
 //! `POST /v1/events`: validates one event exactly as `hookflow publish` does, appends it to
-//! the configured source and answers 202 with its acceptance; a repeated (tenant, id) gets
+//! the configured source and returns 202 with its acceptance. A repeated (tenant, id) gets
 //! 200 with the original acceptance.
 //!
 //! Acceptances are kept in a SQLite file of their own, `<data-dir>/api/ingest.sqlite`:
@@ -19,7 +19,8 @@
 //! itself remembers a (tenant, id).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
 
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
@@ -35,13 +36,13 @@ use super::auth::Producer;
 use super::error::{json_body, ApiError, ErrorBody};
 use super::HttpState;
 
-/// Why the ingest ledger or the source failed.
+/// An error of the ingest ledger or the source.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     /// The ledger database failed.
     #[error("ingest ledger {path}: {action}")]
     Ledger {
-        /// What was being done.
+        /// The action that failed.
         action: &'static str,
         /// The database file.
         path: PathBuf,
@@ -61,7 +62,7 @@ pub enum IngestError {
     },
 }
 
-/// The answer to an accepted event, the first time and every repeat.
+/// The acceptance of an event, returned the first time and on every repeat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Acceptance {
     /// The event's id.
@@ -78,7 +79,7 @@ pub struct Acceptance {
     pub offset: u64,
 }
 
-/// Where accepted events go. One function dispatches on the configured source.
+/// The destination of accepted events. One function dispatches on the configured source.
 pub enum EventSink {
     /// The embedded local log.
     LocalLog(LocalLog),
@@ -210,7 +211,13 @@ impl IngestLedger {
                 "SELECT accepted_at_ms, partition, log_offset FROM acceptances
                  WHERE tenant = ?1 AND id = ?2",
                 params![tenant, id],
-                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?, row.get::<_, i64>(2)?)),
+                |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, i64>(1)?,
+                        row.get::<_, i64>(2)?,
+                    ))
+                },
             )
             .optional()
             .map_err(sqlite("look up an acceptance"))?;
@@ -259,7 +266,10 @@ pub fn rfc3339_ms(at_ms: u64) -> String {
     let nanos = i128::from(at_ms) * 1_000_000;
     time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
 
@@ -291,14 +301,20 @@ pub async fn post_event(
     let Some(ledger) = state.ingest.clone() else {
         return Err(ApiError::not_found("no such route"));
     };
-    let body = json_body(request, &state).await?;
+    let counters = state.counters.clone();
+    let rejected = |error: ApiError| {
+        counters.ingest_rejected.fetch_add(1, Ordering::Relaxed);
+        error
+    };
+    let body = json_body(request, &state).await.map_err(rejected)?;
     let record = body.trim_ascii();
-    let event = decode_event(record, state.config.pipeline.max_payload_bytes).map_err(decode_error)?;
+    let event = decode_event(record, state.config.pipeline.max_payload_bytes)
+        .map_err(|e| rejected(decode_error(e)))?;
     if event.replay.is_some() {
-        return Err(ApiError::invalid_field(
+        return Err(rejected(ApiError::invalid_field(
             "replay",
             "`replay` is set by hookflow's own resend and replay, not by producers",
-        ));
+        )));
     }
     let record = record.to_vec();
     let now_ms = state.clock.now_ms();
@@ -310,9 +326,17 @@ pub async fn post_event(
     .map_err(|e| ApiError::internal("cannot accept the event", &error_chain(&e)))?;
     let (acceptance, new) = accepted;
     let status = if new {
+        state
+            .counters
+            .ingest_accepted
+            .fetch_add(1, Ordering::Relaxed);
         tracing::debug!(tenant = %acceptance.tenant, id = %acceptance.id, "Event accepted.");
         StatusCode::ACCEPTED
     } else {
+        state
+            .counters
+            .ingest_repeated
+            .fetch_add(1, Ordering::Relaxed);
         StatusCode::OK
     };
     Ok((status, Json(acceptance)).into_response())
@@ -345,6 +369,3 @@ fn decode_error(error: DecodeError) -> ApiError {
         }
     }
 }
-
-/// Shares the ledger.
-pub type SharedLedger = Arc<IngestLedger>;

@@ -4,24 +4,28 @@
 //! [`start`] binds the configured address before the workers start, serves on the process's
 //! shared tokio runtime, writes the bound address to `<data-dir>/http.addr` (process 0) or
 //! `<data-dir>/http-process-N.addr`, and stops accepting once the pipeline's stop signal is
-//! set. [`router`] is the one place where every route group is merged; a group whose token
-//! is not configured is not mounted, so its paths answer 404. [`HttpState`] is what handlers
+//! set. [`router`] is the one place where every route group is merged. A group whose token
+//! is not configured is not mounted, so its paths return 404. [`HttpState`] is what handlers
 //! share: the configuration, the data directory, the cluster, the clock and the stop signal.
 
 pub mod auth;
 pub mod config;
+pub mod endpoints;
 pub mod error;
 pub mod ingest;
+pub mod inspect;
 pub mod openapi;
+pub mod resend;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use axum::http::Method;
-use axum::routing::{get, post, MethodRouter};
+use axum::routing::{get, patch, post, MethodRouter};
 use axum::{Json, Router};
 use hookflow_operators::clock::Clock;
 use hookflow_operators::stop::StopSignal;
@@ -31,7 +35,7 @@ pub use self::error::{ApiError, ErrorBody};
 use crate::cluster::Cluster;
 use crate::config::Config;
 
-/// What the handlers share. Cheap to clone.
+/// The state shared by every handler. Cheap to clone.
 #[derive(Clone)]
 pub struct HttpState {
     /// The validated configuration of the run.
@@ -49,10 +53,35 @@ pub struct HttpState {
     /// What `/metrics` and `/health/*` read. [`HttpState::new`] gives it metrics of its own,
     /// all zero; `hookflow run` replaces them with the pipeline's.
     pub monitor: crate::monitor::Monitor,
+    /// Held while a resend plans and appends, one at a time.
+    pub resend_lock: Arc<std::sync::Mutex<()>>,
+    /// The endpoint directory of the running pipeline, on the process that serves the
+    /// management API. Without it the endpoint routes return 503.
+    pub registry: Option<crate::registry::EndpointRegistry>,
+    /// Resolves endpoint host names for the registration check.
+    pub resolver: endpoints::SharedResolver,
+    /// Counts of what the API did, for `/metrics`.
+    pub counters: Arc<ApiCounters>,
+}
+
+/// Counts of what the API did since the process started. `/metrics` reads them at scrape
+/// time; each is a monotonic counter.
+#[derive(Debug, Default)]
+pub struct ApiCounters {
+    /// Events accepted by `POST /v1/events` and appended to the source.
+    pub ingest_accepted: AtomicU64,
+    /// Posts of a (tenant, id) accepted before, answered with the original acceptance.
+    pub ingest_repeated: AtomicU64,
+    /// Posts rejected as invalid (4xx), nothing appended.
+    pub ingest_rejected: AtomicU64,
+    /// Events appended by resends (each a delivery generation of its own).
+    pub resent_events: AtomicU64,
+    /// Endpoint changes (create, update, delete) absorbed by the dataflow.
+    pub endpoint_changes: AtomicU64,
 }
 
 impl HttpState {
-    /// The state of a run; opens the ingest ledger when this process serves ingest.
+    /// Builds the state of a run and opens the ingest ledger when this process serves ingest.
     ///
     /// # Errors
     ///
@@ -76,6 +105,10 @@ impl HttpState {
             stop,
             ingest: None,
             monitor,
+            resend_lock: Arc::default(),
+            registry: None,
+            resolver: Arc::new(endpoints::SystemResolver),
+            counters: Arc::default(),
         };
         if state.serves_ingest() {
             let keep_ms = state.config.pipeline.dedup_window_secs.saturating_mul(1000);
@@ -90,29 +123,42 @@ impl HttpState {
         Ok(state)
     }
 
-    /// Whether this process mounts the management routes (admin token set, process 0).
+    /// Returns whether this process mounts the management routes (admin token set, process 0).
     pub fn serves_management(&self) -> bool {
         self.cluster.serves_management_api() && self.config.http.admin_token().is_some()
     }
 
-    /// Whether this process mounts `POST /v1/events` (producer token set, process 0).
+    /// Returns whether this process mounts `POST /v1/events` (producer token set, process 0).
     pub fn serves_ingest(&self) -> bool {
         self.cluster.serves_management_api() && self.config.http.producer_token().is_some()
     }
 }
 
-/// Every route this process serves, with JSON fallbacks for unknown routes and methods.
+/// Builds every route this process serves, with JSON fallbacks for unknown routes and methods.
 pub fn router(state: HttpState) -> Router {
     let (router, _) = routes(&state);
+    // An event may carry `pipeline.max_payload_bytes` of payload plus its envelope; a larger
+    // body is rejected with 413 before it is read whole.
+    let body_limit = state
+        .config
+        .pipeline
+        .max_payload_bytes
+        .saturating_add(64 * 1024)
+        .max(2 * 1024 * 1024);
     router
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .fallback(error::no_route)
         .method_not_allowed_fallback(error::wrong_method)
         .with_state(state)
 }
 
-/// The (method, path) of every route [`router`] mounts for `state`, for the OpenAPI test.
+/// Lists the (method, path) of every route [`router`] mounts for `state`, for the OpenAPI test.
 pub fn served_routes(state: &HttpState) -> Vec<(Method, String)> {
-    routes(state).1.into_iter().map(|(m, p)| (m, p.to_string())).collect()
+    routes(state)
+        .1
+        .into_iter()
+        .map(|(m, p)| (m, p.to_string()))
+        .collect()
 }
 
 /// Builds the routes and records each one, so that the list cannot drift from the router.
@@ -125,6 +171,41 @@ fn routes(state: &HttpState) -> (Router<HttpState>, Vec<(Method, &'static str)>)
     table.add(Method::GET, "/openapi.json", get(openapi_json));
     if state.serves_ingest() {
         table.add(Method::POST, "/v1/events", post(ingest::post_event));
+    }
+    if state.serves_management() {
+        table.add(Method::POST, "/v1/endpoints", post(endpoints::create));
+        table.add(Method::GET, "/v1/endpoints", get(endpoints::list));
+        table.add(Method::GET, "/v1/endpoints/{id}", get(endpoints::get_one));
+        table.add(
+            Method::PATCH,
+            "/v1/endpoints/{id}",
+            patch(endpoints::update),
+        );
+        table.add(
+            Method::DELETE,
+            "/v1/endpoints/{id}",
+            axum::routing::delete(endpoints::delete),
+        );
+        table.add(
+            Method::GET,
+            "/v1/events/{tenant}/{id}",
+            get(inspect::get_event),
+        );
+        table.add(
+            Method::POST,
+            "/v1/events/{tenant}/{id}/resend",
+            post(resend::resend_event),
+        );
+        table.add(
+            Method::GET,
+            "/v1/endpoints/{id}/failures",
+            get(inspect::endpoint_failures),
+        );
+        table.add(
+            Method::POST,
+            "/v1/endpoints/{id}/resend-failed",
+            post(resend::resend_failed),
+        );
     }
     (table.router, table.served)
 }
@@ -168,7 +249,7 @@ pub struct HttpServer {
     pub local_addr: SocketAddr,
 }
 
-/// The file a process writes its bound address to.
+/// Returns the path of the file a process writes its bound address to.
 pub fn addr_file(data_dir: &Path, cluster: &Cluster) -> PathBuf {
     if cluster.process_index() == 0 {
         data_dir.join("http.addr")
@@ -197,8 +278,7 @@ pub fn start(
         Ok(()) => {}
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
         Err(error) => {
-            return Err(error)
-                .with_context(|| format!("cannot remove {}", address_file.display()))
+            return Err(error).with_context(|| format!("cannot remove {}", address_file.display()))
         }
     }
     let (address, configured) = match listen {
@@ -222,7 +302,9 @@ pub fn start(
     listener
         .set_nonblocking(true)
         .context("cannot make the HTTP listener non-blocking")?;
-    let local_addr = listener.local_addr().context("cannot read the HTTP address")?;
+    let local_addr = listener
+        .local_addr()
+        .context("cannot read the HTTP address")?;
     let listener = {
         let _entered = runtime.enter();
         tokio::net::TcpListener::from_std(listener).context("cannot register the HTTP listener")?
@@ -261,3 +343,6 @@ fn write_addr_file(path: &Path, address: SocketAddr) -> anyhow::Result<()> {
         .and_then(|()| std::fs::rename(&partial, path))
         .with_context(|| format!("cannot write the HTTP address to {}", path.display()))
 }
+
+#[cfg(test)]
+mod tests;

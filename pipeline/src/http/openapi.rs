@@ -21,18 +21,37 @@ use super::ingest::Acceptance;
         crate::monitor::live,
         crate::monitor::ready,
         super::openapi_json,
-        super::ingest::post_event
+        super::ingest::post_event,
+        super::inspect::get_event,
+        super::inspect::endpoint_failures,
+        super::resend::resend_event,
+        super::resend::resend_failed,
+        super::endpoints::create,
+        super::endpoints::list,
+        super::endpoints::get_one,
+        super::endpoints::update,
+        super::endpoints::delete,
     ),
     components(schemas(
         ErrorBody,
         Acceptance,
         crate::monitor::LiveBody,
         crate::monitor::Readiness,
-        crate::monitor::Check
+        crate::monitor::Check,
+        super::inspect::EventView,
+        super::inspect::FailuresView,
+        super::resend::Resend,
+        super::resend::ResendEventRequest,
+        super::endpoints::EndpointView,
+        super::endpoints::EndpointList,
+        super::endpoints::EndpointWithSecret,
+        super::endpoints::CreateEndpoint,
+        super::endpoints::UpdateEndpoint,
     )),
     modifiers(&BearerTokens),
     tags(
-        (name = "events", description = "ingest and inspect events"),
+        (name = "events", description = "ingest, inspect and resend events"),
+        (name = "endpoints", description = "manage endpoints, list their failures, resend"),
         (name = "operations", description = "health, metrics and this document"),
     )
 )]
@@ -53,7 +72,7 @@ impl Modify for BearerTokens {
     }
 }
 
-/// The document as JSON.
+/// Builds the document.
 pub fn document() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
 }
