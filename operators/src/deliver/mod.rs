@@ -22,7 +22,7 @@ pub use client::{
 };
 pub use headers::{parse_static_header, RESERVED_HEADERS};
 pub use operator::{
-    endpoint_hash, Attempted, Deliver, DeliverContext, DeliverCounters, EndpointDisabled,
+    endpoint_hash, Attempted, BreakerOpened, Deliver, DeliverContext, DeliverCounters, EndpointDisabled,
     PayloadSource, DEFAULT_MAX_IN_FLIGHT_TOTAL, HOLD_REFRESH_MS,
 };
 pub use result::{

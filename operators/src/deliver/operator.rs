@@ -33,7 +33,8 @@
 //! back the frontier, until a wake-up at the pause's end. A half-open breaker lets one probe
 //! through. An endpoint that is disabled (in its configuration, or by a 410 Gone or by
 //! failing for too long) parks its deliveries: each is recorded as pending without a due time
-//! and leaves memory; a disabling is emitted as [`Attempted::EndpointDisabled`].
+//! and leaves memory; a disabling is emitted as [`Attempted::EndpointDisabled`], and a breaker
+//! opening as [`Attempted::BreakerOpened`].
 //!
 //! No request starts while more than `max_unsynced_results` attempt results wait for their
 //! durable write: that bounds what a crash can make hookflow send twice.
@@ -152,6 +153,23 @@ pub enum Attempted {
     Pending(PendingDelivery),
     /// The endpoint was disabled; its deliveries are parked until it is enabled again.
     EndpointDisabled(EndpointDisabled),
+    /// The endpoint's circuit breaker opened, or opened again after a failed probe.
+    BreakerOpened(BreakerOpened),
+}
+
+/// A circuit breaker the deliver operator opened, for alerts.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BreakerOpened {
+    /// The endpoint's id.
+    pub endpoint_id: String,
+    /// When the breaker opened.
+    pub at_ms: Millis,
+    /// When its probe may start.
+    pub until_ms: Millis,
+    /// Failed attempts in the breaker window that opened it (1 for a failed probe).
+    pub failures: u32,
+    /// Attempts in that window.
+    pub attempts: u32,
 }
 
 /// Reads payloads back from the source for retries, which travel without them.
@@ -894,6 +912,16 @@ impl DeliverState {
                     probe_in_ms = until_ms.saturating_sub(now),
                     "Circuit breaker opened; the endpoint's deliveries wait for a probe."
                 );
+                self.emitted.push((
+                    capability.clone(),
+                    Attempted::BreakerOpened(BreakerOpened {
+                        endpoint_id: endpoint_id.to_string(),
+                        at_ms: now,
+                        until_ms,
+                        failures,
+                        attempts,
+                    }),
+                ));
             }
             Some(Transition::BreakerClosed) => {
                 DeliverCounters::bump(&self.context.counters.breakers_closed);
