@@ -518,6 +518,24 @@ impl StateStore {
             .map_err(self.error("count parked deliveries"))
     }
 
+    /// Returns the earliest due time among the pending deliveries due at or before `now_ms`,
+    /// and how many those are. Parked deliveries have no due time and do not count.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read.
+    // TODO: this scans `pending`; an index on `due_ms` would make it a lookup, at the cost
+    // of a schema version and of one more index write per re-stamped delivery.
+    pub fn overdue(&self, now_ms: Millis) -> Result<(Option<Millis>, u64), ConnectorError> {
+        self.connection
+            .query_row(
+                "SELECT min(due_ms), count(*) FROM pending WHERE due_ms IS NOT NULL AND due_ms <= ?1",
+                params![now_ms],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .map_err(self.error("read overdue deliveries"))
+    }
+
     /// Counts the parked deliveries of each endpoint that has any.
     ///
     /// # Errors

@@ -8,8 +8,8 @@
 //! Each attempt enters a differential collection keyed by (endpoint id, tenant) twice: at its
 //! finished time with the difference `(1, failed)` and at finished time + `window_ms` with
 //! `(-1, -failed)`. The difference is a pair (attempts, failures), so one `count` per key
-//! holds both numbers of the window ending at every time, and changes only where an attempt
-//! enters or leaves the window. The retraction takes effect once the dataflow's frontier
+//! contains both numbers of the window ending at every time, and changes only where an
+//! attempt enters or leaves the window. The retraction takes effect once the dataflow's frontier
 //! passes it, which the pipeline's inputs move forward with the clock.
 //!
 //! The counts are exchanged by [`endpoint_hash`], so the worker that owns an endpoint's
@@ -70,7 +70,7 @@ impl Default for AlertPolicy {
     }
 }
 
-/// What the pipeline tells the alerts about an endpoint.
+/// An input of the alerts: something that happened to an endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum EndpointSignal {
     /// One HTTP attempt finished.
@@ -113,7 +113,7 @@ pub enum EndpointSignal {
 }
 
 impl EndpointSignal {
-    /// The id of the endpoint the signal is about.
+    /// Returns the id of the endpoint the signal is about.
     pub fn endpoint_id(&self) -> &str {
         match self {
             EndpointSignal::Attempt { endpoint_id, .. }
@@ -137,7 +137,7 @@ pub enum AlertKind {
 }
 
 impl AlertKind {
-    /// The event type of the operational event.
+    /// Returns the event type of the operational event.
     pub fn event_type(self) -> &'static str {
         match self {
             AlertKind::Failing => "endpoint.failing",
@@ -168,19 +168,20 @@ pub struct EndpointAlert {
     /// When the endpoint began failing: `at_ms` for `Failing`, the earlier transition for
     /// `Recovered`.
     pub since_ms: Millis,
-    /// Why the endpoint was disabled, or when its breaker's probe may start.
+    /// The rule that disabled the endpoint, or the wait before its breaker's probe.
     pub reason: Option<String>,
 }
 
 impl EndpointAlert {
-    /// The start of the `window_ms`-long bucket holding `at_ms`: two alerts of one kind and
-    /// endpoint in one bucket share it, which gives the operational event a stable id.
+    /// Returns the start of the `window_ms`-long bucket that contains `at_ms`. Two alerts of
+    /// one kind and endpoint in one bucket share it, which gives the operational event a
+    /// stable id.
     pub fn bucket_start_ms(&self) -> Millis {
         let window = self.window_ms.max(1);
         self.at_ms - self.at_ms % window
     }
 
-    /// The percentage of failed attempts, or 0 without attempts.
+    /// Returns the percentage of failed attempts, or 0 without attempts.
     pub fn failure_percent(&self) -> f64 {
         if self.attempts == 0 {
             return 0.0;

@@ -42,6 +42,9 @@ pub struct Config {
     /// The circuit breaker, `Retry-After` pauses and disabling of failing endpoints.
     #[serde(default)]
     pub health: HealthConfig,
+    /// Operational events about failing endpoints and a lagging pipeline.
+    #[serde(default)]
+    pub alerts: crate::alerts::AlertsConfig,
     /// The endpoints to deliver to.
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
@@ -667,6 +670,7 @@ impl Config {
             return Err(("delivery.max_in_flight".into(), "must be at least 1".into()));
         }
         self.health.validate()?;
+        self.alerts.validate()?;
         let policy = AddressPolicy::new(self.allowed_networks()?);
         self.delivery
             .proxy_url()
@@ -1067,6 +1071,26 @@ mod tests {
         let config = Config::load(&path).expect("examples/hookflow.toml must be valid");
         assert!(!config.endpoints.is_empty());
         assert_eq!(config.endpoints().len(), config.endpoints.len());
+        assert!(config.alerts.enabled);
+        assert!(config
+            .endpoints
+            .iter()
+            .any(|endpoint| endpoint.tenant == config.alerts.operator_tenant));
+    }
+
+    #[test]
+    fn alerts_error_names_field() {
+        let text = format!(
+            "[alerts]\nenabled = true\noperator_tenant = \"ops\"\nfailing_percent = 30\n\
+             recovered_percent = 40\n{}",
+            endpoint("")
+        );
+        let error = parse(&text).expect_err("recovered above failing");
+        let message = error.to_string();
+        assert!(message.contains("alerts.recovered_percent"), "{message}");
+        let unknown = parse(&format!("[alerts]\nwindow_ms = 5\n{}", endpoint("")))
+            .expect_err("unknown field");
+        assert!(unknown.to_string().contains("window_ms"), "{unknown}");
     }
 
     #[test]

@@ -8,12 +8,16 @@
 //!                      │ (subscriptions, arranged)        ▲
 //!                      ▼                                  │
 //!                   deliver (exchange by endpoint) ───────┘
+//!                      │ with [alerts] on
+//!                      ▼
+//!                   alerts (windowed failure ratio) ─► appended to the source
 //! ```
 //!
 //! One tokio runtime per process carries the HTTP requests of every worker. Each worker owns
 //! its partitions of the source and writes its own archive files (prefix `w<index>`). The
 //! subscriptions input advances with the clock on every worker at every step, so events are
-//! routed as soon as their time passes.
+//! routed as soon as their time passes. The alert branch is not behind the probe: it never
+//! holds back the checkpoint.
 
 use hookflow_operators::stop::StopSignal;
 use std::cell::RefCell;
@@ -29,10 +33,11 @@ use differential_dataflow::input::Input as _;
 use hookflow_connectors::DisabledEndpoint;
 use hookflow_connectors::Source;
 use hookflow_connectors::{ArchiveOptions, ArchiveWriter, LocalLog, LocalLogOptions, StateStore};
+use hookflow_operators::alerts::EndpointAlerts;
 use hookflow_operators::clock::Clock;
 use hookflow_operators::dedup::{Dedup, DedupConfig};
 use hookflow_operators::deliver::{
-    AddressPolicy, Attempted, ClientConfig, Deliver, DeliverContext, DeliverCounters,
+    AddressPolicy, ClientConfig, Deliver, DeliverContext, DeliverCounters,
     DeliveryClient, PayloadSource,
 };
 use hookflow_operators::route::{Route, Subscription};
@@ -46,6 +51,9 @@ use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Concat, ConnectLoop, Feedback, OkErr, Probe};
 use timely::dataflow::Stream;
 
+use crate::alerts::{
+    local_log_appender, publish_alerts, split_attempted, AlertCounters, LagMonitor, SignalFilter,
+};
 use crate::cluster::{agree, decide, Cluster, Readiness};
 use crate::config::Config;
 use crate::durable::{
@@ -93,6 +101,8 @@ pub struct RunReport {
     pub disabled_endpoints: Vec<DisabledEndpoint>,
     /// The deliver operator's decisions about endpoints (breakers, pauses, disabling).
     pub counters: Arc<DeliverCounters>,
+    /// The alerts raised and the operational events published.
+    pub alerts: Arc<AlertCounters>,
 }
 
 /// The archive directory: the configured one, under the data directory when relative.
@@ -167,8 +177,10 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
             endpoint.enabled = false;
         }
     }
+    warn_without_operator_endpoint(config, &endpoints);
     let endpoints = Arc::new(endpoints);
     let counters = Arc::new(DeliverCounters::default());
+    let alert_counters = Arc::new(AlertCounters::default());
 
     if cluster.is_multi_process() {
         tracing::info!(
@@ -219,6 +231,7 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
         cluster: cluster.clone(),
         readiness,
         counters: counters.clone(),
+        alert_counters: alert_counters.clone(),
     });
 
     let timely_config = cluster.timely_config(workers);
@@ -256,6 +269,7 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
     report.duplicates = duplicates.load(Ordering::Relaxed);
     report.files.sort();
     report.counters = counters;
+    report.alerts = alert_counters;
     if !failures.is_empty() {
         anyhow::bail!("the pipeline failed: {}", failures.join("; "));
     }
@@ -349,6 +363,7 @@ struct WorkerShared {
     /// The state of this process's part of the data directory, shared with the other processes.
     readiness: Readiness,
     counters: Arc<DeliverCounters>,
+    alert_counters: Arc<AlertCounters>,
 }
 
 /// The rows and files one worker archived.
@@ -551,23 +566,22 @@ fn run_worker(
             health: config.health.policy(),
             counters: shared.counters.clone(),
         };
-        let (durable, retries) = deliveries
+        let attempted = deliveries
             .concat(restored)
             .concat(retries)
-            .deliver(context, Box::new(payloads))
-            .ok_err(|attempted| match attempted {
-                Attempted::Row(row) => Ok(Durable::Row(row)),
-                Attempted::Pending(pending) => Ok(Durable::Pending(pending)),
-                Attempted::EndpointDisabled(disabled) => {
-                    Ok(Durable::EndpointDisabled(DisabledEndpoint {
-                        endpoint_id: disabled.endpoint_id,
-                        disabled_at_ms: disabled.at_ms,
-                        reason: disabled.reason,
-                    }))
-                }
-                Attempted::Retry(delivery) => Err(delivery),
-            });
+            .deliver(context, Box::new(payloads));
+        let (durable, retries, signals) = split_attempted(attempted, signal_filter(shared));
         retries.connect_loop(retry_handle);
+        if config.alerts.enabled {
+            let alerts = signals.endpoint_alerts(config.alerts.policy(), clock.clone());
+            publish_alerts(
+                alerts,
+                local_log_appender(shared.data_dir.clone(), config.local_log.partitions),
+                config.alerts.operator_tenant.clone(),
+                shared.alert_counters.clone(),
+                clock.clone(),
+            );
+        }
 
         let durable = durable.concat(decided.map(Durable::Row)).concat(first_seen);
         persist(
@@ -609,6 +623,18 @@ fn run_worker(
         .saturating_mul(1000)
         .max(1);
     let mut next_maintenance_ms = started_ms;
+    let mut lag_monitor = (first_of_process && config.alerts.enabled).then(|| {
+        LagMonitor::new(
+            &config.alerts,
+            cluster.process_index(),
+            shared.alert_counters.clone(),
+            Box::new(local_log_appender(
+                shared.data_dir.clone(),
+                config.local_log.partitions,
+            )),
+            started_ms,
+        )
+    });
 
     let mut subscriptions = Some(subscriptions);
     let park = Duration::from_millis(config.pipeline.poll_interval_ms);
@@ -636,6 +662,9 @@ fn run_worker(
                     config,
                     now,
                 );
+            }
+            if let Some(monitor) = lag_monitor.as_mut() {
+                monitor.tick(&store.borrow(), now);
             }
         }
         if shared.stop.is_stopped() {
@@ -679,6 +708,39 @@ fn run_worker(
         files: std::mem::take(&mut archiver.files),
         outcomes: std::mem::take(&mut archiver.outcomes),
     })
+}
+
+/// Returns what turns the deliver operator's records into alert signals, when alerts are on.
+fn signal_filter(shared: &WorkerShared) -> Option<SignalFilter> {
+    let alerts = &shared.config.alerts;
+    if !alerts.enabled {
+        return None;
+    }
+    let endpoints = shared.endpoints.clone();
+    Some(SignalFilter {
+        operator_tenant: alerts.operator_tenant.clone(),
+        tenant_of: Arc::new(move |endpoint_id: &str| {
+            endpoints.get(endpoint_id).map(|endpoint| endpoint.tenant.clone())
+        }),
+    })
+}
+
+/// Warns when alerts are on but no endpoint of the operator tenant would receive them: the
+/// events are then recorded as unrouted.
+fn warn_without_operator_endpoint(config: &Config, endpoints: &HashMap<String, Endpoint>) {
+    let alerts = &config.alerts;
+    if !alerts.enabled {
+        return;
+    }
+    let receiving = endpoints
+        .values()
+        .any(|endpoint| endpoint.tenant == alerts.operator_tenant && endpoint.enabled);
+    if !receiving {
+        tracing::warn!(
+            operator_tenant = %alerts.operator_tenant,
+            "Alerts are enabled but no enabled endpoint of the operator tenant receives them; they are archived as unrouted."
+        );
+    }
 }
 
 /// Runs one maintenance pass and logs its result; a failure is logged and retried at the next
