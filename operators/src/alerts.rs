@@ -667,6 +667,87 @@ mod tests {
         assert_eq!(kinds, [AlertKind::Failing]);
     }
 
+    /// Computes the transitions of the same attempts the plain way: at every time an attempt
+    /// enters or leaves a window, count that endpoint's window from scratch and assess it.
+    fn model(attempts: &[(String, bool, u64)], end_ms: u64) -> Vec<(AlertKind, String, u64, u64, u64)> {
+        let mut endpoints: Vec<&String> = attempts.iter().map(|(id, _, _)| id).collect();
+        endpoints.sort();
+        endpoints.dedup();
+        let mut transitions = Vec::new();
+        for endpoint_id in endpoints {
+            let own: Vec<(bool, u64)> = attempts
+                .iter()
+                .filter(|(id, _, _)| id == endpoint_id)
+                .map(|(_, failed, at)| (*failed, *at))
+                .collect();
+            let mut times: Vec<u64> = own
+                .iter()
+                .flat_map(|(_, at)| [*at, at + POLICY.window_ms])
+                .filter(|time| *time <= end_ms)
+                .collect();
+            times.sort_unstable();
+            times.dedup();
+            let mut status = EndpointStatus::Healthy;
+            for time in times {
+                let inside = own
+                    .iter()
+                    .filter(|(_, at)| *at <= time && time < at + POLICY.window_ms);
+                let (count, failed) = inside.fold((0, 0), |(count, failed), (is_failed, _)| {
+                    (count + 1, failed + u64::from(*is_failed))
+                });
+                let after = assess(&POLICY, status, count, failed, time);
+                if after != status {
+                    let kind = match after {
+                        EndpointStatus::Failing { .. } => AlertKind::Failing,
+                        EndpointStatus::Healthy => AlertKind::Recovered,
+                    };
+                    transitions.push((kind, endpoint_id.clone(), time, count, failed));
+                    status = after;
+                }
+            }
+        }
+        transitions.sort_by_key(|(kind, id, time, _, _)| (*time, id.clone(), *kind));
+        transitions
+    }
+
+    #[test]
+    fn window_matches_model_on_random_input() {
+        for seed in 1..=20u64 {
+            // A 64-bit linear congruential generator: enough to vary the input per seed.
+            let mut state = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let mut next = move |bound: u64| {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                (state >> 33) % bound
+            };
+            let mut attempts: Vec<(String, bool, u64)> = Vec::new();
+            let mut at = 0;
+            for _ in 0..120 {
+                at += next(80);
+                let endpoint_id = format!("ep{}", next(3));
+                // Each endpoint fails in phases, so it crosses both thresholds.
+                let failing_phase = (at / 1_500) % 2 == 0;
+                let failed = next(100) < if failing_phase { 80 } else { 5 };
+                attempts.push((endpoint_id, failed, at));
+            }
+            let end_ms = at + 3 * POLICY.window_ms;
+            let signals = attempts
+                .iter()
+                .map(|(id, failed, at)| (*at, attempt(id, *failed, *at)))
+                .collect();
+
+            let mut actual: Vec<(AlertKind, String, u64, u64, u64)> = run(signals, end_ms)
+                .into_iter()
+                .map(|alert| (alert.kind, alert.endpoint_id, alert.at_ms, alert.attempts, alert.failures))
+                .collect();
+            actual.sort_by_key(|(kind, id, time, _, _)| (*time, id.clone(), *kind));
+            let expected = model(&attempts, end_ms);
+            assert!(!expected.is_empty(), "seed {seed} crosses no threshold");
+            assert_eq!(actual, expected, "seed {seed}");
+        }
+    }
+
     /// Like [`run`], but closes the input at `now_ms` instead of advancing it.
     fn run_closed(signals: Vec<(u64, EndpointSignal)>, now_ms: u64) -> Vec<EndpointAlert> {
         let alerts = Arc::new(Mutex::new(Vec::new()));
