@@ -214,7 +214,8 @@ pub fn assess(
     now_ms: Millis,
 ) -> EndpointStatus {
     // Compared as integers: failures / attempts >= percent / 100.
-    let at_least = |percent: u8| u128::from(failures) * 100 >= u128::from(attempts) * u128::from(percent);
+    let at_least =
+        |percent: u8| u128::from(failures) * 100 >= u128::from(attempts) * u128::from(percent);
     match status {
         EndpointStatus::Healthy
             if attempts >= policy.min_attempts.max(1) && at_least(policy.failing_percent) =>
@@ -303,7 +304,8 @@ fn ratio_transitions<'scope>(
     policy: AlertPolicy,
     clock: Arc<dyn Clock>,
 ) -> Stream<'scope, u64, Vec<EndpointAlert>> {
-    let exchange = Exchange::new(|update: &(WindowCount, u64, isize)| endpoint_hash(&(update.0).0 .0));
+    let exchange =
+        Exchange::new(|update: &(WindowCount, u64, isize)| endpoint_hash(&(update.0).0 .0));
     counts.unary_frontier::<CapacityContainerBuilder<Vec<EndpointAlert>>, _, _, _>(
         exchange,
         "AlertRatio",
@@ -344,8 +346,12 @@ fn ratio_transitions<'scope>(
                             continue;
                         }
                         let (kind, since_ms) = match (before, after) {
-                            (_, EndpointStatus::Failing { since_ms }) => (AlertKind::Failing, since_ms),
-                            (EndpointStatus::Failing { since_ms }, _) => (AlertKind::Recovered, since_ms),
+                            (_, EndpointStatus::Failing { since_ms }) => {
+                                (AlertKind::Failing, since_ms)
+                            }
+                            (EndpointStatus::Failing { since_ms }, _) => {
+                                (AlertKind::Recovered, since_ms)
+                            }
                             _ => continue,
                         };
                         statuses.insert(key.0.clone(), after);
@@ -554,14 +560,20 @@ mod tests {
         let kinds: Vec<(AlertKind, u64)> = alerts.iter().map(|a| (a.kind, a.at_ms)).collect();
         // The failures leave the window at 1100 to 1400: 3 of 6, 2 of 5, 1 of 4 (25 %, not
         // below 20 %), then 0 of 3 at 1400.
-        assert_eq!(kinds, [(AlertKind::Failing, 400), (AlertKind::Recovered, 1_400)]);
+        assert_eq!(
+            kinds,
+            [(AlertKind::Failing, 400), (AlertKind::Recovered, 1_400)]
+        );
         let failing = &alerts[0];
         assert_eq!((failing.attempts, failing.failures), (4, 4));
         assert_eq!(failing.tenant, "acme");
         assert_eq!(failing.since_ms, 400);
         let recovered = &alerts[1];
         assert_eq!((recovered.attempts, recovered.failures), (3, 0));
-        assert_eq!(recovered.since_ms, 400, "recovered names when failing began");
+        assert_eq!(
+            recovered.since_ms, 400,
+            "recovered names when failing began"
+        );
     }
 
     #[test]
@@ -669,7 +681,10 @@ mod tests {
 
     /// Computes the transitions of the same attempts the plain way: at every time an attempt
     /// enters or leaves a window, count that endpoint's window from scratch and assess it.
-    fn model(attempts: &[(String, bool, u64)], end_ms: u64) -> Vec<(AlertKind, String, u64, u64, u64)> {
+    fn model(
+        attempts: &[(String, bool, u64)],
+        end_ms: u64,
+    ) -> Vec<(AlertKind, String, u64, u64, u64)> {
         let mut endpoints: Vec<&String> = attempts.iter().map(|(id, _, _)| id).collect();
         endpoints.sort();
         endpoints.dedup();
@@ -739,7 +754,15 @@ mod tests {
 
             let mut actual: Vec<(AlertKind, String, u64, u64, u64)> = run(signals, end_ms)
                 .into_iter()
-                .map(|alert| (alert.kind, alert.endpoint_id, alert.at_ms, alert.attempts, alert.failures))
+                .map(|alert| {
+                    (
+                        alert.kind,
+                        alert.endpoint_id,
+                        alert.at_ms,
+                        alert.attempts,
+                        alert.failures,
+                    )
+                })
                 .collect();
             actual.sort_by_key(|(kind, id, time, _, _)| (*time, id.clone(), *kind));
             let expected = model(&attempts, end_ms);

@@ -266,7 +266,11 @@ fn rfc3339(ms: Millis) -> String {
     let nanos = i128::from(ms) * 1_000_000;
     time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
         .ok()
-        .and_then(|moment| moment.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|moment| {
+            moment
+                .format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_string())
 }
 
@@ -468,8 +472,10 @@ pub fn split_attempted<'scope>(
     let (durable_output, durable) = builder.new_output();
     let (retry_output, retries) = builder.new_output();
     let (signal_output, signals) = builder.new_output();
-    let mut durable_output = OutputBuilder::<_, CapacityContainerBuilder<Vec<Durable>>>::from(durable_output);
-    let mut retry_output = OutputBuilder::<_, CapacityContainerBuilder<Vec<Delivery>>>::from(retry_output);
+    let mut durable_output =
+        OutputBuilder::<_, CapacityContainerBuilder<Vec<Durable>>>::from(durable_output);
+    let mut retry_output =
+        OutputBuilder::<_, CapacityContainerBuilder<Vec<Delivery>>>::from(retry_output);
     let mut signal_output =
         OutputBuilder::<_, CapacityContainerBuilder<Vec<EndpointSignal>>>::from(signal_output);
 
@@ -483,7 +489,8 @@ pub fn split_attempted<'scope>(
                 let mut retries = retry_handle.session(&capability);
                 let mut signals = signal_handle.session(&capability);
                 for record in containers.flat_map(|container| container.drain(..)) {
-                    if let Some(signal) = filter.as_ref().and_then(|filter| filter.signal(&record)) {
+                    if let Some(signal) = filter.as_ref().and_then(|filter| filter.signal(&record))
+                    {
                         signals.give(signal);
                     }
                     match record {
@@ -532,7 +539,8 @@ pub fn publish_alerts<'scope>(
                 input.for_each_stamp(|_capability, containers| {
                     for alert in containers.flat_map(|container| container.drain(..)) {
                         report_alert(&alert, &counters);
-                        unpublished.push_back(OperationalEvent::from_alert(&alert, &operator_tenant));
+                        unpublished
+                            .push_back(OperationalEvent::from_alert(&alert, &operator_tenant));
                     }
                 });
                 while unpublished.len() > MAX_UNPUBLISHED {
@@ -632,7 +640,9 @@ impl LagMonitor {
             }
         };
         let lag_ms = earliest_due.map_or(0, |due| now_ms.saturating_sub(due));
-        self.counters.oldest_overdue_ms.store(lag_ms, Ordering::Relaxed);
+        self.counters
+            .oldest_overdue_ms
+            .store(lag_ms, Ordering::Relaxed);
         if let Some(event) = self.assess(lag_ms, overdue, now_ms) {
             self.unpublished.push(event);
         }
@@ -751,17 +761,55 @@ mod tests {
     #[test]
     fn config_fields_are_checked() {
         assert_eq!(config().validate(), Ok(()));
-        assert_eq!(AlertsConfig::default().validate(), Ok(()), "disabled needs nothing");
+        assert_eq!(
+            AlertsConfig::default().validate(),
+            Ok(()),
+            "disabled needs nothing"
+        );
         let cases: [(AlertsConfig, &str); 6] = [
-            (AlertsConfig { operator_tenant: String::new(), ..config() }, "alerts.operator_tenant"),
-            (AlertsConfig { window_secs: 0, ..config() }, "alerts.window_secs"),
-            (AlertsConfig { min_attempts: 0, ..config() }, "alerts.min_attempts"),
-            (AlertsConfig { failing_percent: 101, ..config() }, "alerts.failing_percent"),
             (
-                AlertsConfig { failing_percent: 40, recovered_percent: 41, ..config() },
+                AlertsConfig {
+                    operator_tenant: String::new(),
+                    ..config()
+                },
+                "alerts.operator_tenant",
+            ),
+            (
+                AlertsConfig {
+                    window_secs: 0,
+                    ..config()
+                },
+                "alerts.window_secs",
+            ),
+            (
+                AlertsConfig {
+                    min_attempts: 0,
+                    ..config()
+                },
+                "alerts.min_attempts",
+            ),
+            (
+                AlertsConfig {
+                    failing_percent: 101,
+                    ..config()
+                },
+                "alerts.failing_percent",
+            ),
+            (
+                AlertsConfig {
+                    failing_percent: 40,
+                    recovered_percent: 41,
+                    ..config()
+                },
                 "alerts.recovered_percent",
             ),
-            (AlertsConfig { lag_threshold_secs: 0, ..config() }, "alerts.lag_threshold_secs"),
+            (
+                AlertsConfig {
+                    lag_threshold_secs: 0,
+                    ..config()
+                },
+                "alerts.lag_threshold_secs",
+            ),
         ];
         for (bad, field) in cases {
             let error = bad.validate().expect_err(field);
@@ -784,7 +832,8 @@ mod tests {
         };
         let event = OperationalEvent::from_alert(&alert, "ops");
         assert_eq!(event.id, "endpoint.failing:ep_1:1764000120000");
-        let decoded = hookflow_schemas::decode_event(&event.to_line(), 1 << 20).expect("valid event");
+        let decoded =
+            hookflow_schemas::decode_event(&event.to_line(), 1 << 20).expect("valid event");
         assert_eq!(decoded.tenant, "ops");
         assert_eq!(decoded.event_type, "endpoint.failing");
         assert_eq!(decoded.id, event.id);
@@ -818,7 +867,9 @@ mod tests {
                 return Err("source down".into());
             }
             for (_, line) in records {
-                self.lines.borrow_mut().push(String::from_utf8_lossy(line).into_owned());
+                self.lines
+                    .borrow_mut()
+                    .push(String::from_utf8_lossy(line).into_owned());
             }
             Ok(())
         }
@@ -831,12 +882,17 @@ mod tests {
         let (shared_lines, shared_failing) = (lines.clone(), failing.clone());
         let counters = Arc::new(AlertCounters::default());
         let mut monitor = LagMonitor::new(
-            &AlertsConfig { lag_threshold_secs: 10, ..config() },
+            &AlertsConfig {
+                lag_threshold_secs: 10,
+                ..config()
+            },
             0,
             counters.clone(),
             Box::new(move || {
-                Ok(Box::new(Recorder { lines: shared_lines.clone(), failing: shared_failing.clone() })
-                    as Box<dyn EventAppender>)
+                Ok(Box::new(Recorder {
+                    lines: shared_lines.clone(),
+                    failing: shared_failing.clone(),
+                }) as Box<dyn EventAppender>)
             }),
             0,
         );
@@ -851,10 +907,16 @@ mod tests {
                 .collect()
         };
 
-        assert!(monitor.assess(10_000, 1, 100_000).is_none(), "at the threshold is not lagging");
+        assert!(
+            monitor.assess(10_000, 1, 100_000).is_none(),
+            "at the threshold is not lagging"
+        );
         let first = monitor.assess(10_001, 1, 100_000).expect("lagging");
         assert_eq!(first.event_type, "pipeline.lagging");
-        assert!(monitor.assess(15_000, 2, 105_000).is_none(), "same threshold bucket");
+        assert!(
+            monitor.assess(15_000, 2, 105_000).is_none(),
+            "same threshold bucket"
+        );
         let second = monitor.assess(25_000, 2, 110_000).expect("next bucket");
         assert_ne!(first.id, second.id);
         let recovered = monitor.assess(0, 0, 111_000).expect("recovered");

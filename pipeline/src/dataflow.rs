@@ -37,8 +37,8 @@ use hookflow_operators::alerts::EndpointAlerts;
 use hookflow_operators::clock::Clock;
 use hookflow_operators::dedup::{Dedup, DedupConfig};
 use hookflow_operators::deliver::{
-    AddressPolicy, ClientConfig, Deliver, DeliverContext, DeliverCounters,
-    DeliveryClient, PayloadSource,
+    AddressPolicy, ClientConfig, Deliver, DeliverContext, DeliverCounters, DeliveryClient,
+    PayloadSource,
 };
 use hookflow_operators::route::{Route, Subscription};
 use hookflow_schemas::{
@@ -720,7 +720,9 @@ fn signal_filter(shared: &WorkerShared) -> Option<SignalFilter> {
     Some(SignalFilter {
         operator_tenant: alerts.operator_tenant.clone(),
         tenant_of: Arc::new(move |endpoint_id: &str| {
-            endpoints.get(endpoint_id).map(|endpoint| endpoint.tenant.clone())
+            endpoints
+                .get(endpoint_id)
+                .map(|endpoint| endpoint.tenant.clone())
         }),
     })
 }

@@ -41,7 +41,14 @@ fn publish(data_dir: &Path, dir: &Path, name: &str, lines: &[String]) {
     );
 }
 
-fn endpoint(id: &str, tenant: &str, url: &str, patterns: &str, secret: &str, extra: &str) -> String {
+fn endpoint(
+    id: &str,
+    tenant: &str,
+    url: &str,
+    patterns: &str,
+    secret: &str,
+    extra: &str,
+) -> String {
     format!(
         "\n[[endpoints]]\nid = \"{id}\"\ntenant = \"{tenant}\"\nurl = \"{url}\"\n\
          event_types = {patterns}\nsecret = \"{secret}\"\n{extra}\n"
@@ -71,7 +78,10 @@ fn terminate(child: &mut Child, log_path: &Path) -> String {
     loop {
         if let Some(status) = child.try_wait().expect("wait for hookflow") {
             let text = std::fs::read_to_string(log_path).unwrap_or_default();
-            assert!(status.success(), "hookflow run exited with {status}: {text}");
+            assert!(
+                status.success(),
+                "hookflow run exited with {status}: {text}"
+            );
             return text;
         }
         if start.elapsed() > Duration::from_secs(20) {
@@ -109,7 +119,10 @@ fn operator_events(requests: &[ReceivedRequest]) -> Vec<Received> {
             let id = request.header("webhook-id").unwrap_or_default();
             let event_type = id.split(':').next().unwrap_or_default().to_string();
             let payload = serde_json::from_slice(&request.body).expect("payload is JSON");
-            Received { event_type, payload }
+            Received {
+                event_type,
+                payload,
+            }
         })
         .collect()
 }
@@ -224,7 +237,10 @@ fn alerts_reach_operator_endpoint() {
             .any(|event| event.payload["endpoint_id"] == "customer")
     });
     let log = terminate(&mut running, &log_path);
-    assert!(recovered, "no endpoint.recovered for the customer; log: {log}");
+    assert!(
+        recovered,
+        "no endpoint.recovered for the customer; log: {log}"
+    );
 
     let failing = received("endpoint.failing");
     let customer_failing = failing
@@ -260,7 +276,11 @@ fn alerts_reach_operator_endpoint() {
         .any(|event| event.payload["endpoint_id"] == "customer"));
 
     let lagging = received("pipeline.lagging");
-    assert!(lagging[0].payload["lag_secs"].as_u64().is_some(), "{}", lagging[0].payload);
+    assert!(
+        lagging[0].payload["lag_secs"].as_u64().is_some(),
+        "{}",
+        lagging[0].payload
+    );
     assert!(lagging[0].payload["overdue_deliveries"].as_u64() >= Some(1));
 
     let recovered = received("endpoint.recovered");
@@ -269,9 +289,15 @@ fn alerts_reach_operator_endpoint() {
         .find(|event| event.payload["endpoint_id"] == "customer")
         .expect("endpoint.recovered for the customer");
     let attempts = customer_recovered.payload["attempts"].as_u64().unwrap_or(0);
-    let failures = customer_recovered.payload["failures"].as_u64().unwrap_or(u64::MAX);
+    let failures = customer_recovered.payload["failures"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
     assert!(attempts >= 1, "{}", customer_recovered.payload);
-    assert!(failures * 100 < attempts * 20, "below 20 %: {}", customer_recovered.payload);
+    assert!(
+        failures * 100 < attempts * 20,
+        "below 20 %: {}",
+        customer_recovered.payload
+    );
     assert_eq!(
         customer_recovered.payload["since"], customer_failing.payload["since"],
         "recovered names when failing began"
@@ -286,13 +312,17 @@ fn alerts_reach_operator_endpoint() {
     let total = ids.len();
     ids.sort_unstable();
     ids.dedup();
-    assert_eq!(ids.len(), total, "an operational event delivered twice: {ids:?}");
+    assert_eq!(
+        ids.len(),
+        total,
+        "an operational event delivered twice: {ids:?}"
+    );
 
     assert!(log.contains("Endpoint is failing."), "WARN logged: {log}");
     assert!(log.contains("Endpoint recovered."), "INFO logged: {log}");
     assert!(
-        log.lines()
-            .any(|line| line.contains("ERROR") && line.contains("Endpoint disabled; its deliveries stay parked")),
+        log.lines().any(|line| line.contains("ERROR")
+            && line.contains("Endpoint disabled; its deliveries stay parked")),
         "ERROR logged: {log}"
     );
     assert!(log.contains("Pipeline is lagging"), "WARN logged: {log}");
