@@ -229,8 +229,17 @@ pub fn assess(
     }
 }
 
-/// The window counts of one key at one time: ((endpoint id, tenant), (attempts, failures)).
-type WindowCount = ((String, String), (i64, i64));
+/// An endpoint's key in the window: (endpoint id, tenant).
+type EndpointKey = (String, String);
+
+/// One update of the window collection: the key, its time, and (attempts, failures).
+type WindowUpdate = (EndpointKey, u64, (i64, i64));
+
+/// The window counts of one key at one time: (key, (attempts, failures)).
+type WindowCount = (EndpointKey, (i64, i64));
+
+/// Count changes waiting for the frontier, by time, with a capability at that time.
+type CountStash = BTreeMap<u64, (Capability<u64>, Vec<(WindowCount, isize)>)>;
 
 /// Turns endpoint signals into alerts.
 pub trait EndpointAlerts<'scope> {
@@ -268,7 +277,7 @@ impl<'scope> EndpointAlerts<'scope> for Stream<'scope, u64, Vec<EndpointSignal>>
 fn window_updates<'scope>(
     attempts: Stream<'scope, u64, Vec<EndpointSignal>>,
     window_ms: u64,
-) -> Stream<'scope, u64, Vec<((String, String), u64, (i64, i64))>> {
+) -> Stream<'scope, u64, Vec<WindowUpdate>> {
     let window_ms = window_ms.max(1);
     attempts.unary(Pipeline, "AlertWindow", move |_capability, _info| {
         move |input, output| {
@@ -311,8 +320,7 @@ fn ratio_transitions<'scope>(
         "AlertRatio",
         move |_capability, _info| {
             // Count changes not yet assessed, by their time, with a capability at that time.
-            let mut stash: BTreeMap<u64, (Capability<u64>, Vec<(WindowCount, isize)>)> =
-                BTreeMap::new();
+            let mut stash: CountStash = BTreeMap::new();
             // Each endpoint's status, kept by the worker that owns the endpoint.
             let mut statuses: HashMap<String, EndpointStatus> = HashMap::new();
 

@@ -396,13 +396,19 @@ fn report_alert(alert: &EndpointAlert, counters: &AlertCounters) {
     }
 }
 
+/// Returns an endpoint's tenant, if the endpoint is known.
+pub type TenantLookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// Opens an appender on the source, or returns why it cannot.
+pub type OpenAppender = Box<dyn FnMut() -> Result<Box<dyn EventAppender>, String>>;
+
 /// The settings that turn deliver records into alert signals.
 #[derive(Clone)]
 pub struct SignalFilter {
     /// The operator tenant, whose endpoints are never alerted on.
     pub operator_tenant: String,
     /// Returns an endpoint's tenant, for records that do not carry it.
-    pub tenant_of: Arc<dyn Fn(&str) -> Option<String> + Send + Sync>,
+    pub tenant_of: TenantLookup,
 }
 
 impl SignalFilter {
@@ -593,7 +599,7 @@ pub struct LagMonitor {
     last_alert_bucket: Option<Millis>,
     counters: Arc<AlertCounters>,
     appender: Option<Box<dyn EventAppender>>,
-    open_appender: Box<dyn FnMut() -> Result<Box<dyn EventAppender>, String>>,
+    open_appender: OpenAppender,
     /// Events whose append failed, appended before any newer one.
     unpublished: Vec<OperationalEvent>,
 }
@@ -604,7 +610,7 @@ impl LagMonitor {
         config: &AlertsConfig,
         process_index: usize,
         counters: Arc<AlertCounters>,
-        open_appender: Box<dyn FnMut() -> Result<Box<dyn EventAppender>, String>>,
+        open_appender: OpenAppender,
         now_ms: Millis,
     ) -> LagMonitor {
         let threshold_ms = config.lag_threshold_secs.saturating_mul(1000).max(1);

@@ -127,10 +127,10 @@ fn operator_events(requests: &[ReceivedRequest]) -> Vec<Received> {
         .collect()
 }
 
-/// A customer endpoint answering 500 becomes failing, has its breaker opened and, once the
-/// receiver answers 200 again, recovers; an endpoint answering 410 is disabled; an endpoint
-/// that never answers makes the pipeline lag. Every transition reaches the operator's
-/// endpoint as a signed webhook of the operator tenant.
+/// A customer endpoint that responds 500 becomes failing and has its breaker opened. Once
+/// the receiver responds 200 again, it recovers. An endpoint that responds 410 is disabled,
+/// and an endpoint that never responds makes the pipeline lag. Every transition reaches the
+/// operator's endpoint as a signed webhook of the operator tenant.
 #[test]
 fn alerts_reach_operator_endpoint() {
     let dir = tempfile::tempdir().expect("temporary directory");
@@ -140,7 +140,7 @@ fn alerts_reach_operator_endpoint() {
         ("/gone".to_string(), Behaviour::Status(410)),
     ]))
     .expect("receiver on 127.0.0.1");
-    // Accepts connections (the kernel's backlog does) but never answers: requests time out.
+    // The kernel's backlog accepts connections, but nothing ever responds: requests time out.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("silent listener");
     let silent_url = format!("http://{}/slow", silent.local_addr().expect("address"));
 
