@@ -585,6 +585,24 @@ impl StateStore {
             .map_err(self.error("count parked deliveries"))
     }
 
+    /// Returns the earliest due time among the pending deliveries due at or before `now_ms`,
+    /// and how many those are. Parked deliveries have no due time and do not count.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read.
+    // TODO: this scans `pending`. An index on `due_ms` would make it a lookup, at the cost
+    // of a schema version and one more index write per re-stamped delivery.
+    pub fn overdue(&self, now_ms: Millis) -> Result<(Option<Millis>, u64), ConnectorError> {
+        self.connection
+            .query_row(
+                "SELECT min(due_ms), count(*) FROM pending WHERE due_ms IS NOT NULL AND due_ms <= ?1",
+                params![now_ms],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .map_err(self.error("read overdue deliveries"))
+    }
+
     /// Counts the parked deliveries of each endpoint that has any.
     ///
     /// # Errors
@@ -1280,6 +1298,31 @@ mod tests {
             appended_at_ms: Some(4),
             replay_id: None,
         }
+    }
+
+    #[test]
+    fn overdue_skips_future_and_parked() -> Result<(), ConnectorError> {
+        let dir = tempfile::tempdir().map_err(|source| ConnectorError::Io {
+            action: "create",
+            path: PathBuf::new(),
+            source,
+        })?;
+        let mut store = StateStore::open(dir.path())?;
+        assert_eq!(store.overdue(1_000)?, (None, 0));
+
+        let batch = DurableBatch {
+            pending: vec![
+                pending(1, "ep", 400),
+                pending(2, "ep", 700),
+                pending(3, "ep", 5_000),
+                pending(4, "ep", PendingDelivery::PARKED),
+            ],
+            ..DurableBatch::default()
+        };
+        store.commit("w0", &batch, 1)?;
+        assert_eq!(store.overdue(1_000)?, (Some(400), 2));
+        assert_eq!(store.overdue(399)?, (None, 0));
+        Ok(())
     }
 
     #[test]

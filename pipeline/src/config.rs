@@ -45,6 +45,9 @@ pub struct Config {
     /// The Prometheus metrics and the readiness check.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Operational events about failing endpoints and a lagging pipeline.
+    #[serde(default)]
+    pub alerts: crate::alerts::AlertsConfig,
     /// The endpoints to deliver to.
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
@@ -733,6 +736,7 @@ impl Config {
         }
         self.health.validate()?;
         self.metrics.validate()?;
+        self.alerts.validate()?;
         let policy = AddressPolicy::new(self.allowed_networks()?);
         self.delivery
             .proxy_url()
@@ -1175,6 +1179,26 @@ mod tests {
         let config = Config::load(&path).expect("examples/hookflow.toml must be valid");
         assert!(!config.endpoints.is_empty());
         assert_eq!(config.endpoints().len(), config.endpoints.len());
+        assert!(config.alerts.enabled);
+        assert!(config
+            .endpoints
+            .iter()
+            .any(|endpoint| endpoint.tenant == config.alerts.operator_tenant));
+    }
+
+    #[test]
+    fn alerts_error_names_field() {
+        let text = format!(
+            "[alerts]\nenabled = true\noperator_tenant = \"ops\"\nfailing_percent = 30\n\
+             recovered_percent = 40\n{}",
+            endpoint("")
+        );
+        let error = parse(&text).expect_err("recovered above failing");
+        let message = error.to_string();
+        assert!(message.contains("alerts.recovered_percent"), "{message}");
+        let unknown = parse(&format!("[alerts]\nwindow_ms = 5\n{}", endpoint("")))
+            .expect_err("unknown field");
+        assert!(unknown.to_string().contains("window_ms"), "{unknown}");
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //!                      │ (subscriptions, arranged)        ▲
 //!                      ▼                                  │
 //!                   deliver (exchange by endpoint) ───────┘
+//!                      │ with [alerts] on
+//!                      ▼
+//!                   alerts (windowed failure ratio) ─► appended to the source
 //! ```
 //!
 //! One tokio runtime per process carries the HTTP requests of every worker. Each worker owns
@@ -22,6 +25,8 @@
 //! worker 0 drains the [`EndpointRegistry`]'s changes at the top of each loop turn and feeds them
 //! the same way, at the time both inputs stand at; it reports a change absorbed once a probe on
 //! the arranged subscriptions and on the broadcast updates has passed that time.
+//!
+//! The alert branch is not behind the probe: it never holds back the checkpoint.
 
 use hookflow_operators::stop::StopSignal;
 use std::cell::RefCell;
@@ -37,11 +42,12 @@ use differential_dataflow::input::Input as _;
 use hookflow_connectors::DisabledEndpoint;
 use hookflow_connectors::Source;
 use hookflow_connectors::{ArchiveOptions, ArchiveWriter, LocalLog, LocalLogOptions, StateStore};
+use hookflow_operators::alerts::EndpointAlerts;
 use hookflow_operators::clock::Clock;
 use hookflow_operators::dedup::{Dedup, DedupConfig};
 use hookflow_operators::deliver::{
-    AddressPolicy, Attempted, ClientConfig, Deliver, DeliverContext, DeliverCounters,
-    DeliveryClient, EndpointUpdate, LiveDirectory, ParkedDeliveries, PayloadSource,
+    AddressPolicy, ClientConfig, Deliver, DeliverContext, DeliverCounters, DeliveryClient,
+    EndpointUpdate, LiveDirectory, ParkedDeliveries, PayloadSource,
 };
 use hookflow_operators::route::{Route, Subscription};
 use hookflow_schemas::{
@@ -56,6 +62,9 @@ use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Concat, ConnectLoop, Feedback, OkErr, Probe};
 use timely::dataflow::Stream;
 
+use crate::alerts::{
+    local_log_appender, publish_alerts, split_attempted, AlertCounters, LagMonitor, SignalFilter,
+};
 use crate::cluster::{agree, decide, Cluster, Readiness};
 use crate::config::Config;
 use crate::durable::{
@@ -107,6 +116,8 @@ pub struct RunReport {
     pub counters: Arc<DeliverCounters>,
     /// The run's metrics as they stood at its end.
     pub metrics: Arc<Metrics>,
+    /// The alerts raised and the operational events published.
+    pub alerts: Arc<AlertCounters>,
 }
 
 /// The archive directory: the configured one, under the data directory when relative.
@@ -227,6 +238,8 @@ pub fn run_with_registry(
         DeliverCounters::set_member(&metrics.deliver.disabled_endpoints, endpoint_id, true);
     }
     let counters = metrics.deliver.clone();
+    warn_without_operator_endpoint(config, &endpoints);
+    let alert_counters = Arc::new(AlertCounters::default());
 
     if cluster.is_multi_process() {
         tracing::info!(
@@ -295,6 +308,7 @@ pub fn run_with_registry(
         readiness,
         counters: counters.clone(),
         metrics: metrics.clone(),
+        alert_counters: alert_counters.clone(),
     });
 
     let timely_config = cluster.timely_config(workers);
@@ -333,6 +347,7 @@ pub fn run_with_registry(
     report.files.sort();
     report.counters = counters;
     report.metrics = metrics;
+    report.alerts = alert_counters;
     if !failures.is_empty() {
         anyhow::bail!("the pipeline failed: {}", failures.join("; "));
     }
@@ -481,6 +496,7 @@ struct WorkerShared {
     readiness: Readiness,
     counters: Arc<DeliverCounters>,
     metrics: Arc<Metrics>,
+    alert_counters: Arc<AlertCounters>,
 }
 
 /// The rows and files one worker archived.
@@ -693,23 +709,23 @@ fn run_worker(
             health: config.health.policy(),
             counters: shared.counters.clone(),
         };
-        let (durable, retries) = deliveries
-            .concat(restored)
-            .concat(retries)
-            .deliver_live(directory, context, Box::new(payloads))
-            .ok_err(|attempted| match attempted {
-                Attempted::Row(row) => Ok(Durable::Row(row)),
-                Attempted::Pending(pending) => Ok(Durable::Pending(pending)),
-                Attempted::EndpointDisabled(disabled) => {
-                    Ok(Durable::EndpointDisabled(DisabledEndpoint {
-                        endpoint_id: disabled.endpoint_id,
-                        disabled_at_ms: disabled.at_ms,
-                        reason: disabled.reason,
-                    }))
-                }
-                Attempted::Retry(delivery) => Err(delivery),
-            });
+        let attempted = deliveries.concat(restored).concat(retries).deliver_live(
+            directory,
+            context,
+            Box::new(payloads),
+        );
+        let (durable, retries, signals) = split_attempted(attempted, signal_filter(shared));
         retries.connect_loop(retry_handle);
+        if config.alerts.enabled {
+            let alerts = signals.endpoint_alerts(config.alerts.policy(), clock.clone());
+            publish_alerts(
+                alerts,
+                local_log_appender(shared.data_dir.clone(), config.local_log.partitions),
+                config.alerts.operator_tenant.clone(),
+                shared.alert_counters.clone(),
+                clock.clone(),
+            );
+        }
 
         let durable = durable.concat(decided.map(Durable::Row)).concat(first_seen);
         persist(
@@ -767,6 +783,18 @@ fn run_worker(
     let progress_gauge = shared
         .metrics
         .worker(index.saturating_sub(cluster.first_worker(workers)));
+    let mut lag_monitor = (first_of_process && config.alerts.enabled).then(|| {
+        LagMonitor::new(
+            &config.alerts,
+            cluster.process_index(),
+            shared.alert_counters.clone(),
+            Box::new(local_log_appender(
+                shared.data_dir.clone(),
+                config.local_log.partitions,
+            )),
+            started_ms,
+        )
+    });
 
     let mut subscriptions = Some(subscriptions);
     let park = Duration::from_millis(config.pipeline.poll_interval_ms);
@@ -799,7 +827,11 @@ fn run_worker(
         }
         if let Some(gauge) = progress_gauge {
             let frontier = probe.with_frontier(|frontier| frontier.first().copied());
-            gauge.observe(frontier, control.progress.borrow().outstanding(), clock.now_ms());
+            gauge.observe(
+                frontier,
+                control.progress.borrow().outstanding(),
+                clock.now_ms(),
+            );
         }
         if first_of_process {
             let now = clock.now_ms();
@@ -816,6 +848,9 @@ fn run_worker(
                     config,
                     now,
                 );
+            }
+            if let Some(monitor) = lag_monitor.as_mut() {
+                monitor.tick(&store.borrow(), now);
             }
         }
         if shared.stop.is_stopped() {
@@ -859,6 +894,35 @@ fn run_worker(
         files: std::mem::take(&mut archiver.files),
         outcomes: std::mem::take(&mut archiver.outcomes),
     })
+}
+
+/// Returns what turns the deliver operator's records into alert signals, when alerts are on.
+fn signal_filter(shared: &WorkerShared) -> Option<SignalFilter> {
+    let alerts = &shared.config.alerts;
+    if !alerts.enabled {
+        return None;
+    }
+    Some(SignalFilter {
+        operator_tenant: alerts.operator_tenant.clone(),
+    })
+}
+
+/// Warns when alerts are on but no endpoint of the operator tenant would receive them: the
+/// events are then recorded as unrouted.
+fn warn_without_operator_endpoint(config: &Config, endpoints: &[Endpoint]) {
+    let alerts = &config.alerts;
+    if !alerts.enabled {
+        return;
+    }
+    let receiving = endpoints
+        .iter()
+        .any(|endpoint| endpoint.tenant == alerts.operator_tenant && endpoint.enabled);
+    if !receiving {
+        tracing::warn!(
+            operator_tenant = %alerts.operator_tenant,
+            "Alerts are enabled but no enabled endpoint of the operator tenant receives them; they are archived as unrouted."
+        );
+    }
 }
 
 /// Runs one maintenance pass and logs its result; a failure is logged and retried at the next

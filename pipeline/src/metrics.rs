@@ -184,7 +184,11 @@ impl EndpointTable {
     }
 
     /// Returns the label value of `endpoint_id` without giving it a series.
-    fn label<'a>(&self, own: &HashMap<String, Arc<EndpointStats>>, endpoint_id: &'a str) -> &'a str {
+    fn label<'a>(
+        &self,
+        own: &HashMap<String, Arc<EndpointStats>>,
+        endpoint_id: &'a str,
+    ) -> &'a str {
         if own.contains_key(endpoint_id) {
             endpoint_id
         } else {
@@ -328,9 +332,11 @@ impl Metrics {
     /// Sets the partition count; later calls are ignored, because it cannot change while
     /// the source is open.
     pub fn set_partitions(&self, partitions: u32) {
-        let _ = self
-            .partitions
-            .set((0..partitions).map(|_| PartitionOffsets::default()).collect());
+        let _ = self.partitions.set(
+            (0..partitions)
+                .map(|_| PartitionOffsets::default())
+                .collect(),
+        );
     }
 
     /// Returns the offsets of `partition`, once the partition count is set.
@@ -709,13 +715,41 @@ impl MetricsCollector {
     fn encode_breakers(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
         let deliver = &self.metrics.deliver;
         let totals = [
-            ("hookflow_breakers_opened", "Circuit breakers opened, counting a reopening after a failed probe.", &deliver.breakers_opened),
-            ("hookflow_breakers_closed", "Circuit breakers closed by a successful probe.", &deliver.breakers_closed),
-            ("hookflow_endpoints_disabled", "Endpoints disabled at run time (410 Gone, or failing too long).", &deliver.endpoints_disabled),
-            ("hookflow_deliveries_parked", "Deliveries parked because their endpoint is disabled.", &deliver.deliveries_parked),
-            ("hookflow_throttled_responses", "429 Too Many Requests responses.", &deliver.throttled),
-            ("hookflow_retry_after_invalid", "Retry-After values that were not valid and counted as absent.", &deliver.retry_after_invalid),
-            ("hookflow_retry_after_capped", "Valid Retry-After values above the maximum pause, capped.", &deliver.retry_after_capped),
+            (
+                "hookflow_breakers_opened",
+                "Circuit breakers opened, counting a reopening after a failed probe.",
+                &deliver.breakers_opened,
+            ),
+            (
+                "hookflow_breakers_closed",
+                "Circuit breakers closed by a successful probe.",
+                &deliver.breakers_closed,
+            ),
+            (
+                "hookflow_endpoints_disabled",
+                "Endpoints disabled at run time (410 Gone, or failing too long).",
+                &deliver.endpoints_disabled,
+            ),
+            (
+                "hookflow_deliveries_parked",
+                "Deliveries parked because their endpoint is disabled.",
+                &deliver.deliveries_parked,
+            ),
+            (
+                "hookflow_throttled_responses",
+                "429 Too Many Requests responses.",
+                &deliver.throttled,
+            ),
+            (
+                "hookflow_retry_after_invalid",
+                "Retry-After values that were not valid and counted as absent.",
+                &deliver.retry_after_invalid,
+            ),
+            (
+                "hookflow_retry_after_capped",
+                "Valid Retry-After values above the maximum pause, capped.",
+                &deliver.retry_after_capped,
+            ),
         ];
         for (name, help, value) in totals {
             counter(encoder, name, help, load(value))?;
@@ -729,7 +763,8 @@ impl MetricsCollector {
             .unwrap_or_else(PoisonError::into_inner);
         let per_endpoint = |set: &Mutex<std::collections::BTreeSet<String>>| {
             let ids = set.lock().unwrap_or_else(PoisonError::into_inner);
-            let mut counts: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
+            let mut counts: std::collections::BTreeMap<String, i64> =
+                std::collections::BTreeMap::new();
             for id in ids.iter() {
                 *counts
                     .entry(self.metrics.endpoints.label(&own, id).to_string())
@@ -781,7 +816,11 @@ mod tests {
             .expect("parsing the scrape")
     }
 
-    fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    fn value(
+        scrape: &prometheus_parse::Scrape,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Option<f64> {
         scrape
             .samples
             .iter()
@@ -814,19 +853,47 @@ mod tests {
 
         let delivered = "hookflow_deliveries_delivered_total";
         assert_eq!(value(&scrape, delivered, &[("endpoint", "a")]), Some(1.0));
-        assert_eq!(value(&scrape, delivered, &[("endpoint", "other")]), Some(1.0));
+        assert_eq!(
+            value(&scrape, delivered, &[("endpoint", "other")]),
+            Some(1.0)
+        );
         assert_eq!(value(&scrape, delivered, &[("endpoint", "c")]), None);
         assert_eq!(
-            value(&scrape, "hookflow_delivery_failures_total", &[("endpoint", "b"), ("error_kind", "timeout")]),
+            value(
+                &scrape,
+                "hookflow_delivery_failures_total",
+                &[("endpoint", "b"), ("error_kind", "timeout")]
+            ),
             Some(1.0)
         );
         assert_eq!(
-            value(&scrape, "hookflow_delivery_failures_total", &[("endpoint", "other"), ("error_kind", "client_error")]),
+            value(
+                &scrape,
+                "hookflow_delivery_failures_total",
+                &[("endpoint", "other"), ("error_kind", "client_error")]
+            ),
             Some(1.0)
         );
-        assert_eq!(value(&scrape, "hookflow_deliveries_dead_lettered_total", &[("endpoint", "other")]), Some(1.0));
-        assert_eq!(value(&scrape, "hookflow_delivery_attempts_total", &[("endpoint", "b")]), Some(1.0));
-        assert_eq!(value(&scrape, "hookflow_endpoint_series_overflow_total", &[]), Some(2.0));
+        assert_eq!(
+            value(
+                &scrape,
+                "hookflow_deliveries_dead_lettered_total",
+                &[("endpoint", "other")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &scrape,
+                "hookflow_delivery_attempts_total",
+                &[("endpoint", "b")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&scrape, "hookflow_endpoint_series_overflow_total", &[]),
+            Some(2.0)
+        );
     }
 
     #[test]
@@ -844,8 +911,14 @@ mod tests {
         metrics.record_rows(&[invalid, unrouted.clone(), unrouted], &mut cache);
         let scrape = scrape(&metrics);
 
-        assert_eq!(value(&scrape, "hookflow_events_invalid_total", &[]), Some(1.0));
-        assert_eq!(value(&scrape, "hookflow_events_unrouted_total", &[]), Some(2.0));
+        assert_eq!(
+            value(&scrape, "hookflow_events_invalid_total", &[]),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&scrape, "hookflow_events_unrouted_total", &[]),
+            Some(2.0)
+        );
         assert!(cache.is_empty());
     }
 
@@ -876,9 +949,10 @@ mod tests {
             .samples
             .iter()
             .find_map(|sample| match (&sample.metric[..], &sample.value) {
-                ("hookflow_delivery_latency_seconds", prometheus_parse::Value::Histogram(buckets)) => {
-                    Some(buckets.clone())
-                }
+                (
+                    "hookflow_delivery_latency_seconds",
+                    prometheus_parse::Value::Histogram(buckets),
+                ) => Some(buckets.clone()),
                 _ => None,
             })
             .expect("a delivery latency histogram");
@@ -887,7 +961,10 @@ mod tests {
         assert_eq!(buckets[0].count, 2.0);
         assert_eq!(buckets[1].count, 3.0);
         assert_eq!(buckets.last().map(|b| b.count), Some(4.0));
-        assert_eq!(value(&scrape, "hookflow_delivery_latency_seconds_count", &[]), Some(4.0));
+        assert_eq!(
+            value(&scrape, "hookflow_delivery_latency_seconds_count", &[]),
+            Some(4.0)
+        );
     }
 
     #[test]
@@ -904,14 +981,27 @@ mod tests {
         let open = "hookflow_endpoint_breaker_open";
         assert_eq!(value(&scrape, open, &[("endpoint", "a")]), Some(1.0));
         assert_eq!(value(&scrape, open, &[("endpoint", "other")]), Some(1.0));
-        assert_eq!(value(&scrape, "hookflow_endpoint_disabled", &[("endpoint", "other")]), Some(1.0));
-        assert_eq!(value(&scrape, "hookflow_endpoint_disabled", &[("endpoint", "a")]), None);
+        assert_eq!(
+            value(
+                &scrape,
+                "hookflow_endpoint_disabled",
+                &[("endpoint", "other")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&scrape, "hookflow_endpoint_disabled", &[("endpoint", "a")]),
+            None
+        );
     }
 
     #[test]
     fn stalled_worker_needs_outstanding_records() {
         let metrics = Metrics::new(10, 2, 1_000);
-        let (idle, busy) = (metrics.worker(0).expect("worker 0"), metrics.worker(1).expect("worker 1"));
+        let (idle, busy) = (
+            metrics.worker(0).expect("worker 0"),
+            metrics.worker(1).expect("worker 1"),
+        );
         idle.observe(Some(5), 0, 10_000);
         busy.observe(Some(5), 3, 10_000);
 

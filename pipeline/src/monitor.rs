@@ -91,7 +91,10 @@ impl Monitor {
             pass("source")
         } else {
             let error = self.metrics.source.last_error();
-            fail("source", error.unwrap_or_else(|| "the source cannot be read".into()))
+            fail(
+                "source",
+                error.unwrap_or_else(|| "the source cannot be read".into()),
+            )
         };
         let archive = match probe_writable(&self.archive_dir) {
             Ok(()) => pass("archive"),
@@ -110,12 +113,19 @@ impl Monitor {
         };
 
         let checks = vec![source, archive, dataflow];
-        let failing = checks.iter().find(|check| !check.ok).map(|check| check.name);
+        let failing = checks
+            .iter()
+            .find(|check| !check.ok)
+            .map(|check| check.name);
         self.metrics
             .ready
             .store(u64::from(failing.is_none()), Ordering::Relaxed);
         Readiness {
-            status: if failing.is_none() { "ready" } else { "not_ready" },
+            status: if failing.is_none() {
+                "ready"
+            } else {
+                "not_ready"
+            },
             failing,
             checks,
         }
@@ -166,7 +176,8 @@ fn probe_writable(dir: &Path) -> Result<(), String> {
         let _ = std::fs::remove_file(&path);
         return Err(format!("cannot create {}: {error}", path.display()));
     }
-    std::fs::remove_file(&path).map_err(|error| format!("cannot remove {}: {error}", path.display()))
+    std::fs::remove_file(&path)
+        .map_err(|error| format!("cannot remove {}: {error}", path.display()))
 }
 
 /// The (method, path) of every route [`routes`] serves.

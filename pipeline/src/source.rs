@@ -246,7 +246,9 @@ pub fn read_source<'scope>(
             }
             drop(session);
             progress.outstanding += read;
-            metrics.events_ingested.fetch_add(read as u64, Ordering::Relaxed);
+            metrics
+                .events_ingested
+                .fetch_add(read as u64, Ordering::Relaxed);
 
             if read > 0 {
                 activator.activate();

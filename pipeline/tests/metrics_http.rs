@@ -64,7 +64,11 @@ fn start_run(dir: &Path, config: &str) -> Run {
         if let Ok(Some(status)) = run.child.try_wait() {
             panic!("hookflow run exited early: {status}");
         }
-        assert!(started.elapsed() < PATIENCE, "no {} after {PATIENCE:?}", address_file.display());
+        assert!(
+            started.elapsed() < PATIENCE,
+            "no {} after {PATIENCE:?}",
+            address_file.display()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -151,7 +155,10 @@ fn scrape_until(
         if done(&scrape) {
             return scrape;
         }
-        assert!(started.elapsed() < PATIENCE, "{condition}: not reached in {PATIENCE:?}");
+        assert!(
+            started.elapsed() < PATIENCE,
+            "{condition}: not reached in {PATIENCE:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -180,9 +187,14 @@ fn publish(data_dir: &Path, lines: &[String]) -> usize {
         raw: true,
         max_payload_bytes: hookflow_schemas::DEFAULT_MAX_PAYLOAD_BYTES,
     };
-    publish_reader(lines.join("\n").as_bytes(), "test events", &options, WallClock.now_ms())
-        .expect("publishing")
-        .appended
+    publish_reader(
+        lines.join("\n").as_bytes(),
+        "test events",
+        &options,
+        WallClock.now_ms(),
+    )
+    .expect("publishing")
+    .appended
 }
 
 fn event(id: &str, event_type: &str) -> String {
@@ -206,7 +218,9 @@ fn run_serves_metrics_of_deliveries() {
     let archive_dir = dir.path().join("archive");
     let run = start_run(dir.path(), &config(&receiver, &archive_dir));
 
-    let mut lines: Vec<String> = (0..20).map(|i| event(&format!("o{i}"), "order.created")).collect();
+    let mut lines: Vec<String> = (0..20)
+        .map(|i| event(&format!("o{i}"), "order.created"))
+        .collect();
     lines.extend((0..4).map(|i| event(&format!("i{i}"), "invoice.paid")));
     lines.push(event("o3", "order.created"));
     lines.push(event("u0", "user.created"));
@@ -222,14 +236,32 @@ fn run_serves_metrics_of_deliveries() {
 
     assert_eq!(receiver.requests_to("/ok").len(), 20);
     assert_eq!(receiver.requests_to("/rejects").len(), 4);
-    assert_eq!(value(&scrape, "hookflow_events_ingested_total", &[]), published);
-    assert_eq!(value(&scrape, "hookflow_events_deduplicated_total", &[]), 1.0);
+    assert_eq!(
+        value(&scrape, "hookflow_events_ingested_total", &[]),
+        published
+    );
+    assert_eq!(
+        value(&scrape, "hookflow_events_deduplicated_total", &[]),
+        1.0
+    );
     assert_eq!(value(&scrape, "hookflow_events_invalid_total", &[]), 1.0);
     assert_eq!(value(&scrape, "hookflow_events_unrouted_total", &[]), 1.0);
-    assert_eq!(value(&scrape, "hookflow_deliveries_delivered_total", &ok), 20.0);
-    assert_eq!(value(&scrape, "hookflow_delivery_attempts_total", &ok), 20.0);
-    assert_eq!(value(&scrape, "hookflow_delivery_attempts_total", &rejects), 4.0);
-    assert_eq!(value(&scrape, "hookflow_deliveries_dead_lettered_total", &rejects), 4.0);
+    assert_eq!(
+        value(&scrape, "hookflow_deliveries_delivered_total", &ok),
+        20.0
+    );
+    assert_eq!(
+        value(&scrape, "hookflow_delivery_attempts_total", &ok),
+        20.0
+    );
+    assert_eq!(
+        value(&scrape, "hookflow_delivery_attempts_total", &rejects),
+        4.0
+    );
+    assert_eq!(
+        value(&scrape, "hookflow_deliveries_dead_lettered_total", &rejects),
+        4.0
+    );
     assert_eq!(
         value(
             &scrape,
@@ -238,8 +270,14 @@ fn run_serves_metrics_of_deliveries() {
         ),
         4.0
     );
-    assert_eq!(value(&scrape, "hookflow_delivery_latency_seconds", &[]), 24.0);
-    assert_eq!(value(&scrape, "hookflow_end_to_end_latency_seconds", &[]), 20.0);
+    assert_eq!(
+        value(&scrape, "hookflow_delivery_latency_seconds", &[]),
+        24.0
+    );
+    assert_eq!(
+        value(&scrape, "hookflow_end_to_end_latency_seconds", &[]),
+        20.0
+    );
     assert_eq!(value(&scrape, "hookflow_source_end_offset", &[]), published);
     assert_eq!(value(&scrape, "hookflow_source_lag_offsets", &[]), 0.0);
     assert!(value(&scrape, "hookflow_archive_files_written_total", &[]) >= 1.0);

@@ -33,7 +33,8 @@
 //! back the frontier, until a wake-up at the pause's end. A half-open breaker lets one probe
 //! through. An endpoint that is disabled (in its configuration, or by a 410 Gone or by
 //! failing for too long) parks its deliveries: each is recorded as pending without a due time
-//! and leaves memory; a disabling is emitted as [`Attempted::EndpointDisabled`].
+//! and leaves memory; a disabling is emitted as [`Attempted::EndpointDisabled`], and a breaker
+//! opening as [`Attempted::BreakerOpened`].
 //!
 //! No request starts while more than `max_unsynced_results` attempt results wait for their
 //! durable write: that bounds what a crash can make hookflow send twice.
@@ -152,7 +153,9 @@ impl DeliverCounters {
         endpoint_id: &str,
         member: bool,
     ) {
-        let mut ids = set.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut ids = set
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if member {
             ids.insert(endpoint_id.to_string());
         } else {
@@ -166,6 +169,8 @@ impl DeliverCounters {
 pub struct EndpointDisabled {
     /// The endpoint's id.
     pub endpoint_id: String,
+    /// The endpoint's tenant, when the directory knows the endpoint.
+    pub tenant: Option<String>,
     /// When it was disabled.
     pub at_ms: Millis,
     /// The rule that disabled it, for the operator.
@@ -189,6 +194,25 @@ pub enum Attempted {
     Pending(PendingDelivery),
     /// The endpoint was disabled; its deliveries are parked until it is enabled again.
     EndpointDisabled(EndpointDisabled),
+    /// The endpoint's circuit breaker opened, or opened again after a failed probe.
+    BreakerOpened(BreakerOpened),
+}
+
+/// A circuit breaker the deliver operator opened, for alerts.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BreakerOpened {
+    /// The endpoint's id.
+    pub endpoint_id: String,
+    /// The endpoint's tenant, when the directory knows the endpoint.
+    pub tenant: Option<String>,
+    /// When the breaker opened.
+    pub at_ms: Millis,
+    /// When its probe may start.
+    pub until_ms: Millis,
+    /// Failed attempts in the breaker window that opened it (1 for a failed probe).
+    pub failures: u32,
+    /// Attempts in that window.
+    pub attempts: u32,
 }
 
 /// A change to the deliver operator's endpoint directory.
@@ -971,6 +995,13 @@ impl DeliverState {
         self.emitted.push((capability, Attempted::Pending(parked)));
     }
 
+    /// Returns the tenant of an endpoint in the directory.
+    fn tenant_of(&self, endpoint_id: &str) -> Option<String> {
+        self.directory
+            .get(endpoint_id)
+            .map(|endpoint| endpoint.tenant.clone())
+    }
+
     /// Returns a capability at `now` under `current`, for a delivery that is pending already.
     fn current_at(&self, now: Millis) -> Option<Capability<u64>> {
         let current = self.current.as_ref()?;
@@ -1000,6 +1031,7 @@ impl DeliverState {
             capability.clone(),
             Attempted::EndpointDisabled(EndpointDisabled {
                 endpoint_id: endpoint_id.to_string(),
+                tenant: self.tenant_of(endpoint_id),
                 at_ms: now,
                 reason,
             }),
@@ -1296,7 +1328,11 @@ impl DeliverState {
                 attempts,
             }) => {
                 DeliverCounters::bump(&self.context.counters.breakers_opened);
-                DeliverCounters::set_member(&self.context.counters.open_breakers, endpoint_id, true);
+                DeliverCounters::set_member(
+                    &self.context.counters.open_breakers,
+                    endpoint_id,
+                    true,
+                );
                 tracing::warn!(
                     endpoint_id = %endpoint_id,
                     failures,
@@ -1304,10 +1340,25 @@ impl DeliverState {
                     probe_in_ms = until_ms.saturating_sub(now),
                     "Circuit breaker opened; the endpoint's deliveries wait for a probe."
                 );
+                self.emitted.push((
+                    capability.clone(),
+                    Attempted::BreakerOpened(BreakerOpened {
+                        endpoint_id: endpoint_id.to_string(),
+                        tenant: self.tenant_of(endpoint_id),
+                        at_ms: now,
+                        until_ms,
+                        failures,
+                        attempts,
+                    }),
+                ));
             }
             Some(Transition::BreakerClosed) => {
                 DeliverCounters::bump(&self.context.counters.breakers_closed);
-                DeliverCounters::set_member(&self.context.counters.open_breakers, endpoint_id, false);
+                DeliverCounters::set_member(
+                    &self.context.counters.open_breakers,
+                    endpoint_id,
+                    false,
+                );
                 tracing::info!(
                     endpoint_id = %endpoint_id,
                     "Probe delivered; circuit breaker closed."
