@@ -274,6 +274,14 @@ pub fn run_with_registry(
     .context("cannot build the HTTP client")?;
 
     // The server starts before the workers so that a bad `http.listen` fails the run at once.
+    // The archive directory exists before it too: readiness checks that it is writable, and
+    // the workers would create it only when they open their writers.
+    std::fs::create_dir_all(&archive_dir).with_context(|| {
+        format!(
+            "cannot create the archive directory {}",
+            archive_dir.display()
+        )
+    })?;
     let http_state = crate::http::HttpState::new(
         Arc::new(config.clone()),
         options.data_dir.clone(),
