@@ -288,3 +288,56 @@ fn restart_keeps_registry_endpoints() {
     assert_eq!(ids_at(&receiver, "/base-changed").len(), 1);
     assert!(receiver.requests_to("/base").is_empty());
 }
+
+#[test]
+fn gone_endpoint_enabled_while_running() {
+    let behaviours = HashMap::from([("/gone".to_string(), Behaviour::Status(410))]);
+    let receiver = Receiver::start(behaviours).expect("receiver");
+    let endpoints = [("ep_gone", "t1", receiver.url("/gone"), r#"["*"]"#)];
+    let text = config_text(&endpoints, "[retry]\nschedule_ms = [100]\n");
+    let text = text.replace("timeout_ms = 5000", "timeout_ms = 5000\nmax_in_flight = 1");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let running = Running::start(dir.path(), &text, 2);
+
+    let lines: Vec<String> = (0..4)
+        .map(|n| event_line("t1", &format!("evt_{n}"), "a.b", "{}"))
+        .collect();
+    publish_lines(dir.path(), &lines, false).expect("publish");
+    wait_for("the 410 disabling the endpoint", || {
+        !running
+            .registry
+            .disabled_at_run_time()
+            .expect("read disabled")
+            .is_empty()
+    });
+    let store = StateStore::open(dir.path()).expect("state store");
+    wait_for("three parked deliveries", || {
+        store.parked_of("ep_gone").expect("read parked").len() == 3
+    });
+
+    // Applying the endpoint with `enabled = true` and a new URL ends the disabling and resumes
+    // the parked deliveries without a restart.
+    let mut back = configured(&text, "ep_gone");
+    back.url = receiver.url("/back");
+    running.apply(EndpointChange::Upsert(back));
+    wait_for("the parked deliveries at /back", || {
+        receiver.requests_to("/back").len() == 3
+    });
+    let disabled = running
+        .registry
+        .disabled_at_run_time()
+        .expect("read disabled");
+    running.stop();
+
+    assert!(disabled.is_empty(), "{disabled:?}");
+    let gone = ids_at(&receiver, "/gone");
+    assert_eq!(gone.len(), 1, "one 410, then nothing: {gone:?}");
+    let mut resumed = ids_at(&receiver, "/back");
+    resumed.extend(gone);
+    resumed.sort();
+    assert_eq!(
+        resumed,
+        ["evt_0", "evt_1", "evt_2", "evt_3"],
+        "every event once"
+    );
+}
