@@ -20,8 +20,8 @@
 //! lacks, then worker 0 feeds every stored endpoint into the subscriptions collection and into
 //! the endpoint-updates stream, broadcast to the deliver operator of every worker. While running,
 //! worker 0 drains the [`EndpointRegistry`]'s changes at the top of each loop turn and feeds them
-//! the same way, at the time both inputs stand at; it reports a change absorbed once a probe on
-//! the arranged subscriptions and on the broadcast updates has passed that time.
+//! the same way, at the current time of both inputs. It reports a change absorbed once a probe
+//! on the arranged subscriptions and on the broadcast updates has passed that time.
 
 use hookflow_operators::stop::StopSignal;
 use std::cell::RefCell;
@@ -309,7 +309,7 @@ pub fn run_with_registry(
     Ok(report)
 }
 
-/// What [`prepare_data_dir`] found.
+/// The state of the data directory that [`prepare_data_dir`] found.
 struct Prepared {
     partitions: u32,
     log_id: i64,
@@ -992,8 +992,8 @@ impl DirectoryFeed {
     }
 
     /// Reports the changes whose time the probe has passed as absorbed. Once the inputs are
-    /// closed (`open` false), changes still arriving can no longer be fed in; dropping them
-    /// tells their caller the pipeline stopped.
+    /// closed (`open` false), changes still arriving can no longer be fed in, so the feed is
+    /// dropped and each caller's `apply` returns that the pipeline stopped.
     fn acknowledge(&mut self, absorbed: &ProbeHandle<u64>, open: bool) {
         let mut index = 0;
         while index < self.absorbing.len() {
