@@ -341,3 +341,65 @@ fn gone_endpoint_enabled_while_running() {
         "every event once"
     );
 }
+
+#[test]
+fn rate_limit_change_applies_next_slot() {
+    let receiver = Receiver::start(HashMap::new()).expect("receiver");
+    let endpoints = [("ep", "t1", receiver.url("/ep"), r#"["*"]"#)];
+    let text = config_text(&endpoints, "");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let running = Running::start(dir.path(), &text, 2);
+
+    publish_lines(
+        dir.path(),
+        &[event_line("t1", "evt_free", "a.b", "{}")],
+        false,
+    )
+    .expect("publish");
+    wait_for("the unlimited delivery", || {
+        receiver.requests_to("/ep").len() == 1
+    });
+
+    // One request a minute from now on: of three new events, one goes out at once and the
+    // others wait for later windows.
+    let mut limited = configured(&text, "ep");
+    limited.rate_limit = Some(hookflow_schemas::RateLimit {
+        max_requests: 1,
+        window_ms: 60_000,
+    });
+    let window = |at: std::time::SystemTime| {
+        at.duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_millis()
+            / 60_000
+    };
+    let first_window = window(std::time::SystemTime::now());
+    running.apply(EndpointChange::Upsert(limited));
+    let lines: Vec<String> = (0..3)
+        .map(|n| event_line("t1", &format!("evt_limited_{n}"), "a.b", "{}"))
+        .collect();
+    publish_lines(dir.path(), &lines, false).expect("publish");
+    let store = StateStore::open(dir.path()).expect("state store");
+    let limited_sent = || {
+        ids_at(&receiver, "/ep")
+            .iter()
+            .filter(|id| id.starts_with("evt_limited"))
+            .count()
+    };
+    wait_for(
+        "every limited delivery sent or waiting for a later window",
+        || {
+            let waiting = store.pending().expect("read pending").len();
+            waiting >= 1 && waiting + limited_sent() == 3
+        },
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    running.stop();
+    let last_window = window(std::time::SystemTime::now());
+
+    // One request per aligned 60 s window: a test crossing a minute boundary may see two.
+    let windows = usize::try_from(last_window - first_window + 1).expect("small");
+    let sent = limited_sent();
+    assert!(sent >= 1, "the first limited delivery goes out at once");
+    assert!(sent <= windows, "{sent} requests in {windows} windows");
+}
