@@ -519,6 +519,8 @@ fn run_worker(
     let restored_first_seen = store.first_seen_since(started_ms.saturating_sub(dedup_window_ms))?;
     // A parked delivery stays in the store while its endpoint is disabled. The deliver
     // operator resumes it when the directory loads or enables its endpoint.
+    // TODO: a parked delivery whose endpoint the directory no longer has stays parked; the
+    // first worker of each process could dead-letter those once the loads are absorbed.
     let restored_pending = if first_of_process {
         store
             .pending()?

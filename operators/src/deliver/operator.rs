@@ -917,6 +917,8 @@ impl DeliverState {
 
     /// Reads back the deliveries `endpoint_id` parked while disabled and accepts them again at
     /// the time of `held`; only the worker that owns the endpoint does.
+    // NOTE: the store is read, not memory: a delivery parked in the same step as the enabling,
+    // before the durable sink wrote it, stays parked until the next start resumes it.
     fn resume_parked(&mut self, endpoint_id: &str, held: &Capability<u64>, now: Millis) {
         if !self.owner.owns(endpoint_id) {
             return;
