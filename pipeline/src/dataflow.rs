@@ -23,8 +23,8 @@
 //! lacks, then worker 0 feeds every stored endpoint into the subscriptions collection and into
 //! the endpoint-updates stream, broadcast to the deliver operator of every worker. While running,
 //! worker 0 drains the [`EndpointRegistry`]'s changes at the top of each loop turn and feeds them
-//! the same way, at the time both inputs stand at; it reports a change absorbed once a probe on
-//! the arranged subscriptions and on the broadcast updates has passed that time.
+//! the same way, at the current time of both inputs. It reports a change absorbed once a probe
+//! on the arranged subscriptions and on the broadcast updates has passed that time.
 //!
 //! The alert branch is not behind the probe: it never holds back the checkpoint.
 
@@ -367,7 +367,7 @@ pub fn run_with_registry(
     Ok(report)
 }
 
-/// What [`prepare_data_dir`] found.
+/// The state of the data directory that [`prepare_data_dir`] found.
 struct Prepared {
     partitions: u32,
     log_id: i64,
@@ -579,6 +579,8 @@ fn run_worker(
     let restored_first_seen = store.first_seen_since(started_ms.saturating_sub(dedup_window_ms))?;
     // A parked delivery stays in the store while its endpoint is disabled. The deliver
     // operator resumes it when the directory loads or enables its endpoint.
+    // TODO: a parked delivery whose endpoint the directory no longer has stays parked; the
+    // first worker of each process could dead-letter those once the loads are absorbed.
     let restored_pending = if first_of_process {
         store
             .pending()?
@@ -1133,8 +1135,8 @@ impl DirectoryFeed {
     }
 
     /// Reports the changes whose time the probe has passed as absorbed. Once the inputs are
-    /// closed (`open` false), changes still arriving can no longer be fed in; dropping them
-    /// tells their caller the pipeline stopped.
+    /// closed (`open` false), changes still arriving can no longer be fed in, so the feed is
+    /// dropped and each caller's `apply` returns that the pipeline stopped.
     fn acknowledge(&mut self, absorbed: &ProbeHandle<u64>, open: bool) {
         let mut index = 0;
         while index < self.absorbing.len() {

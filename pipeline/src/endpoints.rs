@@ -186,3 +186,76 @@ fn open(data_dir: &Path) -> anyhow::Result<StateStore> {
     StateStore::open(data_dir)
         .with_context(|| format!("cannot open the state store in {}", data_dir.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+    fn entry(id: &str, url: &str) -> String {
+        format!(
+            "[[endpoints]]\nid = \"{id}\"\ntenant = \"acme\"\nurl = \"{url}\"\n\
+             event_types = [\"*\"]\nsecret = \"{SECRET}\"\n"
+        )
+    }
+
+    #[test]
+    fn apply_creates_updates_and_keeps() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = Config::parse(
+            &format!(
+                "[delivery]\nallowed_private_cidrs = [\"127.0.0.1/32\"]\n{}",
+                entry("kept", "http://127.0.0.1:9/kept")
+            ),
+            Path::new("hookflow.toml"),
+        )
+        .expect("config");
+        let file = dir.path().join("endpoints.toml");
+
+        std::fs::write(&file, entry("ep1", "http://127.0.0.1:9/a")).expect("write");
+        let created = apply(&config, dir.path(), &file).expect("apply");
+        assert!(created.contains("endpoint `ep1` created"), "{created}");
+        let mut store = open(dir.path()).expect("store");
+        store
+            .put_endpoint(&config.endpoints()[0], 1)
+            .expect("store kept");
+        drop(store);
+
+        std::fs::write(&file, entry("ep1", "http://127.0.0.1:9/b")).expect("write");
+        let updated = apply(&config, dir.path(), &file).expect("apply");
+        assert!(updated.contains("endpoint `ep1` updated"), "{updated}");
+        let store = open(dir.path()).expect("store");
+        let ids: Vec<String> = store
+            .endpoints()
+            .expect("read")
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(ids, ["ep1", "kept"], "apply deletes nothing");
+        let url = store.endpoint("ep1").expect("read").map(|e| e.url);
+        assert_eq!(url.as_deref(), Some("http://127.0.0.1:9/b"));
+    }
+
+    #[test]
+    fn apply_rejects_invalid_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = Config::parse("", Path::new("hookflow.toml")).expect("config");
+        let file = dir.path().join("endpoints.toml");
+        // Loopback is not in `allowed_private_cidrs` of this configuration.
+        let text = format!(
+            "{}{}",
+            entry("ok", "https://example.com/hook"),
+            entry("bad", "http://127.0.0.1:9/a")
+        );
+        std::fs::write(&file, text).expect("write");
+        let error = apply(&config, dir.path(), &file).expect_err("invalid address");
+        let message = format!("{error:#}");
+        assert!(message.contains("endpoints[1].url"), "{message}");
+        let store = open(dir.path()).expect("store");
+        assert!(
+            store.endpoints().expect("read").is_empty(),
+            "nothing is stored"
+        );
+    }
+}

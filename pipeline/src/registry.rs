@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
-use hookflow_connectors::{ConnectorError, StateStore};
+use hookflow_connectors::{ConnectorError, DisabledEndpoint, StateStore};
 use hookflow_schemas::{Endpoint, Millis};
 use tokio::sync::oneshot;
 
@@ -157,6 +157,16 @@ impl EndpointRegistry {
     /// Fails if the store cannot be read.
     pub fn get(&self, id: &str) -> Result<Option<Endpoint>, RegistryError> {
         Ok(self.lock().store.endpoint(id)?)
+    }
+
+    /// Reads the endpoints hookflow disabled at run time (410 Gone, failing too long) that the
+    /// registry's store records. In a cluster, that is only the endpoints process 0 owns.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read.
+    pub fn disabled_at_run_time(&self) -> Result<Vec<DisabledEndpoint>, RegistryError> {
+        Ok(self.lock().store.disabled_endpoints()?)
     }
 
     /// Persists the change, feeds it into the running dataflow, and returns once the

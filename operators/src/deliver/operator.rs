@@ -42,7 +42,7 @@
 //! The endpoint directory is operator state, started from [`DeliverContext::endpoints`] and
 //! changed by a second input of [`EndpointUpdate`]s that reaches every worker
 //! ([`Deliver::deliver_live`]). Each run of the operator applies the updates it received before
-//! it looks at a delivery, and every request reads the endpoint as it stands when the request
+//! it looks at a delivery, and every request reads the endpoint as it is when the request
 //! starts: URL, secrets, headers, timeouts, limits and enabled flag. A delivery naming an
 //! endpoint the directory lacks waits until the update input's frontier has passed its time,
 //! so an endpoint created at a time is never missed by a delivery at that time; then it is
@@ -218,7 +218,7 @@ pub struct BreakerOpened {
 /// A change to the deliver operator's endpoint directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EndpointUpdate {
-    /// The endpoint as the directory holds it when the pipeline starts. A run-time disabling
+    /// The endpoint as the directory contains it when the pipeline starts. A run-time disabling
     /// recorded earlier stays in force.
     Load(Endpoint),
     /// The endpoint created or replaced while running. With `enabled = true` it also ends a
@@ -268,7 +268,7 @@ pub struct LiveDirectory<'scope> {
     pub updates: Stream<'scope, u64, Vec<EndpointUpdate>>,
     /// Endpoints disabled at run time by an earlier run, whose deliveries stay parked.
     pub disabled: HashSet<String>,
-    /// Where parked deliveries are read back.
+    /// The store that parked deliveries are read back from.
     pub parked: Box<dyn ParkedDeliveries>,
 }
 
@@ -603,9 +603,9 @@ struct DeliverState {
     /// Deliveries naming an endpoint the directory lacks, by their time, each time with the
     /// capability held for it, until the updates input has passed that time.
     unknown: BTreeMap<Millis, ScheduledAt>,
-    /// Where deliveries parked by an earlier disabling are read back.
+    /// The store that deliveries parked by an earlier disabling are read back from.
     parked: Box<dyn ParkedDeliveries>,
-    /// Which endpoints this worker owns.
+    /// This worker's place, which decides the endpoints it owns.
     owner: Owner,
     /// Endpoints whose queue is held (breaker open, `Retry-After` pause), by the time the
     /// hold ends.
@@ -963,6 +963,8 @@ impl DeliverState {
 
     /// Reads back the deliveries `endpoint_id` parked while disabled and accepts them again at
     /// the time of `held`; only the worker that owns the endpoint does.
+    // NOTE: the store is read, not memory: a delivery parked in the same step as the enabling,
+    // before the durable sink wrote it, stays parked until the next start resumes it.
     fn resume_parked(&mut self, endpoint_id: &str, held: &Capability<u64>, now: Millis) {
         if !self.owner.owns(endpoint_id) {
             return;
@@ -1739,7 +1741,7 @@ impl DeliverState {
             activator: Arc::clone(&self.activator),
         };
         let client = self.context.client.clone();
-        // The endpoint as it stands now: an update applied later affects the next attempt.
+        // The endpoint as it is now: an update applied later affects the next attempt.
         let endpoint = self.directory.get(&delivery.endpoint_id).cloned();
         let clock = Arc::clone(&self.context.clock);
         self.context.runtime.spawn(async move {
