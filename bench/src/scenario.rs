@@ -417,7 +417,6 @@ fn run_options(plan: &Plan, until_idle: bool, stop: Arc<StopSignal>) -> RunOptio
         clock: Arc::new(WallClock),
         stop,
         cluster: hookflow::cluster::Cluster::default(),
-        source_status: hookflow_connectors::SourceStatus::new(),
     }
 }
 

@@ -13,9 +13,9 @@
 //! stream per partition being read, positioned at the next offset the caller is expected to
 //! ask for, the reconnection backoff and the shared [`SourceStatus`].
 //!
-//! A lost connection does not fail a read: the read returns no records, the status turns
-//! down with the error, and the next read past the backoff delay connects again from the
-//! offset asked for, so nothing is skipped.
+//! A lost connection fails a read with a transient [`ConnectorError::Fluvio`]
+//! ([`ConnectorError::is_transient`]), turns the status down, and the first read past the
+//! backoff delay connects again from the offset the caller asks for, so nothing is skipped.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -163,7 +163,7 @@ impl FluvioSource {
                 });
             }
         }
-        source.status.set_up();
+        source.status.mark_up();
         info!(
             endpoint = %source.options.endpoint,
             topic = %source.options.topic,
@@ -476,7 +476,7 @@ impl FluvioSource {
     fn connection_lost(&mut self, detail: &str) {
         let was_up = self.status.is_up();
         self.status
-            .set_down(format!("Fluvio at {}: {detail}", self.options.endpoint));
+            .mark_down(format!("Fluvio at {}: {detail}", self.options.endpoint));
         self.readers.clear();
         self.producer = None;
         self.client = None;
@@ -493,7 +493,7 @@ impl FluvioSource {
         if !self.status.is_up() {
             info!(endpoint = %self.options.endpoint, topic = %self.options.topic, "Reconnected to Fluvio; reading on from the checkpoint.");
         }
-        self.status.set_up();
+        self.status.mark_up();
         self.retry_at = None;
         self.backoff = MIN_BACKOFF;
     }
@@ -577,8 +577,11 @@ impl Source for FluvioSource {
         max_records: usize,
     ) -> Result<Vec<SourceRecord>, ConnectorError> {
         self.check_partition(partition)?;
-        if max_records == 0 || self.waiting_to_retry() {
+        if max_records == 0 {
             return Ok(Vec::new());
+        }
+        if self.waiting_to_retry() {
+            return Err(self.unavailable("waiting to connect again".to_string()));
         }
         match self.try_read(partition, from_offset, max_records) {
             Ok(records) => {
@@ -587,7 +590,7 @@ impl Source for FluvioSource {
             }
             Err(detail) => {
                 self.connection_lost(&detail);
-                Ok(Vec::new())
+                Err(self.unavailable(detail))
             }
         }
     }

@@ -27,7 +27,18 @@ pub use archive::{
 pub use fluvio::{FluvioOptions, FluvioSource};
 pub use local_log::{partition_for_key, LocalLog, LocalLogOptions};
 pub use source::{Source, SourceStatus};
-pub use state::{DisabledEndpoint, DurableBatch, StateStore, STATE_FORMAT_VERSION};
+pub use state::{
+    DisabledEndpoint, DurableBatch, EventRecord, JournalEntry, StagedFilter, StateStore,
+    STATE_FORMAT_VERSION,
+};
+
+impl ConnectorError {
+    /// Returns whether the error is an outage of a remote source that may end by itself
+    /// (Fluvio unreachable), as opposed to a fault of the data or the configuration.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ConnectorError::Fluvio { .. })
+    }
+}
 
 /// The error type of every fallible operation in this crate.
 ///

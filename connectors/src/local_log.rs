@@ -53,7 +53,6 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use crate::source::SourceStatus;
 use crate::{ConnectorError, Source};
 
 /// The on-disk format version this build reads and writes.
@@ -130,7 +129,6 @@ pub struct LocalLog {
     path: PathBuf,
     partitions: u32,
     log_id: i64,
-    status: std::sync::Arc<SourceStatus>,
 }
 
 impl LocalLog {
@@ -182,14 +180,7 @@ impl LocalLog {
             path,
             partitions,
             log_id,
-            status: SourceStatus::new(),
         })
-    }
-
-    /// Makes reads report to `status` instead of a status of this connection's own.
-    pub fn with_status(mut self, status: std::sync::Arc<SourceStatus>) -> Self {
-        self.status = status;
-        self
     }
 
     /// Returns the identity of this log: a random number drawn when the log was created (or
@@ -350,41 +341,6 @@ impl Source for LocalLog {
         from_offset: u64,
         max_records: usize,
     ) -> Result<Vec<SourceRecord>, ConnectorError> {
-        let result = self.read_records(partition, from_offset, max_records);
-        match &result {
-            Ok(_) => self.status.set_up(),
-            Err(error) => self
-                .status
-                .set_down(format!("local log {}: {error}", self.path.display())),
-        }
-        result
-    }
-
-    fn end_offset(&mut self, partition: u32) -> Result<u64, ConnectorError> {
-        self.check_partition(partition)?;
-        let head: i64 = self
-            .connection
-            .prepare_cached(SELECT_HEAD)
-            .and_then(|mut select| select.query_row([partition], |row| row.get(0)))
-            .map_err(|source| ConnectorError::Sqlite {
-                action: "read the end offset",
-                path: self.path.clone(),
-                source,
-            })?;
-        u64::try_from(head).map_err(|_| ConnectorError::CorruptLog {
-            path: self.path.clone(),
-            detail: format!("partition {partition} has negative next offset {head}"),
-        })
-    }
-}
-
-impl LocalLog {
-    fn read_records(
-        &mut self,
-        partition: u32,
-        from_offset: u64,
-        max_records: usize,
-    ) -> Result<Vec<SourceRecord>, ConnectorError> {
         self.check_partition(partition)?;
         // SQLite integers are signed, so no record has an offset above i64::MAX.
         let Ok(from_offset) = i64::try_from(from_offset) else {
@@ -428,6 +384,23 @@ impl LocalLog {
             });
         }
         Ok(records)
+    }
+
+    fn end_offset(&mut self, partition: u32) -> Result<u64, ConnectorError> {
+        self.check_partition(partition)?;
+        let head: i64 = self
+            .connection
+            .prepare_cached(SELECT_HEAD)
+            .and_then(|mut select| select.query_row([partition], |row| row.get(0)))
+            .map_err(|source| ConnectorError::Sqlite {
+                action: "read the end offset",
+                path: self.path.clone(),
+                source,
+            })?;
+        u64::try_from(head).map_err(|_| ConnectorError::CorruptLog {
+            path: self.path.clone(),
+            detail: format!("partition {partition} has negative next offset {head}"),
+        })
     }
 }
 

@@ -8,9 +8,6 @@
 //! [`SourceStatus`] is the up/down state a source's readers report, shared with whatever shows
 //! the pipeline's health.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-
 use hookflow_schemas::SourceRecord;
 
 use crate::ConnectorError;
@@ -79,46 +76,52 @@ pub trait Source: Send {
     fn settled(&mut self, _offsets: &[(u32, u64)]) {}
 }
 
-/// Whether a source can be read, as its readers last found it, for the health endpoint.
+/// Whether the source can be read right now, shared between the reader and the health checks.
 ///
-/// Shared as `Arc<SourceStatus>` by every reader of one source. A new status is down with no
-/// error: nothing has been read yet.
-#[derive(Debug, Default)]
+/// The reader marks it up after every successful read or end-offset query and down, with the
+/// error, when one fails. It starts up: a source that cannot be opened stops the pipeline
+/// before anything reads this.
+#[derive(Debug)]
 pub struct SourceStatus {
-    up: AtomicBool,
-    last_error: Mutex<Option<String>>,
+    up: std::sync::atomic::AtomicBool,
+    last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl Default for SourceStatus {
+    fn default() -> Self {
+        SourceStatus {
+            up: std::sync::atomic::AtomicBool::new(true),
+            last_error: std::sync::Mutex::new(None),
+        }
+    }
 }
 
 impl SourceStatus {
-    /// Returns a new, shared status.
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+    /// Returns a new status, up, to share between readers and health checks.
+    pub fn new() -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self::default())
     }
 
-    /// Returns whether the last read or connection attempt succeeded.
-    pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Acquire)
+    /// Records a successful read. Cheap: one atomic store when the source was already up.
+    pub fn mark_up(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Returns the error of the last failure, kept after the source is up again.
-    pub fn last_error(&self) -> Option<String> {
-        self.last_error.lock().map_or_else(
-            |poisoned| poisoned.into_inner().clone(),
-            |error| error.clone(),
-        )
-    }
-
-    /// Records a successful read.
-    pub fn set_up(&self) {
-        self.up.store(true, Ordering::Release);
-    }
-
-    /// Records a failure and its error.
-    pub fn set_down(&self, error: String) {
-        match self.last_error.lock() {
-            Ok(mut last) => *last = Some(error),
-            Err(poisoned) => *poisoned.into_inner() = Some(error),
+    /// Records a failed read and its error.
+    pub fn mark_down(&self, error: impl std::fmt::Display) {
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = Some(error.to_string());
         }
-        self.up.store(false, Ordering::Release);
+        self.up.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Returns whether the last read succeeded.
+    pub fn is_up(&self) -> bool {
+        self.up.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Returns the error of the last failed read, kept after the source is up again.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|last| last.clone())
     }
 }

@@ -11,10 +11,13 @@
 //! * `first_seen` contains the first occurrence of each (tenant, event id) inside the dedup window;
 //! * a parked delivery (its endpoint is disabled) is in `pending` with no due time, and
 //!   `disabled_endpoints` names the endpoints disabled at run time (410 Gone, or failing for
-//!   too long) until an operator enables them again.
+//!   too long) until an operator enables them again;
+//! * `endpoints` is the endpoint directory, kept only in the store of the process that serves
+//!   the management API (process 0). It is the truth once written: a configuration file only
+//!   inserts the endpoints whose id it lacks.
 //!
 //! ```text
-//! meta        (key TEXT PK, value TEXT)                format_version = 2
+//! meta        (key TEXT PK, value TEXT)                format_version = 3
 //! checkpoint  (partition PK, next_offset)              next offset to read; all below settled
 //! journal     (tenant, event_id, endpoint_id, generation PK, outcome, settled_at_ms)
 //! pending     (partition, offset, endpoint_id, generation PK, attempt, due_ms or NULL when
@@ -23,10 +26,16 @@
 //! decided     (partition, offset PK, outcome, settled_at_ms)   invalid and unrouted records
 //! staged_rows (seq INTEGER PK AUTOINCREMENT, writer TEXT, row JSON)
 //! disabled_endpoints (endpoint_id PK, disabled_at_ms, reason)
+//! endpoints   (id PK, tenant, endpoint JSON, updated_at_ms)
 //! ```
 //!
-//! Version 1 differed only in `pending.due_ms` being `NOT NULL` and had no
-//! `disabled_endpoints`; opening it migrates it.
+//! Version 2 had no `endpoints` table; version 1 also kept `pending.due_ms` `NOT NULL` and had
+//! no `disabled_endpoints`. Opening either migrates it.
+//!
+//! NOTE: an endpoint's signing secrets and any credentials in its URL or headers are stored in
+//! plain text in `endpoints.endpoint`, protected only by the file's permissions. Encrypting
+//! them at rest would take a key kept outside the data directory (a file or a KMS), an
+//! envelope per row, and a way to rotate that key.
 //!
 //! Every connection may write; SQLite serialises the writers, and each [`StateStore::commit`]
 //! is one transaction.
@@ -34,7 +43,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use hookflow_schemas::{AttemptRow, FirstSeen, Millis, Outcome, PendingDelivery};
+use hookflow_schemas::{AttemptRow, Endpoint, FirstSeen, Millis, Outcome, PendingDelivery};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 
@@ -42,7 +51,7 @@ use crate::local_log::{open_connection, sqlite_disk_bytes};
 use crate::ConnectorError;
 
 /// The on-disk format version of the state store.
-pub const STATE_FORMAT_VERSION: i64 = 2;
+pub const STATE_FORMAT_VERSION: i64 = 3;
 
 /// An endpoint disabled at run time, as the state store records it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -53,6 +62,49 @@ pub struct DisabledEndpoint {
     pub disabled_at_ms: Millis,
     /// Why, for the operator: the status or the failure that disabled it.
     pub reason: String,
+}
+
+/// One journal entry: a delivery that reached its final outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    /// The endpoint delivered to.
+    pub endpoint_id: String,
+    /// The delivery's generation (0 for the original, more for resends and replays).
+    pub generation: u32,
+    /// `delivered`, `dead_lettered` or `expired`.
+    pub outcome: String,
+    /// When the outcome was journaled (ms since epoch).
+    pub settled_at_ms: Millis,
+}
+
+/// The staged rows [`StateStore::staged_rows_matching`] reads.
+#[derive(Debug, Clone, Copy)]
+pub enum StagedFilter<'a> {
+    /// The attempts of one event.
+    Event {
+        /// The event's tenant.
+        tenant: &'a str,
+        /// The event's id.
+        event_id: &'a str,
+    },
+    /// The attempts of one endpoint finished at or after `since_ms`.
+    Endpoint {
+        /// The endpoint's id.
+        endpoint_id: &'a str,
+        /// The earliest finish time, in ms since the Unix epoch.
+        since_ms: Millis,
+    },
+}
+
+/// The store's record of one event, from [`StateStore::event_record`].
+#[derive(Debug, Clone, Default)]
+pub struct EventRecord {
+    /// Its first occurrence, while inside the dedup window.
+    pub first_seen: Option<FirstSeen>,
+    /// Its settled deliveries.
+    pub journal: Vec<JournalEntry>,
+    /// Its deliveries waiting for a retry, or parked.
+    pub pending: Vec<PendingDelivery>,
 }
 
 /// Everything one dataflow step must make durable at once.
@@ -503,6 +555,21 @@ impl StateStore {
             .map_err(self.error("count pending deliveries"))
     }
 
+    /// Counts the pending deliveries and, among them, the parked ones, in one scan.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read.
+    pub fn pending_counts(&self) -> Result<(u64, u64), ConnectorError> {
+        self.connection
+            .query_row(
+                "SELECT count(*), count(*) - count(due_ms) FROM pending",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .map_err(self.error("count pending deliveries"))
+    }
+
     /// Counts the parked deliveries: pending without a due time, their endpoint disabled.
     ///
     /// # Errors
@@ -516,6 +583,24 @@ impl StateStore {
                 |row| row.get(0),
             )
             .map_err(self.error("count parked deliveries"))
+    }
+
+    /// Returns the earliest due time among the pending deliveries due at or before `now_ms`,
+    /// and how many those are. Parked deliveries have no due time and do not count.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read.
+    // TODO: this scans `pending`. An index on `due_ms` would make it a lookup, at the cost
+    // of a schema version and one more index write per re-stamped delivery.
+    pub fn overdue(&self, now_ms: Millis) -> Result<(Option<Millis>, u64), ConnectorError> {
+        self.connection
+            .query_row(
+                "SELECT min(due_ms), count(*) FROM pending WHERE due_ms IS NOT NULL AND due_ms <= ?1",
+                params![now_ms],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .map_err(self.error("read overdue deliveries"))
     }
 
     /// Counts the parked deliveries of each endpoint that has any.
@@ -587,6 +672,205 @@ impl StateStore {
         Ok((removed > 0, parked))
     }
 
+    /// Reads every endpoint of the directory, by id.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read or an endpoint does not decode.
+    pub fn endpoints(&self) -> Result<Vec<Endpoint>, ConnectorError> {
+        let mut statement = self
+            .connection
+            .prepare_cached("SELECT endpoint FROM endpoints ORDER BY id")
+            .map_err(self.error("read endpoints"))?;
+        let encoded = statement
+            .query_map([], |row| row.get::<_, String>(0))
+            .map_err(self.error("read endpoints"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.error("read endpoints"))?;
+        encoded
+            .iter()
+            .map(|endpoint| self.decode_endpoint(endpoint))
+            .collect()
+    }
+
+    /// Reads the endpoint `id` of the directory.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read or the endpoint does not decode.
+    pub fn endpoint(&self, id: &str) -> Result<Option<Endpoint>, ConnectorError> {
+        let encoded: Option<String> = self
+            .connection
+            .query_row(
+                "SELECT endpoint FROM endpoints WHERE id = ?1",
+                params![id],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(self.error("read an endpoint"))?;
+        encoded
+            .map(|endpoint| self.decode_endpoint(&endpoint))
+            .transpose()
+    }
+
+    /// Creates or replaces `endpoint` in the directory. Returns whether it was created.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be written.
+    pub fn put_endpoint(
+        &mut self,
+        endpoint: &Endpoint,
+        now_ms: Millis,
+    ) -> Result<bool, ConnectorError> {
+        let encoded = self.encode_endpoint(endpoint)?;
+        let path = self.path.clone();
+        let error = move |source| ConnectorError::Sqlite {
+            action: "write an endpoint",
+            path: path.clone(),
+            source,
+        };
+        let transaction = self
+            .connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&error)?;
+        let existed: bool = transaction
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM endpoints WHERE id = ?1)",
+                params![endpoint.id],
+                |row| row.get(0),
+            )
+            .map_err(&error)?;
+        transaction
+            .execute(
+                "INSERT INTO endpoints (id, tenant, endpoint, updated_at_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant,
+                     endpoint = excluded.endpoint, updated_at_ms = excluded.updated_at_ms",
+                params![endpoint.id, endpoint.tenant, encoded, now_ms],
+            )
+            .map_err(&error)?;
+        transaction.commit().map_err(&error)?;
+        Ok(!existed)
+    }
+
+    /// Deletes the endpoint `id` from the directory, with its run-time disable mark. Returns
+    /// whether it existed. Its parked deliveries stay until the pipeline dead-letters them.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be written.
+    pub fn delete_endpoint(&mut self, id: &str) -> Result<bool, ConnectorError> {
+        let path = self.path.clone();
+        let error = move |source| ConnectorError::Sqlite {
+            action: "delete an endpoint",
+            path: path.clone(),
+            source,
+        };
+        let transaction = self
+            .connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&error)?;
+        let removed = transaction
+            .execute("DELETE FROM endpoints WHERE id = ?1", params![id])
+            .map_err(&error)?;
+        transaction
+            .execute(
+                "DELETE FROM disabled_endpoints WHERE endpoint_id = ?1",
+                params![id],
+            )
+            .map_err(&error)?;
+        transaction.commit().map_err(&error)?;
+        Ok(removed > 0)
+    }
+
+    /// Inserts each of `endpoints` whose id the directory lacks, in one transaction, and leaves
+    /// the others as stored. Returns the ids inserted.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be written.
+    pub fn seed_endpoints(
+        &mut self,
+        endpoints: &[Endpoint],
+        now_ms: Millis,
+    ) -> Result<Vec<String>, ConnectorError> {
+        let encoded = endpoints
+            .iter()
+            .map(|endpoint| self.encode_endpoint(endpoint))
+            .collect::<Result<Vec<_>, _>>()?;
+        let path = self.path.clone();
+        let error = move |source| ConnectorError::Sqlite {
+            action: "seed endpoints",
+            path: path.clone(),
+            source,
+        };
+        let transaction = self
+            .connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&error)?;
+        let mut inserted = Vec::new();
+        for (endpoint, encoded) in endpoints.iter().zip(encoded) {
+            let changed = transaction
+                .execute(
+                    "INSERT OR IGNORE INTO endpoints (id, tenant, endpoint, updated_at_ms)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![endpoint.id, endpoint.tenant, encoded, now_ms],
+                )
+                .map_err(&error)?;
+            if changed > 0 {
+                inserted.push(endpoint.id.clone());
+            }
+        }
+        transaction.commit().map_err(&error)?;
+        Ok(inserted)
+    }
+
+    /// Reads the deliveries of `endpoint_id` parked while it was disabled.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read or an entry does not decode.
+    pub fn parked_of(&self, endpoint_id: &str) -> Result<Vec<PendingDelivery>, ConnectorError> {
+        let mut statement = self
+            .connection
+            .prepare_cached(
+                "SELECT entry FROM pending WHERE endpoint_id = ?1 AND due_ms IS NULL \
+                 ORDER BY partition, offset, generation",
+            )
+            .map_err(self.error("read parked deliveries"))?;
+        let entries = statement
+            .query_map(params![endpoint_id], |row| row.get::<_, String>(0))
+            .map_err(self.error("read parked deliveries"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.error("read parked deliveries"))?;
+        entries
+            .iter()
+            .map(|entry| {
+                serde_json::from_str(entry).map_err(|e| ConnectorError::CorruptState {
+                    path: self.path.clone(),
+                    what: "parked delivery",
+                    detail: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    fn encode_endpoint(&self, endpoint: &Endpoint) -> Result<String, ConnectorError> {
+        serde_json::to_string(endpoint).map_err(|e| ConnectorError::CorruptState {
+            path: self.path.clone(),
+            what: "endpoint",
+            detail: e.to_string(),
+        })
+    }
+
+    fn decode_endpoint(&self, encoded: &str) -> Result<Endpoint, ConnectorError> {
+        serde_json::from_str(encoded).map_err(|e| ConnectorError::CorruptState {
+            path: self.path.clone(),
+            what: "endpoint",
+            detail: e.to_string(),
+        })
+    }
+
     /// Returns the size in bytes of the store's database file and its write-ahead log.
     pub fn disk_bytes(&self) -> u64 {
         sqlite_disk_bytes(&self.path)
@@ -634,6 +918,66 @@ impl StateStore {
                 })
             })
             .collect()
+    }
+
+    /// Reads the store's record of one event: its first occurrence, the journal entries
+    /// of its deliveries (every generation) and its pending deliveries, for the inspect API.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read or a pending entry does not decode.
+    pub fn event_record(
+        &self,
+        tenant: &str,
+        event_id: &str,
+    ) -> Result<EventRecord, ConnectorError> {
+        let first_seen = self
+            .connection
+            .query_row(
+                "SELECT partition, offset, first_seen_ms FROM first_seen WHERE tenant = ?1 AND event_id = ?2",
+                params![tenant, event_id],
+                |row| {
+                    Ok(FirstSeen {
+                        tenant: tenant.to_string(),
+                        event_id: event_id.to_string(),
+                        partition: row.get(0)?,
+                        offset: row.get(1)?,
+                        first_seen_ms: row.get(2)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(self.error("read first occurrences"))?;
+        let mut statement = self
+            .connection
+            .prepare_cached(
+                "SELECT endpoint_id, generation, outcome, settled_at_ms FROM journal \
+                 WHERE tenant = ?1 AND event_id = ?2 ORDER BY generation, endpoint_id",
+            )
+            .map_err(self.error("read the journal"))?;
+        let journal = statement
+            .query_map(params![tenant, event_id], |row| {
+                Ok(JournalEntry {
+                    endpoint_id: row.get(0)?,
+                    generation: row.get(1)?,
+                    outcome: row.get(2)?,
+                    settled_at_ms: row.get(3)?,
+                })
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(self.error("read the journal"))?;
+        // Pending deliveries are keyed by record position, so the first occurrence and the
+        // replay records of later generations are found through their entries.
+        let pending = self
+            .pending()?
+            .into_iter()
+            .filter(|entry| entry.tenant == tenant && entry.event_id == event_id)
+            .collect();
+        Ok(EventRecord {
+            first_seen,
+            journal,
+            pending,
+        })
     }
 
     /// Reads the first occurrences seen at or after `since_ms`.
@@ -697,6 +1041,54 @@ impl StateStore {
                         what: "staged attempt row",
                         detail: e.to_string(),
                     })
+            })
+            .collect()
+    }
+
+    /// Reads the staged rows (attempts not yet in a complete Parquet file) of one event, or of
+    /// one endpoint finished at or after `since_ms`, for the inspect API. Staged rows are few:
+    /// at most `archive.max_file_age_secs` of attempts.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store cannot be read or a row does not decode.
+    pub fn staged_rows_matching(
+        &self,
+        filter: StagedFilter<'_>,
+    ) -> Result<Vec<AttemptRow>, ConnectorError> {
+        let (sql, first, second) = match filter {
+            StagedFilter::Event { tenant, event_id } => (
+                "SELECT row FROM staged_rows WHERE json_extract(row, '$.tenant') = ?1 \
+                 AND json_extract(row, '$.event_id') = ?2 ORDER BY seq",
+                rusqlite::types::Value::Text(tenant.to_string()),
+                rusqlite::types::Value::Text(event_id.to_string()),
+            ),
+            StagedFilter::Endpoint {
+                endpoint_id,
+                since_ms,
+            } => (
+                "SELECT row FROM staged_rows WHERE json_extract(row, '$.endpoint_id') = ?1 \
+                 AND json_extract(row, '$.finished_at_ms') >= ?2 ORDER BY seq",
+                rusqlite::types::Value::Text(endpoint_id.to_string()),
+                rusqlite::types::Value::Integer(i64::try_from(since_ms).unwrap_or(i64::MAX)),
+            ),
+        };
+        let mut statement = self
+            .connection
+            .prepare_cached(sql)
+            .map_err(self.error("read staged rows"))?;
+        let rows = statement
+            .query_map(params![first, second], |row| row.get::<_, String>(0))
+            .map_err(self.error("read staged rows"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.error("read staged rows"))?;
+        rows.iter()
+            .map(|row| {
+                serde_json::from_str(row).map_err(|e| ConnectorError::CorruptState {
+                    path: self.path.clone(),
+                    what: "staged attempt row",
+                    detail: e.to_string(),
+                })
             })
             .collect()
     }
@@ -802,7 +1194,10 @@ fn initialize(connection: &mut Connection, path: &Path) -> Result<(), ConnectorE
                  partition INTEGER NOT NULL, offset INTEGER NOT NULL, outcome TEXT NOT NULL,
                  settled_at_ms INTEGER NOT NULL, PRIMARY KEY (partition, offset));
              CREATE TABLE IF NOT EXISTS staged_rows (
-                 seq INTEGER PRIMARY KEY AUTOINCREMENT, writer TEXT NOT NULL, row TEXT NOT NULL);",
+                 seq INTEGER PRIMARY KEY AUTOINCREMENT, writer TEXT NOT NULL, row TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS endpoints (
+                 id TEXT PRIMARY KEY, tenant TEXT NOT NULL, endpoint TEXT NOT NULL,
+                 updated_at_ms INTEGER NOT NULL);",
         )
         .map_err(error("create the state tables"))?;
     let version: Option<String> = transaction
@@ -837,10 +1232,19 @@ fn initialize(connection: &mut Connection, path: &Path) -> Result<(), ConnectorE
                          INSERT INTO pending_v2 SELECT partition, offset, endpoint_id, generation,
                              attempt, due_ms, entry FROM pending;
                          DROP TABLE pending;
-                         ALTER TABLE pending_v2 RENAME TO pending;
-                         UPDATE meta SET value = '2' WHERE key = 'format_version';",
+                         ALTER TABLE pending_v2 RENAME TO pending;",
                     )
                     .map_err(error("migrate the state store from format 1"))?;
+            }
+            if found == 1 || found == 2 {
+                // Version 3 only adds the `endpoints` table, created above; it starts empty,
+                // so the next start seeds it from the configuration.
+                transaction
+                    .execute(
+                        "UPDATE meta SET value = ?1 WHERE key = 'format_version'",
+                        params![STATE_FORMAT_VERSION.to_string()],
+                    )
+                    .map_err(error("migrate the state store to format 3"))?;
             } else if found != STATE_FORMAT_VERSION {
                 return Err(ConnectorError::UnsupportedStateVersion {
                     path: path.to_path_buf(),
@@ -850,6 +1254,13 @@ fn initialize(connection: &mut Connection, path: &Path) -> Result<(), ConnectorE
             }
         }
     }
+    // Reading one endpoint's parked deliveries (enabling or deleting it while running) must
+    // not scan every pending delivery.
+    transaction
+        .execute_batch(
+            "CREATE INDEX IF NOT EXISTS pending_parked ON pending (endpoint_id) WHERE due_ms IS NULL;",
+        )
+        .map_err(error("create the state tables"))?;
     transaction
         .commit()
         .map_err(error("create the state tables"))
@@ -887,6 +1298,31 @@ mod tests {
             appended_at_ms: Some(4),
             replay_id: None,
         }
+    }
+
+    #[test]
+    fn overdue_skips_future_and_parked() -> Result<(), ConnectorError> {
+        let dir = tempfile::tempdir().map_err(|source| ConnectorError::Io {
+            action: "create",
+            path: PathBuf::new(),
+            source,
+        })?;
+        let mut store = StateStore::open(dir.path())?;
+        assert_eq!(store.overdue(1_000)?, (None, 0));
+
+        let batch = DurableBatch {
+            pending: vec![
+                pending(1, "ep", 400),
+                pending(2, "ep", 700),
+                pending(3, "ep", 5_000),
+                pending(4, "ep", PendingDelivery::PARKED),
+            ],
+            ..DurableBatch::default()
+        };
+        store.commit("w0", &batch, 1)?;
+        assert_eq!(store.overdue(1_000)?, (Some(400), 2));
+        assert_eq!(store.overdue(399)?, (None, 0));
+        Ok(())
     }
 
     #[test]
@@ -1058,7 +1494,7 @@ mod tests {
         store
             .connection
             .execute(
-                "UPDATE meta SET value = '3' WHERE key = 'format_version'",
+                "UPDATE meta SET value = '4' WHERE key = 'format_version'",
                 [],
             )
             .map_err(store.error("test update"))?;
@@ -1066,7 +1502,7 @@ mod tests {
         let Err(error) = StateStore::open(dir.path()) else {
             panic!("a newer format must be refused");
         };
-        assert!(error.to_string().contains("format version 3"), "{error}");
+        assert!(error.to_string().contains("format version 4"), "{error}");
         Ok(())
     }
 
@@ -1166,6 +1602,101 @@ mod tests {
         drop(store);
         // Reopening a migrated store finds the current version.
         StateStore::open(dir.path())?;
+        Ok(())
+    }
+
+    fn endpoint(id: &str, url: &str) -> Endpoint {
+        Endpoint {
+            id: id.to_string(),
+            tenant: "acme".to_string(),
+            url: url.to_string(),
+            event_types: vec![hookflow_schemas::EventTypePattern::parse("*").expect("pattern")],
+            secrets: vec![hookflow_schemas::SigningSecret::new("whsec_c2VjcmV0")],
+            headers: std::collections::BTreeMap::new(),
+            timeout_ms: 1000,
+            connect_timeout_ms: 500,
+            max_in_flight: 4,
+            enabled: true,
+            rate_limit: None,
+        }
+    }
+
+    #[test]
+    fn endpoints_round_trip() -> Result<(), ConnectorError> {
+        let dir = temp_dir()?;
+        let mut store = StateStore::open(dir.path())?;
+        let first = endpoint("ep1", "http://127.0.0.1:1/a");
+        assert!(store.put_endpoint(&first, 10)?, "first write creates");
+        let mut changed = first.clone();
+        changed.url = "http://127.0.0.1:1/b".to_string();
+        assert!(!store.put_endpoint(&changed, 20)?, "second write updates");
+        drop(store);
+
+        let mut store = StateStore::open(dir.path())?;
+        assert_eq!(store.endpoint("ep1")?, Some(changed.clone()));
+        assert_eq!(store.endpoints()?, vec![changed]);
+        assert!(store.delete_endpoint("ep1")?);
+        assert!(!store.delete_endpoint("ep1")?);
+        assert_eq!(store.endpoint("ep1")?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn seeding_keeps_stored_endpoints() -> Result<(), ConnectorError> {
+        let dir = temp_dir()?;
+        let mut store = StateStore::open(dir.path())?;
+        let stored = endpoint("ep1", "http://127.0.0.1:1/stored");
+        store.put_endpoint(&stored, 10)?;
+        let from_config = vec![
+            endpoint("ep1", "http://127.0.0.1:1/config"),
+            endpoint("ep2", "http://127.0.0.1:1/new"),
+        ];
+        assert_eq!(
+            store.seed_endpoints(&from_config, 20)?,
+            vec!["ep2".to_string()]
+        );
+        assert_eq!(store.endpoint("ep1")?, Some(stored));
+        assert_eq!(store.endpoint("ep2")?, Some(from_config[1].clone()));
+        assert!(store.seed_endpoints(&from_config, 30)?.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn parked_of_reads_one_endpoint() -> Result<(), ConnectorError> {
+        let dir = temp_dir()?;
+        let mut store = StateStore::open(dir.path())?;
+        let batch = DurableBatch {
+            pending: vec![
+                pending(1, "ep", PendingDelivery::PARKED),
+                pending(2, "ep", 500),
+                pending(3, "other", PendingDelivery::PARKED),
+            ],
+            ..DurableBatch::default()
+        };
+        store.commit("w0", &batch, 60)?;
+        let parked = store.parked_of("ep")?;
+        assert_eq!(parked.len(), 1);
+        assert_eq!(parked[0].offset, 1);
+        Ok(())
+    }
+
+    #[test]
+    fn format_2_is_migrated() -> Result<(), ConnectorError> {
+        let dir = temp_dir()?;
+        let store = StateStore::open(dir.path())?;
+        store
+            .connection
+            .execute_batch(
+                "DROP TABLE endpoints; UPDATE meta SET value = '2' WHERE key = 'format_version';",
+            )
+            .map_err(store.error("test downgrade"))?;
+        drop(store);
+
+        let mut store = StateStore::open(dir.path())?;
+        assert!(store.endpoints()?.is_empty());
+        store.put_endpoint(&endpoint("ep1", "http://127.0.0.1:1/a"), 1)?;
+        let version = store.read_meta("format_version")?;
+        assert_eq!(version.as_deref(), Some("3"));
         Ok(())
     }
 }

@@ -9,6 +9,7 @@
 
 #![warn(missing_docs)]
 
+pub mod alerts;
 pub mod clock;
 pub mod dedup;
 pub mod deliver;

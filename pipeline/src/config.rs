@@ -45,9 +45,18 @@ pub struct Config {
     /// The circuit breaker, `Retry-After` pauses and disabling of failing endpoints.
     #[serde(default)]
     pub health: HealthConfig,
+    /// The Prometheus metrics and the readiness check.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Operational events about failing endpoints and a lagging pipeline.
+    #[serde(default)]
+    pub alerts: crate::alerts::AlertsConfig,
     /// The endpoints to deliver to.
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
+    /// The HTTP server: listen address and the tokens of the management and ingest routes.
+    #[serde(default)]
+    pub http: crate::http::HttpConfig,
     /// `endpoints` validated, with their secrets read from the environment and files once,
     /// at load.
     #[serde(skip)]
@@ -479,6 +488,57 @@ impl HealthConfig {
     }
 }
 
+/// `[metrics]`: the Prometheus metrics served at `/metrics` and the readiness check.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Endpoints whose metrics carry their own `endpoint` label: the first ones configured,
+    /// then the first ones seen. Every later endpoint is counted under `endpoint="other"`.
+    /// Default 1000, at most 100000.
+    pub max_endpoint_series: usize,
+    /// A worker whose dataflow frontier stands still this long while records are
+    /// outstanding makes `/health/ready` fail, in seconds. Default 60, at least 1.
+    pub ready_stall_secs: u64,
+    /// How often the pending and parked deliveries in the state store are counted for
+    /// `hookflow_retries_pending` and `hookflow_parked_deliveries`, in seconds. Each count
+    /// scans the pending table. Default 10, at least 1.
+    pub pending_refresh_secs: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            max_endpoint_series: crate::metrics::DEFAULT_MAX_ENDPOINT_SERIES,
+            ready_stall_secs: 60,
+            pending_refresh_secs: 10,
+        }
+    }
+}
+
+impl MetricsConfig {
+    fn validate(&self) -> Result<(), (String, String)> {
+        if self.max_endpoint_series > 100_000 {
+            return Err((
+                "metrics.max_endpoint_series".into(),
+                "must be at most 100000".into(),
+            ));
+        }
+        if self.ready_stall_secs == 0 {
+            return Err((
+                "metrics.ready_stall_secs".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.pending_refresh_secs == 0 {
+            return Err((
+                "metrics.pending_refresh_secs".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// `rate_limit = { max_requests = 10, window_ms = 1000 }` of an endpoint.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -713,6 +773,14 @@ impl Config {
                     field,
                     problem,
                 })?;
+        config
+            .http
+            .validate(base_dir)
+            .map_err(|(field, problem)| ConfigError::Field {
+                path: path.to_path_buf(),
+                field,
+                problem,
+            })?;
         Ok(config)
     }
 
@@ -810,14 +878,28 @@ impl Config {
             return Err(("delivery.max_in_flight".into(), "must be at least 1".into()));
         }
         self.health.validate()?;
+        self.metrics.validate()?;
+        self.alerts.validate()?;
         let policy = AddressPolicy::new(self.allowed_networks()?);
         self.delivery
             .proxy_url()
             .map_err(|problem| ("delivery.proxy".to_string(), problem))?;
 
+        self.validate_endpoints(&self.endpoints, base_dir, now_ms, &policy)
+    }
+
+    /// Checks `[[endpoints]]` entries against this configuration's delivery settings and
+    /// returns them resolved, or the first bad field and its problem.
+    fn validate_endpoints(
+        &self,
+        entries: &[EndpointConfig],
+        base_dir: &Path,
+        now_ms: Millis,
+        policy: &AddressPolicy,
+    ) -> Result<Vec<Endpoint>, (String, String)> {
         let mut ids = HashSet::new();
-        let mut endpoints = Vec::with_capacity(self.endpoints.len());
-        for (index, endpoint) in self.endpoints.iter().enumerate() {
+        let mut endpoints = Vec::with_capacity(entries.len());
+        for (index, endpoint) in entries.iter().enumerate() {
             let field = |name: &str| format!("endpoints[{index}].{name}");
             if !ids.insert(endpoint.id.as_str()) {
                 return Err((
@@ -828,7 +910,7 @@ impl Config {
             let resolved = endpoint
                 .to_endpoint(base_dir, now_ms)
                 .map_err(|(name, problem)| (field(&name), problem))?;
-            check_literal_address(&endpoint.url, &policy)
+            check_literal_address(&endpoint.url, policy)
                 .map_err(|problem| (field("url"), problem))?;
             if self.delivery.https_only && !endpoint.url.starts_with("https:") {
                 return Err((
@@ -866,6 +948,36 @@ impl Config {
     /// Returns the configured endpoints as validated at load, secrets resolved.
     pub fn endpoints(&self) -> Vec<Endpoint> {
         self.resolved_endpoints.clone()
+    }
+
+    /// Parses and validates an endpoints file: `[[endpoints]]` tables in this file's format,
+    /// checked against this configuration's delivery settings (allowed networks,
+    /// `https_only`). Other top-level tables are ignored, so a configuration file is an
+    /// endpoints file too. `path` is used in messages and to find relative secret files.
+    ///
+    /// # Errors
+    ///
+    /// See [`ConfigError`]; a field error names the field as `endpoints[i].name`.
+    pub fn parse_endpoints(&self, text: &str, path: &Path) -> Result<Vec<Endpoint>, ConfigError> {
+        /// The `[[endpoints]]` of an endpoints file.
+        #[derive(Deserialize)]
+        struct EndpointsFile {
+            #[serde(default)]
+            endpoints: Vec<EndpointConfig>,
+        }
+        let file: EndpointsFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let field_error = |(field, problem)| ConfigError::Field {
+            path: path.to_path_buf(),
+            field,
+            problem,
+        };
+        let policy = AddressPolicy::new(self.allowed_networks().map_err(field_error)?);
+        let base_dir = path.parent().unwrap_or(Path::new(""));
+        self.validate_endpoints(&file.endpoints, base_dir, now_ms(), &policy)
+            .map_err(field_error)
     }
 }
 
@@ -1170,7 +1282,7 @@ fn is_localhost(name: &str) -> bool {
 }
 
 /// Checks a Standard Webhooks secret: `whsec_` then base64 of 24 to 64 bytes.
-fn check_secret(secret: &str) -> Result<(), String> {
+pub(crate) fn check_secret(secret: &str) -> Result<(), String> {
     let Some(encoded) = secret.strip_prefix("whsec_") else {
         return Err("must start with `whsec_` followed by base64".into());
     };
@@ -1271,6 +1383,26 @@ mod tests {
         let config = Config::load(&path).expect("examples/hookflow.toml must be valid");
         assert!(!config.endpoints.is_empty());
         assert_eq!(config.endpoints().len(), config.endpoints.len());
+        assert!(config.alerts.enabled);
+        assert!(config
+            .endpoints
+            .iter()
+            .any(|endpoint| endpoint.tenant == config.alerts.operator_tenant));
+    }
+
+    #[test]
+    fn alerts_error_names_field() {
+        let text = format!(
+            "[alerts]\nenabled = true\noperator_tenant = \"ops\"\nfailing_percent = 30\n\
+             recovered_percent = 40\n{}",
+            endpoint("")
+        );
+        let error = parse(&text).expect_err("recovered above failing");
+        let message = error.to_string();
+        assert!(message.contains("alerts.recovered_percent"), "{message}");
+        let unknown = parse(&format!("[alerts]\nwindow_ms = 5\n{}", endpoint("")))
+            .expect_err("unknown field");
+        assert!(unknown.to_string().contains("window_ms"), "{unknown}");
     }
 
     #[test]

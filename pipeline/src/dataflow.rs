@@ -8,12 +8,25 @@
 //!                      │ (subscriptions, arranged)        ▲
 //!                      ▼                                  │
 //!                   deliver (exchange by endpoint) ───────┘
+//!                      │ with [alerts] on
+//!                      ▼
+//!                   alerts (windowed failure ratio) ─► appended to the source
 //! ```
 //!
 //! One tokio runtime per process carries the HTTP requests of every worker. Each worker owns
 //! its partitions of the source and writes its own archive files (prefix `w<index>`). The
 //! subscriptions input advances with the clock on every worker at every step, so events are
 //! routed as soon as their time passes.
+//!
+//! The endpoint directory lives in the state store of process 0 (the one serving the
+//! management API). At start, process 0 inserts the configured endpoints whose id the store
+//! lacks, then worker 0 feeds every stored endpoint into the subscriptions collection and into
+//! the endpoint-updates stream, broadcast to the deliver operator of every worker. While running,
+//! worker 0 drains the [`EndpointRegistry`]'s changes at the top of each loop turn and feeds them
+//! the same way, at the current time of both inputs. It reports a change absorbed once a probe
+//! on the arranged subscriptions and on the broadcast updates has passed that time.
+//!
+//! The alert branch is not behind the probe: it never holds back the checkpoint.
 
 use hookflow_operators::stop::StopSignal;
 use std::cell::RefCell;
@@ -31,30 +44,38 @@ use hookflow_connectors::{
     ArchiveOptions, ArchiveWriter, ConnectorError, FluvioSource, LocalLog, LocalLogOptions, Source,
     SourceStatus, StateStore,
 };
+use hookflow_operators::alerts::EndpointAlerts;
 use hookflow_operators::clock::Clock;
 use hookflow_operators::dedup::{Dedup, DedupConfig};
 use hookflow_operators::deliver::{
-    AddressPolicy, Attempted, ClientConfig, Deliver, DeliverContext, DeliverCounters,
-    DeliveryClient, PayloadSource,
+    AddressPolicy, ClientConfig, Deliver, DeliverContext, DeliverCounters, DeliveryClient,
+    EndpointUpdate, LiveDirectory, ParkedDeliveries, PayloadSource,
 };
 use hookflow_operators::route::{Route, Subscription};
 use hookflow_schemas::{
-    decode_event, AttemptRow, Delivery, Endpoint, FirstSeen, IngestedEvent, SourceRecord,
+    decode_event, AttemptRow, Delivery, Endpoint, FirstSeen, IngestedEvent, PendingDelivery,
+    SourceRecord,
 };
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
+use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Concat, ConnectLoop, Feedback, OkErr, Probe};
 use timely::dataflow::Stream;
 
+use crate::alerts::{
+    local_log_appender, publish_alerts, split_attempted, AlertCounters, LagMonitor, SignalFilter,
+};
 use crate::cluster::{agree, decide, Cluster, Readiness};
 use crate::config::Config;
 use crate::durable::{
     maintain, persist, restore_pending, skip_decided_rows, skip_settled_deliveries, ArchivePolicy,
     Archiver, Durable, ResumeBounds,
 };
-use crate::source::{read_source, SourceControl, SourceOptions};
+use crate::metrics::Metrics;
+use crate::registry::{ChangeFeed, EndpointChange, EndpointRegistry, PendingChange};
+use crate::source::{read_source, SourceControl, SourceOptions, SourceProgress};
 
 /// The inputs of `run` besides the configuration.
 #[derive(Clone)]
@@ -71,8 +92,6 @@ pub struct RunOptions {
     pub stop: Arc<StopSignal>,
     /// The cluster this process belongs to; the default is a single process.
     pub cluster: Cluster,
-    /// Whether the source can be read, as its readers last found it; for the health endpoint.
-    pub source_status: Arc<SourceStatus>,
 }
 
 /// The report of a finished run.
@@ -97,6 +116,10 @@ pub struct RunReport {
     pub disabled_endpoints: Vec<DisabledEndpoint>,
     /// The deliver operator's decisions about endpoints (breakers, pauses, disabling).
     pub counters: Arc<DeliverCounters>,
+    /// The run's metrics as they stood at its end.
+    pub metrics: Arc<Metrics>,
+    /// The alerts raised and the operational events published.
+    pub alerts: Arc<AlertCounters>,
 }
 
 /// The archive directory: the configured one, under the data directory when relative.
@@ -116,6 +139,20 @@ pub fn archive_dir(config: &Config, data_dir: &Path) -> PathBuf {
 /// Fails if the log or the archive cannot be opened or written, or the HTTP client cannot be
 /// built; what was archived before the failure stays archived.
 pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
+    run_with_registry(options, |_| {})
+}
+
+/// Runs the pipeline like [`run`], and hands `on_registry` the endpoint registry once the
+/// directory is loaded, before the workers start. Only the process that serves the management
+/// API (process 0) has a registry; the others never call `on_registry`.
+///
+/// # Errors
+///
+/// As [`run`].
+pub fn run_with_registry(
+    options: RunOptions,
+    on_registry: impl FnOnce(EndpointRegistry),
+) -> anyhow::Result<RunReport> {
     let config = &options.config;
     let archive_dir = archive_dir(config, &options.data_dir);
 
@@ -129,11 +166,21 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
 
     // Check the data directory before any worker starts. A single process stops here. A
     // cluster process first sends the reason to its peers, so that the whole cluster stops.
-    let prepared = prepare_data_dir(config, &options.data_dir, &cluster, &options.source_status);
+    // The source's readers and the health checks share its status; the Fluvio source sets it
+    // itself, already while it connects.
+    let source_status = SourceStatus::new();
+    let prepared = prepare_data_dir(config, &options.data_dir, &cluster, &source_status);
     let mut disabled = Vec::new();
+    let mut endpoints = Vec::new();
     let readiness = match prepared {
-        Ok((partitions, log_id, disabled_here)) => {
+        Ok(Prepared {
+            partitions,
+            log_id,
+            disabled: disabled_here,
+            endpoints: stored,
+        }) => {
             disabled = disabled_here;
+            endpoints = stored;
             Readiness {
                 process_index: cluster.process_index(),
                 partitions,
@@ -155,24 +202,51 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
     // Endpoints disabled by an earlier run (410 Gone, failing too long) stay disabled until
     // an operator enables them; their parked deliveries wait in the state store of the process
     // that owns the endpoint, the only process that delivers to it.
-    let mut endpoints: HashMap<String, Endpoint> = config
-        .endpoints()
-        .into_iter()
-        .map(|e| (e.id.clone(), e))
-        .collect();
     for entry in &disabled {
-        if let Some(endpoint) = endpoints.get_mut(&entry.endpoint_id) {
-            tracing::warn!(
-                endpoint_id = %entry.endpoint_id,
-                reason = %entry.reason,
-                disabled_at_ms = entry.disabled_at_ms,
-                "Endpoint is disabled; its deliveries stay parked until `hookflow endpoints enable` names it."
-            );
-            endpoint.enabled = false;
-        }
+        tracing::warn!(
+            endpoint_id = %entry.endpoint_id,
+            reason = %entry.reason,
+            disabled_at_ms = entry.disabled_at_ms,
+            "Endpoint is disabled; its deliveries stay parked until it is enabled (`hookflow endpoints enable`, or an endpoint change with `enabled = true`)."
+        );
     }
-    let endpoints = Arc::new(endpoints);
-    let counters = Arc::new(DeliverCounters::default());
+    let disabled: std::collections::HashSet<String> = disabled
+        .into_iter()
+        .map(|entry| entry.endpoint_id)
+        .collect();
+    let mut http_registry = None;
+    let feed = if cluster.serves_management_api() && readiness.problem.is_none() {
+        let state_dir = cluster.state_dir(&options.data_dir);
+        let (registry, feed) = EndpointRegistry::open(&state_dir).with_context(|| {
+            format!(
+                "cannot open the endpoint registry in {}",
+                state_dir.display()
+            )
+        })?;
+        http_registry = Some(registry.clone());
+        on_registry(registry);
+        Some(feed)
+    } else {
+        None
+    };
+    let mut metrics = Metrics::new(
+        config.metrics.max_endpoint_series,
+        workers,
+        config.metrics.ready_stall_secs.saturating_mul(1000),
+    );
+    metrics.source = source_status;
+    let metrics = Arc::new(metrics);
+    metrics.set_partitions(readiness.partitions);
+    // The configured endpoints get the first series, in configuration order.
+    for endpoint in config.endpoints() {
+        metrics.endpoints.stats(&endpoint.id);
+    }
+    for endpoint_id in &disabled {
+        DeliverCounters::set_member(&metrics.deliver.disabled_endpoints, endpoint_id, true);
+    }
+    let counters = metrics.deliver.clone();
+    warn_without_operator_endpoint(config, &endpoints);
+    let alert_counters = Arc::new(AlertCounters::default());
 
     if cluster.is_multi_process() {
         tracing::info!(
@@ -206,7 +280,30 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
     })
     .context("cannot build the HTTP client")?;
 
-    let duplicates = Arc::new(AtomicU64::new(0));
+    // The server starts before the workers so that a bad `http.listen` fails the run at once.
+    // The archive directory exists before it too: readiness checks that it is writable, and
+    // the workers would create it only when they open their writers.
+    std::fs::create_dir_all(&archive_dir).with_context(|| {
+        format!(
+            "cannot create the archive directory {}",
+            archive_dir.display()
+        )
+    })?;
+    let http_state = crate::http::HttpState::new(
+        Arc::new(config.clone()),
+        options.data_dir.clone(),
+        cluster.clone(),
+        options.clock.clone(),
+        options.stop.clone(),
+    )?;
+    let http_state = crate::http::HttpState {
+        monitor: crate::monitor::Monitor::new(metrics.clone(), archive_dir.clone()),
+        registry: http_registry,
+        ..http_state
+    };
+    crate::http::start(http_state, runtime.handle())?;
+
+    let duplicates = metrics.events_deduplicated.clone();
     let shared = Arc::new(WorkerShared {
         config: config.clone(),
         data_dir: options.data_dir.clone(),
@@ -215,15 +312,18 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
         clock: options.clock.clone(),
         stop: options.stop.clone(),
         endpoints,
+        disabled,
+        feed: std::sync::Mutex::new(feed),
         runtime: runtime.handle().clone(),
         client,
         duplicates: duplicates.clone(),
-        requests_in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        requests_in_flight: metrics.requests_in_flight.clone(),
         run_id: options.clock.now_ms(),
         cluster: cluster.clone(),
         readiness,
         counters: counters.clone(),
-        source_status: options.source_status.clone(),
+        metrics: metrics.clone(),
+        alert_counters: alert_counters.clone(),
     });
 
     let timely_config = cluster.timely_config(workers);
@@ -261,6 +361,8 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
     report.duplicates = duplicates.load(Ordering::Relaxed);
     report.files.sort();
     report.counters = counters;
+    report.metrics = metrics;
+    report.alerts = alert_counters;
     if !failures.is_empty() {
         anyhow::bail!("the pipeline failed: {}", failures.join("; "));
     }
@@ -272,9 +374,20 @@ pub fn run(options: RunOptions) -> anyhow::Result<RunReport> {
     Ok(report)
 }
 
+/// The state of the data directory that [`prepare_data_dir`] found.
+struct Prepared {
+    partitions: u32,
+    log_id: i64,
+    /// The endpoints this process's store records as disabled at run time.
+    disabled: Vec<DisabledEndpoint>,
+    /// The endpoint directory, after seeding; empty on processes other than 0.
+    endpoints: Vec<Endpoint>,
+}
+
 /// Checks that the data directory fits this process and its cluster: the state layout, the
-/// source, and the worker and process counts its state store records. Returns the source's
-/// partition count and id, and the endpoints this process's store records as disabled.
+/// source, and the worker and process counts its state store records. On the process that
+/// serves the management API, also inserts the configured endpoints whose id the store lacks
+/// and reads the directory.
 ///
 /// The source's id lets the processes of a cluster check that they read the same source: the
 /// local log's own id, or for Fluvio a hash of the SC address and the topic.
@@ -283,7 +396,7 @@ fn prepare_data_dir(
     data_dir: &Path,
     cluster: &Cluster,
     status: &Arc<SourceStatus>,
-) -> anyhow::Result<(u32, i64, Vec<DisabledEndpoint>)> {
+) -> anyhow::Result<Prepared> {
     cluster.check_layout(data_dir)?;
 
     let (partitions, log_id) = if let Some(fluvio) = config.fluvio() {
@@ -311,7 +424,45 @@ fn prepare_data_dir(
         cluster.processes(),
         cluster.process_index(),
     )?;
-    Ok((partitions, log_id, store.disabled_endpoints()?))
+    let mut endpoints = Vec::new();
+    if cluster.serves_management_api() {
+        // The store is the truth: a configured endpoint only fills a missing id, so a change
+        // made while running survives a restart with an older configuration file.
+        let configured = config.endpoints();
+        let seeded = store.seed_endpoints(&configured, wall_clock_ms())?;
+        endpoints = store.endpoints()?;
+        tracing::info!(
+            endpoints = endpoints.len(),
+            seeded_from_config = seeded.len(),
+            "Endpoint directory loaded from the state store."
+        );
+        for stored in &endpoints {
+            let differs = configured
+                .iter()
+                .any(|endpoint| endpoint.id == stored.id && endpoint != stored);
+            if differs {
+                tracing::info!(
+                    endpoint_id = %stored.id,
+                    "The configuration file's endpoint differs from the stored one; the stored one is used (`hookflow endpoints apply FILE` replaces it)."
+                );
+            }
+        }
+    }
+    Ok(Prepared {
+        partitions,
+        log_id,
+        disabled: store.disabled_endpoints()?,
+        endpoints,
+    })
+}
+
+/// Returns the wall clock's time in ms since the Unix epoch, for the directory's
+/// `updated_at_ms`.
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// Takes the exclusive lock on `<data_dir>/hookflow.lock`, the lock of a single process,
@@ -356,7 +507,12 @@ struct WorkerShared {
     until_idle: bool,
     clock: Arc<dyn Clock>,
     stop: Arc<StopSignal>,
-    endpoints: Arc<HashMap<String, Endpoint>>,
+    /// The endpoint directory at start; only worker 0 of process 0 feeds it in.
+    endpoints: Vec<Endpoint>,
+    /// Endpoints this process's store records as disabled at run time.
+    disabled: std::collections::HashSet<String>,
+    /// The registry's changes, taken by worker 0 of process 0.
+    feed: std::sync::Mutex<Option<ChangeFeed>>,
     runtime: tokio::runtime::Handle,
     client: DeliveryClient,
     duplicates: Arc<AtomicU64>,
@@ -366,7 +522,8 @@ struct WorkerShared {
     /// The state of this process's part of the data directory, shared with the other processes.
     readiness: Readiness,
     counters: Arc<DeliverCounters>,
-    source_status: Arc<SourceStatus>,
+    metrics: Arc<Metrics>,
+    alert_counters: Arc<AlertCounters>,
 }
 
 /// The rows and files one worker archived.
@@ -419,13 +576,13 @@ fn run_worker(
     };
     // One source to read, one to read retries' payloads back from.
     let open_source = || -> anyhow::Result<Box<dyn Source>> {
-        let status = shared.source_status.clone();
+        let status = shared.metrics.source.clone();
         match config.fluvio() {
             Some(fluvio) => Ok(Box::new(
                 FluvioSource::connect(fluvio.options(), status)
                     .with_context(|| format!("cannot open the Fluvio topic {:?}", fluvio.topic))?,
             )),
-            None => Ok(Box::new(open_log()?.with_status(status))),
+            None => Ok(Box::new(open_log()?)),
         }
     };
     let mut log = open_source()?;
@@ -450,19 +607,15 @@ fn run_worker(
     }
     let dedup_window_ms = config.pipeline.dedup_window_secs.saturating_mul(1000);
     let restored_first_seen = store.first_seen_since(started_ms.saturating_sub(dedup_window_ms))?;
-    // A parked delivery stays in the store while its endpoint is disabled, and resumes when
-    // the endpoint is enabled again.
+    // A parked delivery stays in the store while its endpoint is disabled. The deliver
+    // operator resumes it when the directory loads or enables its endpoint.
+    // TODO: a parked delivery whose endpoint the directory no longer has stays parked; the
+    // first worker of each process could dead-letter those once the loads are absorbed.
     let restored_pending = if first_of_process {
-        let endpoints = &shared.endpoints;
         store
             .pending()?
             .into_iter()
-            .filter(|entry| {
-                !entry.is_parked()
-                    || endpoints
-                        .get(&entry.endpoint_id)
-                        .is_none_or(|endpoint| endpoint.enabled)
-            })
+            .filter(|entry| !entry.is_parked())
             .collect()
     } else {
         Vec::new()
@@ -497,6 +650,7 @@ fn run_worker(
         &shared.archive_dir,
         policy,
         started_ms,
+        shared.metrics.clone(),
     )
     .with_context(|| {
         format!(
@@ -509,6 +663,7 @@ fn run_worker(
     let probe = ProbeHandle::new();
     let control = SourceControl {
         stop: shared.stop.clone(),
+        progress: Rc::new(RefCell::new(SourceProgress::new(shared.metrics.clone()))),
         ..SourceControl::default()
     };
     let source_options = SourceOptions {
@@ -520,9 +675,15 @@ fn run_worker(
     };
     let unsynced_results = Arc::new(std::sync::atomic::AtomicUsize::new(0));
 
-    let mut subscriptions = worker.dataflow::<u64, _, _>(|scope| {
+    let absorbed = ProbeHandle::new();
+    let (mut subscriptions, updates_input) = worker.dataflow::<u64, _, _>(|scope| {
         let (input, subscriptions) = scope.new_collection::<(String, Subscription), isize>();
         let subscriptions = subscriptions.arrange_by_key();
+        subscriptions.stream.clone().probe_with(&absorbed);
+        let (updates_input, updates) =
+            timely::dataflow::operators::core::Input::new_input::<Vec<EndpointUpdate>>(&scope);
+        let updates = updates.broadcast();
+        let updates = updates.probe_with(&absorbed);
 
         let records = read_source(
             scope,
@@ -567,10 +728,18 @@ fn run_worker(
             max_payload_bytes: config.pipeline.max_payload_bytes,
             stop: shared.stop.clone(),
         };
+        let directory = LiveDirectory {
+            updates,
+            disabled: shared.disabled.clone(),
+            parked: Box::new(StoreParked {
+                store: store.clone(),
+            }),
+        };
         let context = DeliverContext {
             runtime: shared.runtime.clone(),
             client: shared.client.clone(),
-            endpoints: shared.endpoints.clone(),
+            // The directory arrives on the updates input.
+            endpoints: Arc::new(HashMap::new()),
             clock: clock.clone(),
             max_in_flight_total: config.delivery.max_in_flight,
             retry: config.retry.policy(),
@@ -581,23 +750,23 @@ fn run_worker(
             health: config.health.policy(),
             counters: shared.counters.clone(),
         };
-        let (durable, retries) = deliveries
-            .concat(restored)
-            .concat(retries)
-            .deliver(context, Box::new(payloads))
-            .ok_err(|attempted| match attempted {
-                Attempted::Row(row) => Ok(Durable::Row(row)),
-                Attempted::Pending(pending) => Ok(Durable::Pending(pending)),
-                Attempted::EndpointDisabled(disabled) => {
-                    Ok(Durable::EndpointDisabled(DisabledEndpoint {
-                        endpoint_id: disabled.endpoint_id,
-                        disabled_at_ms: disabled.at_ms,
-                        reason: disabled.reason,
-                    }))
-                }
-                Attempted::Retry(delivery) => Err(delivery),
-            });
+        let attempted = deliveries.concat(restored).concat(retries).deliver_live(
+            directory,
+            context,
+            Box::new(payloads),
+        );
+        let (durable, retries, signals) = split_attempted(attempted, signal_filter(shared));
         retries.connect_loop(retry_handle);
+        if config.alerts.enabled {
+            let alerts = signals.endpoint_alerts(config.alerts.policy(), clock.clone());
+            publish_alerts(
+                alerts,
+                local_log_appender(shared.data_dir.clone(), config.local_log.partitions),
+                config.alerts.operator_tenant.clone(),
+                shared.alert_counters.clone(),
+                clock.clone(),
+            );
+        }
 
         let durable = durable.concat(decided.map(Durable::Row)).concat(first_seen);
         persist(
@@ -605,25 +774,36 @@ fn run_worker(
             archiver.clone(),
             clock.clone(),
             unsynced_results.clone(),
+            shared.metrics.clone(),
         )
         .probe_with(&probe);
 
-        input
+        (input, updates_input)
     });
 
     // Endpoint changes enter the dataflow once, through the process that serves the
     // management API.
-    if cluster.serves_management_api() && first_of_process {
-        for endpoint in shared.endpoints.values() {
-            subscriptions.insert((
-                endpoint.tenant.clone(),
-                Subscription {
-                    endpoint_id: endpoint.id.clone(),
-                    event_types: endpoint.event_types.clone(),
-                },
-            ));
+    let mut updates_input = Some(updates_input);
+    let mut directory = if cluster.serves_management_api() && first_of_process {
+        let feed = shared
+            .feed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let mut directory = DirectoryFeed {
+            subscribed: HashMap::new(),
+            feed,
+            absorbing: Vec::new(),
+        };
+        if let Some(updates) = updates_input.as_mut() {
+            for endpoint in &shared.endpoints {
+                directory.load(&mut subscriptions, updates, endpoint.clone());
+            }
         }
-    }
+        Some(directory)
+    } else {
+        None
+    };
 
     // The first worker of each process prunes its process's store; worker 0 also truncates the
     // local log, which needs every process's checkpoint and pending deliveries. A Fluvio
@@ -644,6 +824,23 @@ fn run_worker(
         .saturating_mul(1000)
         .max(1);
     let mut next_maintenance_ms = started_ms;
+    let pending_refresh_ms = config.metrics.pending_refresh_secs.saturating_mul(1000);
+    let mut next_pending_count_ms = started_ms;
+    let progress_gauge = shared
+        .metrics
+        .worker(index.saturating_sub(cluster.first_worker(workers)));
+    let mut lag_monitor = (first_of_process && config.alerts.enabled).then(|| {
+        LagMonitor::new(
+            &config.alerts,
+            cluster.process_index(),
+            shared.alert_counters.clone(),
+            Box::new(local_log_appender(
+                shared.data_dir.clone(),
+                config.local_log.partitions,
+            )),
+            started_ms,
+        )
+    });
 
     let mut subscriptions = Some(subscriptions);
     let park = Duration::from_millis(config.pipeline.poll_interval_ms);
@@ -651,17 +848,43 @@ fn run_worker(
     let mut stopped_at: Option<u64> = None;
     let mut abandoned = false;
     loop {
-        if let Some(input) = subscriptions.as_mut() {
-            // One ms ahead of now, so that events read at `now` can be routed at once.
+        if let (Some(input), Some(updates), Some(directory)) = (
+            subscriptions.as_mut(),
+            updates_input.as_mut(),
+            directory.as_mut(),
+        ) {
+            directory.drain(input, updates);
+        }
+        if let (Some(input), Some(updates)) = (subscriptions.as_mut(), updates_input.as_mut()) {
+            // One ms ahead of now, so that events read at `now` can be routed at once. Both
+            // inputs stand at the same time, at which the next endpoint changes are fed in.
             let next = clock.now_ms().saturating_add(1).max(*input.time());
             input.advance_to(next);
             input.flush();
+            updates.advance_to(next);
+            updates.flush();
             if control.finished.get() {
                 subscriptions = None;
+                updates_input = None;
             }
+        }
+        if let Some(directory) = directory.as_mut() {
+            directory.acknowledge(&absorbed, subscriptions.is_some());
+        }
+        if let Some(gauge) = progress_gauge {
+            let frontier = probe.with_frontier(|frontier| frontier.first().copied());
+            gauge.observe(
+                frontier,
+                control.progress.borrow().outstanding(),
+                clock.now_ms(),
+            );
         }
         if first_of_process {
             let now = clock.now_ms();
+            if now >= next_pending_count_ms {
+                next_pending_count_ms = now.saturating_add(pending_refresh_ms);
+                count_pending(&store.borrow(), &shared.metrics);
+            }
             if now >= next_maintenance_ms {
                 next_maintenance_ms = now.saturating_add(maintenance_every_ms);
                 run_maintenance(
@@ -671,6 +894,9 @@ fn run_worker(
                     config,
                     now,
                 );
+            }
+            if let Some(monitor) = lag_monitor.as_mut() {
+                monitor.tick(&store.borrow(), now);
             }
         }
         if shared.stop.is_stopped() {
@@ -716,6 +942,35 @@ fn run_worker(
     })
 }
 
+/// Returns what turns the deliver operator's records into alert signals, when alerts are on.
+fn signal_filter(shared: &WorkerShared) -> Option<SignalFilter> {
+    let alerts = &shared.config.alerts;
+    if !alerts.enabled {
+        return None;
+    }
+    Some(SignalFilter {
+        operator_tenant: alerts.operator_tenant.clone(),
+    })
+}
+
+/// Warns when alerts are on but no endpoint of the operator tenant would receive them: the
+/// events are then recorded as unrouted.
+fn warn_without_operator_endpoint(config: &Config, endpoints: &[Endpoint]) {
+    let alerts = &config.alerts;
+    if !alerts.enabled {
+        return;
+    }
+    let receiving = endpoints
+        .iter()
+        .any(|endpoint| endpoint.tenant == alerts.operator_tenant && endpoint.enabled);
+    if !receiving {
+        tracing::warn!(
+            operator_tenant = %alerts.operator_tenant,
+            "Alerts are enabled but no enabled endpoint of the operator tenant receives them; they are archived as unrouted."
+        );
+    }
+}
+
 /// Runs one maintenance pass and logs its result; a failure is logged and retried at the next
 /// pass. `log` is given to the one worker that truncates it, with the state directories of the
 /// other processes, whose checkpoints and pending deliveries bound the truncation too.
@@ -751,6 +1006,23 @@ fn run_maintenance(
         Err(error) => tracing::error!(
             error = %format!("{error:#}"),
             "Log retention or state pruning failed; retrying at the next pass."
+        ),
+    }
+}
+
+/// Counts the pending and parked deliveries of this process's state store into `metrics`;
+/// a failure is logged and the gauges keep their last values.
+fn count_pending(store: &StateStore, metrics: &Metrics) {
+    match store.pending_counts() {
+        Ok((pending, parked)) => {
+            metrics
+                .retries_pending
+                .store(pending.saturating_sub(parked), Ordering::Relaxed);
+            metrics.deliveries_parked.store(parked, Ordering::Relaxed);
+        }
+        Err(error) => tracing::warn!(
+            error = %format!("{error:#}"),
+            "Counting pending deliveries for the metrics failed; retrying at the next count."
         ),
     }
 }
@@ -819,6 +1091,125 @@ fn unrouted_rows<'scope>(
             });
         }
     })
+}
+
+/// The input of endpoint updates for the deliver operators.
+type UpdatesInput = timely::dataflow::InputHandle<
+    u64,
+    timely::container::CapacityContainerBuilder<Vec<EndpointUpdate>>,
+>;
+
+/// The input of the subscriptions collection.
+type SubscriptionsInput =
+    differential_dataflow::input::InputSession<u64, (String, Subscription), isize>;
+
+/// Worker 0's side of the endpoint directory: the subscriptions it fed in, by endpoint id, so
+/// that a change retracts the old one, and the changes fed in but not yet absorbed.
+struct DirectoryFeed {
+    subscribed: HashMap<String, (String, Subscription)>,
+    feed: Option<ChangeFeed>,
+    /// Changes fed in, each with its time and where to report it absorbed.
+    absorbing: Vec<(u64, tokio::sync::oneshot::Sender<u64>)>,
+}
+
+impl DirectoryFeed {
+    /// Feeds in an endpoint of the directory at start.
+    fn load(
+        &mut self,
+        subscriptions: &mut SubscriptionsInput,
+        updates: &mut UpdatesInput,
+        endpoint: Endpoint,
+    ) {
+        self.subscribe(subscriptions, &endpoint);
+        updates.send(EndpointUpdate::Load(endpoint));
+    }
+
+    /// Feeds in the registry's waiting changes at the inputs' current time.
+    fn drain(&mut self, subscriptions: &mut SubscriptionsInput, updates: &mut UpdatesInput) {
+        let Some(feed) = self.feed.as_ref() else {
+            return;
+        };
+        let mut received = Vec::new();
+        while let Ok(pending) = feed.try_recv() {
+            received.push(pending);
+        }
+        for PendingChange { change, fed } in received {
+            let time = *updates.time();
+            match change {
+                EndpointChange::Upsert(endpoint) => {
+                    self.subscribe(subscriptions, &endpoint);
+                    updates.send(EndpointUpdate::Apply(endpoint));
+                }
+                EndpointChange::Delete { id } => {
+                    if let Some(old) = self.subscribed.remove(&id) {
+                        subscriptions.remove(old);
+                    }
+                    updates.send(EndpointUpdate::Delete(id));
+                }
+            }
+            self.absorbing.push((time, fed));
+        }
+    }
+
+    /// Makes `endpoint`'s subscription the one in the collection, retracting the one it had.
+    fn subscribe(&mut self, subscriptions: &mut SubscriptionsInput, endpoint: &Endpoint) {
+        let entry = (
+            endpoint.tenant.clone(),
+            Subscription {
+                endpoint_id: endpoint.id.clone(),
+                event_types: endpoint.event_types.clone(),
+            },
+        );
+        match self.subscribed.insert(endpoint.id.clone(), entry.clone()) {
+            Some(old) if old == entry => {}
+            Some(old) => {
+                subscriptions.remove(old);
+                subscriptions.insert(entry);
+            }
+            None => subscriptions.insert(entry),
+        }
+    }
+
+    /// Reports the changes whose time the probe has passed as absorbed. Once the inputs are
+    /// closed (`open` false), changes still arriving can no longer be fed in, so the feed is
+    /// dropped and each caller's `apply` returns that the pipeline stopped.
+    fn acknowledge(&mut self, absorbed: &ProbeHandle<u64>, open: bool) {
+        let mut index = 0;
+        while index < self.absorbing.len() {
+            if absorbed.less_equal(&self.absorbing[index].0) {
+                index += 1;
+                continue;
+            }
+            let (time, fed) = self.absorbing.swap_remove(index);
+            // The caller may have stopped waiting; the change is in effect either way.
+            let _ = fed.send(time);
+        }
+        if !open {
+            self.feed = None;
+        }
+    }
+}
+
+/// Reads parked deliveries back from this process's state store for the deliver operator.
+struct StoreParked {
+    store: Rc<RefCell<StateStore>>,
+}
+
+impl ParkedDeliveries for StoreParked {
+    fn parked(&mut self, endpoint_id: &str) -> Result<Vec<PendingDelivery>, String> {
+        self.store
+            .borrow()
+            .parked_of(endpoint_id)
+            .map_err(|error| format!("{error:#}"))
+    }
+
+    fn clear_disabled(&mut self, endpoint_id: &str) -> Result<(), String> {
+        self.store
+            .borrow_mut()
+            .enable_endpoint(endpoint_id)
+            .map(|_| ())
+            .map_err(|error| format!("{error:#}"))
+    }
 }
 
 /// Reads retries' payloads back from the source.

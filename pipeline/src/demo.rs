@@ -94,7 +94,6 @@ pub fn run_demo(options: &DemoOptions) -> anyhow::Result<String> {
         clock,
         stop: Arc::new(StopSignal::new()),
         cluster: crate::cluster::Cluster::default(),
-        source_status: hookflow_connectors::SourceStatus::new(),
     })?;
     let elapsed = started.elapsed();
 

@@ -27,6 +27,8 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::{Scope, Stream};
 
+use crate::metrics::{EndpointCache, Metrics};
+
 /// A record for the durable sink.
 // Rows are the largest and most frequent variant; boxing them would allocate per attempt.
 #[allow(clippy::large_enum_variant)]
@@ -74,6 +76,8 @@ pub struct Archiver {
     pub outcomes: std::collections::BTreeMap<String, u64>,
     /// Rows of this writer in staging, counted here because a SQL count scans every row.
     staged: u64,
+    /// Where completed files and their rows are counted.
+    metrics: Arc<Metrics>,
 }
 
 impl Archiver {
@@ -89,6 +93,7 @@ impl Archiver {
         archive_dir: &std::path::Path,
         policy: ArchivePolicy,
         now_ms: Millis,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, ConnectorError> {
         for (first, last) in staged_ranges(archive_dir, &policy.prefix)? {
             store.borrow_mut().unstage(&policy.prefix, first, last)?;
@@ -102,6 +107,7 @@ impl Archiver {
             last_flush_ms: now_ms,
             files: Vec::new(),
             outcomes: std::collections::BTreeMap::new(),
+            metrics,
         })
     }
 
@@ -148,6 +154,12 @@ impl Archiver {
             self.store
                 .borrow_mut()
                 .unstage(&self.policy.prefix, first, last)?;
+            self.metrics
+                .archive_rows_written
+                .fetch_add(rows.len() as u64, Ordering::Relaxed);
+            self.metrics
+                .archive_files_written
+                .fetch_add(files.len() as u64, Ordering::Relaxed);
             self.files.extend(files);
             if !due && rows.len() < max_rows && bytes <= self.policy.max_file_bytes {
                 break;
@@ -186,6 +198,7 @@ pub fn persist<'scope>(
     archiver: Rc<RefCell<Archiver>>,
     clock: Arc<dyn Clock>,
     unsynced_results: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
 ) -> Stream<'scope, u64, Vec<()>> {
     let scope = records.scope();
     records.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(Pipeline, "Persist", move |_capability, info| {
@@ -199,6 +212,8 @@ pub fn persist<'scope>(
         // After a failed archive flush: when to try again, and the wait after that.
         let mut archive_retry_at: Millis = 0;
         let mut archive_retry_ms = WRITE_RETRY_MS.0;
+        // This worker's handles on the per-endpoint counters, so counting takes no lock.
+        let mut endpoint_stats = EndpointCache::new();
 
         move |(input, _frontier), output| {
             input.for_each_stamp(|capability, containers| {
@@ -222,6 +237,7 @@ pub fn persist<'scope>(
                 let written = archiver.store.borrow_mut().commit(&prefix, &batch, now);
                 match written {
                     Ok(()) => {
+                        metrics.record_rows(&batch.rows, &mut endpoint_stats);
                         for row in &batch.rows {
                             *archiver.outcomes.entry(row.outcome.clone()).or_default() += 1;
                         }

@@ -98,7 +98,8 @@ enum Command {
     /// Per-endpoint statistics over the attempt archive: deliveries, success ratio, latency
     /// percentiles, top error kinds, first and last failure.
     Stats(hookflow_replay::cli::StatsArgs),
-    /// Show endpoints and their parked deliveries, or enable one that hookflow disabled.
+    /// Show the stored endpoints and their parked deliveries, enable one, or apply a file of
+    /// endpoints to the store.
     Endpoints {
         #[command(subcommand)]
         action: EndpointsCommand,
@@ -119,7 +120,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum EndpointsCommand {
-    /// List the configured endpoints: enabled or disabled (and why), and parked deliveries.
+    /// List the stored endpoints (and configured ones not stored yet): enabled or disabled
+    /// (and why), and parked deliveries.
     List {
         /// The configuration file (TOML).
         #[arg(long, value_name = "FILE")]
@@ -128,8 +130,8 @@ enum EndpointsCommand {
         #[arg(long, value_name = "DIR")]
         data_dir: PathBuf,
     },
-    /// Enable an endpoint that hookflow disabled (410 Gone, or failing too long); the next
-    /// run resumes its parked deliveries.
+    /// Enable an endpoint that hookflow disabled (410 Gone, or failing too long) or that is
+    /// disabled in the store; the next run resumes its parked deliveries.
     Enable {
         /// The pipeline's data directory; the pipeline must not be running.
         #[arg(long, value_name = "DIR")]
@@ -137,6 +139,19 @@ enum EndpointsCommand {
         /// The endpoint's id.
         #[arg(value_name = "ENDPOINT_ID")]
         endpoint_id: String,
+    },
+    /// Create or replace in the store each endpoint a TOML file of `[[endpoints]]` lists (the
+    /// configuration file's format); endpoints it does not list are kept.
+    Apply {
+        /// The configuration file (TOML), whose delivery settings check the endpoints.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The pipeline's data directory; the pipeline must not be running.
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// The endpoints file (TOML).
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
     },
 }
 
@@ -220,7 +235,6 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 clock: Arc::new(WallClock),
                 stop,
                 cluster,
-                source_status: hookflow_connectors::SourceStatus::new(),
             })?;
             let count = |outcome: &str| report.outcomes.get(outcome).copied().unwrap_or(0);
             let counter = |counter: &std::sync::atomic::AtomicU64| {
@@ -269,6 +283,18 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 },
         } => {
             println!("{}", hookflow::endpoints::enable(&data_dir, &endpoint_id)?);
+            Ok(())
+        }
+        Command::Endpoints {
+            action:
+                EndpointsCommand::Apply {
+                    config,
+                    data_dir,
+                    file,
+                },
+        } => {
+            let loaded = Config::load(&config)?;
+            println!("{}", hookflow::endpoints::apply(&loaded, &data_dir, &file)?);
             Ok(())
         }
         Command::Publish {

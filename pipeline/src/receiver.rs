@@ -2,7 +2,8 @@
 //!
 //! It listens on an ephemeral loopback port in a thread of its own, records every request
 //! (path, headers, body, arrival time) and answers each path as configured: 200 by default, a
-//! fixed status, or a number of failures per `webhook-id` before succeeding.
+//! fixed status, or a number of failures per `webhook-id` before succeeding. A test may change
+//! a path's behaviour while the receiver runs.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -73,7 +74,8 @@ impl ReceivedRequest {
 }
 
 struct ReceiverState {
-    behaviours: HashMap<String, Behaviour>,
+    /// How each path answers; [`Receiver::set_behaviour`] changes it while running.
+    behaviours: Mutex<HashMap<String, Behaviour>>,
     requests: Mutex<Vec<ReceivedRequest>>,
     /// Requests seen per (path, webhook-id), for `FailFirst`.
     seen: Mutex<HashMap<(String, String), u32>>,
@@ -96,7 +98,7 @@ impl Receiver {
     /// Fails if the runtime cannot start or the port cannot be bound.
     pub fn start(behaviours: HashMap<String, Behaviour>) -> std::io::Result<Receiver> {
         let state = Arc::new(ReceiverState {
-            behaviours,
+            behaviours: Mutex::new(behaviours),
             requests: Mutex::new(Vec::new()),
             seen: Mutex::new(HashMap::new()),
         });
@@ -139,6 +141,16 @@ impl Receiver {
     /// Returns the URL of `path` on this receiver.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.address, path)
+    }
+
+    /// Makes `path` answer as `behaviour` from the next request on, as a receiver that
+    /// breaks or recovers while the pipeline runs.
+    pub fn set_behaviour(&self, path: &str, behaviour: Behaviour) {
+        self.state
+            .behaviours
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path.to_string(), behaviour);
     }
 
     /// Returns every request received so far, in arrival order.
@@ -195,13 +207,19 @@ async fn receive(
         .unwrap_or_default()
         .to_string();
 
-    let status = match state.behaviours.get(&path) {
+    let behaviour = state
+        .behaviours
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&path)
+        .copied();
+    let status = match behaviour {
         None => 200,
-        Some(Behaviour::Status(status)) => *status,
+        Some(Behaviour::Status(status)) => status,
         Some(Behaviour::FailFirst { failures, status }) => {
             let count = count_request(&state, &path, &webhook_id);
-            if count <= *failures {
-                *status
+            if count <= failures {
+                status
             } else {
                 200
             }
@@ -212,8 +230,8 @@ async fn receive(
             status,
         }) => {
             let count = count_request(&state, &path, &webhook_id);
-            if count <= seeded_failures(*seed, *max_failures, &path, &webhook_id) {
-                *status
+            if count <= seeded_failures(seed, max_failures, &path, &webhook_id) {
+                status
             } else {
                 200
             }

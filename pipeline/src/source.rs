@@ -21,6 +21,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,8 @@ use hookflow_schemas::SourceRecord;
 use timely::dataflow::operators::generic::operator::source;
 use timely::dataflow::operators::probe::Handle as ProbeHandle;
 use timely::dataflow::{Scope, Stream};
+
+use crate::metrics::Metrics;
 
 /// Settings of the source operator.
 #[derive(Debug, Clone)]
@@ -56,6 +59,8 @@ pub struct SourceProgress {
     outstanding: usize,
     /// The settled next offset of each partition, not yet written.
     settled: HashMap<u32, u64>,
+    /// The metrics that receive the settled offsets and the read counts.
+    pub metrics: Arc<Metrics>,
 }
 
 impl SourceProgress {
@@ -72,6 +77,19 @@ impl SourceProgress {
             let entry = self.settled.entry(partition).or_insert(next);
             *entry = (*entry).max(next);
         }
+    }
+
+    /// Creates the progress of a source that counts into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        SourceProgress {
+            metrics,
+            ..SourceProgress::default()
+        }
+    }
+
+    /// Returns the number of records read and not yet settled.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding
     }
 
     /// Writes the settled offsets to the checkpoint and returns the (partition, next offset)
@@ -102,6 +120,11 @@ impl SourceProgress {
         }
         let offsets: Vec<(u32, u64)> = self.settled.iter().map(|(p, o)| (*p, *o)).collect();
         store.advance_checkpoint(&offsets)?;
+        for (partition, offset) in &offsets {
+            if let Some(gauges) = self.metrics.partition(*partition) {
+                gauges.settled.fetch_max(*offset, Ordering::Relaxed);
+            }
+        }
         self.settled.clear();
         Ok(offsets)
     }
@@ -149,6 +172,15 @@ pub fn read_source<'scope>(
         // Records per entry of `progress.in_dataflow`, in the same order.
         let mut batch_sizes: VecDeque<usize> = VecDeque::new();
         let mut last_checkpoint = Instant::now();
+        let metrics = control.progress.borrow().metrics.clone();
+        for (partition, offset) in &next {
+            if let Some(gauges) = metrics.partition(*partition) {
+                gauges.settled.fetch_max(*offset, Ordering::Relaxed);
+                gauges.end.fetch_max(*offset, Ordering::Relaxed);
+            }
+        }
+        // When the log ends were last queried; `None` queries them at the first activation.
+        let mut ends_queried: Option<Instant> = None;
 
         move |output| {
             let Some(cap) = capability.as_mut() else {
@@ -187,13 +219,30 @@ pub fn read_source<'scope>(
                 return;
             }
 
+            if ends_queried.is_none_or(|at| at.elapsed() >= END_OFFSET_INTERVAL) {
+                ends_queried = Some(Instant::now());
+                query_end_offsets(log.as_mut(), &next, &metrics);
+            }
+
             let mut read = 0usize;
+            // A source that is unreachable for now (Fluvio) is read again at the next poll;
+            // meanwhile the pipeline is not idle.
+            let mut unavailable = false;
             let mut session = output.session(cap);
             for (partition, offset) in next.iter_mut() {
                 let records = match log.read(*partition, *offset, options.batch_records) {
-                    Ok(records) => records,
+                    Ok(records) => {
+                        metrics.source.mark_up();
+                        records
+                    }
+                    Err(error) if error.is_transient() => {
+                        metrics.source.mark_down(format!("{error:#}"));
+                        unavailable = true;
+                        continue;
+                    }
                     Err(error) => {
                         tracing::error!(error = %format!("{error:#}"), partition = *partition, "Reading the source failed; stopping.");
+                        metrics.source.mark_down(format!("{error:#}"));
                         control.failed.set(true);
                         control.stop.stop();
                         break;
@@ -201,6 +250,9 @@ pub fn read_source<'scope>(
                 };
                 let Some(last) = records.last() else { continue };
                 *offset = last.offset + 1;
+                if let Some(gauges) = metrics.partition(*partition) {
+                    gauges.end.fetch_max(*offset, Ordering::Relaxed);
+                }
                 read += records.len();
                 progress.in_dataflow.push_back((now, *partition, *offset));
                 batch_sizes.push_back(records.len());
@@ -208,10 +260,13 @@ pub fn read_source<'scope>(
             }
             drop(session);
             progress.outstanding += read;
+            metrics
+                .events_ingested
+                .fetch_add(read as u64, Ordering::Relaxed);
 
             if read > 0 {
                 activator.activate();
-            } else if options.until_idle {
+            } else if options.until_idle && !unavailable {
                 tracing::info!(worker = index, "Source read every partition to its end.");
                 capability = None;
                 control.finished.set(true);
@@ -220,4 +275,26 @@ pub fn read_source<'scope>(
             }
         }
     })
+}
+
+/// How often the source operator queries the log end of its partitions for the lag metrics.
+const END_OFFSET_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Queries the log end of each partition in `next` into the metrics, and marks the source
+/// up or down by the result.
+fn query_end_offsets(log: &mut dyn Source, next: &[(u32, u64)], metrics: &Metrics) {
+    for (partition, _) in next {
+        match log.end_offset(*partition) {
+            Ok(end) => {
+                metrics.source.mark_up();
+                if let Some(gauges) = metrics.partition(*partition) {
+                    gauges.end.fetch_max(end, Ordering::Relaxed);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(error = %format!("{error:#}"), partition = *partition, "Querying the log end of a partition failed.");
+                metrics.source.mark_down(format!("{error:#}"));
+            }
+        }
+    }
 }

@@ -699,10 +699,24 @@ fn gone_endpoint_parks_until_enabled() {
     let again = enable();
     assert!(!again.status.success());
     assert!(
-        stderr(&again).contains("is not disabled at run time"),
+        stderr(&again).contains("is not disabled"),
         "{}",
         stderr(&again)
     );
+
+    // The state store keeps the endpoint's old URL over the changed configuration file, so
+    // the new URL is applied on purpose.
+    let applied = hookflow()
+        .args(["endpoints", "apply", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(fixture.data_dir())
+        .arg(&config)
+        .output()
+        .expect("run hookflow endpoints apply");
+    assert!(applied.status.success(), "{}", stderr(&applied));
+    let applied = String::from_utf8_lossy(&applied.stdout);
+    assert!(applied.contains("endpoint `ep_gone` updated"), "{applied}");
 
     fixture.run_until_idle(&config);
     let mut resumed = ids(&to("/back"));

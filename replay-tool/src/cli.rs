@@ -450,8 +450,13 @@ fn read_event_ids(path: &Path) -> anyhow::Result<BTreeSet<String>> {
     Ok(ids)
 }
 
-/// Takes `<data_dir>/replay/replay.lock`, so that two replays never append at once.
-fn lock_replays(data_dir: &Path) -> anyhow::Result<std::fs::File> {
+/// Takes `<data_dir>/replay/replay.lock`, so that two replays (or API resends) never
+/// append at once.
+///
+/// # Errors
+///
+/// Fails if another replay holds it or the lock file cannot be opened.
+pub fn lock_replays(data_dir: &Path) -> anyhow::Result<std::fs::File> {
     let path = data_dir.join("replay").join("replay.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)

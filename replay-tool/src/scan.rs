@@ -274,6 +274,15 @@ impl<'a> Columns<'a> {
         self.column(name)
     }
 
+    /// Returns the `uint16` column `name`.
+    ///
+    /// # Errors
+    ///
+    /// Fails if it is missing or has another type.
+    pub fn u16s(&self, name: &str) -> Result<&'a arrow::array::UInt16Array> {
+        self.column(name)
+    }
+
     /// Returns the `uint64` column `name`.
     ///
     /// # Errors

@@ -116,11 +116,13 @@ pub enum ErrorKind {
     Expired,
     /// The payload is gone from the source (past its retention) when a delivery came due.
     PayloadExpired,
+    /// The endpoint was deleted while the delivery was pending, queued or parked.
+    EndpointDeleted,
 }
 
 impl ErrorKind {
     /// Every kind, in declaration order.
-    pub const ALL: [ErrorKind; 14] = [
+    pub const ALL: [ErrorKind; 15] = [
         ErrorKind::HttpStatus,
         ErrorKind::Throttled,
         ErrorKind::Gone,
@@ -135,6 +137,7 @@ impl ErrorKind {
         ErrorKind::EndpointDisabled,
         ErrorKind::Expired,
         ErrorKind::PayloadExpired,
+        ErrorKind::EndpointDeleted,
     ];
 
     /// The kind whose archived name is `name`, if any.
@@ -161,6 +164,7 @@ impl ErrorKind {
             ErrorKind::EndpointDisabled => "endpoint_disabled",
             ErrorKind::Expired => "expired",
             ErrorKind::PayloadExpired => "payload_expired",
+            ErrorKind::EndpointDeleted => "endpoint_deleted",
         }
     }
 }

@@ -72,7 +72,6 @@ pub fn run_until_idle(data_dir: &Path, text: &str, workers: usize) -> anyhow::Re
         clock: Arc::new(WallClock),
         stop: Arc::new(StopSignal::new()),
         cluster: hookflow::cluster::Cluster::default(),
-        source_status: hookflow_connectors::SourceStatus::new(),
     })
 }
 

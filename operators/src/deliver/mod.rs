@@ -22,8 +22,9 @@ pub use client::{
 };
 pub use headers::{parse_static_header, RESERVED_HEADERS};
 pub use operator::{
-    endpoint_hash, Attempted, Deliver, DeliverContext, DeliverCounters, EndpointDisabled,
-    PayloadSource, DEFAULT_MAX_IN_FLIGHT_TOTAL, HOLD_REFRESH_MS,
+    endpoint_hash, Attempted, BreakerOpened, Deliver, DeliverContext, DeliverCounters,
+    EndpointDisabled, EndpointUpdate, LiveDirectory, ParkedDeliveries, PayloadSource,
+    DEFAULT_MAX_IN_FLIGHT_TOTAL, HOLD_REFRESH_MS,
 };
 pub use result::{
     classify, contacted_endpoint, dead_letter_row, is_overload, is_retryable, AttemptResult,

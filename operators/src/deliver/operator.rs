@@ -33,10 +33,24 @@
 //! back the frontier, until a wake-up at the pause's end. A half-open breaker lets one probe
 //! through. An endpoint that is disabled (in its configuration, or by a 410 Gone or by
 //! failing for too long) parks its deliveries: each is recorded as pending without a due time
-//! and leaves memory; a disabling is emitted as [`Attempted::EndpointDisabled`].
+//! and leaves memory; a disabling is emitted as [`Attempted::EndpointDisabled`], and a breaker
+//! opening as [`Attempted::BreakerOpened`].
 //!
 //! No request starts while more than `max_unsynced_results` attempt results wait for their
 //! durable write: that bounds what a crash can make hookflow send twice.
+//!
+//! The endpoint directory is operator state, started from [`DeliverContext::endpoints`] and
+//! changed by a second input of [`EndpointUpdate`]s that reaches every worker
+//! ([`Deliver::deliver_live`]). Each run of the operator applies the updates it received before
+//! it looks at a delivery, and every request reads the endpoint as it is when the request
+//! starts: URL, secrets, headers, timeouts, limits and enabled flag. A delivery naming an
+//! endpoint the directory lacks waits until the update input's frontier has passed its time,
+//! so an endpoint created at a time is never missed by a delivery at that time; then it is
+//! dead-lettered as `unknown_endpoint`, or as `endpoint_deleted` when an update deleted it.
+//! Deleting an endpoint dead-letters its queued, scheduled and parked deliveries at once, and
+//! its retries as they come round. Disabling it through an update parks its deliveries as a
+//! run-time disabling does; enabling it resumes the parked deliveries, which the worker that
+//! owns the endpoint reads back through [`ParkedDeliveries`].
 //!
 //! Each request is a tokio task that sends its result over a channel and wakes the operator
 //! through a `SyncActivator`; the operator never blocks its worker and never polls. Times the
@@ -70,10 +84,12 @@ use hookflow_schemas::{
     AttemptRow, Delivery, Endpoint, ErrorKind, Millis, Outcome, PendingDelivery,
 };
 use serde::{Deserialize, Serialize};
-use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::generic::operator::empty;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
+use timely::progress::frontier::MutableAntichain;
 use timely::scheduling::SyncActivator;
 
 use super::client::DeliveryClient;
@@ -116,11 +132,35 @@ pub struct DeliverCounters {
     pub retry_after_invalid: AtomicU64,
     /// Valid `Retry-After` values that asked for more than the maximum pause.
     pub retry_after_capped: AtomicU64,
+    /// Ids of the endpoints whose breaker is open or half-open. Locked only when a breaker
+    /// opens or closes, and when metrics are scraped.
+    pub open_breakers: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Ids of the disabled endpoints: disabled at run time, or before it when the pipeline
+    /// adds them at start. Locked only when an endpoint is disabled or enabled, and when
+    /// metrics are scraped.
+    pub disabled_endpoints: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl DeliverCounters {
     fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds or removes `endpoint_id` in one of the id sets; a poisoned lock is taken over,
+    /// because a set of ids cannot be left half-changed.
+    pub fn set_member(
+        set: &std::sync::Mutex<std::collections::BTreeSet<String>>,
+        endpoint_id: &str,
+        member: bool,
+    ) {
+        let mut ids = set
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if member {
+            ids.insert(endpoint_id.to_string());
+        } else {
+            ids.remove(endpoint_id);
+        }
     }
 }
 
@@ -129,6 +169,8 @@ impl DeliverCounters {
 pub struct EndpointDisabled {
     /// The endpoint's id.
     pub endpoint_id: String,
+    /// The endpoint's tenant, when the directory knows the endpoint.
+    pub tenant: Option<String>,
     /// When it was disabled.
     pub at_ms: Millis,
     /// The rule that disabled it, for the operator.
@@ -152,6 +194,82 @@ pub enum Attempted {
     Pending(PendingDelivery),
     /// The endpoint was disabled; its deliveries are parked until it is enabled again.
     EndpointDisabled(EndpointDisabled),
+    /// The endpoint's circuit breaker opened, or opened again after a failed probe.
+    BreakerOpened(BreakerOpened),
+}
+
+/// A circuit breaker the deliver operator opened, for alerts.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BreakerOpened {
+    /// The endpoint's id.
+    pub endpoint_id: String,
+    /// The endpoint's tenant, when the directory knows the endpoint.
+    pub tenant: Option<String>,
+    /// When the breaker opened.
+    pub at_ms: Millis,
+    /// When its probe may start.
+    pub until_ms: Millis,
+    /// Failed attempts in the breaker window that opened it (1 for a failed probe).
+    pub failures: u32,
+    /// Attempts in that window.
+    pub attempts: u32,
+}
+
+/// A change to the deliver operator's endpoint directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EndpointUpdate {
+    /// The endpoint as the directory contains it when the pipeline starts. A run-time disabling
+    /// recorded earlier stays in force.
+    Load(Endpoint),
+    /// The endpoint created or replaced while running. With `enabled = true` it also ends a
+    /// run-time disabling, and the endpoint's parked deliveries resume.
+    Apply(Endpoint),
+    /// The endpoint with this id was deleted.
+    Delete(String),
+}
+
+/// Reads the deliveries the deliver operator parked, from the store of the process that owns
+/// the endpoint, so that enabling or deleting the endpoint while running can resume or
+/// dead-letter them.
+pub trait ParkedDeliveries {
+    /// Returns the deliveries of `endpoint_id` parked while it was disabled.
+    ///
+    /// # Errors
+    ///
+    /// Returns why the store could not be read.
+    fn parked(&mut self, endpoint_id: &str) -> Result<Vec<PendingDelivery>, String>;
+
+    /// Forgets the run-time disabling of `endpoint_id` (410 Gone, failing too long), so that
+    /// the next start does not disable it again.
+    ///
+    /// # Errors
+    ///
+    /// Returns why the store could not be written.
+    fn clear_disabled(&mut self, endpoint_id: &str) -> Result<(), String>;
+}
+
+/// A store without parked deliveries, for a directory that never changes.
+struct NoParked;
+
+impl ParkedDeliveries for NoParked {
+    fn parked(&mut self, _endpoint_id: &str) -> Result<Vec<PendingDelivery>, String> {
+        Ok(Vec::new())
+    }
+
+    fn clear_disabled(&mut self, _endpoint_id: &str) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// The live endpoint directory's inputs: the updates, the endpoints this process's store
+/// records as disabled at run time, and the store of parked deliveries.
+pub struct LiveDirectory<'scope> {
+    /// The updates; every worker must receive every update (broadcast).
+    pub updates: Stream<'scope, u64, Vec<EndpointUpdate>>,
+    /// Endpoints disabled at run time by an earlier run, whose deliveries stay parked.
+    pub disabled: HashSet<String>,
+    /// The store that parked deliveries are read back from.
+    pub parked: Box<dyn ParkedDeliveries>,
 }
 
 /// Reads payloads back from the source for retries, which travel without them.
@@ -168,7 +286,8 @@ pub struct DeliverContext {
     pub runtime: tokio::runtime::Handle,
     /// The HTTP client, shared by all workers.
     pub client: DeliveryClient,
-    /// The endpoint directory by endpoint id, read-only.
+    /// The endpoint directory by endpoint id when the operator starts; [`EndpointUpdate`]s
+    /// change the operator's copy.
     pub endpoints: Arc<HashMap<String, Endpoint>>,
     /// The source of "now", and the owner of waiting.
     pub clock: Arc<dyn Clock>,
@@ -233,9 +352,18 @@ impl fmt::Debug for DeliverContext {
 /// Sends deliveries over HTTP, within each endpoint's rate limit and in-flight cap, and
 /// decides their retries.
 pub trait Deliver<'scope> {
-    /// See the module documentation for the contract.
+    /// Delivers with the directory of `context.endpoints`, which never changes.
     fn deliver(
         self,
+        context: DeliverContext,
+        payloads: Box<dyn PayloadSource>,
+    ) -> Stream<'scope, u64, Vec<Attempted>>;
+
+    /// Delivers with a directory that `directory.updates` changes while running. See the
+    /// module documentation for the contract.
+    fn deliver_live(
+        self,
+        directory: LiveDirectory<'scope>,
         context: DeliverContext,
         payloads: Box<dyn PayloadSource>,
     ) -> Stream<'scope, u64, Vec<Attempted>>;
@@ -247,53 +375,116 @@ impl<'scope> Deliver<'scope> for Stream<'scope, u64, Vec<Delivery>> {
         context: DeliverContext,
         payloads: Box<dyn PayloadSource>,
     ) -> Stream<'scope, u64, Vec<Attempted>> {
+        let directory = LiveDirectory {
+            updates: empty(self.scope()),
+            disabled: HashSet::new(),
+            parked: Box::new(NoParked),
+        };
+        self.deliver_live(directory, context, payloads)
+    }
+
+    fn deliver_live(
+        self,
+        directory: LiveDirectory<'scope>,
+        context: DeliverContext,
+        payloads: Box<dyn PayloadSource>,
+    ) -> Stream<'scope, u64, Vec<Attempted>> {
         let scope = self.scope();
         let exchange = Exchange::new(|delivery: &Delivery| endpoint_hash(&delivery.endpoint_id));
+        let LiveDirectory {
+            updates,
+            disabled,
+            parked,
+        } = directory;
 
-        self.unary(exchange, "Deliver", move |_capability, info| {
-            let wakeup = Wakeup::new(scope.worker(), info.address);
-            context.stop.watch(wakeup.sync_activator());
-            let (sender, receiver) = mpsc::channel();
-            let mut state = DeliverState::new(context, payloads, sender, receiver, wakeup);
+        self.binary_frontier(
+            updates,
+            exchange,
+            Pipeline,
+            "Deliver",
+            move |_capability, info| {
+                let wakeup = Wakeup::new(scope.worker(), info.address);
+                context.stop.watch(wakeup.sync_activator());
+                let (sender, receiver) = mpsc::channel();
+                let owner = Owner {
+                    index: scope.index(),
+                    peers: scope.peers(),
+                };
+                let mut state = DeliverState::new(context, payloads, sender, receiver, wakeup);
+                state.disabled = disabled;
+                state.parked = parked;
+                state.owner = owner;
 
-            move |input, output| {
-                let now = state.context.clock.now_ms();
-                let port = output.output_index();
+                move |(input, _), (updates, update_frontier), output| {
+                    let now = state.context.clock.now_ms();
+                    let port = output.output_index();
 
-                input.for_each_stamp(|capability, containers| {
-                    let Some(time) = capability.least().copied() else {
-                        return;
-                    };
-                    let held = capability.delayed(&time, port);
-                    for container in containers {
-                        for delivery in container.drain(..) {
-                            state.accept(&held, delivery, now);
+                    // Updates first: a delivery at a time the updates input has passed must see
+                    // every update up to that time.
+                    updates.for_each_stamp(|capability, containers| {
+                        let Some(time) = capability.least().copied() else {
+                            return;
+                        };
+                        let held = capability.delayed(&time, port);
+                        for container in containers {
+                            for update in container.drain(..) {
+                                state.update(&held, update, now);
+                            }
+                        }
+                    });
+
+                    input.for_each_stamp(|capability, containers| {
+                        let Some(time) = capability.least().copied() else {
+                            return;
+                        };
+                        let held = capability.delayed(&time, port);
+                        for container in containers {
+                            for delivery in container.drain(..) {
+                                state.accept(&held, delivery, now, update_frontier);
+                            }
+                        }
+                    });
+                    state.release_unknown(now, update_frontier);
+
+                    state.release_scheduled(now);
+                    state.release_holds(now);
+                    state.collect_completions(now);
+                    state.start_requests(now);
+                    state.park_waiting(now);
+
+                    let mut emitted = std::mem::take(&mut state.emitted);
+                    emitted.sort_by_key(|(capability, _)| *capability.time());
+                    let mut emitted = emitted.into_iter().peekable();
+                    while let Some((capability, record)) = emitted.next() {
+                        let mut session = output.session(&capability);
+                        session.give(record);
+                        while let Some((_, record)) =
+                            emitted.next_if(|(next, _)| next.time() == capability.time())
+                        {
+                            session.give(record);
                         }
                     }
-                });
 
-                state.release_scheduled(now);
-                state.release_holds(now);
-                state.collect_completions(now);
-                state.start_requests(now);
-                state.park_waiting(now);
-
-                let mut emitted = std::mem::take(&mut state.emitted);
-                emitted.sort_by_key(|(capability, _)| *capability.time());
-                let mut emitted = emitted.into_iter().peekable();
-                while let Some((capability, record)) = emitted.next() {
-                    let mut session = output.session(&capability);
-                    session.give(record);
-                    while let Some((_, record)) =
-                        emitted.next_if(|(next, _)| next.time() == capability.time())
-                    {
-                        session.give(record);
-                    }
+                    state.refresh_hold(now);
                 }
+            },
+        )
+    }
+}
 
-                state.refresh_hold(now);
-            }
-        })
+/// This worker's place among the workers the deliver input is exchanged over.
+#[derive(Debug, Clone, Copy, Default)]
+struct Owner {
+    index: usize,
+    peers: usize,
+}
+
+impl Owner {
+    /// Returns whether the exchange sends `endpoint_id`'s deliveries to this worker. Timely's
+    /// exchange picks `hash % peers` (a mask when `peers` is a power of two, the same value).
+    fn owns(&self, endpoint_id: &str) -> bool {
+        let peers = self.peers.max(1) as u64;
+        endpoint_hash(endpoint_id) % peers == self.index as u64
     }
 }
 
@@ -402,8 +593,20 @@ struct DeliverState {
     failure_log: HashMap<String, (Millis, u64)>,
     /// The health of endpoints that have one worth keeping, by endpoint id.
     health: HashMap<String, EndpointHealth>,
-    /// Endpoints disabled while running; their deliveries are parked.
+    /// Endpoints disabled at run time, by this run or an earlier one; their deliveries are
+    /// parked.
     disabled: HashSet<String>,
+    /// The endpoint directory, by endpoint id. Requests take the entry as it is when they start.
+    directory: HashMap<String, Arc<Endpoint>>,
+    /// Endpoints an update deleted; their deliveries are dead-lettered as `endpoint_deleted`.
+    deleted: HashSet<String>,
+    /// Deliveries naming an endpoint the directory lacks, by their time, each time with the
+    /// capability held for it, until the updates input has passed that time.
+    unknown: BTreeMap<Millis, ScheduledAt>,
+    /// The store that deliveries parked by an earlier disabling are read back from.
+    parked: Box<dyn ParkedDeliveries>,
+    /// This worker's place, which decides the endpoints it owns.
+    owner: Owner,
     /// Endpoints whose queue is held (breaker open, `Retry-After` pause), by the time the
     /// hold ends.
     holds: BTreeMap<Millis, Vec<String>>,
@@ -422,6 +625,11 @@ impl DeliverState {
         wakeup: Wakeup,
     ) -> Self {
         let activator = wakeup.sync_activator();
+        let directory = context
+            .endpoints
+            .iter()
+            .map(|(id, endpoint)| (id.clone(), Arc::new(endpoint.clone())))
+            .collect();
         DeliverState {
             context,
             payloads,
@@ -437,6 +645,11 @@ impl DeliverState {
             failure_log: HashMap::new(),
             health: HashMap::new(),
             disabled: HashSet::new(),
+            directory,
+            deleted: HashSet::new(),
+            unknown: BTreeMap::new(),
+            parked: Box::new(NoParked),
+            owner: Owner::default(),
             holds: BTreeMap::new(),
             sender,
             receiver,
@@ -445,30 +658,57 @@ impl DeliverState {
         }
     }
 
-    /// Reserves `delivery`'s rate-limit slot and queues or schedules it, parks it when its
-    /// endpoint is disabled, or emits its dead-letter row when its endpoint is unknown. `held`
+    /// Accepts `delivery` at once, or, when its endpoint is not in the directory and the
+    /// updates input (`updates`) may still bring it, keeps it in `unknown` until then. `held`
     /// is a capability at the delivery's due time.
-    fn accept(&mut self, held: &Capability<u64>, delivery: Delivery, now: Millis) {
+    fn accept(
+        &mut self,
+        held: &Capability<u64>,
+        delivery: Delivery,
+        now: Millis,
+        updates: &MutableAntichain<u64>,
+    ) {
+        let due_at_ms = *held.time();
+        let known = self.directory.contains_key(&delivery.endpoint_id)
+            || self.deleted.contains(&delivery.endpoint_id);
+        if !known && updates.less_equal(&due_at_ms) {
+            match self.unknown.entry(due_at_ms) {
+                Entry::Occupied(mut entry) => entry.get_mut().1.push((due_at_ms, delivery)),
+                Entry::Vacant(entry) => {
+                    entry.insert((held.clone(), vec![(due_at_ms, delivery)]));
+                }
+            }
+            return;
+        }
+        self.accept_now(held, delivery, now);
+    }
+
+    /// Accepts the deliveries in `unknown` whose time the updates input has passed.
+    fn release_unknown(&mut self, now: Millis, updates: &MutableAntichain<u64>) {
+        while let Some(entry) = self.unknown.first_entry() {
+            if updates.less_equal(entry.key()) {
+                break;
+            }
+            let (capability, deliveries) = entry.remove();
+            for (_, delivery) in deliveries {
+                self.accept_now(&capability, delivery, now);
+            }
+        }
+    }
+
+    /// Reserves `delivery`'s rate-limit slot and queues or schedules it, parks it when its
+    /// endpoint is disabled, or emits its dead-letter row when its endpoint is unknown or
+    /// deleted. `held` is a capability at the delivery's due time.
+    fn accept_now(&mut self, held: &Capability<u64>, delivery: Delivery, now: Millis) {
         let due_at_ms = *held.time();
         if self.is_disabled(&delivery.endpoint_id) {
             self.park(held.clone(), &delivery);
             return;
         }
-        let endpoint = match self.context.endpoints.get(&delivery.endpoint_id) {
+        let endpoint = match self.directory.get(&delivery.endpoint_id) {
             Some(endpoint) => endpoint,
             None => {
-                if self.reported_unknown.insert(delivery.endpoint_id.clone()) {
-                    tracing::warn!(
-                        endpoint_id = %delivery.endpoint_id,
-                        "Deliveries name an endpoint missing from the directory; dead-lettering them."
-                    );
-                }
-                let message = format!(
-                    "endpoint `{}` is not configured on this pipeline",
-                    delivery.endpoint_id
-                );
-                let kind = ErrorKind::UnknownEndpoint.as_str();
-                let row = dead_letter_row(&delivery, due_at_ms, now, kind, message);
+                let row = self.missing_endpoint_row(&delivery, due_at_ms, now);
                 self.emitted.push((held.clone(), Attempted::Row(row)));
                 return;
             }
@@ -521,7 +761,7 @@ impl DeliverState {
     /// The endpoint's in-flight cap; without a rate limit to halve, an overloaded endpoint's
     /// halvings apply to this cap instead.
     fn in_flight_limit(&self, endpoint_id: &str) -> usize {
-        let Some(endpoint) = self.context.endpoints.get(endpoint_id) else {
+        let Some(endpoint) = self.directory.get(endpoint_id) else {
             return 1;
         };
         let cap = endpoint.max_in_flight.max(1);
@@ -551,14 +791,202 @@ impl DeliverState {
             .unwrap_or_else(|| u32::try_from(self.in_flight_limit(endpoint_id)).unwrap_or(u32::MAX))
     }
 
-    /// Returns whether the endpoint is disabled, in its configuration or at run time.
+    /// Returns whether the endpoint is disabled, in the directory or at run time.
     fn is_disabled(&self, endpoint_id: &str) -> bool {
         self.disabled.contains(endpoint_id)
             || self
-                .context
-                .endpoints
+                .directory
                 .get(endpoint_id)
                 .is_some_and(|endpoint| !endpoint.enabled)
+    }
+
+    /// Builds the dead-letter row of a delivery whose endpoint the directory lacks: deleted by
+    /// an update, or never known.
+    fn missing_endpoint_row(
+        &mut self,
+        delivery: &Delivery,
+        due_at_ms: Millis,
+        now: Millis,
+    ) -> AttemptRow {
+        if self.deleted.contains(&delivery.endpoint_id) {
+            let message = format!("endpoint `{}` was deleted", delivery.endpoint_id);
+            let kind = ErrorKind::EndpointDeleted.as_str();
+            return dead_letter_row(delivery, due_at_ms, now, kind, message);
+        }
+        if self.reported_unknown.insert(delivery.endpoint_id.clone()) {
+            tracing::warn!(
+                endpoint_id = %delivery.endpoint_id,
+                "Deliveries name an endpoint missing from the directory; dead-lettering them."
+            );
+        }
+        vanished_endpoint_row(delivery, due_at_ms, now)
+    }
+
+    /// Applies one directory update at the time of `held`.
+    fn update(&mut self, held: &Capability<u64>, update: EndpointUpdate, now: Millis) {
+        match update {
+            EndpointUpdate::Load(endpoint) => {
+                let id = endpoint.id.clone();
+                let resumes = endpoint.enabled && !self.disabled.contains(&id);
+                self.deleted.remove(&id);
+                self.directory.insert(id.clone(), Arc::new(endpoint));
+                if resumes {
+                    self.resume_parked(&id, held, now);
+                }
+            }
+            EndpointUpdate::Apply(endpoint) => self.apply_endpoint(held, endpoint, now),
+            EndpointUpdate::Delete(id) => self.delete_endpoint(held, &id, now),
+        }
+    }
+
+    /// Creates or replaces an endpoint while running.
+    fn apply_endpoint(&mut self, held: &Capability<u64>, endpoint: Endpoint, now: Millis) {
+        let id = endpoint.id.clone();
+        let was_disabled = self.is_disabled(&id) || !self.directory.contains_key(&id);
+        let previous = self
+            .directory
+            .insert(id.clone(), Arc::new(endpoint.clone()));
+        self.deleted.remove(&id);
+        self.reported_unknown.remove(&id);
+        tracing::info!(
+            endpoint_id = %id,
+            enabled = endpoint.enabled,
+            created = previous.is_none(),
+            "Endpoint changed while running."
+        );
+
+        // A new limit counts from the next slot; slots already given keep their time.
+        let limit_changed = previous
+            .as_ref()
+            .is_none_or(|previous| previous.rate_limit != endpoint.rate_limit);
+        if limit_changed {
+            if let Some(state) = self.endpoints.get_mut(&id) {
+                state.limiter = None;
+            }
+        }
+
+        if endpoint.enabled {
+            if self.disabled.remove(&id) {
+                tracing::info!(endpoint_id = %id, "Run-time disabling ended by an endpoint change.");
+            }
+            if self.owner.owns(&id) {
+                if let Err(error) = self.parked.clear_disabled(&id) {
+                    tracing::error!(endpoint_id = %id, %error, "Cannot clear the endpoint's run-time disabling in the state store; the next start disables it again.");
+                }
+            }
+            if was_disabled {
+                self.resume_parked(&id, held, now);
+            }
+            // A raised in-flight limit, or the end of a disabling, may free a place.
+            let limit = self.in_flight_limit(&id);
+            if let Some(state) = self.endpoints.get_mut(&id) {
+                if !state.ready && !state.waiting.is_empty() && state.in_flight < limit {
+                    state.ready = true;
+                    self.ready.push_back(id);
+                }
+            }
+        } else if !was_disabled {
+            DeliverCounters::bump(&self.context.counters.endpoints_disabled);
+            self.park_queue(&id, now);
+        }
+    }
+
+    /// Deletes an endpoint while running: dead-letters its queued, scheduled and parked
+    /// deliveries. Requests in flight finish; their retries are dead-lettered as they come.
+    fn delete_endpoint(&mut self, held: &Capability<u64>, id: &str, now: Millis) {
+        self.directory.remove(id);
+        self.deleted.insert(id.to_string());
+        self.disabled.remove(id);
+        let mut dropped: Vec<(Capability<u64>, Delivery)> = Vec::new();
+
+        let waiting = match self.endpoints.get_mut(id) {
+            Some(state) => {
+                state.ready = false;
+                std::mem::take(&mut state.waiting)
+            }
+            None => VecDeque::new(),
+        };
+        for Waiting {
+            delivery,
+            held: own,
+            ..
+        } in waiting
+        {
+            match own.or_else(|| self.current_at(now)) {
+                Some(capability) => dropped.push((capability, delivery)),
+                None => {
+                    tracing::error!("A pending delivery has no held capability; it stays pending.")
+                }
+            }
+        }
+        for (capability, deliveries) in self.scheduled.values_mut() {
+            let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(deliveries)
+                .into_iter()
+                .partition(|(_, delivery)| delivery.endpoint_id == id);
+            *deliveries = kept;
+            dropped.extend(
+                gone.into_iter()
+                    .map(|(_, delivery)| (capability.clone(), delivery)),
+            );
+        }
+        self.scheduled
+            .retain(|_, (_, deliveries)| !deliveries.is_empty());
+
+        if self.owner.owns(id) {
+            match self.parked.parked(id) {
+                Ok(parked) => dropped.extend(
+                    parked
+                        .iter()
+                        .map(|entry| (held.clone(), entry.to_delivery())),
+                ),
+                Err(error) => {
+                    tracing::error!(endpoint_id = %id, %error, "Cannot read the deleted endpoint's parked deliveries; they stay parked.")
+                }
+            }
+            if let Err(error) = self.parked.clear_disabled(id) {
+                tracing::error!(endpoint_id = %id, %error, "Cannot clear the deleted endpoint's run-time disabling in the state store.");
+            }
+        }
+
+        tracing::warn!(
+            endpoint_id = %id,
+            dead_lettered = dropped.len(),
+            in_flight = self.endpoints.get(id).map_or(0, |state| state.in_flight),
+            "Endpoint deleted; dead-lettering its waiting deliveries."
+        );
+        for (capability, delivery) in dropped {
+            let due_at_ms = *capability.time();
+            let row = self.missing_endpoint_row(&delivery, due_at_ms, now);
+            self.emitted.push((capability, Attempted::Row(row)));
+        }
+    }
+
+    /// Reads back the deliveries `endpoint_id` parked while disabled and accepts them again at
+    /// the time of `held`; only the worker that owns the endpoint does.
+    // NOTE: the store is read, not memory: a delivery parked in the same step as the enabling,
+    // before the durable sink wrote it, stays parked until the next start resumes it.
+    fn resume_parked(&mut self, endpoint_id: &str, held: &Capability<u64>, now: Millis) {
+        if !self.owner.owns(endpoint_id) {
+            return;
+        }
+        let parked = match self.parked.parked(endpoint_id) {
+            Ok(parked) => parked,
+            Err(error) => {
+                tracing::error!(endpoint_id = %endpoint_id, %error, "Cannot read the endpoint's parked deliveries; they stay parked until the next start.");
+                return;
+            }
+        };
+        if parked.is_empty() {
+            return;
+        }
+        tracing::info!(
+            endpoint_id = %endpoint_id,
+            deliveries = parked.len(),
+            "Resuming parked deliveries."
+        );
+        for entry in parked {
+            self.accept_now(held, entry.to_delivery(), now);
+        }
     }
 
     /// Records `delivery` as parked under `capability`; it leaves memory until its endpoint
@@ -567,6 +995,13 @@ impl DeliverState {
         let parked = PendingDelivery::from_delivery(delivery, PendingDelivery::PARKED);
         DeliverCounters::bump(&self.context.counters.deliveries_parked);
         self.emitted.push((capability, Attempted::Pending(parked)));
+    }
+
+    /// Returns the tenant of an endpoint in the directory.
+    fn tenant_of(&self, endpoint_id: &str) -> Option<String> {
+        self.directory
+            .get(endpoint_id)
+            .map(|endpoint| endpoint.tenant.clone())
     }
 
     /// Returns a capability at `now` under `current`, for a delivery that is pending already.
@@ -588,6 +1023,7 @@ impl DeliverState {
             return;
         }
         DeliverCounters::bump(&self.context.counters.endpoints_disabled);
+        DeliverCounters::set_member(&self.context.counters.disabled_endpoints, endpoint_id, true);
         tracing::warn!(
             endpoint_id = %endpoint_id,
             %reason,
@@ -597,11 +1033,18 @@ impl DeliverState {
             capability.clone(),
             Attempted::EndpointDisabled(EndpointDisabled {
                 endpoint_id: endpoint_id.to_string(),
+                tenant: self.tenant_of(endpoint_id),
                 at_ms: now,
                 reason,
             }),
         ));
 
+        self.park_queue(endpoint_id, now);
+    }
+
+    /// Parks the waiting deliveries of a disabled endpoint. Its scheduled deliveries and
+    /// retries are parked as they come due.
+    fn park_queue(&mut self, endpoint_id: &str, now: Millis) {
         let waiting = match self.endpoints.get_mut(endpoint_id) {
             Some(state) => {
                 state.ready = false;
@@ -887,6 +1330,11 @@ impl DeliverState {
                 attempts,
             }) => {
                 DeliverCounters::bump(&self.context.counters.breakers_opened);
+                DeliverCounters::set_member(
+                    &self.context.counters.open_breakers,
+                    endpoint_id,
+                    true,
+                );
                 tracing::warn!(
                     endpoint_id = %endpoint_id,
                     failures,
@@ -894,9 +1342,25 @@ impl DeliverState {
                     probe_in_ms = until_ms.saturating_sub(now),
                     "Circuit breaker opened; the endpoint's deliveries wait for a probe."
                 );
+                self.emitted.push((
+                    capability.clone(),
+                    Attempted::BreakerOpened(BreakerOpened {
+                        endpoint_id: endpoint_id.to_string(),
+                        tenant: self.tenant_of(endpoint_id),
+                        at_ms: now,
+                        until_ms,
+                        failures,
+                        attempts,
+                    }),
+                ));
             }
             Some(Transition::BreakerClosed) => {
                 DeliverCounters::bump(&self.context.counters.breakers_closed);
+                DeliverCounters::set_member(
+                    &self.context.counters.open_breakers,
+                    endpoint_id,
+                    false,
+                );
                 tracing::info!(
                     endpoint_id = %endpoint_id,
                     "Probe delivered; circuit breaker closed."
@@ -1277,10 +1741,11 @@ impl DeliverState {
             activator: Arc::clone(&self.activator),
         };
         let client = self.context.client.clone();
-        let endpoints = Arc::clone(&self.context.endpoints);
+        // The endpoint as it is now: an update applied later affects the next attempt.
+        let endpoint = self.directory.get(&delivery.endpoint_id).cloned();
         let clock = Arc::clone(&self.context.clock);
         self.context.runtime.spawn(async move {
-            let end = match (endpoints.get(&delivery.endpoint_id), window_end_ms) {
+            let end = match (endpoint.as_deref(), window_end_ms) {
                 (Some(endpoint), Some(window_end_ms)) => client
                     .attempt_before(endpoint, &delivery, clock.as_ref(), window_end_ms)
                     .await
@@ -1415,6 +1880,46 @@ impl Drop for CompletionGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owner_matches_the_exchange() {
+        use timely::dataflow::operators::{Exchange as _, Inspect, ToStream};
+
+        for workers in [3, 4] {
+            let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let sink = Arc::clone(&seen);
+            timely::execute(timely::Config::process(workers), move |worker| {
+                let index = worker.index();
+                let peers = worker.peers();
+                let sink = Arc::clone(&sink);
+                worker.dataflow::<u64, _, _>(|scope| {
+                    let ids: Vec<String> = if index == 0 {
+                        (0..40).map(|n| format!("ep_{n}")).collect()
+                    } else {
+                        Vec::new()
+                    };
+                    ids.to_stream(scope)
+                        .container::<Vec<String>>()
+                        .exchange(|id: &String| endpoint_hash(id))
+                        .inspect(move |id: &String| {
+                            let owner = Owner { index, peers };
+                            sink.lock()
+                                .expect("lock")
+                                .push((id.clone(), owner.owns(id)));
+                        });
+                });
+            })
+            .expect("timely");
+            let seen = seen.lock().expect("lock");
+            assert_eq!(seen.len(), 40, "{workers} workers");
+            for (id, owned) in seen.iter() {
+                assert!(
+                    owned,
+                    "{workers} workers: {id} reached a worker that does not own it"
+                );
+            }
+        }
+    }
 
     #[test]
     fn endpoint_hash_is_fixed() {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use hookflow_operators::clock::{Clock, VirtualClock};
 use hookflow_operators::deliver::{
-    Attempted, Deliver, DeliverContext, EndpointDisabled, PayloadSource,
+    Attempted, BreakerOpened, Deliver, DeliverContext, EndpointDisabled, PayloadSource,
 };
 use hookflow_schemas::{AttemptRow, Delivery, Millis, PendingDelivery};
 use timely::dataflow::operators::{Concat, ConnectLoop, Feedback, Input, Inspect, OkErr, Probe};
@@ -108,6 +108,8 @@ pub struct Run {
     pub pending: Vec<(u64, PendingDelivery)>,
     /// Endpoints disabled, with the timestamp each came out at.
     pub disabled: Vec<(u64, EndpointDisabled)>,
+    /// Circuit breakers opened, with the timestamp each came out at.
+    pub breakers_opened: Vec<(u64, BreakerOpened)>,
     /// Worker steps taken, summed over all workers.
     pub steps: usize,
 }
@@ -131,6 +133,7 @@ impl Run {
             Attempted::Retry(retry) => self.retries.push((time, retry.clone())),
             Attempted::Pending(pending) => self.pending.push((time, pending.clone())),
             Attempted::EndpointDisabled(disabled) => self.disabled.push((time, disabled.clone())),
+            Attempted::BreakerOpened(opened) => self.breakers_opened.push((time, opened.clone())),
         }
     }
 
