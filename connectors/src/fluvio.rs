@@ -559,6 +559,24 @@ impl FluvioSource {
             for record in records? {
                 found.insert(record.offset, record);
             }
+            // A stream can skip records (see `Taken::Gap`), so each one still missing gets a
+            // stream of its own.
+            let missing: Vec<u64> = wanted
+                .iter()
+                .copied()
+                .filter(|offset| !found.contains_key(offset))
+                .collect();
+            for offset in missing {
+                let start_at = Offset::absolute(i64::try_from(offset).unwrap_or(i64::MAX))
+                    .map_err(|e| e.to_string())?;
+                let mut stream = self.open_stream(partition, start_at, false, None)?;
+                if let Some(Ok(record)) = block_on_timeout(limit, stream.next())? {
+                    let record = to_source_record(partition, &record);
+                    if record.offset == offset {
+                        found.insert(offset, record);
+                    }
+                }
+            }
             start = end + 1;
         }
         Ok(found)
