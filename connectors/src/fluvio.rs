@@ -39,11 +39,11 @@ use tracing::{debug, info, warn};
 use crate::source::SourceStatus;
 use crate::{ConnectorError, Source};
 
-/// The shortest wait before connecting again after a failure.
+/// The minimum wait before connecting again after a failure.
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
-/// The longest wait between two connection attempts.
+/// The maximum wait between two connection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
-/// How often, at most, the named consumer's offset is written for one partition.
+/// The minimum interval between two writes of the named consumer's offset for one partition.
 const CONSUMER_COMMIT_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a stream may yield nothing before the partition's end is read to check that no
 /// records wait behind it.
@@ -52,7 +52,7 @@ const STALL_CHECK: Duration = Duration::from_secs(1);
 /// back, instead of one stream reading every record between them.
 const FETCH_GAP: u64 = 256;
 
-/// Where the Fluvio source reads from.
+/// The cluster address, topic and consumer of a Fluvio source.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FluvioOptions {
@@ -298,7 +298,7 @@ impl FluvioSource {
         Ok(partitions)
     }
 
-    /// The public addresses of the SPUs the SC knows, for error messages.
+    /// Lists the public addresses of the SPUs registered with the SC, for error messages.
     fn spu_addresses(&self) -> String {
         let Some(client) = self.client.as_ref() else {
             return "unknown (not connected)".to_string();
@@ -461,7 +461,7 @@ impl FluvioSource {
         }
         match outcome {
             Ok(_) => Ok(records),
-            // Records that arrived before the failure are still good; the next read asks for
+            // Records that arrived before the failure are still good; the next read requests
             // the offset after them and opens a new stream.
             Err(_) if !records.is_empty() => {
                 self.readers.remove(&partition);
