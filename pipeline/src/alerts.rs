@@ -28,12 +28,11 @@
 //! cannot feed alerts about itself.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hookflow_connectors::{DisabledEndpoint, LocalLog, LocalLogOptions, StateStore};
+use hookflow_connectors::{DisabledEndpoint, StateStore};
 use hookflow_operators::alerts::{AlertKind, AlertPolicy, EndpointAlert, EndpointSignal};
 use hookflow_operators::clock::Clock;
 use hookflow_operators::deliver::Attempted;
@@ -47,6 +46,7 @@ use timely::dataflow::operators::generic::{Operator, OutputBuilder};
 use timely::dataflow::Stream;
 
 use crate::durable::Durable;
+use crate::publish::{Appender, PublishTarget};
 
 /// The maximum length of an event id the source accepts, in bytes.
 const MAX_EVENT_ID_BYTES: usize = 255;
@@ -284,22 +284,21 @@ pub trait EventAppender {
     fn append(&mut self, records: &[(&[u8], &[u8])], now_ms: Millis) -> Result<(), String>;
 }
 
-impl EventAppender for LocalLog {
+impl EventAppender for Appender {
     fn append(&mut self, records: &[(&[u8], &[u8])], now_ms: Millis) -> Result<(), String> {
-        LocalLog::append(self, records, now_ms)
+        Appender::append(self, records, now_ms)
             .map(|_| ())
             .map_err(|error| format!("{error:#}"))
     }
 }
 
-/// Opens an appender on the local log; each worker that publishes opens its own.
-pub fn local_log_appender(
-    data_dir: PathBuf,
-    partitions: u32,
+/// Opens an appender on the configured source; each worker that publishes opens its own.
+pub fn source_appender(
+    target: PublishTarget,
 ) -> impl FnMut() -> Result<Box<dyn EventAppender>, String> {
     move || {
-        LocalLog::open(&data_dir, &LocalLogOptions { partitions })
-            .map(|log| Box::new(log) as Box<dyn EventAppender>)
+        Appender::open(&target)
+            .map(|appender| Box::new(appender) as Box<dyn EventAppender>)
             .map_err(|error| format!("{error:#}"))
     }
 }

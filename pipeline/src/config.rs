@@ -800,6 +800,18 @@ impl Config {
             })
     }
 
+    /// Where events for this pipeline are appended: its Fluvio topic, or the local log under
+    /// `data_dir`.
+    pub fn publish_target(&self, data_dir: &Path) -> crate::publish::PublishTarget {
+        match self.fluvio() {
+            Some(fluvio) => crate::publish::PublishTarget::Fluvio(fluvio.options()),
+            None => crate::publish::PublishTarget::Local {
+                data_dir: data_dir.to_path_buf(),
+                partitions: self.local_log.partitions,
+            },
+        }
+    }
+
     /// The Fluvio settings when the source is Fluvio.
     pub fn fluvio(&self) -> Option<&FluvioConfig> {
         match self.source.kind {

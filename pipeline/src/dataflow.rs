@@ -65,7 +65,7 @@ use timely::dataflow::operators::{Concat, ConnectLoop, Feedback, OkErr, Probe};
 use timely::dataflow::Stream;
 
 use crate::alerts::{
-    local_log_appender, publish_alerts, split_attempted, AlertCounters, LagMonitor, SignalFilter,
+    publish_alerts, source_appender, split_attempted, AlertCounters, LagMonitor, SignalFilter,
 };
 use crate::cluster::{agree, decide, Cluster, Readiness};
 use crate::config::Config;
@@ -761,7 +761,7 @@ fn run_worker(
             let alerts = signals.endpoint_alerts(config.alerts.policy(), clock.clone());
             publish_alerts(
                 alerts,
-                local_log_appender(shared.data_dir.clone(), config.local_log.partitions),
+                source_appender(config.publish_target(&shared.data_dir)),
                 config.alerts.operator_tenant.clone(),
                 shared.alert_counters.clone(),
                 clock.clone(),
@@ -834,10 +834,7 @@ fn run_worker(
             &config.alerts,
             cluster.process_index(),
             shared.alert_counters.clone(),
-            Box::new(local_log_appender(
-                shared.data_dir.clone(),
-                config.local_log.partitions,
-            )),
+            Box::new(source_appender(config.publish_target(&shared.data_dir))),
             started_ms,
         )
     });

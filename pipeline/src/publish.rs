@@ -11,7 +11,9 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use hookflow_connectors::{FluvioOptions, FluvioSource, LocalLog, LocalLogOptions, SourceStatus};
+use hookflow_connectors::{
+    ConnectorError, FluvioOptions, FluvioSource, LocalLog, LocalLogOptions, SourceStatus,
+};
 use hookflow_schemas::{decode_event, Millis};
 
 /// Lines appended per transaction, so that a large file does not build one huge transaction.
@@ -177,33 +179,14 @@ pub fn publish_reader(
             source: Box::new(source),
         }
     };
-    let mut sink = match &options.target {
-        PublishTarget::Local {
-            data_dir,
-            partitions,
-        } => Sink::Local(
-            LocalLog::open(
-                data_dir,
-                &LocalLogOptions {
-                    partitions: *partitions,
-                },
-            )
-            .map_err(log_error(0))?,
-        ),
-        PublishTarget::Fluvio(fluvio) => Sink::Fluvio(Box::new(
-            FluvioSource::connect(fluvio.clone(), SourceStatus::new()).map_err(log_error(0))?,
-        )),
-    };
+    let mut sink = Appender::open(&options.target).map_err(log_error(0))?;
     for chunk in lines.chunks(APPEND_CHUNK) {
         let records: Vec<(&[u8], &[u8])> = chunk
             .iter()
             .map(|(tenant, line)| (tenant.as_bytes(), line.as_slice()))
             .collect();
-        match &mut sink {
-            Sink::Local(log) => log.append(&records, now_ms),
-            Sink::Fluvio(topic) => topic.produce(&records),
-        }
-        .map_err(log_error(published))?;
+        sink.append(&records, now_ms)
+            .map_err(log_error(published))?;
         published += records.len();
     }
     Ok(PublishReport {
@@ -212,10 +195,57 @@ pub fn publish_reader(
     })
 }
 
-/// An open publish target.
-enum Sink {
+/// An open publish target: the one place that appends events to the configured source, used
+/// by `hookflow publish`, `POST /v1/events` and the operational events of alerts.
+pub enum Appender {
+    /// The local log.
     Local(LocalLog),
+    /// A Fluvio topic's producer.
     Fluvio(Box<FluvioSource>),
+}
+
+impl Appender {
+    /// Opens `target` for appending.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the local log cannot be opened or the Fluvio cluster cannot be reached.
+    pub fn open(target: &PublishTarget) -> Result<Self, ConnectorError> {
+        match target {
+            PublishTarget::Local {
+                data_dir,
+                partitions,
+            } => LocalLog::open(
+                data_dir,
+                &LocalLogOptions {
+                    partitions: *partitions,
+                },
+            )
+            .map(Appender::Local),
+            PublishTarget::Fluvio(fluvio) => {
+                FluvioSource::connect(fluvio.clone(), SourceStatus::new())
+                    .map(|source| Appender::Fluvio(Box::new(source)))
+            }
+        }
+    }
+
+    /// Appends `records`, each (partition key, record), and returns their positions. The
+    /// local log appends them in one transaction; Fluvio returns once the SPU acknowledged
+    /// every one.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the source refuses the write.
+    pub fn append(
+        &mut self,
+        records: &[(&[u8], &[u8])],
+        now_ms: Millis,
+    ) -> Result<Vec<(u32, u64)>, ConnectorError> {
+        match self {
+            Appender::Local(log) => log.append(records, now_ms),
+            Appender::Fluvio(topic) => topic.produce(records),
+        }
+    }
 }
 
 /// The tenant of a line that failed validation, if it has one, so that it still lands in

@@ -22,11 +22,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
+use crate::publish::{Appender, PublishTarget};
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use hookflow_connectors::{LocalLog, LocalLogOptions};
 use hookflow_schemas::{decode_event, DecodeError, Millis};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
@@ -79,11 +79,8 @@ pub struct Acceptance {
     pub offset: u64,
 }
 
-/// The destination of accepted events. One function dispatches on the configured source.
-pub enum EventSink {
-    /// The embedded local log.
-    LocalLog(LocalLog),
-}
+/// The destination of accepted events: the configured source.
+pub struct EventSink(Appender);
 
 impl EventSink {
     /// Opens the configured source for appending.
@@ -91,9 +88,9 @@ impl EventSink {
     /// # Errors
     ///
     /// Fails if the source cannot be opened.
-    pub fn open(data_dir: &Path, partitions: u32) -> Result<Self, IngestError> {
-        LocalLog::open(data_dir, &LocalLogOptions { partitions })
-            .map(EventSink::LocalLog)
+    pub fn open(target: &PublishTarget) -> Result<Self, IngestError> {
+        Appender::open(target)
+            .map(EventSink)
             .map_err(|e| IngestError::Source(Box::new(e)))
     }
 
@@ -104,17 +101,14 @@ impl EventSink {
         record: &[u8],
         now_ms: Millis,
     ) -> Result<(u32, u64), IngestError> {
-        match self {
-            EventSink::LocalLog(log) => {
-                let positions = log
-                    .append(&[(tenant.as_bytes(), record)], now_ms)
-                    .map_err(|e| IngestError::Source(Box::new(e)))?;
-                positions
-                    .first()
-                    .copied()
-                    .ok_or_else(|| IngestError::Source(Box::new(empty_append())))
-            }
-        }
+        let positions = self
+            .0
+            .append(&[(tenant.as_bytes(), record)], now_ms)
+            .map_err(|e| IngestError::Source(Box::new(e)))?;
+        positions
+            .first()
+            .copied()
+            .ok_or_else(|| IngestError::Source(Box::new(empty_append())))
     }
 }
 
@@ -144,7 +138,11 @@ impl IngestLedger {
     /// # Errors
     ///
     /// Fails if the file or the source cannot be opened.
-    pub fn open(data_dir: &Path, partitions: u32, keep_ms: u64) -> Result<Self, IngestError> {
+    pub fn open(
+        data_dir: &Path,
+        target: &PublishTarget,
+        keep_ms: u64,
+    ) -> Result<Self, IngestError> {
         let dir = data_dir.join("api");
         std::fs::create_dir_all(&dir).map_err(|source| IngestError::Dir {
             path: dir.clone(),
@@ -175,7 +173,7 @@ impl IngestLedger {
                  CREATE INDEX IF NOT EXISTS acceptances_by_time ON acceptances (accepted_at_ms);",
             )
             .map_err(sqlite("create the table"))?;
-        let sink = EventSink::open(data_dir, partitions)?;
+        let sink = EventSink::open(target)?;
         Ok(IngestLedger {
             inner: Mutex::new(Inner { connection, sink }),
             path,

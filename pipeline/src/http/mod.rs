@@ -114,7 +114,7 @@ impl HttpState {
             let keep_ms = state.config.pipeline.dedup_window_secs.saturating_mul(1000);
             let ledger = ingest::IngestLedger::open(
                 &state.data_dir,
-                state.config.local_log.partitions,
+                &state.config.publish_target(&state.data_dir),
                 keep_ms,
             )
             .context("cannot open the ingest ledger of POST /v1/events")?;
