@@ -239,7 +239,7 @@ pub fn run_with_registry(
     }
     let counters = metrics.deliver.clone();
     warn_without_operator_endpoint(config, &endpoints);
-    let alert_counters = Arc::new(AlertCounters::default());
+    let alert_counters = metrics.alerts.clone();
 
     if cluster.is_multi_process() {
         tracing::info!(
@@ -283,6 +283,7 @@ pub fn run_with_registry(
     )?;
     let http_state = crate::http::HttpState {
         monitor: crate::monitor::Monitor::new(metrics.clone(), archive_dir.clone()),
+        counters: metrics.api.clone(),
         registry: http_registry,
         ..http_state
     };
