@@ -118,7 +118,7 @@ fn openapi_matches_mounted_routes() {
         }
     }
     assert_eq!(served, documented);
-    assert_eq!(served.len(), 12, "{served:?}");
+    assert_eq!(served.len(), 14, "{served:?}");
 
     // Every documented error is the shared shape, and every protected route names a token.
     for ((method, path), operation) in documented
