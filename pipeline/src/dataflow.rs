@@ -230,9 +230,12 @@ pub fn run_with_registry(
         config.metrics.ready_stall_secs.saturating_mul(1000),
     ));
     metrics.set_partitions(readiness.partitions);
-    // The configured endpoints get the first series, in configuration order.
-    for endpoint in config.endpoints() {
+    // The stored endpoints get the first series, in the store's order.
+    for endpoint in &endpoints {
         metrics.endpoints.stats(&endpoint.id);
+        if !endpoint.enabled {
+            DeliverCounters::set_member(&metrics.deliver.disabled_endpoints, &endpoint.id, true);
+        }
     }
     for endpoint_id in &disabled {
         DeliverCounters::set_member(&metrics.deliver.disabled_endpoints, endpoint_id, true);
