@@ -590,20 +590,76 @@ impl MetricsCollector {
         let alerts = &self.metrics.alerts;
         let api = &self.metrics.api;
         let totals = [
-            ("hookflow_alerts_endpoints_failing", "endpoint.failing alerts raised.", &alerts.endpoints_failing),
-            ("hookflow_alerts_endpoints_recovered", "endpoint.recovered alerts raised.", &alerts.endpoints_recovered),
-            ("hookflow_alerts_breakers_opened", "Breaker openings alerted on (at most one per endpoint per window).", &alerts.breakers_opened),
-            ("hookflow_alerts_endpoints_disabled", "endpoint.disabled alerts raised.", &alerts.endpoints_disabled),
-            ("hookflow_alerts_pipeline_lagging", "pipeline.lagging alerts raised.", &alerts.pipeline_lagging),
-            ("hookflow_alerts_pipeline_recovered", "pipeline.recovered alerts raised.", &alerts.pipeline_recovered),
-            ("hookflow_operational_events_published", "Operational events appended to the source.", &alerts.events_published),
-            ("hookflow_operational_event_publish_failures", "Appends of operational events that failed (each is retried).", &alerts.publish_failures),
-            ("hookflow_operational_events_dropped", "Operational events dropped because too many waited for the source.", &alerts.events_dropped),
-            ("hookflow_ingest_accepted", "Events accepted by POST /v1/events and appended to the source.", &api.ingest_accepted),
-            ("hookflow_ingest_repeated", "Posts of a (tenant, id) accepted before, answered with the original acceptance.", &api.ingest_repeated),
-            ("hookflow_ingest_rejected", "Posts to /v1/events rejected as invalid, nothing appended.", &api.ingest_rejected),
-            ("hookflow_resent_events", "Events appended by resends, each a delivery generation of its own.", &api.resent_events),
-            ("hookflow_endpoint_changes", "Endpoint creations, updates and deletions absorbed by the dataflow.", &api.endpoint_changes),
+            (
+                "hookflow_alerts_endpoints_failing",
+                "endpoint.failing alerts raised.",
+                &alerts.endpoints_failing,
+            ),
+            (
+                "hookflow_alerts_endpoints_recovered",
+                "endpoint.recovered alerts raised.",
+                &alerts.endpoints_recovered,
+            ),
+            (
+                "hookflow_alerts_breakers_opened",
+                "Breaker openings alerted on (at most one per endpoint per window).",
+                &alerts.breakers_opened,
+            ),
+            (
+                "hookflow_alerts_endpoints_disabled",
+                "endpoint.disabled alerts raised.",
+                &alerts.endpoints_disabled,
+            ),
+            (
+                "hookflow_alerts_pipeline_lagging",
+                "pipeline.lagging alerts raised.",
+                &alerts.pipeline_lagging,
+            ),
+            (
+                "hookflow_alerts_pipeline_recovered",
+                "pipeline.recovered alerts raised.",
+                &alerts.pipeline_recovered,
+            ),
+            (
+                "hookflow_operational_events_published",
+                "Operational events appended to the source.",
+                &alerts.events_published,
+            ),
+            (
+                "hookflow_operational_event_publish_failures",
+                "Appends of operational events that failed (each is retried).",
+                &alerts.publish_failures,
+            ),
+            (
+                "hookflow_operational_events_dropped",
+                "Operational events dropped because too many waited for the source.",
+                &alerts.events_dropped,
+            ),
+            (
+                "hookflow_ingest_accepted",
+                "Events accepted by POST /v1/events and appended to the source.",
+                &api.ingest_accepted,
+            ),
+            (
+                "hookflow_ingest_repeated",
+                "Posts of a (tenant, id) accepted before, answered with the original acceptance.",
+                &api.ingest_repeated,
+            ),
+            (
+                "hookflow_ingest_rejected",
+                "Posts to /v1/events rejected as invalid, nothing appended.",
+                &api.ingest_rejected,
+            ),
+            (
+                "hookflow_resent_events",
+                "Events appended by resends, each a delivery generation of its own.",
+                &api.resent_events,
+            ),
+            (
+                "hookflow_endpoint_changes",
+                "Endpoint creations, updates and deletions absorbed by the dataflow.",
+                &api.endpoint_changes,
+            ),
         ];
         for (name, help, value) in totals {
             counter(encoder, name, help, load(value))?;

@@ -301,7 +301,10 @@ mod tests {
 
         assert_eq!(readiness.status, "not_ready");
         assert_eq!(readiness.failing, Some("source"));
-        assert_eq!(readiness.checks[0].detail.as_deref(), Some("partition 2: disk I/O error"));
+        assert_eq!(
+            readiness.checks[0].detail.as_deref(),
+            Some("partition 2: disk I/O error")
+        );
         assert!(readiness.checks[1].ok);
         assert_eq!(metrics.ready.load(Ordering::Relaxed), 0);
     }

@@ -91,8 +91,7 @@ fn serve(monitor: Monitor) -> SocketAddr {
             .build()
             .expect("a tokio runtime");
         runtime.block_on(async move {
-            let listener =
-                tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
+            let listener = tokio::net::TcpListener::from_std(listener).expect("a tokio listener");
             let router: axum::Router = routes(monitor);
             axum::serve(listener, router).await.expect("serving");
         });
@@ -193,7 +192,12 @@ fn run_mixed() -> MixedRun {
     let receiver = Receiver::start(behaviours).expect("receiver on 127.0.0.1");
     let endpoints = [
         ("ep_ok", "acme", receiver.url("/ok"), r#"["order.*"]"#),
-        ("ep_rejects", "acme", receiver.url("/rejects"), r#"["invoice.*"]"#),
+        (
+            "ep_rejects",
+            "acme",
+            receiver.url("/rejects"),
+            r#"["invoice.*"]"#,
+        ),
     ];
     let mut lines = Vec::new();
     for i in 0..DELIVERED {
@@ -233,18 +237,39 @@ fn metrics_match_what_was_delivered() {
     let scrape = parse(&response.body);
 
     let published = run.published as f64;
-    assert_eq!(value(&scrape, "hookflow_events_ingested_total", &[]), Some(published));
-    assert_eq!(value(&scrape, "hookflow_events_deduplicated_total", &[]), Some(1.0));
-    assert_eq!(value(&scrape, "hookflow_events_invalid_total", &[]), Some(1.0));
-    assert_eq!(value(&scrape, "hookflow_events_unrouted_total", &[]), Some(1.0));
+    assert_eq!(
+        value(&scrape, "hookflow_events_ingested_total", &[]),
+        Some(published)
+    );
+    assert_eq!(
+        value(&scrape, "hookflow_events_deduplicated_total", &[]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&scrape, "hookflow_events_invalid_total", &[]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&scrape, "hookflow_events_unrouted_total", &[]),
+        Some(1.0)
+    );
 
     let ok = [("endpoint", "ep_ok")];
     let rejects = [("endpoint", "ep_rejects")];
     let received_ok = run.receiver.requests_to("/ok").len() as f64;
     assert_eq!(received_ok, DELIVERED as f64);
-    assert_eq!(value(&scrape, "hookflow_deliveries_delivered_total", &ok), Some(received_ok));
-    assert_eq!(value(&scrape, "hookflow_delivery_attempts_total", &ok), Some(received_ok));
-    assert_eq!(value(&scrape, "hookflow_deliveries_delivered_total", &rejects), Some(0.0));
+    assert_eq!(
+        value(&scrape, "hookflow_deliveries_delivered_total", &ok),
+        Some(received_ok)
+    );
+    assert_eq!(
+        value(&scrape, "hookflow_delivery_attempts_total", &ok),
+        Some(received_ok)
+    );
+    assert_eq!(
+        value(&scrape, "hookflow_deliveries_delivered_total", &rejects),
+        Some(0.0)
+    );
     assert_eq!(
         value(&scrape, "hookflow_delivery_attempts_total", &rejects),
         Some(REJECTED as f64)
@@ -261,11 +286,24 @@ fn metrics_match_what_was_delivered() {
         ),
         Some(REJECTED as f64)
     );
-    assert_eq!(value(&scrape, "hookflow_deliveries_delivered_total", &[("endpoint", "other")]), Some(0.0));
+    assert_eq!(
+        value(
+            &scrape,
+            "hookflow_deliveries_delivered_total",
+            &[("endpoint", "other")]
+        ),
+        Some(0.0)
+    );
 
     let attempts = (DELIVERED + REJECTED) as f64;
-    assert_eq!(value(&scrape, "hookflow_delivery_latency_seconds", &[]), Some(attempts));
-    assert_eq!(value(&scrape, "hookflow_delivery_latency_seconds_count", &[]), Some(attempts));
+    assert_eq!(
+        value(&scrape, "hookflow_delivery_latency_seconds", &[]),
+        Some(attempts)
+    );
+    assert_eq!(
+        value(&scrape, "hookflow_delivery_latency_seconds_count", &[]),
+        Some(attempts)
+    );
     assert_eq!(
         value(&scrape, "hookflow_end_to_end_latency_seconds_count", &[]),
         Some(DELIVERED as f64)
@@ -273,7 +311,10 @@ fn metrics_match_what_was_delivered() {
 
     // Every record ends as one archived row: delivered, dead-lettered, invalid or unrouted.
     let rows = (DELIVERED + REJECTED + 2) as f64;
-    assert_eq!(value(&scrape, "hookflow_archive_rows_written_total", &[]), Some(rows));
+    assert_eq!(
+        value(&scrape, "hookflow_archive_rows_written_total", &[]),
+        Some(rows)
+    );
     assert_eq!(
         value(&scrape, "hookflow_archive_files_written_total", &[]),
         Some(run.report.files.len() as f64)
@@ -282,7 +323,10 @@ fn metrics_match_what_was_delivered() {
     assert_eq!(total(&scrape, "hookflow_source_end_offset"), published);
     assert_eq!(total(&scrape, "hookflow_source_lag_offsets"), 0.0);
     assert_eq!(value(&scrape, "hookflow_source_up", &[]), Some(1.0));
-    assert_eq!(value(&scrape, "hookflow_requests_in_flight", &[]), Some(0.0));
+    assert_eq!(
+        value(&scrape, "hookflow_requests_in_flight", &[]),
+        Some(0.0)
+    );
     assert_eq!(value(&scrape, "hookflow_ready", &[]), Some(1.0));
 }
 
@@ -290,7 +334,10 @@ fn metrics_match_what_was_delivered() {
 fn health_routes_answer() {
     let run = run_mixed();
     let archive_dir = run.report.archive_dir.clone();
-    let address = serve(Monitor::new(run.report.metrics.clone(), archive_dir.clone()));
+    let address = serve(Monitor::new(
+        run.report.metrics.clone(),
+        archive_dir.clone(),
+    ));
 
     let live = get(address, "/health/live");
     assert_eq!(live.status, 200);
@@ -311,7 +358,12 @@ fn health_routes_answer() {
     let leftovers = std::fs::read_dir(&archive_dir)
         .expect("the archive directory")
         .filter_map(Result::ok)
-        .filter(|entry| entry.file_name().to_string_lossy().starts_with(".hookflow-ready"))
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".hookflow-ready")
+        })
         .count();
     assert_eq!(leftovers, 0, "the readiness probe file was left behind");
 }
@@ -320,7 +372,10 @@ fn health_routes_answer() {
 fn ready_fails_when_archive_unwritable() {
     let run = run_mixed();
     let archive_dir = run.report.archive_dir.clone();
-    let address = serve(Monitor::new(run.report.metrics.clone(), archive_dir.clone()));
+    let address = serve(Monitor::new(
+        run.report.metrics.clone(),
+        archive_dir.clone(),
+    ));
 
     // A file where the archive directory was: nothing can be created in it. (Permission bits
     // would not stop a test running as root.)
@@ -400,7 +455,10 @@ fn dashboard_exprs(value: &serde_json::Value, exprs: &mut Vec<String>) {
 #[test]
 fn deploy_files_use_scraped_metrics() {
     let run = run_mixed();
-    let address = serve(Monitor::new(run.report.metrics.clone(), run.report.archive_dir.clone()));
+    let address = serve(Monitor::new(
+        run.report.metrics.clone(),
+        run.report.archive_dir.clone(),
+    ));
     let scraped = series_names(&parse(&get(address, "/metrics").body));
 
     let text = std::fs::read_to_string(deploy_dir().join("prometheus/alerts.yml"))
@@ -411,8 +469,16 @@ fn deploy_files_use_scraped_metrics() {
         assert!(!group.name.is_empty());
         for rule in &group.rules {
             alerts.insert(rule.alert.clone());
-            assert!(rule.labels.contains_key("severity"), "{} has no severity", rule.alert);
-            assert!(rule.annotations.contains_key("summary"), "{} has no summary", rule.alert);
+            assert!(
+                rule.labels.contains_key("severity"),
+                "{} has no severity",
+                rule.alert
+            );
+            assert!(
+                rule.annotations.contains_key("summary"),
+                "{} has no summary",
+                rule.alert
+            );
             if let Some(duration) = &rule.for_duration {
                 assert!(
                     duration.ends_with('m') || duration.ends_with('s'),
@@ -423,7 +489,11 @@ fn deploy_files_use_scraped_metrics() {
             let used = metric_names(&rule.expr);
             assert!(!used.is_empty(), "{} uses no hookflow metric", rule.alert);
             for name in used {
-                assert!(scraped.contains(&name), "{} uses {name}, which /metrics does not serve", rule.alert);
+                assert!(
+                    scraped.contains(&name),
+                    "{} uses {name}, which /metrics does not serve",
+                    rule.alert
+                );
             }
         }
     }
@@ -441,13 +511,18 @@ fn deploy_files_use_scraped_metrics() {
     let text = std::fs::read_to_string(deploy_dir().join("grafana/hookflow.json"))
         .expect("deploy/grafana/hookflow.json");
     let dashboard: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
-    assert!(dashboard["panels"].as_array().is_some_and(|panels| !panels.is_empty()));
+    assert!(dashboard["panels"]
+        .as_array()
+        .is_some_and(|panels| !panels.is_empty()));
     let mut exprs = Vec::new();
     dashboard_exprs(&dashboard, &mut exprs);
     let mut on_dashboard = BTreeSet::new();
     for expr in &exprs {
         for name in metric_names(expr) {
-            assert!(scraped.contains(&name), "the dashboard uses {name}, which /metrics does not serve");
+            assert!(
+                scraped.contains(&name),
+                "the dashboard uses {name}, which /metrics does not serve"
+            );
             on_dashboard.insert(name);
         }
     }
@@ -458,22 +533,34 @@ fn deploy_files_use_scraped_metrics() {
         .filter(|name| !scraped.contains(&format!("{name}_bucket")))
         .collect();
     for family in families {
-        assert!(on_dashboard.contains(family), "the dashboard does not show {family}");
+        assert!(
+            on_dashboard.contains(family),
+            "the dashboard does not show {family}"
+        );
     }
 }
 
 #[test]
 fn alert_rules_pass_promtool() {
     let dir = deploy_dir().join("prometheus");
-    let checks: [&[&str]; 2] = [&["check", "rules", "alerts.yml"], &["test", "rules", "alerts_test.yml"]];
+    let checks: [&[&str]; 2] = [
+        &["check", "rules", "alerts.yml"],
+        &["test", "rules", "alerts_test.yml"],
+    ];
     for args in checks {
-        let output = match std::process::Command::new("promtool").args(args).current_dir(&dir).output() {
+        let output = match std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+        {
             Ok(output) => output,
             Err(error) if std::env::var_os("HOOKFLOW_REQUIRE_PROMTOOL").is_none() => {
                 eprintln!("promtool not run ({error}); Debian's `prometheus` package installs it");
                 return;
             }
-            Err(error) => panic!("promtool is required (HOOKFLOW_REQUIRE_PROMTOOL) but cannot run: {error}"),
+            Err(error) => {
+                panic!("promtool is required (HOOKFLOW_REQUIRE_PROMTOOL) but cannot run: {error}")
+            }
         };
         assert!(
             output.status.success(),

@@ -865,7 +865,11 @@ impl DeliverState {
             }
         }
 
-        DeliverCounters::set_member(&self.context.counters.disabled_endpoints, &id, !endpoint.enabled);
+        DeliverCounters::set_member(
+            &self.context.counters.disabled_endpoints,
+            &id,
+            !endpoint.enabled,
+        );
         if endpoint.enabled {
             if self.disabled.remove(&id) {
                 tracing::info!(endpoint_id = %id, "Run-time disabling ended by an endpoint change.");
