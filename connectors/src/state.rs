@@ -1545,6 +1545,7 @@ mod tests {
         assert_eq!(store.parked_count()?, 1);
         assert_eq!(store.parked_by_endpoint()?.get("ep"), Some(&1));
         assert_eq!(store.pending_count()?, 2);
+        assert_eq!(store.pending_counts()?, (2, 1));
         assert!(store.pending()?.contains(&parked));
         assert_eq!(
             store.oldest_pending_offsets()?.get(&0),

@@ -492,8 +492,8 @@ impl HealthConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
-    /// Endpoints whose metrics carry their own `endpoint` label: the first ones configured,
-    /// then the first ones seen. Every later endpoint is counted under `endpoint="other"`.
+    /// Endpoints whose metrics carry their own `endpoint` label: the ones stored when the run
+    /// starts, then the first ones seen. Every later endpoint is counted under `endpoint="other"`.
     /// Default 1000, at most 100000.
     pub max_endpoint_series: usize,
     /// A worker whose dataflow frontier stands still this long while records are

@@ -237,16 +237,19 @@ pub fn run_with_registry(
     metrics.source = source_status;
     let metrics = Arc::new(metrics);
     metrics.set_partitions(readiness.partitions);
-    // The configured endpoints get the first series, in configuration order.
-    for endpoint in config.endpoints() {
+    // The stored endpoints get the first series, in the store's order.
+    for endpoint in &endpoints {
         metrics.endpoints.stats(&endpoint.id);
+        if !endpoint.enabled {
+            DeliverCounters::set_member(&metrics.deliver.disabled_endpoints, &endpoint.id, true);
+        }
     }
     for endpoint_id in &disabled {
         DeliverCounters::set_member(&metrics.deliver.disabled_endpoints, endpoint_id, true);
     }
     let counters = metrics.deliver.clone();
     warn_without_operator_endpoint(config, &endpoints);
-    let alert_counters = Arc::new(AlertCounters::default());
+    let alert_counters = metrics.alerts.clone();
 
     if cluster.is_multi_process() {
         tracing::info!(
@@ -298,6 +301,7 @@ pub fn run_with_registry(
     )?;
     let http_state = crate::http::HttpState {
         monitor: crate::monitor::Monitor::new(metrics.clone(), archive_dir.clone()),
+        counters: metrics.api.clone(),
         registry: http_registry,
         ..http_state
     };

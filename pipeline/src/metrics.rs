@@ -48,6 +48,11 @@
 //! hookflow_endpoint_series_overflow_total       counter    -
 //! hookflow_dataflow_stalled_workers             gauge      -
 //! hookflow_ready                                gauge      -
+//! hookflow_alerts_*_total, hookflow_operational_events_*_total  counters  -
+//! hookflow_endpoints_failing                    gauge      -
+//! hookflow_oldest_overdue_delivery_seconds      gauge      -
+//! hookflow_ingest_{accepted,repeated,rejected}_total, hookflow_resent_events_total,
+//! hookflow_endpoint_changes_total               counters   -
 //! ```
 
 use std::collections::HashMap;
@@ -294,6 +299,10 @@ pub struct Metrics {
     stall_ms: u64,
     /// 1 when the last readiness check passed, 0 when it failed; set by each check.
     pub ready: AtomicU64,
+    /// The alerts raised and the operational events published.
+    pub alerts: Arc<crate::alerts::AlertCounters>,
+    /// What the HTTP API did: ingest, resends, endpoint changes.
+    pub api: Arc<crate::http::ApiCounters>,
 }
 
 impl Default for Metrics {
@@ -326,6 +335,8 @@ impl Metrics {
             workers: (0..workers.max(1)).map(|_| WorkerProgress::new()).collect(),
             stall_ms,
             ready: AtomicU64::new(1),
+            alerts: Arc::default(),
+            api: Arc::default(),
         }
     }
 
@@ -561,6 +572,7 @@ impl Collector for MetricsCollector {
             "Workers whose dataflow frontier has not moved within the stall limit while records are outstanding.",
             as_gauge(m.stalled_workers(self.now_ms) as u64),
         )?;
+        self.encode_alerts_and_api(&mut encoder)?;
         gauge(
             &mut encoder,
             "hookflow_ready",
@@ -574,6 +586,99 @@ impl Collector for MetricsCollector {
 type StatsField = fn(&EndpointStats) -> &AtomicU64;
 
 impl MetricsCollector {
+    fn encode_alerts_and_api(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
+        let alerts = &self.metrics.alerts;
+        let api = &self.metrics.api;
+        let totals = [
+            (
+                "hookflow_alerts_endpoints_failing",
+                "endpoint.failing alerts raised.",
+                &alerts.endpoints_failing,
+            ),
+            (
+                "hookflow_alerts_endpoints_recovered",
+                "endpoint.recovered alerts raised.",
+                &alerts.endpoints_recovered,
+            ),
+            (
+                "hookflow_alerts_breakers_opened",
+                "Breaker openings alerted on (at most one per endpoint per window).",
+                &alerts.breakers_opened,
+            ),
+            (
+                "hookflow_alerts_endpoints_disabled",
+                "endpoint.disabled alerts raised.",
+                &alerts.endpoints_disabled,
+            ),
+            (
+                "hookflow_alerts_pipeline_lagging",
+                "pipeline.lagging alerts raised.",
+                &alerts.pipeline_lagging,
+            ),
+            (
+                "hookflow_alerts_pipeline_recovered",
+                "pipeline.recovered alerts raised.",
+                &alerts.pipeline_recovered,
+            ),
+            (
+                "hookflow_operational_events_published",
+                "Operational events appended to the source.",
+                &alerts.events_published,
+            ),
+            (
+                "hookflow_operational_event_publish_failures",
+                "Appends of operational events that failed (each is retried).",
+                &alerts.publish_failures,
+            ),
+            (
+                "hookflow_operational_events_dropped",
+                "Operational events dropped because too many waited for the source.",
+                &alerts.events_dropped,
+            ),
+            (
+                "hookflow_ingest_accepted",
+                "Events accepted by POST /v1/events and appended to the source.",
+                &api.ingest_accepted,
+            ),
+            (
+                "hookflow_ingest_repeated",
+                "Posts of a (tenant, id) accepted before, answered with the original acceptance.",
+                &api.ingest_repeated,
+            ),
+            (
+                "hookflow_ingest_rejected",
+                "Posts to /v1/events rejected as invalid, nothing appended.",
+                &api.ingest_rejected,
+            ),
+            (
+                "hookflow_resent_events",
+                "Events appended by resends, each a delivery generation of its own.",
+                &api.resent_events,
+            ),
+            (
+                "hookflow_endpoint_changes",
+                "Endpoint creations, updates and deletions absorbed by the dataflow.",
+                &api.endpoint_changes,
+            ),
+        ];
+        for (name, help, value) in totals {
+            counter(encoder, name, help, load(value))?;
+        }
+        gauge(
+            encoder,
+            "hookflow_endpoints_failing",
+            "Endpoints whose failure ratio is above alerts.failing_percent now, as this process judges them.",
+            alerts.failing_now.load(Ordering::Relaxed),
+        )?;
+        let metric = encoder.encode_descriptor(
+            "hookflow_oldest_overdue_delivery_seconds",
+            "How long the oldest overdue pending delivery has been due at the last check; 0 when none is.",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(load(&alerts.oldest_overdue_ms) as f64 / 1000.0).encode(metric)
+    }
+
     fn encode_events(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
         let m = &self.metrics;
         counter(

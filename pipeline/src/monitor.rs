@@ -284,3 +284,43 @@ pub async fn ready(State(monitor): State<Monitor>) -> Response {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_names_source_failure() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let metrics = Arc::new(Metrics::default());
+        let monitor = Monitor::new(metrics.clone(), dir.path().to_path_buf());
+        assert!(monitor.readiness().is_ready());
+
+        metrics.source.mark_down("partition 2: disk I/O error");
+        let readiness = monitor.readiness();
+
+        assert_eq!(readiness.status, "not_ready");
+        assert_eq!(readiness.failing, Some("source"));
+        assert_eq!(
+            readiness.checks[0].detail.as_deref(),
+            Some("partition 2: disk I/O error")
+        );
+        assert!(readiness.checks[1].ok);
+        assert_eq!(metrics.ready.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn readiness_names_stalled_dataflow() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let metrics = Arc::new(Metrics::new(10, 1, 1_000));
+        let worker = metrics.worker(0).expect("worker 0");
+        // Records outstanding and a frontier last moved far in the past.
+        worker.observe(Some(7), 3, 1);
+        let readiness = Monitor::new(metrics, dir.path().to_path_buf()).readiness();
+
+        assert_eq!(readiness.failing, Some("dataflow"));
+        assert!(readiness.checks[0].ok);
+        assert!(readiness.checks[1].ok);
+        assert!(!readiness.checks[2].ok);
+    }
+}

@@ -629,6 +629,26 @@ fn listen_address_in_use_fails_run() {
     assert!(stderr.contains("http.listen"), "{stderr}");
 }
 
+/// Scrapes `/metrics` and returns `hookflow_endpoint_disabled{endpoint="<id>"}`, if served.
+fn endpoint_disabled_gauge(run: &Running, id: &str) -> Option<f64> {
+    let (status, body) = run.call("GET", "/metrics", None, None);
+    assert_eq!(status, 200);
+    let text = body.as_str().expect("a text body");
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|line| Ok(line.to_string())))
+        .expect("a valid Prometheus text exposition");
+    scrape
+        .samples
+        .iter()
+        .find(|sample| {
+            sample.metric == "hookflow_endpoint_disabled"
+                && sample.labels.get("endpoint") == Some(id)
+        })
+        .and_then(|sample| match sample.value {
+            prometheus_parse::Value::Gauge(value) => Some(value),
+            _ => None,
+        })
+}
+
 #[test]
 fn endpoint_created_over_api_receives_events() {
     let run = Running::start(&tokens());
@@ -687,6 +707,7 @@ fn endpoint_created_over_api_receives_events() {
         Some(r#"{"enabled": false}"#),
     );
     assert_eq!(status, 200, "{updated}");
+    assert_eq!(endpoint_disabled_gauge(&run, "created"), Some(1.0));
     let (status, _) = run.call(
         "POST",
         "/v1/events",
@@ -700,6 +721,7 @@ fn endpoint_created_over_api_receives_events() {
     // Deleted: gone from the directory.
     let (status, _) = run.call("DELETE", "/v1/endpoints/created", Some(ADMIN), None);
     assert_eq!(status, 204);
+    assert_eq!(endpoint_disabled_gauge(&run, "created"), None);
     let (status, body) = run.call("GET", "/v1/endpoints/created", Some(ADMIN), None);
     assert_eq!(
         (status, body["code"].as_str()),

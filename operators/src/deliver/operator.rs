@@ -865,6 +865,11 @@ impl DeliverState {
             }
         }
 
+        DeliverCounters::set_member(
+            &self.context.counters.disabled_endpoints,
+            &id,
+            !endpoint.enabled,
+        );
         if endpoint.enabled {
             if self.disabled.remove(&id) {
                 tracing::info!(endpoint_id = %id, "Run-time disabling ended by an endpoint change.");
@@ -897,6 +902,8 @@ impl DeliverState {
         self.directory.remove(id);
         self.deleted.insert(id.to_string());
         self.disabled.remove(id);
+        DeliverCounters::set_member(&self.context.counters.disabled_endpoints, id, false);
+        DeliverCounters::set_member(&self.context.counters.open_breakers, id, false);
         let mut dropped: Vec<(Capability<u64>, Delivery)> = Vec::new();
 
         let waiting = match self.endpoints.get_mut(id) {

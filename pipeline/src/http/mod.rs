@@ -104,11 +104,11 @@ impl HttpState {
             clock,
             stop,
             ingest: None,
-            monitor,
             resend_lock: Arc::default(),
             registry: None,
             resolver: Arc::new(endpoints::SystemResolver),
-            counters: Arc::default(),
+            counters: monitor.metrics().api.clone(),
+            monitor,
         };
         if state.serves_ingest() {
             let keep_ms = state.config.pipeline.dedup_window_secs.saturating_mul(1000);
