@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use hookflow_connectors::{LocalLog, LocalLogOptions};
+use hookflow_connectors::{FluvioSource, LocalLog, LocalLogOptions, SourceStatus};
 use hookflow_schemas::{format_millis, Millis};
 
 use crate::config::ToolConfig;
 use crate::ledger::{Ledger, Run};
-use crate::republish::{republish, ProgressStyle, RepublishOptions};
+use crate::republish::{republish, ProgressStyle, ReplayTarget, RepublishOptions};
 use crate::select::{build_plan, OutcomeFilter, Selection};
 use crate::stats::{compute_stats, StatsQuery};
 use crate::timespec::parse_time;
@@ -203,14 +203,6 @@ pub fn run_replay(args: &ReplayArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()
     if args.list {
         return list_runs(&Ledger::open(&args.data_dir)?, args.json);
     }
-    // Opening would create an empty log, and a dry run must change nothing.
-    let log_path = args.data_dir.join("log").join("events.sqlite");
-    if !log_path.exists() {
-        bail!(
-            "no local log at {}; pass the --data-dir that `hookflow run` uses",
-            log_path.display()
-        );
-    }
     if args.rate.is_nan() || args.rate <= 0.0 {
         bail!(
             "invalid --rate {}: must be above 0 events per second",
@@ -218,14 +210,8 @@ pub fn run_replay(args: &ReplayArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()
         );
     }
     let config_path = args.config.as_ref().context("--config is required")?;
-    let config = ToolConfig::load(config_path)?;
-    let mut log = LocalLog::open(
-        &args.data_dir,
-        &LocalLogOptions {
-            partitions: config.partitions.unwrap_or(4),
-        },
-    )
-    .with_context(|| format!("cannot open the local log in {}", args.data_dir.display()))?;
+    let config = ToolConfig::load(config_path)?.with_stored_endpoints(&args.data_dir)?;
+    let mut log = open_target(&config, &args.data_dir)?;
     let options = RepublishOptions {
         rate_per_sec: args.rate,
         progress: if std::io::stderr().is_terminal() {
@@ -246,7 +232,7 @@ pub fn run_replay(args: &ReplayArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()
             bail!("replay {replay_id} has no unfinished run; every run of it is complete");
         };
         let _lock = lock_replays(&args.data_dir)?;
-        return send(&mut ledger, run.clone(), &mut log, &options, args);
+        return send(&mut ledger, run.clone(), log.as_mut(), &options, args);
     }
 
     let now = now_ms();
@@ -279,7 +265,7 @@ pub fn run_replay(args: &ReplayArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()
         }
     }
     let archive = config.archive_dir(&args.data_dir);
-    let plan = build_plan(&selection, &config, &archive, &mut log)?;
+    let plan = build_plan(&selection, &config, &archive, log.as_mut())?;
     if args.dry_run {
         if args.json {
             outln!("{}", serde_json::to_string_pretty(&plan.summary)?)?;
@@ -357,13 +343,39 @@ pub fn run_replay(args: &ReplayArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()
     let run = ledger
         .run(generation)?
         .context("the run just recorded is missing from the ledger")?;
-    send(&mut ledger, run, &mut log, &options, args)
+    send(&mut ledger, run, log.as_mut(), &options, args)
+}
+
+/// Opens the source replay records go to: the Fluvio topic the config names, or the local log
+/// under `data_dir`.
+fn open_target(config: &ToolConfig, data_dir: &Path) -> anyhow::Result<Box<dyn ReplayTarget>> {
+    if let Some(fluvio) = &config.fluvio {
+        let source = FluvioSource::connect(fluvio.clone(), SourceStatus::new())
+            .with_context(|| format!("cannot open the Fluvio topic {:?}", fluvio.topic))?;
+        return Ok(Box::new(source));
+    }
+    // Opening would create an empty log, and a dry run must change nothing.
+    let log_path = data_dir.join("log").join("events.sqlite");
+    if !log_path.exists() {
+        bail!(
+            "no local log at {}; pass the --data-dir that `hookflow run` uses",
+            log_path.display()
+        );
+    }
+    let log = LocalLog::open(
+        data_dir,
+        &LocalLogOptions {
+            partitions: config.partitions.unwrap_or(4),
+        },
+    )
+    .with_context(|| format!("cannot open the local log in {}", data_dir.display()))?;
+    Ok(Box::new(log))
 }
 
 fn send(
     ledger: &mut Ledger,
     run: Run,
-    log: &mut LocalLog,
+    log: &mut dyn ReplayTarget,
     options: &RepublishOptions,
     args: &ReplayArgs,
 ) -> anyhow::Result<()> {

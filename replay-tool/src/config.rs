@@ -1,12 +1,14 @@
 //! The parts of a `hookflow run` config file that replay and stats need: the archive
-//! directory, the partition count of a new log, and each endpoint's id, tenant and event
-//! types.
+//! directory, the source (the local log's partition count, or a Fluvio topic), and each
+//! endpoint's id, tenant and event types. The endpoints a pipeline stored in its state store
+//! win over the file's, as they do for `hookflow run`.
 //!
 //! Unknown tables and fields are ignored here, because `hookflow run` validates the whole
 //! file and this crate cannot depend on the pipeline crate that owns that validation.
 
 use std::path::{Path, PathBuf};
 
+use hookflow_connectors::{FluvioOptions, StateStore};
 use hookflow_schemas::EventTypePattern;
 use serde::Deserialize;
 
@@ -39,6 +41,8 @@ pub struct ToolConfig {
     pub partitions: Option<u32>,
     /// The configured endpoints.
     pub endpoints: Vec<EndpointView>,
+    /// The Fluvio topic events are republished to, when `[source] kind = "fluvio"`.
+    pub fluvio: Option<FluvioOptions>,
 }
 
 #[derive(Deserialize, Default)]
@@ -48,7 +52,22 @@ struct FileView {
     #[serde(default)]
     local_log: LocalLogView,
     #[serde(default)]
+    source: SourceView,
+    #[serde(default)]
     endpoints: Vec<EndpointFile>,
+}
+
+#[derive(Deserialize, Default)]
+struct SourceView {
+    kind: Option<String>,
+    fluvio: Option<FluvioView>,
+}
+
+#[derive(Deserialize)]
+struct FluvioView {
+    endpoint: String,
+    topic: String,
+    timeout_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -116,11 +135,70 @@ impl ToolConfig {
                 event_types,
             });
         }
+        let fluvio = match (file.source.kind.as_deref(), file.source.fluvio) {
+            (None | Some("local"), _) => None,
+            (Some("fluvio"), Some(fluvio)) => {
+                let mut options = FluvioOptions::new(fluvio.endpoint, fluvio.topic);
+                // Republishing must not move the consumer offset that mirrors the pipeline's
+                // checkpoint.
+                options.consumer = String::new();
+                if let Some(timeout_ms) = fluvio.timeout_ms {
+                    options.timeout_ms = timeout_ms;
+                }
+                Some(options)
+            }
+            (Some("fluvio"), None) => {
+                return Err(ReplayError::Invalid(format!(
+                    "invalid config file {}: field `source.fluvio`: required when `source.kind` is \"fluvio\"",
+                    path.display()
+                )))
+            }
+            (Some(other), _) => {
+                return Err(ReplayError::Invalid(format!(
+                    "invalid config file {}: field `source.kind`: unknown source {other:?}; expected \"local\" or \"fluvio\"",
+                    path.display()
+                )))
+            }
+        };
         Ok(ToolConfig {
             archive_dir: file.archive.dir,
             partitions: file.local_log.partitions,
             endpoints,
+            fluvio,
         })
+    }
+
+    /// Replaces the file's endpoints with those stored by the pipeline under `data_dir`, when
+    /// it has run there: the state store is the truth for endpoints, and endpoints made through
+    /// the management API are only there. A data directory without a store keeps the file's.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the store exists but cannot be read.
+    pub fn with_stored_endpoints(mut self, data_dir: &Path) -> Result<Self> {
+        // A cluster keeps its endpoint directory in process 0's store.
+        let state = data_dir.join("state");
+        let dir = if state.join("process-0").join("state.sqlite").exists() {
+            state.join("process-0")
+        } else {
+            state
+        };
+        if !dir.join("state.sqlite").exists() {
+            return Ok(self);
+        }
+        let stored = StateStore::open_dir(&dir)?.endpoints()?;
+        if stored.is_empty() {
+            return Ok(self);
+        }
+        self.endpoints = stored
+            .into_iter()
+            .map(|endpoint| EndpointView {
+                id: endpoint.id,
+                tenant: endpoint.tenant,
+                event_types: endpoint.event_types,
+            })
+            .collect();
+        Ok(self)
     }
 
     /// Returns the archive directory for `data_dir`.

@@ -1,7 +1,7 @@
 //! Republishing: appends a run's planned items to the source as replay records, at a chosen
 //! rate, recording progress in the ledger after each append.
 //!
-//! In: a ledger run and a [`ReplayTarget`] (the local log now, Fluvio later). Out: replay
+//! In: a ledger run and a [`ReplayTarget`] (the local log or a Fluvio topic). Out: replay
 //! records on the source, which the running pipeline delivers. Progress goes to standard
 //! error, as a progress bar on a terminal and as plain lines otherwise. State: none beyond the
 //! ledger, so an interrupted run resumes from its first item still `planned`.
@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hookflow_connectors::{ConnectorError, LocalLog, Source};
+use hookflow_connectors::{ConnectorError, FluvioSource, LocalLog, Source};
 use hookflow_schemas::{encode_replay_record, Millis, Replay};
 
 use crate::ledger::{ItemStatus, Ledger};
@@ -38,6 +38,16 @@ impl ReplayTarget for LocalLog {
         now_ms: Millis,
     ) -> std::result::Result<Vec<(u32, u64)>, ConnectorError> {
         self.append(records, now_ms)
+    }
+}
+
+impl ReplayTarget for FluvioSource {
+    fn append_records(
+        &mut self,
+        records: &[(&[u8], &[u8])],
+        _now_ms: Millis,
+    ) -> std::result::Result<Vec<(u32, u64)>, ConnectorError> {
+        self.produce(records)
     }
 }
 

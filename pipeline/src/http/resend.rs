@@ -19,10 +19,10 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use hookflow_connectors::{LocalLog, LocalLogOptions};
+use hookflow_connectors::{FluvioSource, LocalLog, LocalLogOptions, SourceStatus};
 use hookflow_replay::config::{EndpointView, ToolConfig};
 use hookflow_replay::ledger::Ledger;
-use hookflow_replay::republish::{republish, ProgressStyle, RepublishOptions};
+use hookflow_replay::republish::{republish, ProgressStyle, ReplayTarget, RepublishOptions};
 use hookflow_replay::select::{build_plan, OutcomeFilter, Plan, PlanItem, Selection, Skipped};
 use hookflow_schemas::Millis;
 use serde::{Deserialize, Serialize};
@@ -221,6 +221,12 @@ fn tool_config(state: &HttpState) -> Result<ToolConfig, ApiError> {
                 event_types: endpoint.event_types,
             })
             .collect(),
+        fluvio: state.config.fluvio().map(|fluvio| {
+            // A resend must not move the consumer offset that mirrors the checkpoint.
+            let mut options = fluvio.options();
+            options.consumer = String::new();
+            options
+        }),
     })
 }
 
@@ -267,18 +273,26 @@ fn queue(
     let internal = |context: &'static str| {
         move |e: hookflow_replay::ReplayError| ApiError::internal(context, &e)
     };
-    let mut log = LocalLog::open(
-        &state.data_dir,
-        &LocalLogOptions {
-            partitions: state.config.local_log.partitions,
-        },
-    )
-    .map_err(|e| ApiError::internal("cannot open the local log", &e))?;
+    let mut log: Box<dyn ReplayTarget> = match &config.fluvio {
+        Some(fluvio) => Box::new(
+            FluvioSource::connect(fluvio.clone(), SourceStatus::new())
+                .map_err(|e| ApiError::internal("cannot open the Fluvio topic", &e))?,
+        ),
+        None => Box::new(
+            LocalLog::open(
+                &state.data_dir,
+                &LocalLogOptions {
+                    partitions: state.config.local_log.partitions,
+                },
+            )
+            .map_err(|e| ApiError::internal("cannot open the local log", &e))?,
+        ),
+    };
     let archive = crate::dataflow::archive_dir(&state.config, &state.data_dir);
 
     let mut merged: Option<Plan> = None;
     for selection in selections {
-        let plan = build_plan(selection, config, &archive, &mut log)
+        let plan = build_plan(selection, config, &archive, log.as_mut())
             .map_err(internal("cannot plan the resend"))?;
         merged = Some(match merged {
             None => plan,
@@ -325,7 +339,7 @@ fn queue(
         stop: Arc::new(AtomicBool::new(false)),
     };
     let clock = state.clock.clone();
-    let report = republish(&mut ledger, generation, &mut log, &options, &|| {
+    let report = republish(&mut ledger, generation, log.as_mut(), &options, &|| {
         clock.now_ms()
     })
     .map_err(internal("cannot append the resend"))?;
