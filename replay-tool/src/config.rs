@@ -168,9 +168,10 @@ impl ToolConfig {
         })
     }
 
-    /// Replaces the file's endpoints with those stored by the pipeline under `data_dir`, when
-    /// it has run there: the state store is the truth for endpoints, and endpoints made through
-    /// the management API are only there. A data directory without a store keeps the file's.
+    /// Adds the endpoints stored by the pipeline under `data_dir`, when it has run there. A
+    /// stored endpoint wins over the file's entry with its id, and the file's other entries
+    /// stay, as `hookflow run` seeds them at its next start. Endpoints made through the
+    /// management API are only in the store.
     ///
     /// # Errors
     ///
@@ -187,10 +188,8 @@ impl ToolConfig {
             return Ok(self);
         }
         let stored = StateStore::open_dir(&dir)?.endpoints()?;
-        if stored.is_empty() {
-            return Ok(self);
-        }
-        self.endpoints = stored
+
+        let mut endpoints: Vec<EndpointView> = stored
             .into_iter()
             .map(|endpoint| EndpointView {
                 id: endpoint.id,
@@ -198,6 +197,12 @@ impl ToolConfig {
                 event_types: endpoint.event_types,
             })
             .collect();
+        for configured in self.endpoints {
+            if !endpoints.iter().any(|stored| stored.id == configured.id) {
+                endpoints.push(configured);
+            }
+        }
+        self.endpoints = endpoints;
         Ok(self)
     }
 
@@ -240,5 +245,51 @@ mod tests {
             error.to_string().contains("endpoints[0].event_types"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn stored_endpoints_win_and_file_fills_in() {
+        let dir = tempfile::tempdir().expect("dir");
+        let text = "[[endpoints]]\nid = \"ep_a\"\ntenant = \"file\"\nurl = \"http://x\"\nevent_types = [\"a.*\"]\n\
+                    [[endpoints]]\nid = \"ep_b\"\ntenant = \"file\"\nurl = \"http://x\"\nevent_types = [\"b.*\"]\n";
+        let config = ToolConfig::parse(text, Path::new("c.toml")).expect("config");
+
+        // No store yet: the file's endpoints.
+        let unchanged = config
+            .clone()
+            .with_stored_endpoints(dir.path())
+            .expect("no store");
+        assert_eq!(unchanged.endpoints, config.endpoints);
+
+        let mut store = StateStore::open(dir.path()).expect("store");
+        let stored = |id: &str, tenant: &str, pattern: &str| hookflow_schemas::Endpoint {
+            id: id.to_string(),
+            tenant: tenant.to_string(),
+            url: "http://127.0.0.1:9/".to_string(),
+            event_types: vec![EventTypePattern::parse(pattern).expect("pattern")],
+            secrets: Vec::new(),
+            headers: Default::default(),
+            timeout_ms: 1000,
+            connect_timeout_ms: 1000,
+            max_in_flight: 1,
+            enabled: true,
+            rate_limit: None,
+        };
+        store
+            .put_endpoint(&stored("ep_a", "store", "c.*"), 1)
+            .expect("put");
+        store
+            .put_endpoint(&stored("ep_api", "store", "d.*"), 1)
+            .expect("put");
+        drop(store);
+
+        let merged = config.with_stored_endpoints(dir.path()).expect("merged");
+        let ids: Vec<&str> = merged.endpoints.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["ep_a", "ep_api", "ep_b"]);
+        let a = merged.endpoint("ep_a").expect("ep_a");
+        assert_eq!(a.tenant, "store");
+        assert!(a.subscribes_to("c.x"));
+        assert!(!a.subscribes_to("a.x"));
+        assert_eq!(merged.endpoint("ep_b").expect("ep_b").tenant, "file");
     }
 }
