@@ -615,6 +615,10 @@ impl Source for FluvioSource {
 
     fn end_offset(&mut self, partition: u32) -> Result<u64, ConnectorError> {
         self.check_partition(partition)?;
+        // During a backoff a query would only fail again and double the backoff each time.
+        if self.waiting_to_retry() {
+            return Err(self.unavailable("waiting to connect again".to_string()));
+        }
         match self.fetch_end(partition) {
             Ok(end) => {
                 self.connection_ok();

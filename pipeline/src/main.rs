@@ -64,13 +64,15 @@ enum Command {
     /// Append NDJSON events to the local log, or produce them to a Fluvio topic.
     Publish {
         /// Where events go: the local log under --data-dir, or the Fluvio topic that
-        /// --config's `[source.fluvio]` or --endpoint and --topic name.
-        #[arg(long, value_enum, value_name = "KIND", default_value = "local")]
-        source: SourceKind,
-        /// Directory of the local log (created if missing); required for `--source local`.
-        #[arg(long, value_name = "DIR", required_if_eq("source", "local"))]
+        /// --config's `[source.fluvio]` or --endpoint and --topic name. Default: --config's
+        /// `[source] kind`, or `local` without --config.
+        #[arg(long, value_enum, value_name = "KIND")]
+        source: Option<SourceKind>,
+        /// Directory of the local log (created if missing); required when publishing to the
+        /// local log.
+        #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
-        /// A configuration file whose `[source.fluvio]` names the Fluvio topic.
+        /// A configuration file whose `[source]` names where events go.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// The Fluvio SC address, `host:port`; overrides the config's.
@@ -308,10 +310,20 @@ fn execute(command: Command) -> anyhow::Result<()> {
             max_payload_bytes,
             input,
         } => {
+            // The flag wins; otherwise the config file says, as it does for `hookflow run`.
+            let source = match (source, config.as_deref()) {
+                (Some(source), _) => source,
+                (None, Some(path)) => Config::load(path)?.source.kind,
+                (None, None) => SourceKind::Local,
+            };
             let target = match source {
                 SourceKind::Local => PublishTarget::Local {
-                    // clap requires --data-dir with `--source local`.
-                    data_dir: data_dir.unwrap_or_default(),
+                    data_dir: data_dir.unwrap_or_else(|| {
+                        exit_with_usage(Cli::command().error(
+                            clap::error::ErrorKind::MissingRequiredArgument,
+                            "publishing to the local log needs --data-dir (the directory `hookflow run` reads)",
+                        ))
+                    }),
                     partitions,
                 },
                 SourceKind::Fluvio => PublishTarget::Fluvio(

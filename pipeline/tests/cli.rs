@@ -1061,6 +1061,51 @@ fn bad_argument_prints_usage() {
     assert!(message.contains("--workers"), "{message}");
 }
 
+#[test]
+fn publish_follows_the_configured_source() {
+    let dir = tempfile::tempdir().expect("dir");
+    let events = dir.path().join("events.ndjson");
+    std::fs::write(
+        &events,
+        r#"{"id":"e1","tenant":"acme","type":"a.b","created_at":"2026-12-05T00:00:00Z","payload":{}}"#,
+    )
+    .expect("events");
+
+    // A config naming a Fluvio topic at a port where nothing listens: publish must try that
+    // topic, not write a local log in the working directory.
+    let config = dir.path().join("fluvio.toml");
+    std::fs::write(
+        &config,
+        "[source]\nkind = \"fluvio\"\n[source.fluvio]\nendpoint = \"127.0.0.1:9\"\ntopic = \"events\"\ntimeout_ms = 2000\n",
+    )
+    .expect("config");
+    let output = hookflow()
+        .current_dir(dir.path())
+        .arg("publish")
+        .arg("--config")
+        .arg(&config)
+        .arg(&events)
+        .output()
+        .expect("run hookflow");
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(message.contains("127.0.0.1:9"), "{message}");
+    assert!(!dir.path().join("log").exists());
+
+    // Without a config or --data-dir there is nowhere to publish: a usage error.
+    let output = hookflow()
+        .current_dir(dir.path())
+        .arg("publish")
+        .arg(&events)
+        .output()
+        .expect("run hookflow");
+    assert_eq!(output.status.code(), Some(2));
+    let message = stderr(&output);
+    assert!(message.contains("--data-dir"), "{message}");
+    assert!(message.contains("Usage:"), "{message}");
+    assert!(!dir.path().join("log").exists());
+}
+
 fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     while start.elapsed() < limit {
