@@ -110,12 +110,19 @@ pub fn enable(data_dir: &Path, endpoint_id: &str) -> anyhow::Result<String> {
     let mut store = open(data_dir)?;
     let (was_disabled, parked) = store.enable_endpoint(endpoint_id)?;
     let mut was_off = false;
-    if let Some(mut endpoint) = store.endpoint(endpoint_id)? {
+    let stored = store.endpoint(endpoint_id)?;
+    if let Some(mut endpoint) = stored.clone() {
         if !endpoint.enabled {
             endpoint.enabled = true;
             store.put_endpoint(&endpoint, wall_clock_ms())?;
             was_off = true;
         }
+    }
+    if stored.is_none() && !was_disabled {
+        anyhow::bail!(
+            "endpoint `{endpoint_id}` not found in the state store of {}              (`hookflow endpoints list` shows the stored endpoints)",
+            data_dir.display()
+        );
     }
     if !was_disabled && !was_off {
         anyhow::bail!(
@@ -235,6 +242,29 @@ mod tests {
         assert_eq!(ids, ["ep1", "kept"], "apply deletes nothing");
         let url = store.endpoint("ep1").expect("read").map(|e| e.url);
         assert_eq!(url.as_deref(), Some("http://127.0.0.1:9/b"));
+    }
+
+    #[test]
+    fn enable_names_unknown_and_enabled_endpoints() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = Config::parse(
+            &format!(
+                "[delivery]\nallowed_private_cidrs = [\"127.0.0.1/32\"]\n{}",
+                entry("kept", "http://127.0.0.1:9/kept")
+            ),
+            Path::new("hookflow.toml"),
+        )
+        .expect("config");
+        let mut store = open(dir.path()).expect("store");
+        store
+            .put_endpoint(&config.endpoints()[0], 1)
+            .expect("store kept");
+        drop(store);
+
+        let unknown = format!("{:#}", enable(dir.path(), "nope").expect_err("unknown"));
+        assert!(unknown.contains("`nope` not found"), "{unknown}");
+        let enabled = format!("{:#}", enable(dir.path(), "kept").expect_err("enabled"));
+        assert!(enabled.contains("is not disabled"), "{enabled}");
     }
 
     #[test]

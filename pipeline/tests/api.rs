@@ -800,3 +800,77 @@ fn sigterm_stops_server_and_run() {
         "the server still accepts connections"
     );
 }
+
+#[test]
+fn gone_endpoint_shows_disabled_until_enabled() {
+    let run = Running::start(&tokens());
+    run.receiver.set_behaviour("/gone", Behaviour::Status(410));
+    let url = run.receiver.url("/gone");
+    let (status, created) = run.call(
+        "POST",
+        "/v1/endpoints",
+        Some(ADMIN),
+        Some(
+            &json!({ "id": "gone", "tenant": "acme", "url": url, "event_types": ["order.*"] })
+                .to_string(),
+        ),
+    );
+    assert_eq!(status, 201, "{created}");
+    assert!(created["endpoint"]["disabled"].is_null(), "{created}");
+
+    // A 410 disables the endpoint at run time; the API shows when and why.
+    let (status, _) = run.call(
+        "POST",
+        "/v1/events",
+        Some(PRODUCER),
+        Some(&event("evt_gone_1", "order.placed")),
+    );
+    assert_eq!(status, 202);
+    let disabled = eventually("the endpoint shown as disabled", || {
+        let (_, endpoint) = run.call("GET", "/v1/endpoints/gone", Some(ADMIN), None);
+        (!endpoint["disabled"].is_null()).then_some(endpoint)
+    });
+    assert!(
+        disabled["disabled"]["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("410")),
+        "{disabled}"
+    );
+    assert!(disabled["disabled"]["at"].is_string(), "{disabled}");
+    let (_, list) = run.call("GET", "/v1/endpoints", Some(ADMIN), None);
+    let listed = list["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .find(|e| e["id"] == "gone")
+        .cloned()
+        .expect("gone listed");
+    assert!(!listed["disabled"].is_null(), "{listed}");
+
+    // The delivery that got the 410 is dead-lettered; the next one is parked.
+    let (status, _) = run.call(
+        "POST",
+        "/v1/events",
+        Some(PRODUCER),
+        Some(&event("evt_gone_2", "order.placed")),
+    );
+    assert_eq!(status, 202);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(run.receiver.requests_to("/gone").len(), 1);
+
+    // The receiver is back; enabling ends the disabling and the parked delivery goes out.
+    run.receiver.set_behaviour("/gone", Behaviour::Status(200));
+    let (status, updated) = run.call(
+        "PATCH",
+        "/v1/endpoints/gone",
+        Some(ADMIN),
+        Some(r#"{"enabled": true}"#),
+    );
+    assert_eq!(status, 200, "{updated}");
+    eventually("the parked delivery sent after enabling", || {
+        (run.deliveries_to("/gone", "evt_gone_2") == 1).then_some(())
+    });
+    assert_eq!(run.receiver.requests_to("/gone").len(), 2);
+    let (_, endpoint) = run.call("GET", "/v1/endpoints/gone", Some(ADMIN), None);
+    assert!(endpoint["disabled"].is_null(), "{endpoint}");
+}

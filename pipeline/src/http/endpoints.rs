@@ -17,6 +17,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
+use hookflow_connectors::DisabledEndpoint;
 use hookflow_operators::deliver::{AddressPolicy, RefusedRange};
 use hookflow_schemas::{
     redact_user_info, Endpoint, EventTypePattern, Millis, RateLimit, SigningSecret,
@@ -73,6 +74,18 @@ pub struct EndpointView {
     pub headers: Vec<String>,
     /// The signing secrets, by expiry only.
     pub secrets: Vec<SecretView>,
+    /// Set while hookflow itself has disabled the endpoint (410 Gone, or failing for too long)
+    /// and its deliveries are parked. An update with `enabled: true` ends it.
+    pub disabled: Option<DisabledView>,
+}
+
+/// A disabling hookflow decided at run time.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DisabledView {
+    /// When the endpoint was disabled (RFC 3339).
+    pub at: String,
+    /// The status or failure that disabled it.
+    pub reason: String,
 }
 
 /// A signing secret without its value.
@@ -186,8 +199,26 @@ pub struct EndpointList {
     pub endpoints: Vec<EndpointView>,
 }
 
+/// The endpoint as the API shows it, with its run-time disabling if `disabled` names it.
+fn view_with(endpoint: &Endpoint, disabled: &[DisabledEndpoint]) -> EndpointView {
+    let disabled = disabled
+        .iter()
+        .find(|entry| entry.endpoint_id == endpoint.id)
+        .map(|entry| DisabledView {
+            at: rfc3339_ms(entry.disabled_at_ms),
+            reason: entry.reason.clone(),
+        });
+    EndpointView {
+        disabled,
+        ..view(endpoint)
+    }
+}
+
+/// The endpoint as the API shows it after a change: a change stores `enabled`, which ends a
+/// run-time disabling when true.
 fn view(endpoint: &Endpoint) -> EndpointView {
     EndpointView {
+        disabled: None,
         id: endpoint.id.clone(),
         tenant: endpoint.tenant.clone(),
         url: redact_user_info(&endpoint.url),
@@ -365,12 +396,17 @@ pub async fn list(
     State(state): State<HttpState>,
 ) -> Result<Json<EndpointList>, ApiError> {
     let registry = registry(&state)?.clone();
-    let endpoints = tokio::task::spawn_blocking(move || registry.list())
-        .await
-        .map_err(|e| ApiError::internal("the registry task failed", &e))?
-        .map_err(registry_error)?;
+    let (endpoints, disabled) = tokio::task::spawn_blocking(move || {
+        Ok::<_, RegistryError>((registry.list()?, registry.disabled_at_run_time()?))
+    })
+    .await
+    .map_err(|e| ApiError::internal("the registry task failed", &e))?
+    .map_err(registry_error)?;
     Ok(Json(EndpointList {
-        endpoints: endpoints.iter().map(view).collect(),
+        endpoints: endpoints
+            .iter()
+            .map(|endpoint| view_with(endpoint, &disabled))
+            .collect(),
     }))
 }
 
@@ -394,7 +430,12 @@ pub async fn get_one(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<EndpointView>, ApiError> {
     let endpoint = load(&state, &id).await?;
-    Ok(Json(view(&endpoint)))
+    let registry = registry(&state)?.clone();
+    let disabled = tokio::task::spawn_blocking(move || registry.disabled_at_run_time())
+        .await
+        .map_err(|e| ApiError::internal("the registry task failed", &e))?
+        .map_err(registry_error)?;
+    Ok(Json(view_with(&endpoint, &disabled)))
 }
 
 async fn load(state: &HttpState, id: &str) -> Result<Endpoint, ApiError> {

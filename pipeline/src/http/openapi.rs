@@ -43,6 +43,7 @@ use super::ingest::Acceptance;
         super::resend::Resend,
         super::resend::ResendEventRequest,
         super::endpoints::EndpointView,
+        super::endpoints::DisabledView,
         super::endpoints::EndpointList,
         super::endpoints::EndpointWithSecret,
         super::endpoints::CreateEndpoint,
