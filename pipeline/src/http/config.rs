@@ -122,6 +122,16 @@ impl HttpConfig {
             &self.producer_token_file,
             base_dir,
         )?;
+        // One token for both would let every producer manage endpoints.
+        if let (Some(admin), Some(producer)) = (&admin, &producer) {
+            if admin.matches(&producer.0) {
+                return Err((
+                    "http.producer_token".to_string(),
+                    "is the same as the admin token; give producers a token of their own"
+                        .to_string(),
+                ));
+            }
+        }
         self.resolved = ResolvedTokens { admin, producer };
         Ok(())
     }
@@ -317,6 +327,11 @@ mod tests {
                 "producer_token_file = \"missing.token\"",
                 "http.producer_token_file",
                 "cannot read token file",
+            ),
+            (
+                "admin_token = \"0123456789abcdef\"\nproducer_token = \"0123456789abcdef\"",
+                "http.producer_token",
+                "the same as the admin token",
             ),
         ] {
             let (got_field, got_problem) = parse(text).expect_err(text);
