@@ -45,6 +45,7 @@ use std::path::{Path, PathBuf};
 
 use hookflow_schemas::{AttemptRow, Endpoint, FirstSeen, Millis, Outcome, PendingDelivery};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::local_log::{open_connection, sqlite_disk_bytes};
@@ -179,21 +180,53 @@ impl StateStore {
         }
     }
 
+    /// Runs the query `sql` with `params` and collects what `map` makes of each row; `action`
+    /// names the read in an error.
+    fn read_all<T, C: FromIterator<T>>(
+        &self,
+        action: &'static str,
+        sql: &str,
+        params: impl rusqlite::Params,
+        map: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<C, ConnectorError> {
+        let mut statement = self
+            .connection
+            .prepare_cached(sql)
+            .map_err(self.error(action))?;
+        let rows = statement
+            .query_map(params, map)
+            .map_err(self.error(action))?;
+        rows.collect::<Result<C, _>>().map_err(self.error(action))
+    }
+
+    /// Runs the query `sql`, whose one column is a JSON entry, and decodes every entry it
+    /// returns; `action` names the read and `what` the entry in an error.
+    fn read_entries<T: DeserializeOwned>(
+        &self,
+        action: &'static str,
+        what: &'static str,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<T>, ConnectorError> {
+        let entries: Vec<String> = self.read_all(action, sql, params, |row| row.get(0))?;
+        entries
+            .iter()
+            .map(|entry| decode_entry(&self.path, what, entry))
+            .collect()
+    }
+
     /// Reads the next offset to read of every partition with a checkpoint.
     ///
     /// # Errors
     ///
     /// Fails if the store cannot be read.
     pub fn checkpoint(&self) -> Result<HashMap<u32, u64>, ConnectorError> {
-        let mut statement = self
-            .connection
-            .prepare_cached("SELECT partition, next_offset FROM checkpoint")
-            .map_err(self.error("read the checkpoint"))?;
-        let rows = statement
-            .query_map([], |row| Ok((row.get::<_, u32>(0)?, row.get::<_, u64>(1)?)))
-            .map_err(self.error("read the checkpoint"))?;
-        rows.collect::<Result<_, _>>()
-            .map_err(self.error("read the checkpoint"))
+        self.read_all(
+            "read the checkpoint",
+            "SELECT partition, next_offset FROM checkpoint",
+            [],
+            |row| Ok((row.get::<_, u32>(0)?, row.get::<_, u64>(1)?)),
+        )
     }
 
     /// Moves the checkpoint of each (partition, next offset) forward; an offset below the
@@ -278,12 +311,7 @@ impl StateStore {
                         .execute(params![row.partition, row.offset, row.outcome, now_ms])
                         .map_err(&error)?;
                 }
-                let encoded =
-                    serde_json::to_string(row).map_err(|e| ConnectorError::CorruptState {
-                        path: self.path.clone(),
-                        what: "attempt row",
-                        detail: e.to_string(),
-                    })?;
+                let encoded = encode_entry(&self.path, "attempt row", row)?;
                 stage.execute(params![writer, encoded]).map_err(&error)?;
 
                 let terminal = row.outcome != Outcome::Failed.as_str();
@@ -320,12 +348,7 @@ impl StateStore {
                 )
                 .map_err(&error)?;
             for pending in &batch.pending {
-                let encoded =
-                    serde_json::to_string(pending).map_err(|e| ConnectorError::CorruptState {
-                        path: self.path.clone(),
-                        what: "pending delivery",
-                        detail: e.to_string(),
-                    })?;
+                let encoded = encode_entry(&self.path, "pending delivery", pending)?;
                 let due_ms = (!pending.is_parked()).then_some(pending.due_ms);
                 pend.execute(params![
                     pending.partition,
@@ -533,15 +556,12 @@ impl StateStore {
     ///
     /// Fails if the store cannot be read.
     pub fn oldest_pending_offsets(&self) -> Result<HashMap<u32, u64>, ConnectorError> {
-        let mut statement = self
-            .connection
-            .prepare_cached("SELECT partition, min(offset) FROM pending GROUP BY partition")
-            .map_err(self.error("read pending offsets"))?;
-        let rows = statement
-            .query_map([], |row| Ok((row.get::<_, u32>(0)?, row.get::<_, u64>(1)?)))
-            .map_err(self.error("read pending offsets"))?;
-        rows.collect::<Result<_, _>>()
-            .map_err(self.error("read pending offsets"))
+        self.read_all(
+            "read pending offsets",
+            "SELECT partition, min(offset) FROM pending GROUP BY partition",
+            [],
+            |row| Ok((row.get::<_, u32>(0)?, row.get::<_, u64>(1)?)),
+        )
     }
 
     /// Counts the pending deliveries.
@@ -609,17 +629,12 @@ impl StateStore {
     ///
     /// Fails if the store cannot be read.
     pub fn parked_by_endpoint(&self) -> Result<HashMap<String, u64>, ConnectorError> {
-        let mut statement = self
-            .connection
-            .prepare_cached(
-                "SELECT endpoint_id, count(*) FROM pending WHERE due_ms IS NULL GROUP BY endpoint_id",
-            )
-            .map_err(self.error("count parked deliveries"))?;
-        let rows = statement
-            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
-            .map_err(self.error("count parked deliveries"))?;
-        rows.collect::<Result<HashMap<_, _>, _>>()
-            .map_err(self.error("count parked deliveries"))
+        self.read_all(
+            "count parked deliveries",
+            "SELECT endpoint_id, count(*) FROM pending WHERE due_ms IS NULL GROUP BY endpoint_id",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
     }
 
     /// Reads the endpoints disabled at run time, by endpoint id.
@@ -628,23 +643,18 @@ impl StateStore {
     ///
     /// Fails if the store cannot be read.
     pub fn disabled_endpoints(&self) -> Result<Vec<DisabledEndpoint>, ConnectorError> {
-        let mut statement = self
-            .connection
-            .prepare_cached(
-                "SELECT endpoint_id, disabled_at_ms, reason FROM disabled_endpoints ORDER BY endpoint_id",
-            )
-            .map_err(self.error("read disabled endpoints"))?;
-        let rows = statement
-            .query_map([], |row| {
+        self.read_all(
+            "read disabled endpoints",
+            "SELECT endpoint_id, disabled_at_ms, reason FROM disabled_endpoints ORDER BY endpoint_id",
+            [],
+            |row| {
                 Ok(DisabledEndpoint {
                     endpoint_id: row.get(0)?,
                     disabled_at_ms: row.get(1)?,
                     reason: row.get(2)?,
                 })
-            })
-            .map_err(self.error("read disabled endpoints"))?;
-        rows.collect::<Result<Vec<_>, _>>()
-            .map_err(self.error("read disabled endpoints"))
+            },
+        )
     }
 
     /// Enables an endpoint disabled at run time, so that the next run resumes its parked
@@ -678,19 +688,12 @@ impl StateStore {
     ///
     /// Fails if the store cannot be read or an endpoint does not decode.
     pub fn endpoints(&self) -> Result<Vec<Endpoint>, ConnectorError> {
-        let mut statement = self
-            .connection
-            .prepare_cached("SELECT endpoint FROM endpoints ORDER BY id")
-            .map_err(self.error("read endpoints"))?;
-        let encoded = statement
-            .query_map([], |row| row.get::<_, String>(0))
-            .map_err(self.error("read endpoints"))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(self.error("read endpoints"))?;
-        encoded
-            .iter()
-            .map(|endpoint| self.decode_endpoint(endpoint))
-            .collect()
+        self.read_entries(
+            "read endpoints",
+            "endpoint",
+            "SELECT endpoint FROM endpoints ORDER BY id",
+            [],
+        )
     }
 
     /// Reads the endpoint `id` of the directory.
@@ -709,7 +712,7 @@ impl StateStore {
             .optional()
             .map_err(self.error("read an endpoint"))?;
         encoded
-            .map(|endpoint| self.decode_endpoint(&endpoint))
+            .map(|endpoint| decode_entry(&self.path, "endpoint", &endpoint))
             .transpose()
     }
 
@@ -723,7 +726,7 @@ impl StateStore {
         endpoint: &Endpoint,
         now_ms: Millis,
     ) -> Result<bool, ConnectorError> {
-        let encoded = self.encode_endpoint(endpoint)?;
+        let encoded = encode_entry(&self.path, "endpoint", endpoint)?;
         let path = self.path.clone();
         let error = move |source| ConnectorError::Sqlite {
             action: "write an endpoint",
@@ -796,7 +799,7 @@ impl StateStore {
     ) -> Result<Vec<String>, ConnectorError> {
         let encoded = endpoints
             .iter()
-            .map(|endpoint| self.encode_endpoint(endpoint))
+            .map(|endpoint| encode_entry(&self.path, "endpoint", endpoint))
             .collect::<Result<Vec<_>, _>>()?;
         let path = self.path.clone();
         let error = move |source| ConnectorError::Sqlite {
@@ -831,44 +834,13 @@ impl StateStore {
     ///
     /// Fails if the store cannot be read or an entry does not decode.
     pub fn parked_of(&self, endpoint_id: &str) -> Result<Vec<PendingDelivery>, ConnectorError> {
-        let mut statement = self
-            .connection
-            .prepare_cached(
-                "SELECT entry FROM pending WHERE endpoint_id = ?1 AND due_ms IS NULL \
-                 ORDER BY partition, offset, generation",
-            )
-            .map_err(self.error("read parked deliveries"))?;
-        let entries = statement
-            .query_map(params![endpoint_id], |row| row.get::<_, String>(0))
-            .map_err(self.error("read parked deliveries"))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(self.error("read parked deliveries"))?;
-        entries
-            .iter()
-            .map(|entry| {
-                serde_json::from_str(entry).map_err(|e| ConnectorError::CorruptState {
-                    path: self.path.clone(),
-                    what: "parked delivery",
-                    detail: e.to_string(),
-                })
-            })
-            .collect()
-    }
-
-    fn encode_endpoint(&self, endpoint: &Endpoint) -> Result<String, ConnectorError> {
-        serde_json::to_string(endpoint).map_err(|e| ConnectorError::CorruptState {
-            path: self.path.clone(),
-            what: "endpoint",
-            detail: e.to_string(),
-        })
-    }
-
-    fn decode_endpoint(&self, encoded: &str) -> Result<Endpoint, ConnectorError> {
-        serde_json::from_str(encoded).map_err(|e| ConnectorError::CorruptState {
-            path: self.path.clone(),
-            what: "endpoint",
-            detail: e.to_string(),
-        })
+        self.read_entries(
+            "read parked deliveries",
+            "parked delivery",
+            "SELECT entry FROM pending WHERE endpoint_id = ?1 AND due_ms IS NULL \
+             ORDER BY partition, offset, generation",
+            params![endpoint_id],
+        )
     }
 
     /// Returns the size in bytes of the store's database file and its write-ahead log.
@@ -899,25 +871,12 @@ impl StateStore {
     ///
     /// Fails if the store cannot be read or an entry does not decode.
     pub fn pending(&self) -> Result<Vec<PendingDelivery>, ConnectorError> {
-        let mut statement = self
-            .connection
-            .prepare_cached("SELECT entry FROM pending ORDER BY due_ms")
-            .map_err(self.error("read pending deliveries"))?;
-        let entries = statement
-            .query_map([], |row| row.get::<_, String>(0))
-            .map_err(self.error("read pending deliveries"))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(self.error("read pending deliveries"))?;
-        entries
-            .iter()
-            .map(|entry| {
-                serde_json::from_str(entry).map_err(|e| ConnectorError::CorruptState {
-                    path: self.path.clone(),
-                    what: "pending delivery",
-                    detail: e.to_string(),
-                })
-            })
-            .collect()
+        self.read_entries(
+            "read pending deliveries",
+            "pending delivery",
+            "SELECT entry FROM pending ORDER BY due_ms",
+            [],
+        )
     }
 
     /// Reads the store's record of one event: its first occurrence, the journal entries
@@ -948,24 +907,20 @@ impl StateStore {
             )
             .optional()
             .map_err(self.error("read first occurrences"))?;
-        let mut statement = self
-            .connection
-            .prepare_cached(
-                "SELECT endpoint_id, generation, outcome, settled_at_ms FROM journal \
-                 WHERE tenant = ?1 AND event_id = ?2 ORDER BY generation, endpoint_id",
-            )
-            .map_err(self.error("read the journal"))?;
-        let journal = statement
-            .query_map(params![tenant, event_id], |row| {
+        let journal = self.read_all(
+            "read the journal",
+            "SELECT endpoint_id, generation, outcome, settled_at_ms FROM journal \
+             WHERE tenant = ?1 AND event_id = ?2 ORDER BY generation, endpoint_id",
+            params![tenant, event_id],
+            |row| {
                 Ok(JournalEntry {
                     endpoint_id: row.get(0)?,
                     generation: row.get(1)?,
                     outcome: row.get(2)?,
                     settled_at_ms: row.get(3)?,
                 })
-            })
-            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-            .map_err(self.error("read the journal"))?;
+            },
+        )?;
         // Pending deliveries are keyed by record position, so the first occurrence and the
         // replay records of later generations are found through their entries.
         let pending = self
@@ -986,15 +941,12 @@ impl StateStore {
     ///
     /// Fails if the store cannot be read.
     pub fn first_seen_since(&self, since_ms: Millis) -> Result<Vec<FirstSeen>, ConnectorError> {
-        let mut statement = self
-            .connection
-            .prepare_cached(
-                "SELECT tenant, event_id, partition, offset, first_seen_ms FROM first_seen \
-                 WHERE first_seen_ms >= ?1 ORDER BY first_seen_ms",
-            )
-            .map_err(self.error("read first occurrences"))?;
-        let rows = statement
-            .query_map(params![since_ms], |row| {
+        self.read_all(
+            "read first occurrences",
+            "SELECT tenant, event_id, partition, offset, first_seen_ms FROM first_seen \
+             WHERE first_seen_ms >= ?1 ORDER BY first_seen_ms",
+            params![since_ms],
+            |row| {
                 Ok(FirstSeen {
                     tenant: row.get(0)?,
                     event_id: row.get(1)?,
@@ -1002,10 +954,8 @@ impl StateStore {
                     offset: row.get(3)?,
                     first_seen_ms: row.get(4)?,
                 })
-            })
-            .map_err(self.error("read first occurrences"))?;
-        rows.collect::<Result<_, _>>()
-            .map_err(self.error("read first occurrences"))
+            },
+        )
     }
 
     /// Reads up to `limit` staged rows of `writer`, oldest first, with their sequence numbers.
@@ -1018,30 +968,15 @@ impl StateStore {
         writer: &str,
         limit: usize,
     ) -> Result<Vec<(u64, AttemptRow)>, ConnectorError> {
-        let mut statement = self
-            .connection
-            .prepare_cached(
-                "SELECT seq, row FROM staged_rows WHERE writer = ?1 ORDER BY seq LIMIT ?2",
-            )
-            .map_err(self.error("read staged rows"))?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = statement
-            .query_map(params![writer, limit], |row| {
-                Ok((row.get::<_, u64>(0)?, row.get::<_, String>(1)?))
-            })
-            .map_err(self.error("read staged rows"))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(self.error("read staged rows"))?;
+        let rows: Vec<(u64, String)> = self.read_all(
+            "read staged rows",
+            "SELECT seq, row FROM staged_rows WHERE writer = ?1 ORDER BY seq LIMIT ?2",
+            params![writer, limit],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
         rows.into_iter()
-            .map(|(seq, row)| {
-                serde_json::from_str(&row)
-                    .map(|row| (seq, row))
-                    .map_err(|e| ConnectorError::CorruptState {
-                        path: self.path.clone(),
-                        what: "staged attempt row",
-                        detail: e.to_string(),
-                    })
-            })
+            .map(|(seq, row)| Ok((seq, decode_entry(&self.path, "staged attempt row", &row)?)))
             .collect()
     }
 
@@ -1073,24 +1008,12 @@ impl StateStore {
                 rusqlite::types::Value::Integer(i64::try_from(since_ms).unwrap_or(i64::MAX)),
             ),
         };
-        let mut statement = self
-            .connection
-            .prepare_cached(sql)
-            .map_err(self.error("read staged rows"))?;
-        let rows = statement
-            .query_map(params![first, second], |row| row.get::<_, String>(0))
-            .map_err(self.error("read staged rows"))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(self.error("read staged rows"))?;
-        rows.iter()
-            .map(|row| {
-                serde_json::from_str(row).map_err(|e| ConnectorError::CorruptState {
-                    path: self.path.clone(),
-                    what: "staged attempt row",
-                    detail: e.to_string(),
-                })
-            })
-            .collect()
+        self.read_entries(
+            "read staged rows",
+            "staged attempt row",
+            sql,
+            params![first, second],
+        )
     }
 
     /// Counts the staged rows of `writer`. The count scans every staged row, so callers on a
@@ -1156,6 +1079,33 @@ impl StateStore {
             .map(|_| ())
             .map_err(self.error("prune the journal and first occurrences"))
     }
+}
+
+/// Encodes `value` as the JSON the store keeps in its entry columns; `what` names it in an
+/// error.
+fn encode_entry<T: Serialize + ?Sized>(
+    path: &Path,
+    what: &'static str,
+    value: &T,
+) -> Result<String, ConnectorError> {
+    serde_json::to_string(value).map_err(|e| ConnectorError::CorruptState {
+        path: path.to_path_buf(),
+        what,
+        detail: e.to_string(),
+    })
+}
+
+/// Decodes an entry column of the store at `path`; `what` names it in an error.
+fn decode_entry<T: DeserializeOwned>(
+    path: &Path,
+    what: &'static str,
+    encoded: &str,
+) -> Result<T, ConnectorError> {
+    serde_json::from_str(encoded).map_err(|e| ConnectorError::CorruptState {
+        path: path.to_path_buf(),
+        what,
+        detail: e.to_string(),
+    })
 }
 
 fn initialize(connection: &mut Connection, path: &Path) -> Result<(), ConnectorError> {
@@ -1578,11 +1528,7 @@ mod tests {
             )
             .map_err(store.error("test downgrade"))?;
         let old = pending(1, "ep", 100);
-        let entry = serde_json::to_string(&old).map_err(|e| ConnectorError::CorruptState {
-            path: PathBuf::new(),
-            what: "test",
-            detail: e.to_string(),
-        })?;
+        let entry = encode_entry(&PathBuf::new(), "test", &old)?;
         store
             .connection
             .execute(
