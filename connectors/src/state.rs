@@ -180,7 +180,7 @@ impl StateStore {
         }
     }
 
-    /// Runs the query `sql` with `params` and collects what `map` makes of each row; `action`
+    /// Runs the query `sql` with `params` and collects what `map` returns for each row. `action`
     /// names the read in an error.
     fn read_all<T, C: FromIterator<T>>(
         &self,
@@ -199,8 +199,8 @@ impl StateStore {
         rows.collect::<Result<C, _>>().map_err(self.error(action))
     }
 
-    /// Runs the query `sql`, whose one column is a JSON entry, and decodes every entry it
-    /// returns; `action` names the read and `what` the entry in an error.
+    /// Runs the query `sql`, whose one column is a JSON entry, and decodes every entry.
+    /// `action` names the read and `what` the entry in an error.
     fn read_entries<T: DeserializeOwned>(
         &self,
         action: &'static str,
@@ -1081,8 +1081,7 @@ impl StateStore {
     }
 }
 
-/// Encodes `value` as the JSON the store keeps in its entry columns; `what` names it in an
-/// error.
+/// Encodes `value` as the JSON of an entry column. `what` names it in an error.
 fn encode_entry<T: Serialize + ?Sized>(
     path: &Path,
     what: &'static str,
@@ -1095,7 +1094,7 @@ fn encode_entry<T: Serialize + ?Sized>(
     })
 }
 
-/// Decodes an entry column of the store at `path`; `what` names it in an error.
+/// Decodes an entry column of the store at `path`. `what` names it in an error.
 fn decode_entry<T: DeserializeOwned>(
     path: &Path,
     what: &'static str,
