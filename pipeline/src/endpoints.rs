@@ -207,17 +207,19 @@ mod tests {
         )
     }
 
+    /// Returns a config with one endpoint, `kept`, on loopback.
+    fn config_with_kept() -> Config {
+        let text = format!(
+            "[delivery]\nallowed_private_cidrs = [\"127.0.0.1/32\"]\n{}",
+            entry("kept", "http://127.0.0.1:9/kept")
+        );
+        Config::parse(&text, Path::new("hookflow.toml")).expect("config")
+    }
+
     #[test]
     fn apply_creates_updates_and_keeps() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = Config::parse(
-            &format!(
-                "[delivery]\nallowed_private_cidrs = [\"127.0.0.1/32\"]\n{}",
-                entry("kept", "http://127.0.0.1:9/kept")
-            ),
-            Path::new("hookflow.toml"),
-        )
-        .expect("config");
+        let config = config_with_kept();
         let file = dir.path().join("endpoints.toml");
 
         std::fs::write(&file, entry("ep1", "http://127.0.0.1:9/a")).expect("write");
@@ -247,14 +249,7 @@ mod tests {
     #[test]
     fn enable_names_unknown_and_enabled_endpoints() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = Config::parse(
-            &format!(
-                "[delivery]\nallowed_private_cidrs = [\"127.0.0.1/32\"]\n{}",
-                entry("kept", "http://127.0.0.1:9/kept")
-            ),
-            Path::new("hookflow.toml"),
-        )
-        .expect("config");
+        let config = config_with_kept();
         let mut store = open(dir.path()).expect("store");
         store
             .put_endpoint(&config.endpoints()[0], 1)

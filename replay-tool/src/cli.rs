@@ -324,10 +324,7 @@ pub fn run_replay(args: &ReplayArgs, stop: Arc<AtomicBool>) -> anyhow::Result<()
         return Ok(());
     }
 
-    let generation = ledger
-        .max_generation()?
-        .max(plan.summary.max_generation_seen)
-        + 1;
+    let generation = ledger.next_generation(plan.summary.max_generation_seen)?;
     ledger.create_run(
         &replay_id,
         generation,

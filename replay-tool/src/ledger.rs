@@ -178,6 +178,16 @@ impl Ledger {
             .map_err(self.error("read the runs"))
     }
 
+    /// Returns the generation a new run takes: one above every run in the ledger and above
+    /// `seen`, the highest generation the selection found in the archive.
+    ///
+    /// # Errors
+    ///
+    /// Fails if the ledger cannot be read.
+    pub fn next_generation(&self, seen: u32) -> Result<u32> {
+        Ok(self.max_generation()?.max(seen) + 1)
+    }
+
     /// Returns every run, oldest first; with `replay_id`, only that replay's.
     ///
     /// # Errors

@@ -317,10 +317,8 @@ fn queue(
     let _lock = hookflow_replay::cli::lock_replays(&state.data_dir)
         .map_err(|e| ApiError::new(StatusCode::CONFLICT, "replay_running", format!("{e:#}")))?;
     let generation = ledger
-        .max_generation()
-        .map_err(internal("cannot read the replay ledger"))?
-        .max(plan.summary.max_generation_seen)
-        + 1;
+        .next_generation(plan.summary.max_generation_seen)
+        .map_err(internal("cannot read the replay ledger"))?;
     let replay_id = format!("api-resend-g{generation}");
     let selection = selections.first().cloned().unwrap_or_default();
     ledger
