@@ -897,8 +897,14 @@ impl MetricsCollector {
     }
 }
 
+// The integration tests' reader of a Prometheus exposition.
+#[cfg(test)]
+#[path = "../tests/support/exposition.rs"]
+mod exposition;
+
 #[cfg(test)]
 mod tests {
+    use super::exposition::value;
     use super::*;
 
     fn row(endpoint: &str, outcome: Outcome, error_kind: Option<ErrorKind>) -> AttemptRow {
@@ -917,30 +923,7 @@ mod tests {
     fn scrape(metrics: &Arc<Metrics>) -> prometheus_parse::Scrape {
         let mut text = String::new();
         metrics.encode(&mut text).expect("encoding into a String");
-        prometheus_parse::Scrape::parse(text.lines().map(|line| Ok(line.to_string())))
-            .expect("parsing the scrape")
-    }
-
-    fn value(
-        scrape: &prometheus_parse::Scrape,
-        name: &str,
-        labels: &[(&str, &str)],
-    ) -> Option<f64> {
-        scrape
-            .samples
-            .iter()
-            .find(|sample| {
-                sample.metric == name
-                    && labels
-                        .iter()
-                        .all(|(key, value)| sample.labels.get(key) == Some(*value))
-            })
-            .and_then(|sample| match sample.value {
-                prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Untyped(v) => Some(v),
-                _ => None,
-            })
+        exposition::parse(&text)
     }
 
     #[test]

@@ -5,9 +5,12 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hookflow::receiver::{Behaviour, ReceivedRequest, Receiver};
+
+mod support;
+use support::process::{self, wait_for};
 
 const CUSTOMER_SECRET: &str = "whsec_RTPHghziaKPNKV/Y78ALF6hfDn11pL7egmdm4fV+DaE=";
 const OPERATOR_SECRET: &str = "whsec_mjOP7/3gtxkwXFj1XjnnpUxQm2lQ9k2B95Uj5ocmvGY=";
@@ -55,41 +58,15 @@ fn endpoint(
     )
 }
 
-fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if done() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    done()
-}
-
 /// Sends SIGTERM, waits for a successful exit, and returns the child's log from `log_path`.
 fn terminate(child: &mut Child, log_path: &Path) -> String {
-    let pid = child.id().to_string();
-    let status = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill -TERM");
-    assert!(status.success());
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("wait for hookflow") {
-            let text = std::fs::read_to_string(log_path).unwrap_or_default();
-            assert!(
-                status.success(),
-                "hookflow run exited with {status}: {text}"
-            );
-            return text;
-        }
-        if start.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            panic!("hookflow run did not stop within 20 s of SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let status = process::terminate(child);
+    let text = std::fs::read_to_string(log_path).unwrap_or_default();
+    assert!(
+        status.success(),
+        "hookflow run exited with {status}: {text}"
+    );
+    text
 }
 
 /// An operational event as the operator's endpoint received it.

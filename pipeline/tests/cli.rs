@@ -10,6 +10,9 @@ use hookflow::receiver::{Behaviour, ReceivedRequest, Receiver};
 use hookflow_connectors::read_attempts;
 use hookflow_schemas::AttemptRow;
 
+mod support;
+use support::process::{self, wait_for};
+
 const SECRET: &str = "whsec_RTPHghziaKPNKV/Y78ALF6hfDn11pL7egmdm4fV+DaE=";
 const SECOND_SECRET: &str = "whsec_mjOP7/3gtxkwXFj1XjnnpUxQm2lQ9k2B95Uj5ocmvGY=";
 
@@ -1106,44 +1109,18 @@ fn publish_follows_the_configured_source() {
     assert!(!dir.path().join("log").exists());
 }
 
-fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if done() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    done()
-}
-
 /// Sends SIGTERM, waits for a successful exit, and returns what the child wrote to stderr.
 fn terminate(child: &mut Child) -> String {
-    let pid = child.id().to_string();
-    let status = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill -TERM");
-    assert!(status.success());
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("wait for hookflow") {
-            let mut text = String::new();
-            if let Some(mut pipe) = child.stderr.take() {
-                let _ = std::io::Read::read_to_string(&mut pipe, &mut text);
-            }
-            assert!(
-                status.success(),
-                "hookflow run exited with {status} after SIGTERM: {text}"
-            );
-            return text;
-        }
-        if start.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            panic!("hookflow run did not stop within 20 s of SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let status = process::terminate(child);
+    let mut text = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut text);
     }
+    assert!(
+        status.success(),
+        "hookflow run exited with {status} after SIGTERM: {text}"
+    );
+    text
 }
 
 fn parquet_files(dir: &Path) -> Vec<PathBuf> {

@@ -3,8 +3,7 @@
 //! to `<data-dir>/http.addr`, and parses the scrape with the `prometheus-parse` parser.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,6 +11,9 @@ use std::time::{Duration, Instant};
 use hookflow::publish::{publish_reader, PublishOptions};
 use hookflow::receiver::{Behaviour, Receiver};
 use hookflow_operators::clock::{Clock, WallClock};
+
+mod support;
+use support::{exposition, http};
 
 const SECRET: &str = "whsec_RTPHghziaKPNKV/Y78ALF6hfDn11pL7egmdm4fV+DaE=";
 
@@ -73,74 +75,15 @@ fn start_run(dir: &Path, config: &str) -> Run {
     }
 }
 
-/// Sends one `GET path` over HTTP/1.1 and returns the status, the headers (lower-case names)
-/// and the body.
-fn get(address: SocketAddr, path: &str) -> (u16, HashMap<String, String>, String) {
-    let mut stream = TcpStream::connect(address).expect("connecting to hookflow's HTTP server");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("setting a read timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .expect("sending the request");
-
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("reading the response");
-    let text = String::from_utf8(raw).expect("a UTF-8 response");
-    let (head, body) = text.split_once("\r\n\r\n").expect("a header block");
-
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|line| line.split(' ').nth(1))
-        .and_then(|code| code.parse().ok())
-        .expect("a status line");
-    let headers: HashMap<String, String> = lines
-        .filter_map(|line| line.split_once(':'))
-        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_string()))
-        .collect();
-    assert_ne!(
-        headers.get("transfer-encoding").map(String::as_str),
-        Some("chunked"),
-        "this reader handles only bodies sent whole"
-    );
-    (status, headers, body.to_string())
-}
-
 /// Scrapes `/metrics` and parses it with `prometheus-parse`.
 fn scrape(address: SocketAddr) -> prometheus_parse::Scrape {
-    let (status, headers, body) = get(address, "/metrics");
-    assert_eq!(status, 200);
+    let response = http::get(address, "/metrics");
+    assert_eq!(response.status, 200);
     assert_eq!(
-        headers.get("content-type").map(String::as_str),
+        response.header("content-type"),
         Some("text/plain; version=0.0.4; charset=utf-8")
     );
-    prometheus_parse::Scrape::parse(body.lines().map(|line| Ok(line.to_string())))
-        .expect("a valid Prometheus text exposition")
-}
-
-/// Sums the samples of `name` whose labels include `labels`; histograms count their
-/// observations.
-fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape
-        .samples
-        .iter()
-        .filter(|sample| {
-            sample.metric == name
-                && labels
-                    .iter()
-                    .all(|(key, value)| sample.labels.get(key) == Some(*value))
-        })
-        .map(|sample| match &sample.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => *v,
-            prometheus_parse::Value::Histogram(buckets) => buckets.last().map_or(0.0, |b| b.count),
-            prometheus_parse::Value::Summary(_) => 0.0,
-        })
-        .sum()
+    exposition::parse(&response.body)
 }
 
 /// Scrapes until `done` holds for a scrape, and returns that scrape.
@@ -232,40 +175,46 @@ fn run_serves_metrics_of_deliveries() {
     let ok = [("endpoint", "ep_ok")];
     let rejects = [("endpoint", "ep_rejects")];
     let scrape = scrape_until(run.address, "every record settled and archived", |scrape| {
-        value(scrape, "hookflow_source_settled_offset", &[]) == published
-            && value(scrape, "hookflow_archive_rows_written_total", &[]) == 26.0
+        exposition::sum(scrape, "hookflow_source_settled_offset", &[]) == published
+            && exposition::sum(scrape, "hookflow_archive_rows_written_total", &[]) == 26.0
     });
 
     assert_eq!(receiver.requests_to("/ok").len(), 20);
     assert_eq!(receiver.requests_to("/rejects").len(), 4);
     assert_eq!(
-        value(&scrape, "hookflow_events_ingested_total", &[]),
+        exposition::sum(&scrape, "hookflow_events_ingested_total", &[]),
         published
     );
     assert_eq!(
-        value(&scrape, "hookflow_events_deduplicated_total", &[]),
+        exposition::sum(&scrape, "hookflow_events_deduplicated_total", &[]),
         1.0
     );
-    assert_eq!(value(&scrape, "hookflow_events_invalid_total", &[]), 1.0);
-    assert_eq!(value(&scrape, "hookflow_events_unrouted_total", &[]), 1.0);
     assert_eq!(
-        value(&scrape, "hookflow_deliveries_delivered_total", &ok),
+        exposition::sum(&scrape, "hookflow_events_invalid_total", &[]),
+        1.0
+    );
+    assert_eq!(
+        exposition::sum(&scrape, "hookflow_events_unrouted_total", &[]),
+        1.0
+    );
+    assert_eq!(
+        exposition::sum(&scrape, "hookflow_deliveries_delivered_total", &ok),
         20.0
     );
     assert_eq!(
-        value(&scrape, "hookflow_delivery_attempts_total", &ok),
+        exposition::sum(&scrape, "hookflow_delivery_attempts_total", &ok),
         20.0
     );
     assert_eq!(
-        value(&scrape, "hookflow_delivery_attempts_total", &rejects),
+        exposition::sum(&scrape, "hookflow_delivery_attempts_total", &rejects),
         4.0
     );
     assert_eq!(
-        value(&scrape, "hookflow_deliveries_dead_lettered_total", &rejects),
+        exposition::sum(&scrape, "hookflow_deliveries_dead_lettered_total", &rejects),
         4.0
     );
     assert_eq!(
-        value(
+        exposition::sum(
             &scrape,
             "hookflow_delivery_failures_total",
             &[("endpoint", "ep_rejects"), ("error_kind", "client_error")]
@@ -273,24 +222,33 @@ fn run_serves_metrics_of_deliveries() {
         4.0
     );
     assert_eq!(
-        value(&scrape, "hookflow_delivery_latency_seconds", &[]),
+        exposition::sum(&scrape, "hookflow_delivery_latency_seconds", &[]),
         24.0
     );
     assert_eq!(
-        value(&scrape, "hookflow_end_to_end_latency_seconds", &[]),
+        exposition::sum(&scrape, "hookflow_end_to_end_latency_seconds", &[]),
         20.0
     );
-    assert_eq!(value(&scrape, "hookflow_source_end_offset", &[]), published);
-    assert_eq!(value(&scrape, "hookflow_source_lag_offsets", &[]), 0.0);
-    assert!(value(&scrape, "hookflow_archive_files_written_total", &[]) >= 1.0);
-    assert_eq!(value(&scrape, "hookflow_source_up", &[]), 1.0);
-    assert_eq!(value(&scrape, "hookflow_requests_in_flight", &[]), 0.0);
-    assert_eq!(value(&scrape, "hookflow_ready", &[]), 1.0);
+    assert_eq!(
+        exposition::sum(&scrape, "hookflow_source_end_offset", &[]),
+        published
+    );
+    assert_eq!(
+        exposition::sum(&scrape, "hookflow_source_lag_offsets", &[]),
+        0.0
+    );
+    assert!(exposition::sum(&scrape, "hookflow_archive_files_written_total", &[]) >= 1.0);
+    assert_eq!(exposition::sum(&scrape, "hookflow_source_up", &[]), 1.0);
+    assert_eq!(
+        exposition::sum(&scrape, "hookflow_requests_in_flight", &[]),
+        0.0
+    );
+    assert_eq!(exposition::sum(&scrape, "hookflow_ready", &[]), 1.0);
 
-    let (status, _, body) = get(run.address, "/health/live");
+    let http::Response { status, body, .. } = http::get(run.address, "/health/live");
     assert_eq!(status, 200);
     assert_eq!(body, r#"{"status":"live"}"#);
-    let (status, _, body) = get(run.address, "/health/ready");
+    let http::Response { status, body, .. } = http::get(run.address, "/health/ready");
     assert_eq!(status, 200, "{body}");
 }
 
@@ -301,7 +259,7 @@ fn run_not_ready_without_archive_dir() {
     let archive_dir = dir.path().join("archive");
     let run = start_run(dir.path(), &config(&receiver, &archive_dir));
 
-    let (status, _, body) = get(run.address, "/health/ready");
+    let http::Response { status, body, .. } = http::get(run.address, "/health/ready");
     assert_eq!(status, 200, "{body}");
 
     // A file where the archive directory was: nothing can be created in it. (Permission bits
@@ -309,7 +267,11 @@ fn run_not_ready_without_archive_dir() {
     std::fs::remove_dir_all(&archive_dir).expect("removing the archive directory");
     std::fs::write(&archive_dir, b"not a directory").expect("a file in its place");
 
-    let (status, headers, body) = get(run.address, "/health/ready");
+    let http::Response {
+        status,
+        headers,
+        body,
+    } = http::get(run.address, "/health/ready");
     assert_eq!(status, 503, "{body}");
     assert_eq!(
         headers.get("content-type").map(String::as_str),
@@ -325,7 +287,10 @@ fn run_not_ready_without_archive_dir() {
     assert_eq!(body["checks"][2]["name"], "dataflow");
     assert_eq!(body["checks"][2]["ok"], true);
 
-    let (status, _, _) = get(run.address, "/health/live");
+    let status = http::get(run.address, "/health/live").status;
     assert_eq!(status, 200);
-    assert_eq!(value(&scrape(run.address), "hookflow_ready", &[]), 0.0);
+    assert_eq!(
+        exposition::sum(&scrape(run.address), "hookflow_ready", &[]),
+        0.0
+    );
 }

@@ -6,12 +6,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hookflow::receiver::{Behaviour, ReceivedRequest, Receiver};
 use hookflow_connectors::read_attempts;
 use hookflow_schemas::AttemptRow;
 use serde_json::Value;
+
+mod support;
+use support::process::{self, wait_for};
 
 /// The Standard Webhooks test secret S1 (key bytes `webhook-test-secret-0123456789ab`).
 const S1: &str = "whsec_d2ViaG9vay10ZXN0LXNlY3JldC0wMTIzNDU2Nzg5YWI=";
@@ -188,31 +191,9 @@ fn verify(request: &ReceivedRequest) {
         .expect("signature verifies with standardwebhooks");
 }
 
-/// Waits until `done` holds, for at most `limit`.
-fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if done() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    done()
-}
-
 fn terminate(mut child: Child) {
-    let pid = child.id().to_string();
-    let _ = Command::new("kill").args(["-TERM", &pid]).status();
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(20) {
-        if let Ok(Some(status)) = child.try_wait() {
-            assert!(status.success(), "hookflow run exited with {status}");
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    panic!("hookflow run did not stop within 20 s of SIGTERM");
+    let status = process::terminate(&mut child);
+    assert!(status.success(), "hookflow run exited with {status}");
 }
 
 /// An endpoint fails the first attempt of every event and no retries are configured, so

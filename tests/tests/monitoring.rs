@@ -3,79 +3,18 @@
 //! against a real scrape.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
 use hookflow::dataflow::RunReport;
 use hookflow::monitor::{routes, Monitor};
 use hookflow::receiver::{Behaviour, Receiver};
 use hookflow_tests::{config_text, event_line, publish_lines, run_until_idle};
 
-/// A GET response: status, headers (lower-case names) and body.
-struct Response {
-    status: u16,
-    headers: HashMap<String, String>,
-    body: String,
-}
-
-/// Sends one `GET path` over HTTP/1.1 to `address` and reads the whole response.
-fn get(address: SocketAddr, path: &str) -> Response {
-    let mut stream = TcpStream::connect(address).expect("connecting to the monitoring server");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("setting a read timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .expect("sending the request");
-
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("reading the response");
-    let text = String::from_utf8(raw).expect("a UTF-8 response");
-    let (head, body) = text.split_once("\r\n\r\n").expect("a header block");
-
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|line| line.split(' ').nth(1))
-        .and_then(|code| code.parse().ok())
-        .expect("a status line");
-    let headers = lines
-        .filter_map(|line| line.split_once(':'))
-        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_string()))
-        .collect::<HashMap<_, _>>();
-
-    let body = if headers
-        .get("transfer-encoding")
-        .is_some_and(|value| value == "chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    Response {
-        status,
-        headers,
-        body,
-    }
-}
-
-/// Joins the chunks of a chunked body.
-fn dechunk(mut body: &str) -> String {
-    let mut joined = String::new();
-    loop {
-        let (size, rest) = body.split_once("\r\n").expect("a chunk size line");
-        let size = usize::from_str_radix(size.trim(), 16).expect("a hexadecimal chunk size");
-        if size == 0 {
-            return joined;
-        }
-        joined.push_str(&rest[..size]);
-        body = &rest[size + 2..];
-    }
-}
+#[path = "../../pipeline/tests/support/exposition.rs"]
+mod exposition;
+#[path = "../../pipeline/tests/support/http.rs"]
+mod http;
 
 /// Serves the monitoring routes of `monitor` on 127.0.0.1 on a thread of its own; the server
 /// ends with the test process.
@@ -97,47 +36,6 @@ fn serve(monitor: Monitor) -> SocketAddr {
         });
     });
     address
-}
-
-/// Parses a scrape with the `prometheus-parse` text-format parser.
-fn parse(text: &str) -> prometheus_parse::Scrape {
-    prometheus_parse::Scrape::parse(text.lines().map(|line| Ok(line.to_string())))
-        .expect("a valid Prometheus text exposition")
-}
-
-/// Returns the value of the sample `name` whose labels include `labels`.
-fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    scrape
-        .samples
-        .iter()
-        .find(|sample| {
-            sample.metric == name
-                && labels
-                    .iter()
-                    .all(|(key, value)| sample.labels.get(key) == Some(*value))
-        })
-        .and_then(|sample| match &sample.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => Some(*v),
-            prometheus_parse::Value::Histogram(buckets) => buckets.last().map(|b| b.count),
-            prometheus_parse::Value::Summary(_) => None,
-        })
-}
-
-/// Sums the samples of `name` over every label set.
-fn total(scrape: &prometheus_parse::Scrape, name: &str) -> f64 {
-    scrape
-        .samples
-        .iter()
-        .filter(|sample| sample.metric == name)
-        .map(|sample| match &sample.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => *v,
-            _ => 0.0,
-        })
-        .sum()
 }
 
 /// Every series name a query could use against this scrape: the described families
@@ -228,29 +126,29 @@ fn metrics_match_what_was_delivered() {
     let monitor = Monitor::new(run.report.metrics.clone(), run.report.archive_dir.clone());
     let address = serve(monitor);
 
-    let response = get(address, "/metrics");
+    let response = http::get(address, "/metrics");
     assert_eq!(response.status, 200);
     assert_eq!(
         response.headers.get("content-type").map(String::as_str),
         Some("text/plain; version=0.0.4; charset=utf-8")
     );
-    let scrape = parse(&response.body);
+    let scrape = exposition::parse(&response.body);
 
     let published = run.published as f64;
     assert_eq!(
-        value(&scrape, "hookflow_events_ingested_total", &[]),
+        exposition::value(&scrape, "hookflow_events_ingested_total", &[]),
         Some(published)
     );
     assert_eq!(
-        value(&scrape, "hookflow_events_deduplicated_total", &[]),
+        exposition::value(&scrape, "hookflow_events_deduplicated_total", &[]),
         Some(1.0)
     );
     assert_eq!(
-        value(&scrape, "hookflow_events_invalid_total", &[]),
+        exposition::value(&scrape, "hookflow_events_invalid_total", &[]),
         Some(1.0)
     );
     assert_eq!(
-        value(&scrape, "hookflow_events_unrouted_total", &[]),
+        exposition::value(&scrape, "hookflow_events_unrouted_total", &[]),
         Some(1.0)
     );
 
@@ -259,27 +157,27 @@ fn metrics_match_what_was_delivered() {
     let received_ok = run.receiver.requests_to("/ok").len() as f64;
     assert_eq!(received_ok, DELIVERED as f64);
     assert_eq!(
-        value(&scrape, "hookflow_deliveries_delivered_total", &ok),
+        exposition::value(&scrape, "hookflow_deliveries_delivered_total", &ok),
         Some(received_ok)
     );
     assert_eq!(
-        value(&scrape, "hookflow_delivery_attempts_total", &ok),
+        exposition::value(&scrape, "hookflow_delivery_attempts_total", &ok),
         Some(received_ok)
     );
     assert_eq!(
-        value(&scrape, "hookflow_deliveries_delivered_total", &rejects),
+        exposition::value(&scrape, "hookflow_deliveries_delivered_total", &rejects),
         Some(0.0)
     );
     assert_eq!(
-        value(&scrape, "hookflow_delivery_attempts_total", &rejects),
+        exposition::value(&scrape, "hookflow_delivery_attempts_total", &rejects),
         Some(REJECTED as f64)
     );
     assert_eq!(
-        value(&scrape, "hookflow_deliveries_dead_lettered_total", &rejects),
+        exposition::value(&scrape, "hookflow_deliveries_dead_lettered_total", &rejects),
         Some(REJECTED as f64)
     );
     assert_eq!(
-        value(
+        exposition::value(
             &scrape,
             "hookflow_delivery_failures_total",
             &[("endpoint", "ep_rejects"), ("error_kind", "client_error")]
@@ -287,7 +185,7 @@ fn metrics_match_what_was_delivered() {
         Some(REJECTED as f64)
     );
     assert_eq!(
-        value(
+        exposition::value(
             &scrape,
             "hookflow_deliveries_delivered_total",
             &[("endpoint", "other")]
@@ -297,37 +195,49 @@ fn metrics_match_what_was_delivered() {
 
     let attempts = (DELIVERED + REJECTED) as f64;
     assert_eq!(
-        value(&scrape, "hookflow_delivery_latency_seconds", &[]),
+        exposition::value(&scrape, "hookflow_delivery_latency_seconds", &[]),
         Some(attempts)
     );
     assert_eq!(
-        value(&scrape, "hookflow_delivery_latency_seconds_count", &[]),
+        exposition::value(&scrape, "hookflow_delivery_latency_seconds_count", &[]),
         Some(attempts)
     );
     assert_eq!(
-        value(&scrape, "hookflow_end_to_end_latency_seconds_count", &[]),
+        exposition::value(&scrape, "hookflow_end_to_end_latency_seconds_count", &[]),
         Some(DELIVERED as f64)
     );
 
     // Every record ends as one archived row: delivered, dead-lettered, invalid or unrouted.
     let rows = (DELIVERED + REJECTED + 2) as f64;
     assert_eq!(
-        value(&scrape, "hookflow_archive_rows_written_total", &[]),
+        exposition::value(&scrape, "hookflow_archive_rows_written_total", &[]),
         Some(rows)
     );
     assert_eq!(
-        value(&scrape, "hookflow_archive_files_written_total", &[]),
+        exposition::value(&scrape, "hookflow_archive_files_written_total", &[]),
         Some(run.report.files.len() as f64)
     );
-    assert_eq!(total(&scrape, "hookflow_source_settled_offset"), published);
-    assert_eq!(total(&scrape, "hookflow_source_end_offset"), published);
-    assert_eq!(total(&scrape, "hookflow_source_lag_offsets"), 0.0);
-    assert_eq!(value(&scrape, "hookflow_source_up", &[]), Some(1.0));
     assert_eq!(
-        value(&scrape, "hookflow_requests_in_flight", &[]),
+        exposition::sum(&scrape, "hookflow_source_settled_offset", &[]),
+        published
+    );
+    assert_eq!(
+        exposition::sum(&scrape, "hookflow_source_end_offset", &[]),
+        published
+    );
+    assert_eq!(
+        exposition::sum(&scrape, "hookflow_source_lag_offsets", &[]),
+        0.0
+    );
+    assert_eq!(
+        exposition::value(&scrape, "hookflow_source_up", &[]),
+        Some(1.0)
+    );
+    assert_eq!(
+        exposition::value(&scrape, "hookflow_requests_in_flight", &[]),
         Some(0.0)
     );
-    assert_eq!(value(&scrape, "hookflow_ready", &[]), Some(1.0));
+    assert_eq!(exposition::value(&scrape, "hookflow_ready", &[]), Some(1.0));
 }
 
 #[test]
@@ -339,12 +249,12 @@ fn health_routes_answer() {
         archive_dir.clone(),
     ));
 
-    let live = get(address, "/health/live");
+    let live = http::get(address, "/health/live");
     assert_eq!(live.status, 200);
     let live: serde_json::Value = serde_json::from_str(&live.body).expect("JSON body");
     assert_eq!(live["status"], "live");
 
-    let ready = get(address, "/health/ready");
+    let ready = http::get(address, "/health/ready");
     assert_eq!(ready.status, 200, "{}", ready.body);
     let body: serde_json::Value = serde_json::from_str(&ready.body).expect("JSON body");
     assert_eq!(body["status"], "ready");
@@ -382,7 +292,7 @@ fn ready_fails_when_archive_unwritable() {
     std::fs::remove_dir_all(&archive_dir).expect("removing the archive directory");
     std::fs::write(&archive_dir, b"not a directory").expect("a file in its place");
 
-    let ready = get(address, "/health/ready");
+    let ready = http::get(address, "/health/ready");
     assert_eq!(ready.status, 503, "{}", ready.body);
     let body: serde_json::Value = serde_json::from_str(&ready.body).expect("JSON body");
     assert_eq!(body["status"], "not_ready");
@@ -402,8 +312,8 @@ fn ready_fails_when_archive_unwritable() {
         "the detail names the path: {archive}"
     );
 
-    let scrape = parse(&get(address, "/metrics").body);
-    assert_eq!(value(&scrape, "hookflow_ready", &[]), Some(0.0));
+    let scrape = exposition::parse(&http::get(address, "/metrics").body);
+    assert_eq!(exposition::value(&scrape, "hookflow_ready", &[]), Some(0.0));
 }
 
 /// The workspace's `deploy/` directory.
@@ -459,7 +369,7 @@ fn deploy_files_use_scraped_metrics() {
         run.report.metrics.clone(),
         run.report.archive_dir.clone(),
     ));
-    let scraped = series_names(&parse(&get(address, "/metrics").body));
+    let scraped = series_names(&exposition::parse(&http::get(address, "/metrics").body));
 
     let text = std::fs::read_to_string(deploy_dir().join("prometheus/alerts.yml"))
         .expect("deploy/prometheus/alerts.yml");
