@@ -44,7 +44,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use hookflow_schemas::{AttemptRow, Endpoint, FirstSeen, Millis, Outcome, PendingDelivery};
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -215,6 +215,27 @@ impl StateStore {
             .collect()
     }
 
+    /// Runs `write` in one immediate transaction and commits it. `action` names the write in
+    /// an error, and nothing is written when `write` fails.
+    fn write<T>(
+        &mut self,
+        action: &'static str,
+        write: impl FnOnce(&Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T, ConnectorError> {
+        let error = |source| ConnectorError::Sqlite {
+            action,
+            path: self.path.clone(),
+            source,
+        };
+        let transaction = self
+            .connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(error)?;
+        let value = write(&transaction).map_err(error)?;
+        transaction.commit().map_err(error)?;
+        Ok(value)
+    }
+
     /// Reads the next offset to read of every partition with a checkpoint.
     ///
     /// # Errors
@@ -236,30 +257,16 @@ impl StateStore {
     ///
     /// Fails if the store cannot be written; nothing is written then.
     pub fn advance_checkpoint(&mut self, offsets: &[(u32, u64)]) -> Result<(), ConnectorError> {
-        let path = self.path.clone();
-        let error = move |source| ConnectorError::Sqlite {
-            action: "advance the checkpoint",
-            path: path.clone(),
-            source,
-        };
-        let transaction = self
-            .connection
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(&error)?;
-        {
-            let mut statement = transaction
-                .prepare_cached(
-                    "INSERT INTO checkpoint (partition, next_offset) VALUES (?1, ?2) \
-                     ON CONFLICT (partition) DO UPDATE SET next_offset = max(next_offset, excluded.next_offset)",
-                )
-                .map_err(&error)?;
+        self.write("advance the checkpoint", |transaction| {
+            let mut statement = transaction.prepare_cached(
+                "INSERT INTO checkpoint (partition, next_offset) VALUES (?1, ?2) \
+                 ON CONFLICT (partition) DO UPDATE SET next_offset = max(next_offset, excluded.next_offset)",
+            )?;
             for (partition, offset) in offsets {
-                statement
-                    .execute(params![partition, offset])
-                    .map_err(&error)?;
+                statement.execute(params![partition, offset])?;
             }
-        }
-        transaction.commit().map_err(&error)
+            Ok(())
+        })
     }
 
     /// Writes `batch` in one transaction: stages its rows, journals the final ones and
@@ -727,33 +734,20 @@ impl StateStore {
         now_ms: Millis,
     ) -> Result<bool, ConnectorError> {
         let encoded = encode_entry(&self.path, "endpoint", endpoint)?;
-        let path = self.path.clone();
-        let error = move |source| ConnectorError::Sqlite {
-            action: "write an endpoint",
-            path: path.clone(),
-            source,
-        };
-        let transaction = self
-            .connection
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(&error)?;
-        let existed: bool = transaction
-            .query_row(
+        self.write("write an endpoint", |transaction| {
+            let existed: bool = transaction.query_row(
                 "SELECT EXISTS (SELECT 1 FROM endpoints WHERE id = ?1)",
                 params![endpoint.id],
                 |row| row.get(0),
-            )
-            .map_err(&error)?;
-        transaction
-            .execute(
+            )?;
+            transaction.execute(
                 "INSERT INTO endpoints (id, tenant, endpoint, updated_at_ms) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (id) DO UPDATE SET tenant = excluded.tenant,
                      endpoint = excluded.endpoint, updated_at_ms = excluded.updated_at_ms",
                 params![endpoint.id, endpoint.tenant, encoded, now_ms],
-            )
-            .map_err(&error)?;
-        transaction.commit().map_err(&error)?;
-        Ok(!existed)
+            )?;
+            Ok(!existed)
+        })
     }
 
     /// Deletes the endpoint `id` from the directory, with its run-time disable mark. Returns
@@ -763,27 +757,15 @@ impl StateStore {
     ///
     /// Fails if the store cannot be written.
     pub fn delete_endpoint(&mut self, id: &str) -> Result<bool, ConnectorError> {
-        let path = self.path.clone();
-        let error = move |source| ConnectorError::Sqlite {
-            action: "delete an endpoint",
-            path: path.clone(),
-            source,
-        };
-        let transaction = self
-            .connection
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(&error)?;
-        let removed = transaction
-            .execute("DELETE FROM endpoints WHERE id = ?1", params![id])
-            .map_err(&error)?;
-        transaction
-            .execute(
+        self.write("delete an endpoint", |transaction| {
+            let removed =
+                transaction.execute("DELETE FROM endpoints WHERE id = ?1", params![id])?;
+            transaction.execute(
                 "DELETE FROM disabled_endpoints WHERE endpoint_id = ?1",
                 params![id],
-            )
-            .map_err(&error)?;
-        transaction.commit().map_err(&error)?;
-        Ok(removed > 0)
+            )?;
+            Ok(removed > 0)
+        })
     }
 
     /// Inserts each of `endpoints` whose id the directory lacks, in one transaction, and leaves
@@ -801,31 +783,20 @@ impl StateStore {
             .iter()
             .map(|endpoint| encode_entry(&self.path, "endpoint", endpoint))
             .collect::<Result<Vec<_>, _>>()?;
-        let path = self.path.clone();
-        let error = move |source| ConnectorError::Sqlite {
-            action: "seed endpoints",
-            path: path.clone(),
-            source,
-        };
-        let transaction = self
-            .connection
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(&error)?;
-        let mut inserted = Vec::new();
-        for (endpoint, encoded) in endpoints.iter().zip(encoded) {
-            let changed = transaction
-                .execute(
+        self.write("seed endpoints", |transaction| {
+            let mut inserted = Vec::new();
+            for (endpoint, encoded) in endpoints.iter().zip(encoded) {
+                let changed = transaction.execute(
                     "INSERT OR IGNORE INTO endpoints (id, tenant, endpoint, updated_at_ms)
                      VALUES (?1, ?2, ?3, ?4)",
                     params![endpoint.id, endpoint.tenant, encoded, now_ms],
-                )
-                .map_err(&error)?;
-            if changed > 0 {
-                inserted.push(endpoint.id.clone());
+                )?;
+                if changed > 0 {
+                    inserted.push(endpoint.id.clone());
+                }
             }
-        }
-        transaction.commit().map_err(&error)?;
-        Ok(inserted)
+            Ok(inserted)
+        })
     }
 
     /// Reads the deliveries of `endpoint_id` parked while it was disabled.
