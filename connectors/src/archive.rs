@@ -9,6 +9,11 @@
 //! keeps the open files, a file sequence number and two counters. [`read_attempts`] reads the
 //! completed files back into rows.
 //!
+//! The pipeline's archiver writes rows from the state store's staging table instead, as ranges:
+//! [`ArchiveWriter::begin_staged`], a page of rows at a time through
+//! [`ArchiveWriter::write_staged_page`], then [`ArchiveWriter::finish_staged`], which names each
+//! partition's file after the range (`attempts-<prefix>-s<first>-<last>.parquet`).
+//!
 //! # Invariants
 //!
 //! * Every `*.parquet` file in the archive is complete. An open file has a hidden temporary
@@ -136,6 +141,22 @@ impl OpenFile {
     fn estimated_bytes(&self) -> u64 {
         let bytes = self.writer.bytes_written() + self.writer.in_progress_size();
         u64::try_from(bytes).unwrap_or(u64::MAX)
+    }
+}
+
+/// A range of staged rows on its way into complete files, one per `date=` partition, from
+/// [`ArchiveWriter::begin_staged`]. Its files keep hidden temporary names until
+/// [`ArchiveWriter::finish_staged`] names them after the range.
+pub struct StagedFiles {
+    first_seq: u64,
+    last_seq: u64,
+    files: BTreeMap<String, OpenFile>,
+}
+
+impl StagedFiles {
+    /// Returns the sequence number of the range's first row.
+    pub fn first_seq(&self) -> u64 {
+        self.first_seq
     }
 }
 
@@ -304,17 +325,14 @@ impl ArchiveWriter {
         self.files_completed
     }
 
-    /// Writes staged rows with sequence numbers `first_seq` to `last_seq` as complete files,
-    /// one per `date=` partition, named after the range
-    /// (`attempts-<prefix>-s<first>-<last>.parquet`), and returns their paths.
-    ///
-    /// Writing the same range again replaces those files, so redoing a write that a crash
-    /// interrupted before the rows left staging never doubles them.
+    /// Writes staged rows with sequence numbers `first_seq` to `last_seq` as complete files in
+    /// one call: [`begin_staged`](Self::begin_staged), one page, and
+    /// [`finish_staged`](Self::finish_staged).
     ///
     /// # Errors
     ///
-    /// Fails if a row has a time the archive cannot store or a file cannot be written; files
-    /// of the range completed before the failure are left in place and replaced by the redo.
+    /// As [`write_staged_page`](Self::write_staged_page) and
+    /// [`finish_staged`](Self::finish_staged).
     pub fn write_staged(
         &mut self,
         first_seq: u64,
@@ -322,37 +340,112 @@ impl ArchiveWriter {
         rows: &[AttemptRow],
         now_ms: Millis,
     ) -> Result<Vec<PathBuf>, ConnectorError> {
-        let mut by_date: BTreeMap<String, Vec<AttemptRow>> = BTreeMap::new();
+        let mut staged = self.begin_staged(first_seq);
+        self.write_staged_page(&mut staged, rows, last_seq, now_ms)?;
+        self.finish_staged(staged)
+    }
+
+    /// Starts writing the staged rows from sequence number `first_seq` as one range of files,
+    /// one per `date=` partition. The caller writes pages with
+    /// [`write_staged_page`](Self::write_staged_page), so that only one page of rows is in
+    /// memory at a time, and ends with [`finish_staged`](Self::finish_staged).
+    pub fn begin_staged(&self, first_seq: u64) -> StagedFiles {
+        StagedFiles {
+            first_seq,
+            last_seq: first_seq,
+            files: BTreeMap::new(),
+        }
+    }
+
+    /// Writes the next page of `staged`: `rows`, in staging order, the last of which has the
+    /// sequence number `last_seq`.
+    ///
+    /// # Errors
+    ///
+    /// Fails if a row has a time the archive cannot store or a file cannot be written. Every
+    /// open file of the range is deleted then. The rows are still staged, so a new range from
+    /// the same first row writes them again.
+    pub fn write_staged_page(
+        &mut self,
+        staged: &mut StagedFiles,
+        rows: &[AttemptRow],
+        last_seq: u64,
+        now_ms: Millis,
+    ) -> Result<(), ConnectorError> {
+        let result = self.write_page(staged, rows, now_ms);
+        match &result {
+            Ok(()) => staged.last_seq = last_seq,
+            Err(_) => {
+                let files = std::mem::take(&mut staged.files);
+                remove_staged_temp_files(files.into_values().map(|file| file.temp_path));
+            }
+        }
+        result
+    }
+
+    fn write_page(
+        &mut self,
+        staged: &mut StagedFiles,
+        rows: &[AttemptRow],
+        now_ms: Millis,
+    ) -> Result<(), ConnectorError> {
+        let mut by_date: BTreeMap<String, Vec<&AttemptRow>> = BTreeMap::new();
         for row in rows {
             check_times(row)?;
-            by_date
-                .entry(date_partition(row)?)
-                .or_default()
-                .push(row.clone());
+            by_date.entry(date_partition(row)?).or_default().push(row);
         }
 
-        let mut completed = Vec::with_capacity(by_date.len());
         for (date, rows) in by_date {
-            let dir = self.options.dir.join(format!("date={date}"));
-            let name = staged_file_name(&self.options.file_prefix, first_seq, last_seq);
-            let stale_temp = dir.join(format!(".{name}.tmp"));
-            if stale_temp.exists() {
-                fs::remove_file(&stale_temp).map_err(|source| ConnectorError::Io {
-                    action: "remove stale temporary archive file",
-                    path: stale_temp.clone(),
-                    source,
-                })?;
-            }
-            let mut file = create_file(&dir, &name, &self.properties, now_ms)?;
+            let file = match staged.files.entry(date) {
+                Entry::Occupied(entry) => entry.into_mut(),
+                Entry::Vacant(entry) => {
+                    let dir = self.options.dir.join(format!("date={}", entry.key()));
+                    // The final name needs the range's end, so it is set when the range ends.
+                    let name = staged_open_name(&self.options.file_prefix, staged.first_seq);
+                    remove_if_present(&dir.join(format!(".{name}.tmp")))?;
+                    entry.insert(create_file(&dir, &name, &self.properties, now_ms)?)
+                }
+            };
+            let rows: Vec<AttemptRow> = rows.into_iter().cloned().collect();
             for chunk in rows.chunks(self.options.max_rows_per_row_group.max(1)) {
-                if let Err(err) = write_rows(&mut file, chunk) {
-                    self.discard(&file.temp_path.clone(), file.rows, &err);
+                write_rows(file, chunk)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes the files of `staged`, names them after its range
+    /// (`attempts-<prefix>-s<first>-<last>.parquet`) and returns their paths.
+    ///
+    /// Writing the same range again replaces those files, so redoing a write that a crash
+    /// interrupted before the rows left staging never doubles them.
+    ///
+    /// # Errors
+    ///
+    /// Fails if a file cannot be completed. The files of the range completed before the
+    /// failure stay in place, the others are deleted.
+    pub fn finish_staged(&mut self, staged: StagedFiles) -> Result<Vec<PathBuf>, ConnectorError> {
+        let name = staged_file_name(&self.options.file_prefix, staged.first_seq, staged.last_seq);
+        let mut remaining = staged.files.into_iter();
+        let mut completed = Vec::new();
+        while let Some((_, mut file)) = remaining.next() {
+            let rows = file.rows;
+            let temp_path = file.temp_path.clone();
+            if let Some(dir) = temp_path.parent() {
+                file.final_path = dir.join(&name);
+            }
+            match complete_file(file) {
+                Ok(path) => {
+                    completed.push(path);
+                    self.rows_written += rows as u64;
+                    self.files_completed += 1;
+                }
+                Err(err) => {
+                    let rest = remaining.map(|(_, file)| file.temp_path);
+                    remove_staged_temp_files(std::iter::once(temp_path).chain(rest));
                     return Err(err);
                 }
             }
-            self.rows_written += rows.len() as u64;
-            completed.push(complete_file(file)?);
-            self.files_completed += 1;
         }
         Ok(completed)
     }
@@ -495,6 +588,35 @@ impl std::fmt::Debug for ArchiveWriter {
 /// The file name of staged rows `first_seq` to `last_seq` written by `prefix`.
 fn staged_file_name(prefix: &str, first_seq: u64, last_seq: u64) -> String {
     format!("attempts-{prefix}-s{first_seq:012}-{last_seq:012}.parquet")
+}
+
+/// Returns the name a range of staged rows from `first_seq` is opened under, before its end
+/// is known. The open file is hidden as `.<name>.tmp`.
+fn staged_open_name(prefix: &str, first_seq: u64) -> String {
+    format!("attempts-{prefix}-s{first_seq:012}.parquet")
+}
+
+/// Deletes the temporary files of a staged range whose write failed. The caller reports the
+/// failure: the rows stay staged, and the next flush writes them again.
+fn remove_staged_temp_files(paths: impl Iterator<Item = PathBuf>) {
+    for path in paths {
+        if let Err(err) = remove_if_present(&path) {
+            warn!(path = %path.display(), error = %err, "Failed to delete an unfinished archive file.");
+        }
+    }
+}
+
+/// Deletes the file at `path` if there is one.
+fn remove_if_present(path: &Path) -> Result<(), ConnectorError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(source) if source.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(ConnectorError::Io {
+            action: "remove stale temporary archive file",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 /// The staged-row ranges of the completed files `prefix` wrote under `dir`, from their names.

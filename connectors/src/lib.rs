@@ -22,7 +22,7 @@ pub mod source;
 pub mod state;
 
 pub use archive::{
-    list_archive_files, read_attempts, staged_ranges, ArchiveOptions, ArchiveWriter,
+    list_archive_files, read_attempts, staged_ranges, ArchiveOptions, ArchiveWriter, StagedFiles,
 };
 pub use fluvio::{FluvioOptions, FluvioSource};
 pub use local_log::{partition_for_key, LocalLog, LocalLogOptions};

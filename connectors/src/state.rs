@@ -929,7 +929,9 @@ impl StateStore {
         )
     }
 
-    /// Reads up to `limit` staged rows of `writer`, oldest first, with their sequence numbers.
+    /// Reads up to `limit` staged rows of `writer` with a sequence number above `after_seq`,
+    /// oldest first, with their sequence numbers. Sequence numbers start at 1, so an
+    /// `after_seq` of 0 reads from the oldest.
     ///
     /// # Errors
     ///
@@ -937,13 +939,15 @@ impl StateStore {
     pub fn staged_rows(
         &self,
         writer: &str,
+        after_seq: u64,
         limit: usize,
     ) -> Result<Vec<(u64, AttemptRow)>, ConnectorError> {
+        let after_seq = i64::try_from(after_seq).unwrap_or(i64::MAX);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows: Vec<(u64, String)> = self.read_all(
             "read staged rows",
-            "SELECT seq, row FROM staged_rows WHERE writer = ?1 ORDER BY seq LIMIT ?2",
-            params![writer, limit],
+            "SELECT seq, row FROM staged_rows WHERE writer = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            params![writer, after_seq, limit],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )?;
         rows.into_iter()
@@ -1343,7 +1347,13 @@ mod tests {
             },
             1,
         )?;
-        let staged = store.staged_rows("w0", 100)?;
+        let staged = store.staged_rows("w0", 0, 100)?;
+        let after_first = store.staged_rows("w0", staged[0].0, 1)?;
+        assert_eq!(
+            after_first,
+            vec![staged[1].clone()],
+            "a page starts after `after_seq`"
+        );
         assert_eq!(
             staged.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
             rows

@@ -76,6 +76,8 @@ pub struct Archiver {
     pub outcomes: std::collections::BTreeMap<String, u64>,
     /// Rows of this writer in staging, counted here because a SQL count scans every row.
     staged: u64,
+    /// Staged rows read at a time while a file is written.
+    page_rows: usize,
     /// Where completed files and their rows are counted.
     metrics: Arc<Metrics>,
 }
@@ -101,6 +103,7 @@ impl Archiver {
         let staged = store.borrow().staged_count(&policy.prefix)?;
         Ok(Archiver {
             staged,
+            page_rows: STAGED_PAGE_ROWS,
             store,
             writer,
             policy,
@@ -127,41 +130,10 @@ impl Archiver {
             if staged == 0 || !(due || full) {
                 break;
             }
-            // TODO: this reads a whole file's staged rows at once, about 2.3 KB of heap per
-            // row while the file is written, and the allocator keeps it afterwards (with
-            // 1,000,000 pending retries, 360 to 470 MB of resident memory). Reading and writing
-            // them in pages of `max_rows_per_row_group`, and unstaging the range once the
-            // files are complete, would bound it to one page.
-            let mut rows = self
-                .store
-                .borrow()
-                .staged_rows(&self.policy.prefix, max_rows)?;
-            let mut bytes = 0u64;
-            let within = rows
-                .iter()
-                .take_while(|(_, row)| {
-                    bytes += estimated_bytes(row);
-                    bytes <= self.policy.max_file_bytes
-                })
-                .count();
-            rows.truncate(within.max(1));
-            let (Some((first, _)), Some((last, _))) = (rows.first(), rows.last()) else {
+            let Some(file) = self.write_file(max_rows, now_ms)? else {
                 break;
             };
-            let (first, last) = (*first, *last);
-            let rows: Vec<AttemptRow> = rows.into_iter().map(|(_, row)| row).collect();
-            let files = self.writer.write_staged(first, last, &rows, now_ms)?;
-            self.store
-                .borrow_mut()
-                .unstage(&self.policy.prefix, first, last)?;
-            self.metrics
-                .archive_rows_written
-                .fetch_add(rows.len() as u64, Ordering::Relaxed);
-            self.metrics
-                .archive_files_written
-                .fetch_add(files.len() as u64, Ordering::Relaxed);
-            self.files.extend(files);
-            if !due && rows.len() < max_rows && bytes <= self.policy.max_file_bytes {
+            if !due && file.rows < max_rows && !file.bytes_full {
                 break;
             }
         }
@@ -170,6 +142,87 @@ impl Archiver {
         }
         Ok(())
     }
+
+    /// Writes the oldest staged rows, up to `max_rows` or about `max_file_bytes`, as one range
+    /// of complete files, and unstages them. Rows are read a page at a time, so memory
+    /// contains one page and the row groups being encoded, not the whole file.
+    fn write_file(
+        &mut self,
+        max_rows: usize,
+        now_ms: Millis,
+    ) -> Result<Option<WrittenFile>, ConnectorError> {
+        let page_rows = self.page_rows.clamp(1, max_rows);
+        let mut files = None;
+        let mut after_seq = 0;
+        let mut rows = 0;
+        let mut bytes = 0u64;
+        let mut bytes_full = false;
+
+        while rows < max_rows && !bytes_full {
+            let limit = page_rows.min(max_rows - rows);
+            let page = self
+                .store
+                .borrow()
+                .staged_rows(&self.policy.prefix, after_seq, limit)?;
+            let Some((first_seq, _)) = page.first() else {
+                break;
+            };
+            let files = files.get_or_insert_with(|| self.writer.begin_staged(*first_seq));
+            let fetched = page.len();
+
+            // A file takes rows until the next would pass the byte limit, and at least one.
+            let mut within = 0;
+            for (_, row) in &page {
+                let size = estimated_bytes(row);
+                if rows + within > 0 && bytes + size > self.policy.max_file_bytes {
+                    bytes_full = true;
+                    break;
+                }
+                bytes += size;
+                within += 1;
+            }
+            let Some((last_seq, _)) = within.checked_sub(1).and_then(|last| page.get(last)) else {
+                break;
+            };
+            after_seq = *last_seq;
+            let page: Vec<AttemptRow> = page.into_iter().take(within).map(|(_, row)| row).collect();
+            self.writer
+                .write_staged_page(files, &page, after_seq, now_ms)?;
+            rows += within;
+
+            if fetched < limit {
+                break;
+            }
+        }
+
+        let Some(files) = files else {
+            return Ok(None);
+        };
+        let first_seq = files.first_seq();
+        let completed = self.writer.finish_staged(files)?;
+        self.store
+            .borrow_mut()
+            .unstage(&self.policy.prefix, first_seq, after_seq)?;
+        self.staged = self.staged.saturating_sub(rows as u64);
+        self.metrics
+            .archive_rows_written
+            .fetch_add(rows as u64, Ordering::Relaxed);
+        self.metrics
+            .archive_files_written
+            .fetch_add(completed.len() as u64, Ordering::Relaxed);
+        self.files.extend(completed);
+        Ok(Some(WrittenFile { rows, bytes_full }))
+    }
+}
+
+/// Rows read from staging at a time while writing a file.
+const STAGED_PAGE_ROWS: usize = 4_096;
+
+/// The size of a file range that [`Archiver::write_file`] wrote.
+struct WrittenFile {
+    rows: usize,
+    /// Whether the byte limit ended the file.
+    bytes_full: bool,
 }
 
 /// Estimates a row's uncompressed size: its text plus a fixed share for the other columns.
@@ -508,4 +561,114 @@ fn truncation_bounds(
         }
     }
     Ok(Ok(checkpoint))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hookflow_connectors::{read_attempts, ArchiveOptions};
+
+    /// 2024-05-01T00:00:00Z, in ms.
+    const NOW_MS: Millis = 1_714_521_600_000;
+
+    /// Returns an archiver of a new store and archive under `dir` with `max_rows` per file,
+    /// reading `page_rows` staged rows at a time.
+    fn archiver(dir: &std::path::Path, max_rows: usize, page_rows: usize) -> Archiver {
+        let store = Rc::new(RefCell::new(StateStore::open(dir).expect("state store")));
+        let archive_dir = dir.join("archive");
+        let writer = ArchiveWriter::new(ArchiveOptions::new(&archive_dir, "w0"), NOW_MS)
+            .expect("archive writer");
+        let policy = ArchivePolicy {
+            prefix: "w0".to_string(),
+            max_rows_per_file: max_rows,
+            max_file_age_ms: 60_000,
+            max_file_bytes: 64 * 1024 * 1024,
+        };
+        let metrics = Arc::new(Metrics::new(10, 1, 1_000));
+        let mut archiver =
+            Archiver::new(store, writer, &archive_dir, policy, NOW_MS, metrics).expect("archiver");
+        archiver.page_rows = page_rows;
+        archiver
+    }
+
+    /// Stages rows `from..to` as the durable sink does, and returns them.
+    fn stage(archiver: &mut Archiver, from: usize, to: usize) -> Vec<AttemptRow> {
+        let rows: Vec<AttemptRow> = (from..to)
+            .map(|n| AttemptRow {
+                tenant: Some("acme".to_string()),
+                event_id: Some(format!("evt_{n:03}")),
+                endpoint_id: Some("ep".to_string()),
+                outcome: "failed".to_string(),
+                finished_at_ms: NOW_MS,
+                ..AttemptRow::default()
+            })
+            .collect();
+        let batch = DurableBatch {
+            rows: rows.clone(),
+            ..DurableBatch::default()
+        };
+        archiver
+            .store
+            .borrow_mut()
+            .commit("w0", &batch, NOW_MS)
+            .expect("commit");
+        archiver.staged += rows.len() as u64;
+        rows
+    }
+
+    fn archived(archiver: &Archiver) -> Vec<AttemptRow> {
+        let dir = archiver.files[0]
+            .parent()
+            .and_then(std::path::Path::parent)
+            .expect("the archive directory");
+        let mut rows = read_attempts(dir).expect("read the archive");
+        rows.sort_by(|a, b| a.event_id.cmp(&b.event_id));
+        rows
+    }
+
+    #[test]
+    fn file_written_over_many_pages() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut archiver = archiver(dir.path(), 10, 3);
+        let rows = stage(&mut archiver, 0, 10);
+
+        archiver.flush(NOW_MS, false).expect("flush");
+
+        assert_eq!(
+            archiver.files.len(),
+            1,
+            "ten rows in pages of three make one file"
+        );
+        assert!(archiver.files[0].ends_with("attempts-w0-s000000000001-000000000010.parquet"));
+        assert_eq!(archived(&archiver), rows);
+        assert_eq!(archiver.staged, 0);
+        assert_eq!(
+            archiver.store.borrow().staged_count("w0").expect("count"),
+            0
+        );
+    }
+
+    #[test]
+    fn full_file_leaves_rest_until_due() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut archiver = archiver(dir.path(), 4, 3);
+        let mut rows = stage(&mut archiver, 0, 6);
+
+        archiver.flush(NOW_MS, false).expect("flush");
+        assert_eq!(archiver.files.len(), 1, "one full file of four rows");
+        assert_eq!(archiver.staged, 2);
+
+        rows.extend(stage(&mut archiver, 6, 7));
+        archiver.flush(NOW_MS + 1, false).expect("flush");
+        assert_eq!(
+            archiver.files.len(),
+            1,
+            "three staged rows wait for their age"
+        );
+
+        archiver.flush(NOW_MS + 2, true).expect("flush");
+        assert_eq!(archiver.files.len(), 2);
+        assert_eq!(archived(&archiver), rows);
+        assert_eq!(archiver.staged, 0);
+    }
 }
