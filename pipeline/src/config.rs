@@ -316,6 +316,23 @@ impl DeliveryConfig {
     }
 }
 
+/// Reads the config file at `path`.
+fn read_config_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Parses config text into its sections without validating them. `path` is used in messages
+/// only.
+fn parse_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().to_string(),
+    })
+}
+
 /// Reads and checks `delivery.ca_bundle`, relative to `base_dir`.
 fn read_ca_bundle(delivery: &DeliveryConfig, base_dir: &Path) -> Result<Option<Vec<u8>>, String> {
     let Some(file) = &delivery.ca_bundle else {
@@ -738,11 +755,27 @@ impl Config {
     ///
     /// See [`ConfigError`]; every variant names the file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Config::parse(&text, path)
+        Config::parse(&read_config_file(path)?, path)
+    }
+
+    /// Loads only the `[source]` section of the config file at `path`, for commands that
+    /// write to the source and deliver nothing, such as `hookflow publish`. The whole file
+    /// must parse, but no secret or token is read, so a producer's machine needs none of the
+    /// variables or files that `hookflow run` reads them from.
+    ///
+    /// # Errors
+    ///
+    /// See [`ConfigError`]; every variant names the file.
+    pub fn load_source(path: &Path) -> Result<SourceConfig, ConfigError> {
+        let config = parse_toml(&read_config_file(path)?, path)?;
+        config
+            .validate_source()
+            .map_err(|(field, problem)| ConfigError::Field {
+                path: path.to_path_buf(),
+                field,
+                problem,
+            })?;
+        Ok(config.source)
     }
 
     /// Parses and validates configuration text; `path` is used in messages only.
@@ -754,10 +787,7 @@ impl Config {
     /// Secrets named by `secret_env` or `secret_file` are read here, once; a relative secret
     /// file is looked up in `path`'s directory.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().trim_end().to_string(),
-        })?;
+        let mut config = parse_toml(text, path)?;
         let base_dir = path.parent().unwrap_or(Path::new(""));
         config.delivery.ca_bundle_pem =
             read_ca_bundle(&config.delivery, base_dir).map_err(|problem| ConfigError::Field {

@@ -316,7 +316,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             // The flag wins; otherwise the config file says, as it does for `hookflow run`.
             let source = match (source, config.as_deref()) {
                 (Some(source), _) => source,
-                (None, Some(path)) => Config::load(path)?.source.kind,
+                (None, Some(path)) => Config::load_source(path)?.kind,
                 (None, None) => SourceKind::Local,
             };
             let target = match source {
@@ -373,7 +373,7 @@ fn fluvio_target(
     topic: Option<String>,
 ) -> anyhow::Result<FluvioConfig> {
     let from_file = match config {
-        Some(path) => Config::load(path)?.source.fluvio,
+        Some(path) => Config::load_source(path)?.fluvio,
         None => None,
     };
     let fluvio = match (from_file, endpoint, topic) {

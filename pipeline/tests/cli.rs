@@ -1109,6 +1109,50 @@ fn publish_follows_the_configured_source() {
     assert!(!dir.path().join("log").exists());
 }
 
+#[test]
+fn publish_needs_no_run_secrets() {
+    let dir = tempfile::tempdir().expect("dir");
+    let events = dir.path().join("events.ndjson");
+    std::fs::write(&events, event("acme", "e1", "a.b", "{}")).expect("events");
+
+    // The token and the endpoint secret live in variables that only `hookflow run`'s
+    // environment sets.
+    let config = dir.path().join("hookflow.toml");
+    std::fs::write(
+        &config,
+        "[http]\nadmin_token_env = \"HOOKFLOW_TEST_UNSET_ADMIN\"\n\
+         [[endpoints]]\nid = \"ep\"\ntenant = \"acme\"\nurl = \"http://127.0.0.1:9/\"\n\
+         event_types = [\"*\"]\nsecret_env = \"HOOKFLOW_TEST_UNSET_SECRET\"\n",
+    )
+    .expect("config");
+    let data_dir = dir.path().join("data");
+    let output = hookflow()
+        .env_remove("HOOKFLOW_TEST_UNSET_ADMIN")
+        .env_remove("HOOKFLOW_TEST_UNSET_SECRET")
+        .arg("publish")
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .arg(&events)
+        .output()
+        .expect("run hookflow publish");
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    let output = hookflow()
+        .env_remove("HOOKFLOW_TEST_UNSET_ADMIN")
+        .env_remove("HOOKFLOW_TEST_UNSET_SECRET")
+        .args(["run", "--until-idle", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .output()
+        .expect("run hookflow run");
+    assert!(!output.status.success(), "run starts without its secrets");
+    let message = stderr(&output);
+    assert!(message.contains("HOOKFLOW_TEST_UNSET_"), "{message}");
+}
+
 /// Sends SIGTERM, waits for a successful exit, and returns what the child wrote to stderr.
 fn terminate(child: &mut Child) -> String {
     let status = process::terminate(child);
