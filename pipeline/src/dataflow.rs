@@ -653,7 +653,6 @@ fn run_worker(
         writer,
         &shared.archive_dir,
         policy,
-        started_ms,
         shared.metrics.clone(),
     )
     .with_context(|| {

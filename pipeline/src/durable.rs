@@ -68,8 +68,9 @@ pub struct Archiver {
     pub writer: ArchiveWriter,
     /// When files complete.
     pub policy: ArchivePolicy,
-    /// When staged rows were last moved to files (ms).
-    last_flush_ms: Millis,
+    /// The finish time of the oldest staged row (ms), from which its age counts. `None` when
+    /// nothing is staged.
+    oldest_staged_ms: Option<Millis>,
     /// Files completed by this run.
     pub files: Vec<PathBuf>,
     /// Attempt rows written to the state store by this run, by outcome.
@@ -94,20 +95,20 @@ impl Archiver {
         writer: ArchiveWriter,
         archive_dir: &std::path::Path,
         policy: ArchivePolicy,
-        now_ms: Millis,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ConnectorError> {
         for (first, last) in staged_ranges(archive_dir, &policy.prefix)? {
             store.borrow_mut().unstage(&policy.prefix, first, last)?;
         }
         let staged = store.borrow().staged_count(&policy.prefix)?;
+        let oldest_staged_ms = oldest_staged(&store.borrow(), &policy.prefix, 0)?;
         Ok(Archiver {
             staged,
             page_rows: STAGED_PAGE_ROWS,
             store,
             writer,
             policy,
-            last_flush_ms: now_ms,
+            oldest_staged_ms,
             files: Vec::new(),
             outcomes: std::collections::BTreeMap::new(),
             metrics,
@@ -122,7 +123,10 @@ impl Archiver {
     /// Fails if the store cannot be read or written or a file cannot be completed; the rows
     /// stay staged and are written again by the next flush.
     pub fn flush(&mut self, now_ms: Millis, force: bool) -> Result<(), ConnectorError> {
-        let due = force || now_ms.saturating_sub(self.last_flush_ms) >= self.policy.max_file_age_ms;
+        let due = force
+            || self
+                .oldest_staged_ms
+                .is_some_and(|oldest| now_ms.saturating_sub(oldest) >= self.policy.max_file_age_ms);
         let max_rows = self.policy.max_rows_per_file.max(1);
         loop {
             let staged = self.staged;
@@ -137,10 +141,16 @@ impl Archiver {
                 break;
             }
         }
-        if due {
-            self.last_flush_ms = now_ms;
-        }
         Ok(())
+    }
+
+    /// Counts `rows`, just written to staging, and starts the age of the oldest staged row
+    /// when they are the first.
+    pub fn staged_added(&mut self, rows: &[AttemptRow]) {
+        if self.staged == 0 {
+            self.oldest_staged_ms = rows.iter().map(|row| row.finished_at_ms).min();
+        }
+        self.staged += rows.len() as u64;
     }
 
     /// Writes the oldest staged rows, up to `max_rows` or about `max_file_bytes`, as one range
@@ -204,6 +214,11 @@ impl Archiver {
             .borrow_mut()
             .unstage(&self.policy.prefix, first_seq, after_seq)?;
         self.staged = self.staged.saturating_sub(rows as u64);
+        self.oldest_staged_ms = if self.staged == 0 {
+            None
+        } else {
+            oldest_staged(&self.store.borrow(), &self.policy.prefix, after_seq)?
+        };
         self.metrics
             .archive_rows_written
             .fetch_add(rows as u64, Ordering::Relaxed);
@@ -213,6 +228,16 @@ impl Archiver {
         self.files.extend(completed);
         Ok(Some(WrittenFile { rows, bytes_full }))
     }
+}
+
+/// Returns the finish time of `writer`'s oldest staged row after sequence number `after_seq`.
+fn oldest_staged(
+    store: &StateStore,
+    writer: &str,
+    after_seq: u64,
+) -> Result<Option<Millis>, ConnectorError> {
+    let next = store.staged_rows(writer, after_seq, 1)?;
+    Ok(next.first().map(|(_, row)| row.finished_at_ms))
 }
 
 /// Rows read from staging at a time while writing a file.
@@ -294,7 +319,7 @@ pub fn persist<'scope>(
                         for row in &batch.rows {
                             *archiver.outcomes.entry(row.outcome.clone()).or_default() += 1;
                         }
-                        archiver.staged += batch.rows.len() as u64;
+                        archiver.staged_added(&batch.rows);
                         let attempts = batch.rows.iter().filter(|row| row.started_at_ms.is_some()).count();
                         unsynced_results.fetch_sub(attempts.min(unsynced_results.load(Ordering::SeqCst)), Ordering::SeqCst);
                         batch = DurableBatch::default();
@@ -586,20 +611,30 @@ mod tests {
         };
         let metrics = Arc::new(Metrics::new(10, 1, 1_000));
         let mut archiver =
-            Archiver::new(store, writer, &archive_dir, policy, NOW_MS, metrics).expect("archiver");
+            Archiver::new(store, writer, &archive_dir, policy, metrics).expect("archiver");
         archiver.page_rows = page_rows;
         archiver
     }
 
     /// Stages rows `from..to` as the durable sink does, and returns them.
     fn stage(archiver: &mut Archiver, from: usize, to: usize) -> Vec<AttemptRow> {
+        stage_at(archiver, from, to, NOW_MS)
+    }
+
+    /// Stages rows `from..to` finished at `finished_at_ms`, and returns them.
+    fn stage_at(
+        archiver: &mut Archiver,
+        from: usize,
+        to: usize,
+        finished_at_ms: Millis,
+    ) -> Vec<AttemptRow> {
         let rows: Vec<AttemptRow> = (from..to)
             .map(|n| AttemptRow {
                 tenant: Some("acme".to_string()),
                 event_id: Some(format!("evt_{n:03}")),
                 endpoint_id: Some("ep".to_string()),
                 outcome: "failed".to_string(),
-                finished_at_ms: NOW_MS,
+                finished_at_ms,
                 ..AttemptRow::default()
             })
             .collect();
@@ -612,7 +647,7 @@ mod tests {
             .borrow_mut()
             .commit("w0", &batch, NOW_MS)
             .expect("commit");
-        archiver.staged += rows.len() as u64;
+        archiver.staged_added(&rows);
         rows
     }
 
@@ -670,5 +705,36 @@ mod tests {
         assert_eq!(archiver.files.len(), 2);
         assert_eq!(archived(&archiver), rows);
         assert_eq!(archiver.staged, 0);
+    }
+
+    #[test]
+    fn age_counts_from_oldest_staged_row() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut archiver = archiver(dir.path(), 4, 3);
+        let age = archiver.policy.max_file_age_ms;
+        let mut rows = stage_at(&mut archiver, 0, 2, NOW_MS);
+        rows.extend(stage_at(&mut archiver, 2, 6, NOW_MS + age - 1));
+
+        archiver.flush(NOW_MS + age - 1, false).expect("flush");
+        assert_eq!(
+            archiver.files.len(),
+            1,
+            "one full file of the four oldest rows"
+        );
+
+        archiver.flush(NOW_MS + age, false).expect("flush");
+        assert_eq!(
+            archiver.files.len(),
+            1,
+            "the two rows left are 1 ms old, not a whole age"
+        );
+
+        archiver.flush(NOW_MS + 2 * age - 1, false).expect("flush");
+        assert_eq!(
+            archiver.files.len(),
+            2,
+            "the rows left have waited a whole age"
+        );
+        assert_eq!(archived(&archiver), rows);
     }
 }
