@@ -787,6 +787,22 @@ impl Config {
     /// Secrets named by `secret_env` or `secret_file` are read here, once; a relative secret
     /// file is looked up in `path`'s directory.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        Config::parse_checked(text, path, true)
+    }
+
+    /// Loads the config file at `path` for a command that does not run the pipeline, such as
+    /// `hookflow endpoints list`: as [`Config::load`], except that the `[http]` tokens are not
+    /// read, so the variables and files holding them may be absent.
+    ///
+    /// # Errors
+    ///
+    /// See [`ConfigError`]; every variant names the file.
+    pub fn load_offline(path: &Path) -> Result<Config, ConfigError> {
+        Config::parse_checked(&read_config_file(path)?, path, false)
+    }
+
+    /// Parses and validates `text`, reading the `[http]` tokens only with `read_tokens`.
+    fn parse_checked(text: &str, path: &Path, read_tokens: bool) -> Result<Config, ConfigError> {
         let mut config = parse_toml(text, path)?;
         let base_dir = path.parent().unwrap_or(Path::new(""));
         config.delivery.ca_bundle_pem =
@@ -803,14 +819,16 @@ impl Config {
                     field,
                     problem,
                 })?;
-        config
-            .http
-            .validate(base_dir)
-            .map_err(|(field, problem)| ConfigError::Field {
-                path: path.to_path_buf(),
-                field,
-                problem,
-            })?;
+        let http = if read_tokens {
+            config.http.validate(base_dir)
+        } else {
+            config.http.listen().map(|_| ())
+        };
+        http.map_err(|(field, problem)| ConfigError::Field {
+            path: path.to_path_buf(),
+            field,
+            problem,
+        })?;
         Ok(config)
     }
 

@@ -273,10 +273,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
         Command::Endpoints {
             action: EndpointsCommand::List { config, data_dir },
         } => {
-            // NOTE: loading validates the whole file, `[http]` tokens included, so a token
-            // named by an unset environment variable fails this offline command too. Loading
-            // only the sections it reads would fix that.
-            let loaded = Config::load(&config)?;
+            let loaded = Config::load_offline(&config)?;
             print!("{}", hookflow::endpoints::list(&loaded, &data_dir)?);
             Ok(())
         }
@@ -298,7 +295,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
                     file,
                 },
         } => {
-            let loaded = Config::load(&config)?;
+            let loaded = Config::load_offline(&config)?;
             println!("{}", hookflow::endpoints::apply(&loaded, &data_dir, &file)?);
             Ok(())
         }

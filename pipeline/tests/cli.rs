@@ -1153,6 +1153,42 @@ fn publish_needs_no_run_secrets() {
     assert!(message.contains("HOOKFLOW_TEST_UNSET_"), "{message}");
 }
 
+#[test]
+fn endpoints_commands_need_no_tokens() {
+    let dir = tempfile::tempdir().expect("dir");
+    let endpoint = format!(
+        "[[endpoints]]\nid = \"ep\"\ntenant = \"acme\"\nurl = \"http://127.0.0.1:9/\"\n\
+         event_types = [\"*\"]\nsecret = \"{SECRET}\"\n"
+    );
+    let config = dir.path().join("hookflow.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[delivery]\nallowed_private_cidrs = [\"127.0.0.1/32\"]\n\
+             [http]\nadmin_token_env = \"HOOKFLOW_TEST_UNSET_ADMIN\"\n{endpoint}"
+        ),
+    )
+    .expect("config");
+    let applied = dir.path().join("endpoints.toml");
+    std::fs::write(&applied, endpoint.replace("/\"", "/b\"")).expect("endpoints file");
+    let data_dir = dir.path().join("data");
+
+    for (command, file) in [("apply", Some(&applied)), ("list", None)] {
+        let mut invocation = hookflow();
+        invocation
+            .env_remove("HOOKFLOW_TEST_UNSET_ADMIN")
+            .args(["endpoints", command, "--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(&data_dir);
+        if let Some(file) = file {
+            invocation.arg(file);
+        }
+        let output = invocation.output().expect("run hookflow endpoints");
+        assert!(output.status.success(), "{command}: {}", stderr(&output));
+    }
+}
+
 /// Sends SIGTERM, waits for a successful exit, and returns what the child wrote to stderr.
 fn terminate(child: &mut Child) -> String {
     let status = process::terminate(child);
