@@ -1902,6 +1902,13 @@ async fn b17_stale_connection_resent_at_once() {
     let client = loopback_client();
 
     for number in 0..2 {
+        // The pool gets the first connection back only once its connection task has seen
+        // the response end. A request sent before that has the client connect again at the
+        // same time, and whichever is ready first carries it, so the case would not be sure
+        // to reuse the connection.
+        if number > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let delivery = case_delivery("ep_b17", &format!("msg_b17_{number}"), b"{}");
         let result = client.attempt(&endpoint, &delivery, &WallClock).await;
         assert_eq!(
@@ -1914,12 +1921,14 @@ async fn b17_stale_connection_resent_at_once() {
     }
 
     assert_eq!(requests.load(Ordering::SeqCst), 3, "requests received");
-    assert_eq!(
-        connections.accepted(),
-        2,
-        "the resend used a fresh connection"
-    );
     assert_eq!(client.stale_connection_resends(), 1);
+    // A second connection carried the resend. The client may also have opened one more
+    // while it took the pooled one; that connection carries no request.
+    assert!(
+        (2..=3).contains(&connections.accepted()),
+        "the resend used a fresh connection: {} accepted",
+        connections.accepted()
+    );
 }
 
 /// A receiver that closes every connection without a response gets the request twice per
