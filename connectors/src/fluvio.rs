@@ -728,7 +728,7 @@ impl FluvioSource {
     }
 }
 
-/// What [`take`] did with a stream's record.
+/// The result of [`take`] for a stream's record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Taken {
     /// Added it, or dropped it as a repeat of one already read.

@@ -27,7 +27,7 @@ pub struct Config {
     /// Settings of the dataflow.
     #[serde(default)]
     pub pipeline: PipelineConfig,
-    /// Where events are read from: the local log (default) or a Fluvio topic.
+    /// The source events are read from: the local log (default) or a Fluvio topic.
     #[serde(default)]
     pub source: SourceConfig,
     /// The embedded local log.
@@ -131,7 +131,7 @@ impl Default for LocalLogConfig {
     }
 }
 
-/// Which source events are read from.
+/// The kind of source events are read from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum SourceKind {
@@ -513,7 +513,7 @@ pub struct MetricsConfig {
     /// starts, then the first ones seen. Every later endpoint is counted under `endpoint="other"`.
     /// Default 1000, at most 100000.
     pub max_endpoint_series: usize,
-    /// A worker whose dataflow frontier stands still this long while records are
+    /// A worker whose dataflow frontier does not advance for this long while records are
     /// outstanding makes `/health/ready` fail, in seconds. Default 60, at least 1.
     pub ready_stall_secs: u64,
     /// How often the pending and parked deliveries in the state store are counted for

@@ -310,7 +310,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             max_payload_bytes,
             input,
         } => {
-            // The flag wins; otherwise the config file says, as it does for `hookflow run`.
+            // The flag wins. Otherwise the config file decides, as it does for `hookflow run`.
             let source = match (source, config.as_deref()) {
                 (Some(source), _) => source,
                 (None, Some(path)) => Config::load_source(path)?.kind,

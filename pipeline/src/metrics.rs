@@ -301,7 +301,7 @@ pub struct Metrics {
     pub ready: AtomicU64,
     /// The alerts raised and the operational events published.
     pub alerts: Arc<crate::alerts::AlertCounters>,
-    /// What the HTTP API did: ingest, resends, endpoint changes.
+    /// Counts of the HTTP API's work: ingest, resends, endpoint changes.
     pub api: Arc<crate::http::ApiCounters>,
 }
 
@@ -314,7 +314,7 @@ impl Default for Metrics {
 impl Metrics {
     /// Creates the metrics of a process with `workers` local workers, giving the first
     /// `max_endpoint_series` endpoints series of their own, and counting a worker as stalled
-    /// when its frontier stands still for more than `stall_ms` with records outstanding.
+    /// when its frontier does not advance for more than `stall_ms` with records outstanding.
     pub fn new(max_endpoint_series: usize, workers: usize, stall_ms: u64) -> Self {
         Metrics {
             events_ingested: AtomicU64::new(0),

@@ -19,7 +19,7 @@ use hookflow_schemas::{decode_event, Millis};
 /// Lines appended per transaction, so that a large file does not build one huge transaction.
 const APPEND_CHUNK: usize = 10_000;
 
-/// Where events are published.
+/// The destination events are published to.
 #[derive(Debug, Clone)]
 pub enum PublishTarget {
     /// The local log under a data directory.
@@ -47,7 +47,7 @@ impl std::fmt::Display for PublishTarget {
 /// What to publish and where.
 #[derive(Debug, Clone)]
 pub struct PublishOptions {
-    /// Where the events go.
+    /// The destination of the events.
     pub target: PublishTarget,
     /// Append lines without validating them.
     pub raw: bool,

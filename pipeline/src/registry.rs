@@ -71,7 +71,7 @@ pub enum RegistryError {
     Invalid {
         /// The field of [`Endpoint`], as a path such as `rate_limit.window_ms`.
         field: String,
-        /// What is wrong with it.
+        /// The problem with it.
         problem: String,
     },
     /// The state store could not be read or written; nothing changed.
@@ -337,7 +337,7 @@ mod tests {
     fn apply_stores_and_reports_the_feed_time() {
         let dir = tempfile::tempdir().expect("temp dir");
         let (registry, feed) = EndpointRegistry::open(dir.path()).expect("open");
-        // Stands in for worker 0: answers each change with the time it was fed in at.
+        // Acts as worker 0: acknowledges each change with the time it was fed in at.
         let worker = std::thread::spawn(move || {
             let mut times = Vec::new();
             for (time, pending) in (100..).zip(feed.iter()) {

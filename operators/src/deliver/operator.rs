@@ -169,7 +169,7 @@ impl DeliverCounters {
 pub struct EndpointDisabled {
     /// The endpoint's id.
     pub endpoint_id: String,
-    /// The endpoint's tenant, when the directory knows the endpoint.
+    /// The endpoint's tenant, when the directory contains the endpoint.
     pub tenant: Option<String>,
     /// When it was disabled.
     pub at_ms: Millis,
@@ -203,7 +203,7 @@ pub enum Attempted {
 pub struct BreakerOpened {
     /// The endpoint's id.
     pub endpoint_id: String,
-    /// The endpoint's tenant, when the directory knows the endpoint.
+    /// The endpoint's tenant, when the directory contains the endpoint.
     pub tenant: Option<String>,
     /// When the breaker opened.
     pub at_ms: Millis,

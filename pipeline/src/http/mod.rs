@@ -70,7 +70,7 @@ pub struct HttpState {
 pub struct ApiCounters {
     /// Events accepted by `POST /v1/events` and appended to the source.
     pub ingest_accepted: AtomicU64,
-    /// Posts of a (tenant, id) accepted before, answered with the original acceptance.
+    /// Posts of a (tenant, id) accepted before, which got the original acceptance back.
     pub ingest_repeated: AtomicU64,
     /// Posts rejected as invalid (4xx), nothing appended.
     pub ingest_rejected: AtomicU64,

@@ -1,7 +1,7 @@
 //! In-process tests of the router: the OpenAPI document against the mounted routes, and the
 //! endpoint routes against a real registry on a real state store.
 //!
-//! A thread stands in for worker 0 of the dataflow and reports each registry change as
+//! A thread acts as worker 0 of the dataflow and reports each registry change as
 //! absorbed at once, so that every field and error of the endpoint routes is checked without
 //! a pipeline. `tests/api.rs` checks the routes against a running `hookflow run`.
 
